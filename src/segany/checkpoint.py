@@ -1,0 +1,277 @@
+"""Loading and saving models.
+
+``load_model`` accepts a known name ("default", "vit_b" config names for random init are NOT loaded
+silently), an official SAM ``.pth``, MobileSAM's ``.pt`` or our ``.safetensors``. The architecture is
+read from the tensors themselves, so no model type is needed. Pickles are opened with
+``torch.load(weights_only=True)``: a file that carries code is refused without running it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from segany.errors import SegAnyError
+from segany.modeling.build import build_sam
+from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.sam import Sam
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONFIG_METADATA_KEY = "segany_config"
+
+#: Names users can pass instead of a path: name -> (file names looked for, description).
+KNOWN_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "default": (("segany_default.safetensors",), "segany's small default model, shipped in the package"),
+    "vit_b": (("sam_vit_b_01ec64.pth",), "official SAM ViT-B (Meta), 375 MB"),
+    "vit_l": (("sam_vit_l_0b3195.pth",), "official SAM ViT-L (Meta), 1.25 GB"),
+    "vit_h": (("sam_vit_h_4b8939.pth",), "official SAM ViT-H (Meta), 2.56 GB"),
+    "vit_t": (("mobile_sam.pt",), "MobileSAM TinyViT, 39 MB"),
+}
+
+# Keys some official files carry that the model does not use (MobileSAM's classification head).
+_IGNORED_KEY_PATTERNS = (re.compile(r"^image_encoder\.(norm_head|head)\."),)
+
+
+def model_search_dirs() -> list[Path]:
+    """Folders searched for known model files: $SEGANY_MODELS, ~/.cache/segany, the package weights."""
+    dirs = []
+    if os.environ.get("SEGANY_MODELS"):
+        dirs += [Path(p) for p in os.environ["SEGANY_MODELS"].split(os.pathsep) if p]
+    dirs += [Path.home() / ".cache" / "segany", Path.cwd(), WEIGHTS_DIR]
+    return dirs
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A path for a known model name or a file path. Raises SegAnyError when nothing is found."""
+    s = str(name_or_path)
+    if s in KNOWN_MODELS:
+        files, desc = KNOWN_MODELS[s]
+        for d in model_search_dirs():
+            for f in files:
+                if (d / f).is_file():
+                    return d / f
+        where = ", ".join(str(d) for d in model_search_dirs())
+        raise SegAnyError(
+            f"model {s!r} ({desc}) needs the file {files[0]}; put it in one of: {where} "
+            f"(or set SEGANY_MODELS), or pass its path with --model"
+        )
+    p = Path(s)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise SegAnyError(f"{p}: is not a file")
+    raise SegAnyError(f"unknown model {s!r}: not a file, and not one of {', '.join(KNOWN_MODELS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading state dicts
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checkpoint file, never unpickling code."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK") and head[:1] != b"\x80"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            return load_file(str(path)), meta
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise SegAnyError(f"{path}: not a valid .safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise SegAnyError(
+                f"{path}: refused: the file is a pickle that carries code or objects other than tensors "
+                f"({msg}). Only plain state dicts are loaded."
+            ) from None
+        raise SegAnyError(f"{path}: cannot read the checkpoint ({msg}); is it truncated or not a model file?") from None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]  # training checkpoints wrap the weights
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SegAnyError(f"{path}: the checkpoint is not a state dict of tensors")
+    return dict(obj), {}
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture detection
+
+
+def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) -> SamConfig:
+    """Read a :class:`SamConfig` off the tensors of a SAM state dict (official key layout)."""
+    try:
+        pe = "prompt_encoder."
+        md = "mask_decoder."
+        d = sd[pe + "point_embeddings.0.weight"].shape[1]
+        mask_in = sd[pe + "mask_downscaling.3.weight"].shape[0]
+        dec_depth = _count(sd, r"mask_decoder\.transformer\.layers\.(\d+)\.")
+        mlp_dim = sd[md + "transformer.layers.0.mlp.lin1.weight"].shape[0]
+        n_mask_tokens = sd[md + "mask_tokens.weight"].shape[0]
+        iou_depth = _count(sd, r"mask_decoder\.iou_prediction_head\.layers\.(\d+)\.")
+        iou_hidden = sd[md + "iou_prediction_head.layers.0.weight"].shape[0]
+        # Heads of the decoder are not visible in the tensors; SAM uses 8 (and one per 32 channels).
+        dec_heads = 8 if d >= 256 else max(1, d // 16)
+        if "image_encoder.patch_embed.proj.weight" in sd:
+            w = sd["image_encoder.patch_embed.proj.weight"]
+            embed_dim, patch = w.shape[0], w.shape[-1]
+            depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.")
+            grid = sd["image_encoder.pos_embed"].shape[1]
+            size = image_size or grid * patch
+            rel = [sd.get(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+            use_rel = rel[0] is not None
+            if use_rel:
+                head_dim = rel[0].shape[1]
+                lengths = [r.shape[0] for r in rel]
+                global_len = 2 * grid - 1
+                global_idx = tuple(i for i, n in enumerate(lengths) if n == global_len)
+                window_lens = [n for n in lengths if n != global_len]
+                window = (window_lens[0] + 1) // 2 if window_lens else grid
+            else:
+                head_dim, global_idx, window = 64, (), 14
+            enc: ViTConfig | TinyViTConfig = ViTConfig(
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=embed_dim // head_dim,
+                patch_size=patch,
+                window_size=window,
+                global_attn_indexes=global_idx,
+                mlp_ratio=sd["image_encoder.blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
+                qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in sd,
+                use_rel_pos=use_rel,
+            )
+        elif "image_encoder.patch_embed.seq.0.c.weight" in sd:
+            dims = [sd["image_encoder.layers.0.blocks.0.conv1.c.weight"].shape[1]]
+            depths = [_count(sd, r"image_encoder\.layers\.0\.blocks\.(\d+)\.")]
+            expand = sd["image_encoder.layers.0.blocks.0.conv1.c.weight"].shape[0] / dims[0]
+            heads, windows = [1], [7]
+            for i in range(1, 4):
+                p = f"image_encoder.layers.{i}.blocks.0."
+                dims.append(sd[p + "attn.norm.weight"].shape[0])
+                depths.append(_count(sd, rf"image_encoder\.layers\.{i}\.blocks\.(\d+)\."))
+                bias = sd[p + "attn.attention_biases"]
+                heads.append(bias.shape[0])
+                windows.append(int(round(bias.shape[1] ** 0.5)))
+            heads[0] = heads[1] // 2 or 1  # the conv stage has no heads; keep MobileSAM's value
+            enc = TinyViTConfig(
+                embed_dims=tuple(dims),
+                depths=tuple(depths),
+                num_heads=tuple(heads),
+                window_sizes=tuple(windows),
+                mlp_ratio=sd["image_encoder.layers.1.blocks.0.mlp.fc1.weight"].shape[0] / dims[1],
+                mbconv_expand_ratio=expand,
+                local_conv_size=sd["image_encoder.layers.1.blocks.0.local_conv.c.weight"].shape[-1],
+            )
+            size = image_size or 1024
+        else:
+            raise SegAnyError("no image encoder found (neither ViT 'patch_embed.proj' nor TinyViT 'patch_embed.seq')")
+    except KeyError as e:
+        raise SegAnyError(f"not a SAM checkpoint: missing tensor {e.args[0]!r}") from None
+    return SamConfig(
+        encoder=enc,
+        image_size=size,
+        prompt_embed_dim=d,
+        mask_in_chans=mask_in,
+        decoder_depth=dec_depth,
+        decoder_num_heads=dec_heads,
+        decoder_mlp_dim=mlp_dim,
+        num_multimask_outputs=n_mask_tokens - 1,
+        iou_head_depth=iou_depth,
+        iou_head_hidden_dim=iou_hidden,
+    )
+
+
+def _load_weights(model: Sam, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    sd = {k: v for k, v in sd.items() if not any(p.match(k) for p in _IGNORED_KEY_PATTERNS)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(sd) & set(own)
+        if sd[k].shape != own[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if shapes:
+        problems.append(f"shape mismatches: {'; '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}")
+    if problems:
+        raise SegAnyError(f"{source}: the weights do not fit the model ({' | '.join(problems)})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "default",
+    device: str | torch.device = "cpu",
+    config: SamConfig | None = None,
+) -> Sam:
+    """Load a SAM model from a known name or a checkpoint file, in eval mode.
+
+    Args:
+        name_or_path: "default", an official model name (see ``segany models``) or a file path.
+        device: where to put the model.
+        config: force an architecture instead of detecting it.
+    """
+    path = resolve_model_path(name_or_path)
+    sd, meta = _read_state_dict(path)
+    if config is None:
+        if CONFIG_METADATA_KEY in meta:
+            config = SamConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
+        else:
+            sidecar = path.with_suffix(".json")
+            config = (
+                SamConfig.from_dict(json.loads(sidecar.read_text())) if sidecar.is_file() else infer_config(sd)
+            )
+    model = build_sam(config)
+    _load_weights(model, sd, str(path))
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise SegAnyError(f"cannot use device {device!r}: {e}") from None
+    return model.eval()
+
+
+def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
+    """Write ``model`` as ``.safetensors`` with its config in the metadata (atomically).
+
+    Args:
+        half: store floating tensors as fp16 (halves the size; loaded back as fp32).
+    """
+    from safetensors.torch import save
+
+    from segany.io.atomic import atomic_write_bytes
+
+    if model.config is None:
+        raise ValueError("the model has no config; build it with build_sam(config)")
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        sd[k] = v
+    meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+    atomic_write_bytes(path, save(sd, metadata=meta))
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> SamConfig:
+    """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config."""
+    model = load_model(src)
+    save_model(model, dst, half=half)
+    return model.config

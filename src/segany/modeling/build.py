@@ -1,0 +1,66 @@
+"""Turn a :class:`SamConfig` into a network. Every hyper-parameter comes from the config."""
+
+from __future__ import annotations
+
+from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.image_encoder import ImageEncoderViT
+from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.sam import Sam
+from segany.modeling.tiny_vit import TinyViT
+from segany.modeling.transformer import TwoWayTransformer
+
+
+def build_image_encoder(cfg: SamConfig):
+    enc = cfg.encoder
+    if isinstance(enc, ViTConfig):
+        return ImageEncoderViT(
+            img_size=cfg.image_size,
+            patch_size=enc.patch_size,
+            embed_dim=enc.embed_dim,
+            depth=enc.depth,
+            num_heads=enc.num_heads,
+            mlp_ratio=enc.mlp_ratio,
+            out_chans=cfg.prompt_embed_dim,
+            qkv_bias=enc.qkv_bias,
+            use_rel_pos=enc.use_rel_pos,
+            window_size=enc.window_size,
+            global_attn_indexes=tuple(enc.global_attn_indexes),
+            drop_path_rate=enc.drop_path_rate,
+        )
+    if isinstance(enc, TinyViTConfig):
+        return TinyViT(
+            embed_dims=tuple(enc.embed_dims),
+            depths=tuple(enc.depths),
+            num_heads=tuple(enc.num_heads),
+            window_sizes=tuple(enc.window_sizes),
+            mlp_ratio=enc.mlp_ratio,
+            mbconv_expand_ratio=enc.mbconv_expand_ratio,
+            local_conv_size=enc.local_conv_size,
+            drop_path_rate=enc.drop_path_rate,
+            out_chans=cfg.prompt_embed_dim,
+        )
+    raise TypeError(f"unknown encoder config {type(enc).__name__}")
+
+
+def build_sam(cfg: SamConfig) -> Sam:
+    """A randomly initialised :class:`Sam` for ``cfg`` (load weights with ``load_state_dict``)."""
+    if cfg.image_size % 16:
+        raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
+    emb = cfg.embedding_size
+    d = cfg.prompt_embed_dim
+    return Sam(
+        image_encoder=build_image_encoder(cfg),
+        prompt_encoder=PromptEncoder(d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans),
+        mask_decoder=MaskDecoder(
+            d,
+            TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        image_size=cfg.image_size,
+        pixel_mean=tuple(cfg.pixel_mean),
+        pixel_std=tuple(cfg.pixel_std),
+        config=cfg,
+    )

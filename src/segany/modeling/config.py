@@ -1,0 +1,155 @@
+"""Model configurations: one dataclass describes a whole SAM, and named configs live in a registry.
+
+Every variant (the paper's ViT-B/L/H, MobileSAM's TinyViT, our small default model, tiny test models,
+other input sizes) is a :class:`SamConfig`, never new code. ``build_sam(config)`` turns one into a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from segany.errors import SegAnyError
+
+
+@dataclass
+class ViTConfig:
+    """Plain ViT image encoder with windowed + global attention (SAM's encoder)."""
+
+    kind: Literal["vit"] = "vit"
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = 16
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_rel_pos: bool = True
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class TinyViTConfig:
+    """TinyViT image encoder (MobileSAM): a conv stage then three windowed-attention stages."""
+
+    kind: Literal["tiny_vit"] = "tiny_vit"
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class SamConfig:
+    """A whole Segment Anything model.
+
+    The image embedding is ``image_size // 16`` on a side for both encoder kinds; the low-res masks
+    are 4x that (256 for a 1024 model).
+    """
+
+    encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
+    image_size: int = 1024
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error so typos do not pass silently."""
+        d = dict(d)
+        enc = dict(d.pop("encoder", {}))
+        kind = enc.get("kind", "vit")
+        enc_cls = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}.get(kind)
+        if enc_cls is None:
+            raise SegAnyError(f"unknown encoder kind {kind!r} (expected 'vit' or 'tiny_vit')")
+        try:
+            enc_fields = {f.name for f in dataclasses.fields(enc_cls)}
+            bad = set(enc) - enc_fields
+            if bad:
+                raise SegAnyError(f"unknown encoder config keys: {sorted(bad)}")
+            enc = {k: tuple(v) if isinstance(v, list) else v for k, v in enc.items()}
+            top_fields = {f.name for f in dataclasses.fields(cls)}
+            bad = set(d) - top_fields
+            if bad:
+                raise SegAnyError(f"unknown model config keys: {sorted(bad)}")
+            d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+            return cls(encoder=enc_cls(**enc), **d)
+        except TypeError as e:
+            raise SegAnyError(f"invalid model config: {e}") from None
+
+
+_REGISTRY: dict[str, Callable[[], SamConfig]] = {}
+
+
+def register_config(name: str) -> Callable[[Callable[[], SamConfig]], Callable[[], SamConfig]]:
+    def deco(fn: Callable[[], SamConfig]) -> Callable[[], SamConfig]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get_config(name: str) -> SamConfig:
+    """A fresh copy of a named config (see :func:`list_configs`)."""
+    if name not in _REGISTRY:
+        raise SegAnyError(f"unknown model config {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def list_configs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@register_config("vit_b")
+def vit_b() -> SamConfig:
+    return SamConfig(ViTConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)))
+
+
+@register_config("vit_l")
+def vit_l() -> SamConfig:
+    return SamConfig(ViTConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)))
+
+
+@register_config("vit_h")
+def vit_h() -> SamConfig:
+    return SamConfig(ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)))
+
+
+@register_config("vit_t")
+def vit_t() -> SamConfig:
+    """MobileSAM: TinyViT-5M encoder, the standard prompt encoder and decoder."""
+    return SamConfig(TinyViTConfig())
+
+
+@register_config("tiny_test")
+def tiny_test() -> SamConfig:
+    """A very small model for unit tests (random weights, 128-pixel input)."""
+    return SamConfig(
+        ViTConfig(embed_dim=32, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,)),
+        image_size=128,
+        prompt_embed_dim=32,
+        mask_in_chans=8,
+        decoder_num_heads=2,
+        decoder_mlp_dim=64,
+        iou_head_hidden_dim=32,
+    )

@@ -1,0 +1,77 @@
+"""The Segment Anything model: image encoder + prompt encoder + mask decoder, with SAM's
+pre-processing (normalize, pad to a square) and post-processing (upsample, crop, resize back)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
+
+
+class Sam(nn.Module):
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        image_size: int,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        config: Any = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = image_size
+        self.config = config
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize pixel values and pad bottom/right to ``image_size`` (``B x 3 x h x w``)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Low-res logits ``B x M x 4h x 4w`` -> ``B x M x H x W`` logits in the original frame.
+
+        Upsample to the padded input size, drop the padding, then resize to the original size.
+        """
+        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+        """The official batched interface: a list of per-image dicts with ``image`` (3xHxW, already
+        resized so the longest side is ``image_size``), ``original_size`` and optional
+        ``point_coords``/``point_labels``/``boxes``/``mask_inputs`` (in the resized frame)."""
+        images = torch.stack([self.preprocess(x["image"]) for x in batched_input], dim=0)
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, emb in zip(batched_input, embeddings):
+            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
+            sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
+            low_res, iou = self.mask_decoder(
+                emb.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+            )
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            outputs.append(
+                {"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res}
+            )
+        return outputs

@@ -1,0 +1,190 @@
+"""SamPredictor: compute an image embedding once, then answer many prompts against it.
+
+The API and semantics are the official ``segment_anything.SamPredictor``'s, so code ports by changing
+the import. Prompts are validated: bad values raise :class:`segany.errors.SegAnyError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from segany.errors import SegAnyError
+from segany.modeling.sam import Sam
+from segany.transforms import ResizeLongestSide
+
+
+def _as_array(name: str, value, shape_desc: str, ndim: int, last: int | None) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SegAnyError(f"{name} must be numeric, shape {shape_desc}") from None
+    if arr.ndim != ndim or (last is not None and arr.shape[-1] != last):
+        raise SegAnyError(f"{name} must have shape {shape_desc}, got {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise SegAnyError(f"{name} holds NaN or infinite values")
+    return arr
+
+
+class SamPredictor:
+    """Efficient repeated prompting of one image with a :class:`Sam` model."""
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.reset_image()
+
+    # -- image -------------------------------------------------------------------------------------
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute the embedding of an ``H x W x 3`` uint8 image (``image_format`` "RGB" or "BGR")."""
+        if image_format not in ("RGB", "BGR"):
+            raise SegAnyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            raise SegAnyError(f"image must be an H x W x 3 array, got shape {shape}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise SegAnyError(f"image has no pixels: shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise SegAnyError(f"image must be uint8, got {image.dtype}")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        input_image = self.transform.apply_image(np.ascontiguousarray(image))
+        input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(input_torch, image.shape[:2])
+
+    @torch.inference_mode()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Compute the embedding of a ``1 x 3 x h x w`` image already resized by ``self.transform``."""
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[1] != 3
+            or max(*transformed_image.shape[2:]) != self.model.image_size
+        ):
+            raise SegAnyError(
+                f"set_torch_image expects 1x3xHxW with the longest side {self.model.image_size}, "
+                f"got {tuple(transformed_image.shape)}"
+            )
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
+        x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
+        self.features = self.model.image_encoder(x)
+        self.is_image_set = True
+
+    def set_embedding(
+        self, embedding: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int] | None = None
+    ) -> None:
+        """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`)."""
+        self.reset_image()
+        from segany.transforms import get_preprocess_shape
+
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
+        self.features = embedding.to(self.device)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The ``1 x C x h x w`` embedding of the current image."""
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.original_size = None
+        self.input_size = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+    # -- prompts -----------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt set, in the original image frame.
+
+        Args:
+            point_coords: ``N x 2`` (x, y) pixels; point_labels: ``N`` (1 positive, 0 negative).
+            box: ``4`` XYXY pixels. mask_input: ``1 x 256 x 256`` low-res logits from an earlier call.
+            multimask_output: 3 masks for an ambiguous prompt (True) or 1 (False).
+            return_logits: return logits instead of binary masks.
+        Returns:
+            masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x 256 x 256``.
+        """
+        self._require_image()
+        coords_t = labels_t = box_t = mask_t = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise SegAnyError("point_labels must be supplied with point_coords")
+            coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
+            labels = _as_array("point_labels", point_labels, "N", 1, None)
+            if len(labels) != len(coords):
+                raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
+            if not np.isin(labels, (0, 1, 2, 3, -1)).all():
+                raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
+            labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
+        elif point_labels is not None:
+            raise SegAnyError("point_labels given without point_coords")
+        if box is not None:
+            b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
+            b = self.transform.apply_boxes(b, self.original_size)
+            box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
+        if mask_input is not None:
+            side = self.model.prompt_encoder.mask_input_size
+            m = _as_array("mask_input", mask_input, f"1 x {side[0]} x {side[1]}", 3, None)
+            if m.shape != (1, *side):
+                raise SegAnyError(f"mask_input must have shape 1 x {side[0]} x {side[1]}, got {m.shape}")
+            mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)[None]
+        masks, iou, low_res = self.predict_torch(
+            coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits
+        )
+        return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B prompt sets at once, already in the resized frame (see ``self.transform``).
+
+        Args:
+            point_coords: ``B x N x 2``; point_labels: ``B x N``; boxes: ``B x 4``;
+            mask_input: ``B x 1 x 256 x 256``.
+        Returns:
+            masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x 256 x 256``.
+        """
+        self._require_image()
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res

@@ -1,0 +1,189 @@
+"""Training augmentation in numpy / OpenCV: large-scale jitter, horizontal flip, colour jitter.
+
+Geometry is one affine map per sample (resize + optional flip + crop offset), applied with
+``cv2.warpAffine`` straight into the ``S x S`` output: ``INTER_LINEAR`` for the image, ``INTER_NEAREST``
+for label maps and (bit-packed) mask stacks, so image, masks and ignore map stay aligned pixel for
+pixel and no 2x-upscaled intermediate is ever built. The map reproduces ``cv2.resize`` (half-pixel
+centres), and without jitter it is SAM's preprocessing: longest side to ``S``, content at the top left,
+zero padding at the bottom / right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: Mask planes per warp call (cv2 handles a bounded channel count; 32 bytes = 256 masks).
+_MAX_CHANNELS = 32
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation settings (``None`` in the datasets means: validation, no randomness).
+
+    ``scale_min``/``scale_max``: longest side of the resized content as a fraction of ``image_size``
+    (large-scale jitter, SAM/Copy-Paste use 0.1-2.0). ``hflip_p``: horizontal flip probability.
+    ``brightness``/``contrast``/``saturation``: factors drawn from ``[1-x, 1+x]``; ``hue``: shift as a
+    fraction of the full hue circle, drawn from ``[-hue, hue]``. ``color_p``: probability of colour jitter.
+    """
+
+    scale_min: float = 0.1
+    scale_max: float = 2.0
+    hflip_p: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    color_p: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1:
+            raise ValueError("probabilities must be in [0, 1]")
+
+
+def get_preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """Size ``(new_h, new_w)`` with the longest side ``long_side`` (SAM's ResizeLongestSide rounding)."""
+    scale = long_side * 1.0 / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a source ``src_hw`` image lands in the ``out x out`` square.
+
+    The source is resized to ``resized_hw``, optionally flipped left-right, then the window starting at
+    ``crop_yx`` is taken; the content occupies the top-left ``valid_hw`` of the output.
+    """
+
+    src_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    flip: bool
+    crop_yx: tuple[int, int]
+    out: int
+
+    @property
+    def valid_hw(self) -> tuple[int, int]:
+        return (
+            min(self.resized_hw[0] - self.crop_yx[0], self.out),
+            min(self.resized_hw[1] - self.crop_yx[1], self.out),
+        )
+
+    def matrix(self) -> np.ndarray:
+        """2x3 affine map from source pixel coordinates (centres at integers) to output ones."""
+        (h, w), (nh, nw) = self.src_hw, self.resized_hw
+        sx, sy = nw / w, nh / h
+        # cv2.resize convention: dst = s * (src + 0.5) - 0.5
+        ax, bx = sx, 0.5 * sx - 0.5
+        ay, by = sy, 0.5 * sy - 0.5
+        if self.flip:
+            ax, bx = -ax, (nw - 1) - bx
+        bx -= self.crop_yx[1]
+        by -= self.crop_yx[0]
+        return np.array([[ax, 0.0, bx], [0.0, ay, by]], dtype=np.float64)
+
+    def apply_coords(self, xy: np.ndarray) -> np.ndarray:
+        """Map ``(..., 2)`` source ``(x, y)`` pixel coordinates to output coordinates."""
+        m = self.matrix()
+        xy = np.asarray(xy, dtype=np.float64)
+        return xy @ m[:, :2].T + m[:, 2]
+
+
+def sample_geometry(
+    h: int, w: int, image_size: int, cfg: AugmentConfig | None, rng: np.random.Generator | None
+) -> Geometry:
+    """Draw a geometry; with ``cfg=None`` it is plain resize-longest-side + pad (no randomness)."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"empty image {h}x{w}")
+    if cfg is None or rng is None:
+        return Geometry((h, w), get_preprocess_shape(h, w, image_size), False, (0, 0), image_size)
+    scale = float(rng.uniform(cfg.scale_min, cfg.scale_max))
+    nh, nw = get_preprocess_shape(h, w, max(1, round(image_size * scale)))
+    flip = bool(rng.random() < cfg.hflip_p)
+    y0 = int(rng.integers(0, nh - image_size + 1)) if nh > image_size else 0
+    x0 = int(rng.integers(0, nw - image_size + 1)) if nw > image_size else 0
+    return Geometry((h, w), (nh, nw), flip, (y0, x0), image_size)
+
+
+def _warp(arr: np.ndarray, geom: Geometry, interp: int) -> np.ndarray:
+    out = cv2.warpAffine(
+        arr,
+        geom.matrix(),
+        (geom.out, geom.out),
+        flags=interp,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    if out.ndim == 2 and arr.ndim == 3:  # cv2 drops a trailing channel of size 1
+        out = out[:, :, None]
+    vh, vw = geom.valid_hw
+    out[vh:] = 0
+    out[:, vw:] = 0
+    return out
+
+
+def warp_image(image: np.ndarray, geom: Geometry) -> np.ndarray:
+    """``H x W x 3`` uint8 -> ``S x S x 3`` uint8 (bilinear), zero outside the content."""
+    return _warp(np.ascontiguousarray(image), geom, cv2.INTER_LINEAR)
+
+
+def warp_label_map(label_map: np.ndarray, geom: Geometry) -> np.ndarray:
+    """``H x W`` integer label map -> ``S x S`` (nearest), 0 outside the content; dtype kept."""
+    lm = np.ascontiguousarray(label_map)
+    if lm.dtype in (np.uint8, np.uint16, np.int16, np.int32):
+        return _warp(lm, geom, cv2.INTER_NEAREST)
+    values, inverse = np.unique(lm, return_inverse=True)
+    if len(values) > 65535:
+        raise ValueError("label map has more than 65535 distinct values")
+    compact = inverse.reshape(lm.shape).astype(np.uint16)
+    warped = _warp(compact, geom, cv2.INTER_NEAREST)
+    out = values[warped]
+    vh, vw = geom.valid_hw
+    out[vh:] = 0
+    out[:, vw:] = 0
+    return out
+
+
+def warp_masks(masks: np.ndarray, geom: Geometry) -> np.ndarray:
+    """``N x H x W`` bool -> ``N x S x S`` bool (nearest, bit-packed so 8 masks cost one byte plane)."""
+    n = masks.shape[0]
+    if n == 0:
+        return np.zeros((0, geom.out, geom.out), dtype=bool)
+    packed = np.packbits(masks.astype(bool, copy=False), axis=0)  # ceil(N/8) x H x W
+    planes = np.ascontiguousarray(packed.transpose(1, 2, 0))
+    outs = [
+        _warp(np.ascontiguousarray(planes[:, :, i : i + _MAX_CHANNELS]), geom, cv2.INTER_NEAREST)
+        for i in range(0, planes.shape[2], _MAX_CHANNELS)
+    ]
+    warped = np.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return np.unpackbits(warped.transpose(2, 0, 1), axis=0, count=n).astype(bool)
+
+
+def color_jitter(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue on an ``H x W x 3`` uint8 RGB image."""
+    if image.size == 0 or rng.random() >= cfg.color_p:
+        return image
+    img = image.astype(np.float32)
+    b = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+    s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+    hshift = rng.uniform(-cfg.hue, cfg.hue)
+    img *= b
+    gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    img = (img - gray.mean()) * c + gray.mean()
+    gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    img = (img - gray[..., None]) * s + gray[..., None]
+    out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    if abs(hshift) > 1e-6:
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(hshift * 256)) % 256
+        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    return out
+
+
+def jitter_content(image: np.ndarray, geom: Geometry, cfg: AugmentConfig, rng: np.random.Generator) -> None:
+    """Colour-jitter the content region of an output image in place (the padding stays zero)."""
+    vh, vw = geom.valid_hw
+    image[:vh, :vw] = color_jitter(np.ascontiguousarray(image[:vh, :vw]), cfg, rng)
