@@ -16,7 +16,8 @@ from PIL import Image
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
     """``(h, w)`` after scaling so the longest side equals ``long_side_length``."""
     scale = long_side_length * 1.0 / max(oldh, oldw)
-    return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+    # max(1, ...): a very thin image must not collapse to zero pixels.
+    return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
 
 class ResizeLongestSide:

@@ -120,15 +120,16 @@ def overlay_masks(
     if draw_outline:
         for i in order:
             contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(out, contours, -1, mask_color(i), thick, lineType=cv2.LINE_AA)
+            # Contours lie on pixel centres: plain 8-connected lines are crisp, anti-aliasing only blurs.
+            cv2.drawContours(out, contours, -1, mask_color(i), thick, lineType=cv2.LINE_8)
     if boxes is not None:
         bx = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
         if not np.isfinite(bx).all():
             raise SegAnyError("boxes must be finite XYXY numbers")
         for x0, y0, x1, y1 in np.round(bx).astype(int):
             # A dark line under the green one keeps the box visible on light and dark images alike.
-            cv2.rectangle(out, (x0, y0), (x1, y1), BLACK, thick + 2, lineType=cv2.LINE_AA)
-            cv2.rectangle(out, (x0, y0), (x1, y1), BOX_COLOR, thick, lineType=cv2.LINE_AA)
+            cv2.rectangle(out, (x0, y0), (x1, y1), BLACK, thick + 2)
+            cv2.rectangle(out, (x0, y0), (x1, y1), BOX_COLOR, thick)
     if points is not None:
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2) if np.size(points) else np.zeros((0, 2))
         labs = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels).reshape(-1)

@@ -1,0 +1,3 @@
+from segany.automatic.generator import SamAutomaticMaskGenerator
+
+__all__ = ["SamAutomaticMaskGenerator"]

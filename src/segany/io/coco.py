@@ -89,7 +89,7 @@ class CocoWriter:
             where = f"{name}: record {i}"
             ann = record_to_annotation(rec, len(self.annotations) + len(new) + 1, h, w, where)
             cat = to_builtin(rec.get("category_id", self.categories[0]["id"]))
-            if cat not in cat_ids:
+            if not is_int(cat) or cat not in cat_ids:
                 raise SegAnyError(f"{where}: category_id {cat!r} is not one of {sorted(cat_ids)}")
             ann.update(image_id=image_id, category_id=cat, iscrowd=0)
             score = rec.get("score", rec.get("predicted_iou"))

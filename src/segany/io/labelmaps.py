@@ -174,13 +174,9 @@ class LabelMapFolder:
             stems = self._split_stems(split)
             for s in stems:
                 if s not in self._images:
-                    raise SegAnyError(
-                        f"{self.root}: split {split!r} lists {s!r} but images/ has no such image"
-                    )
+                    raise SegAnyError(f"{self.root}: split {split!r} lists {s!r} but images/ has no such image")
                 if s not in masks:
-                    raise SegAnyError(
-                        f"{self.root}: split {split!r} lists {s!r} but masks/{s}.png is missing"
-                    )
+                    raise SegAnyError(f"{self.root}: split {split!r} lists {s!r} but masks/{s}.png is missing")
         self.stems: list[str] = stems
 
     # -- listing ---------------------------------------------------------------------------------
@@ -213,9 +209,7 @@ class LabelMapFolder:
         if split in DAVIS_SPLITS and (self.root / "sequences.txt").is_file():
             seqs = self.sequences()
             if len(seqs) <= DAVIS_HELD_OUT:
-                raise SegAnyError(
-                    f"{self.root}/sequences.txt: {len(seqs)} sequences, need more than {DAVIS_HELD_OUT}"
-                )
+                raise SegAnyError(f"{self.root}/sequences.txt: {len(seqs)} sequences, need more than {DAVIS_HELD_OUT}")
             wanted = set(seqs[-DAVIS_HELD_OUT:]) if split == "davis_val" else set(seqs[:-DAVIS_HELD_OUT])
             masks = {p.stem for p in (self.root / "masks").iterdir() if p.suffix.lower() == ".png"}
             return sorted(s for s in self._images if s in masks and self.sequence_of(s) in wanted)

@@ -115,7 +115,7 @@ def normalize_segmentation(seg: Any, height: int, width: int, where: str) -> dic
             )
         return encode_rle(seg.astype(bool, copy=False))
     if isinstance(seg, dict) and isinstance(seg.get("counts"), bytes):
-        seg = {"size": to_builtin(seg.get("size")), "counts": seg["counts"].decode("ascii", "replace")}
+        seg = {"size": to_builtin(seg.get("size")), "counts": seg["counts"].decode("latin-1")}
     elif isinstance(seg, dict):
         seg = {"size": to_builtin(seg.get("size")), "counts": seg.get("counts")}
     check_rle(seg, height, width, where)

@@ -1,11 +1,11 @@
 """Training augmentation in numpy / OpenCV: large-scale jitter, horizontal flip, colour jitter.
 
-Geometry is one affine map per sample (resize + optional flip + crop offset), applied with
-``cv2.warpAffine`` straight into the ``S x S`` output: ``INTER_LINEAR`` for the image, ``INTER_NEAREST``
-for label maps and (bit-packed) mask stacks, so image, masks and ignore map stay aligned pixel for
-pixel and no 2x-upscaled intermediate is ever built. The map reproduces ``cv2.resize`` (half-pixel
-centres), and without jitter it is SAM's preprocessing: longest side to ``S``, content at the top left,
-zero padding at the bottom / right.
+Geometry is one affine map per sample (resize + optional flip + crop offset), applied straight into
+the ``S x S`` output, so no 2x-upscaled intermediate is ever built: ``cv2.warpAffine(INTER_LINEAR)``
+for the image, and an exact nearest-neighbour gather (numpy indexing, the pixel centres of
+``cv2.INTER_NEAREST_EXACT``) for label maps and mask stacks, so a label map and masks cut
+from it always agree. The map reproduces ``cv2.resize`` (half-pixel centres), and without jitter it is
+SAM's preprocessing: longest side to ``S``, content at the top left, zero padding at the bottom / right.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-#: Mask planes per warp call (cv2 handles a bounded channel count; 32 bytes = 256 masks).
-_MAX_CHANNELS = 32
+from segany.transforms import get_preprocess_shape
 
 
 @dataclass(frozen=True)
@@ -43,12 +42,6 @@ class AugmentConfig:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1:
             raise ValueError("probabilities must be in [0, 1]")
-
-
-def get_preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """Size ``(new_h, new_w)`` with the longest side ``long_side`` (SAM's ResizeLongestSide rounding)."""
-    scale = long_side * 1.0 / max(h, w)
-    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 @dataclass(frozen=True)
@@ -124,6 +117,28 @@ def _warp(arr: np.ndarray, geom: Geometry, interp: int) -> np.ndarray:
     return out
 
 
+def nearest_indices(geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Source row / column of every content row / column of the output (nearest neighbour).
+
+    The map has no rotation, so nearest sampling is separable: ``out[y, x] = src[rows[y], cols[x]]``.
+    Done in numpy rather than ``cv2.warpAffine(INTER_NEAREST)`` because OpenCV breaks exact ties
+    differently for different channel counts, which would let a label map and a mask stack disagree.
+    """
+    m = geom.matrix()
+    (h, w), (vh, vw) = geom.src_hw, geom.valid_hw
+    rows = np.floor((np.arange(vh) - m[1, 2]) / m[1, 1] + 0.5).astype(np.intp)
+    cols = np.floor((np.arange(vw) - m[0, 2]) / m[0, 0] + 0.5).astype(np.intp)
+    return np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+
+
+def _gather(arr: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Nearest-neighbour warp of ``H x W [x C]`` into ``S x S [x C]``, zero outside the content."""
+    rows, cols = nearest_indices(geom)
+    out = np.zeros((geom.out, geom.out, *arr.shape[2:]), dtype=arr.dtype)
+    out[: len(rows), : len(cols)] = arr[rows][:, cols]
+    return out
+
+
 def warp_image(image: np.ndarray, geom: Geometry) -> np.ndarray:
     """``H x W x 3`` uint8 -> ``S x S x 3`` uint8 (bilinear), zero outside the content."""
     return _warp(np.ascontiguousarray(image), geom, cv2.INTER_LINEAR)
@@ -131,34 +146,16 @@ def warp_image(image: np.ndarray, geom: Geometry) -> np.ndarray:
 
 def warp_label_map(label_map: np.ndarray, geom: Geometry) -> np.ndarray:
     """``H x W`` integer label map -> ``S x S`` (nearest), 0 outside the content; dtype kept."""
-    lm = np.ascontiguousarray(label_map)
-    if lm.dtype in (np.uint8, np.uint16, np.int16, np.int32):
-        return _warp(lm, geom, cv2.INTER_NEAREST)
-    values, inverse = np.unique(lm, return_inverse=True)
-    if len(values) > 65535:
-        raise ValueError("label map has more than 65535 distinct values")
-    compact = inverse.reshape(lm.shape).astype(np.uint16)
-    warped = _warp(compact, geom, cv2.INTER_NEAREST)
-    out = values[warped]
-    vh, vw = geom.valid_hw
-    out[vh:] = 0
-    out[:, vw:] = 0
-    return out
+    return _gather(label_map, geom)
 
 
 def warp_masks(masks: np.ndarray, geom: Geometry) -> np.ndarray:
-    """``N x H x W`` bool -> ``N x S x S`` bool (nearest, bit-packed so 8 masks cost one byte plane)."""
-    n = masks.shape[0]
-    if n == 0:
-        return np.zeros((0, geom.out, geom.out), dtype=bool)
-    packed = np.packbits(masks.astype(bool, copy=False), axis=0)  # ceil(N/8) x H x W
-    planes = np.ascontiguousarray(packed.transpose(1, 2, 0))
-    outs = [
-        _warp(np.ascontiguousarray(planes[:, :, i : i + _MAX_CHANNELS]), geom, cv2.INTER_NEAREST)
-        for i in range(0, planes.shape[2], _MAX_CHANNELS)
-    ]
-    warped = np.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    return np.unpackbits(warped.transpose(2, 0, 1), axis=0, count=n).astype(bool)
+    """``N x H x W`` bool -> ``N x S x S`` bool (nearest, the same gather as :func:`warp_label_map`)."""
+    rows, cols = nearest_indices(geom)
+    out = np.zeros((masks.shape[0], geom.out, geom.out), dtype=bool)
+    if masks.shape[0]:
+        out[:, : len(rows), : len(cols)] = masks.astype(bool, copy=False)[:, rows][:, :, cols]
+    return out
 
 
 def color_jitter(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

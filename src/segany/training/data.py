@@ -45,6 +45,7 @@ from segany.training.augment import (
     AugmentConfig,
     Geometry,
     jitter_content,
+    nearest_indices,
     sample_geometry,
     warp_image,
     warp_label_map,
@@ -77,9 +78,7 @@ class ItemConfig:
 # the one "raw sample -> fixed-size tensors" function
 
 
-def _select(
-    areas: np.ndarray, content_area: int, cfg: ItemConfig, rng: np.random.Generator | None
-) -> np.ndarray:
+def _select(areas: np.ndarray, content_area: int, cfg: ItemConfig, rng: np.random.Generator | None) -> np.ndarray:
     """Indices of masks to keep: filter by area / coverage, then cap (random subset when augmenting)."""
     ok = np.flatnonzero((areas >= max(cfg.min_area, 1)) & (areas <= cfg.max_coverage * content_area))
     if len(ok) > cfg.max_masks:
@@ -189,28 +188,26 @@ def to_training_item(
         sel = _select(areas, content, cfg, rng if aug is not None else None)
         return _finish(out_img, warped[sel], out_ignore, [names[i] for i in sel], sel, geom, cfg, source)
 
-    # lazily decoded masks: visit in random order (or in order for validation), decode in chunks
+    # lazily decoded masks: visit in random order (or in order for validation); each decoded mask is
+    # gathered straight to the output size, so full-resolution stacks are never built
     order = rng.permutation(n) if aug is not None else np.arange(n)
+    rows, cols = nearest_indices(geom)
     kept: list[np.ndarray] = []
     kept_idx: list[int] = []
-    chunk = max(2 * cfg.max_masks, 16)
-    for start in range(0, n, chunk):
-        idx = order[start : start + chunk]
-        raw = []
-        for i in idx:
-            mk = np.asarray(masks[i]())
-            if mk.shape != (h, w):
-                raise ValueError(f"mask {i} is {mk.shape}, image is {(h, w)}")
-            raw.append(mk.astype(bool, copy=False))
-        warped = warp_masks(np.stack(raw), geom)
-        areas = warped[:, :vh, :vw].sum(axis=(1, 2))
-        ok = (areas >= max(cfg.min_area, 1)) & (areas <= cfg.max_coverage * content)
-        for j in np.flatnonzero(ok):
-            if len(kept) < cfg.max_masks:
-                kept.append(warped[j])
-                kept_idx.append(int(idx[j]))
-        if len(kept) >= cfg.max_masks:
-            break
+    min_area = max(cfg.min_area, 1)
+    for i in order:
+        mk = np.asarray(masks[i]())
+        if mk.shape != (h, w):
+            raise ValueError(f"mask {i} is {mk.shape}, image is {(h, w)}")
+        small = mk.astype(bool, copy=False)[rows][:, cols]
+        area = int(np.count_nonzero(small))
+        if min_area <= area <= cfg.max_coverage * content:
+            full = np.zeros((s, s), dtype=bool)
+            full[:vh, :vw] = small
+            kept.append(full)
+            kept_idx.append(int(i))
+            if len(kept) >= cfg.max_masks:
+                break
     if aug is not None:  # keep output order by source index, like the array path
         perm = np.argsort(kept_idx, kind="stable")
         kept = [kept[p] for p in perm]
@@ -338,9 +335,7 @@ class SA1BDataset(_Base):
                 f"{info['width']}x{info['height']}"
             )
         lazy = [(lambda seg=a["segmentation"]: decode_rle(seg)) for a in anns]
-        return to_training_item(
-            image, self.cfg, self.rng(index), masks=lazy, source=f"{self.name}:{img_path.stem}"
-        )
+        return to_training_item(image, self.cfg, self.rng(index), masks=lazy, source=f"{self.name}:{img_path.stem}")
 
 
 class CocoInstancesDataset(_Base):
@@ -387,15 +382,12 @@ class CocoInstancesDataset(_Base):
             missing = sorted(wanted - have)
             if missing:
                 raise SegAnyError(
-                    f"{self.annotation_file}: {len(missing)} requested images are not in the file "
-                    f"(e.g. {missing[0]!r})"
+                    f"{self.annotation_file}: {len(missing)} requested images are not in the file (e.g. {missing[0]!r})"
                 )
         self.name = self.image_dir.parent.name if self.image_dir.name == "images" else self.image_dir.name
 
     @classmethod
-    def from_folder(
-        cls, root: str | os.PathLike, split: str | None = None, **kw: Any
-    ) -> CocoInstancesDataset:
+    def from_folder(cls, root: str | os.PathLike, split: str | None = None, **kw: Any) -> CocoInstancesDataset:
         """``root/annotations/instances.json`` + ``root/images``, optionally limited to ``splits/<split>.txt``."""
         root = Path(root)
         stems = LabelMapFolder(root, split).stems if split is not None else None
@@ -413,7 +405,8 @@ class CocoInstancesDataset(_Base):
         h, w = image.shape[:2]
         if (info.get("height"), info.get("width")) != (h, w):
             raise SegAnyError(
-                f"{path}: image is {w}x{h} but {self.annotation_file.name} says {info.get('width')}x{info.get('height')}"
+                f"{path}: image is {w}x{h} but {self.annotation_file.name} says "
+                f"{info.get('width')}x{info.get('height')}"
             )
         anns = self.coco.imgToAnns.get(img_id, [])
         ignore = np.zeros((h, w), dtype=bool)

@@ -43,12 +43,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "ellipse", "rectangle", "polygon", "star", "ring")
-#: Synthetic label ids for the ignore value must not collide with shapes.
-_IGNORE_LABEL = VOID_ID
 
 
 def position_name(cx: float, cy: float, w: int, h: int) -> str:
-    """"left" / "right" / "top" / "bottom" / "center" from a centroid (the dominant offset wins)."""
+    """ "left" / "right" / "top" / "bottom" / "center" from a centroid (the dominant offset wins)."""
     dx, dy = cx / max(w, 1) - 0.5, cy / max(h, 1) - 0.5
     if max(abs(dx), abs(dy)) < 1 / 6:
         return "center"
@@ -78,8 +76,8 @@ def shape_phrases(color: str, shape: str, position: str) -> list[str]:
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Value noise in [0, 1]: a random ``cells``-grid upsampled with bicubic interpolation."""
-    gh = max(2, int(round(cells * h / max(h, w))))
-    gw = max(2, int(round(cells * w / max(h, w))))
+    gh = max(2, round(cells * h / max(h, w)))
+    gw = max(2, round(cells * w / max(h, w)))
     grid = rng.random((gh, gw), dtype=np.float32)
     out = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
     return np.clip(out, 0.0, 1.0)
@@ -87,10 +85,11 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
 
 def _pattern(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
     """An ``H x W`` float32 pattern in [0, 1]."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys = np.arange(h, dtype=np.float32)[:, None]
+    xs = np.arange(w, dtype=np.float32)[None, :]
     ang = rng.uniform(0, math.pi)
-    u = xx * math.cos(ang) + yy * math.sin(ang)
-    v = -xx * math.sin(ang) + yy * math.cos(ang)
+    ca, sa = np.float32(math.cos(ang)), np.float32(math.sin(ang))
+    u = xs * ca + ys * sa
     if kind == "noise":
         octaves = [_smooth_noise(rng, h, w, int(c)) for c in rng.integers(3, 40, size=2)]
         out = 0.6 * octaves[0] + 0.4 * octaves[1]
@@ -103,6 +102,7 @@ def _pattern(rng: np.random.Generator, h: int, w: int, kind: str) -> np.ndarray:
             out = (out > 0.5).astype(np.float32)
     else:  # checker
         period = rng.uniform(0.03, 0.2) * max(h, w)
+        v = ys * ca - xs * sa
         out = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
     return out.astype(np.float32)
 
@@ -112,23 +112,23 @@ def _texture_two_colours(rng: np.random.Generator, h: int, w: int, c0, c1, kind:
     p = _pattern(rng, h, w, kind)[..., None]
     c0 = np.asarray(c0, np.float32)
     c1 = np.asarray(c1, np.float32)
-    return c0 * (1 - p) + c1 * p
+    return c0 + (c1 - c0) * p
 
 
 def random_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """``H x W x 3`` uint8 textured background (noise, gradient, stripes or checker; random colours)."""
     c0, c1 = rng.integers(0, 256, size=(2, 3))
     img = _texture_two_colours(rng, h, w, c0, c1)
-    img += rng.normal(0, rng.uniform(0, 8), size=img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0, 8))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _shape_fill(rng: np.random.Generator, h: int, w: int, color: tuple[int, int, int]) -> np.ndarray:
-    """Fill for a shape: solid palette colour, or a texture varying around it (the name stays true)."""
+    """Fill for a shape: a solid palette colour ``(3,)``, or an ``h x w x 3`` texture around it."""
     base = np.asarray(color, np.float32)
     if rng.random() < 0.5:
         jitter = rng.uniform(-12, 12, size=3).astype(np.float32)
-        return np.broadcast_to(np.clip(base + jitter, 0, 255), (h, w, 3)).astype(np.float32)
+        return np.clip(base + jitter, 0, 255)  # a solid colour: (3,)
     dark = base * rng.uniform(0.6, 0.85)
     light = base + (255 - base) * rng.uniform(0.0, 0.3)
     return _texture_two_colours(rng, h, w, dark, light)
@@ -147,7 +147,7 @@ def _draw_shape(rng: np.random.Generator, shape: str, h: int, w: int) -> tuple[n
     r = float(np.exp(rng.uniform(np.log(0.03), np.log(0.3)))) * long
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     ang = float(rng.uniform(0, 360))
-    pad = int(math.ceil(r * 1.6)) + 2
+    pad = math.ceil(r * 1.6) + 2
     size = 2 * pad + 1
     canvas = np.zeros((size, size), np.uint8)
     c = (pad, pad)
@@ -155,16 +155,16 @@ def _draw_shape(rng: np.random.Generator, shape: str, h: int, w: int) -> tuple[n
     f = 1 << sh
 
     def pt(x: float, y: float) -> tuple[int, int]:
-        return int(round(x * f)), int(round(y * f))
+        return round(x * f), round(y * f)
 
     if shape == "circle":
-        cv2.circle(canvas, pt(*c), int(round(r * f)), 1, -1, cv2.LINE_8, sh)
+        cv2.circle(canvas, pt(*c), round(r * f), 1, -1, cv2.LINE_8, sh)
     elif shape == "ellipse":
         axes = pt(r, r * rng.uniform(0.3, 0.8))
         cv2.ellipse(canvas, pt(*c), axes, ang, 0, 360, 1, -1, cv2.LINE_8, sh)
     elif shape == "ring":
-        cv2.circle(canvas, pt(*c), int(round(r * f)), 1, -1, cv2.LINE_8, sh)
-        cv2.circle(canvas, pt(*c), int(round(r * rng.uniform(0.4, 0.75) * f)), 0, -1, cv2.LINE_8, sh)
+        cv2.circle(canvas, pt(*c), round(r * f), 1, -1, cv2.LINE_8, sh)
+        cv2.circle(canvas, pt(*c), round(r * rng.uniform(0.4, 0.75) * f), 0, -1, cv2.LINE_8, sh)
     else:
         if shape == "rectangle":
             hw = (2 * r, 2 * r * rng.uniform(0.3, 1.0))
@@ -181,7 +181,7 @@ def _draw_shape(rng: np.random.Generator, shape: str, h: int, w: int) -> tuple[n
             pts = np.stack([pad + rad * np.cos(t), pad + rad * np.sin(t)], 1)
         poly = np.round(np.asarray(pts) * f).astype(np.int32)[None]
         cv2.fillPoly(canvas, poly, 1, cv2.LINE_8, sh)
-    y0, x0 = int(round(cy)) - pad, int(round(cx)) - pad
+    y0, x0 = round(cy) - pad, round(cx) - pad
     return canvas.astype(bool), (y0, x0, y0 + size, x0 + size)
 
 
@@ -220,17 +220,16 @@ def generate_scene(
         mask, win = _draw_shape(rng, shape, height, width)
         _paste_window(labels, win, mask, k)
         y0, x0, y1, x1 = win
-        fill = _shape_fill(rng, y1 - y0, x1 - x0, PALETTE[colour])
         # composite the fill through the shape's mask, clipped to the canvas
         cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+        fill = _shape_fill(rng, max(cy1 - cy0, 1), max(cx1 - cx0, 1), PALETTE[colour])
         if cy0 < cy1 and cx0 < cx1:
             m = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-            f = fill[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-            image[cy0:cy1, cx0:cx1][m] = f[m]
+            image[cy0:cy1, cx0:cx1][m] = fill if fill.ndim == 1 else fill[m]
         drawn.append((shape, colour))
     if rng.random() < 0.5:  # soften the aliased edges a little; masks keep the geometric truth
         image = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(0.4, 1.0)))
-    image += rng.normal(0, rng.uniform(0, 5), size=image.shape).astype(np.float32)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(0, 5))
     image_u8 = np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
     counts = np.bincount(labels.ravel(), minlength=n + 1)
@@ -242,8 +241,8 @@ def generate_scene(
     pairs = [drawn[k - 1] for k in keep]
     for i, k in enumerate(keep):
         shape, colour = drawn[k - 1]
-        ys, xs = np.nonzero(masks[i])
-        pos = position_name(float(xs.mean()), float(ys.mean()), width, height)
+        mom = cv2.moments(masks[i].view(np.uint8), binaryImage=True)
+        pos = position_name(mom["m10"] / mom["m00"], mom["m01"] / mom["m00"], width, height)
         attrs.append(
             {
                 "shape": shape,
@@ -303,7 +302,7 @@ class SyntheticScenes(Dataset):
             raise IndexError(f"index {index} out of range for {self.n} items")
         rng = np.random.default_rng(self.seed + index)
         s = self.cfg.image_size
-        short = max(8, int(round(s * rng.uniform(0.6, 1.0))))
+        short = max(8, round(s * rng.uniform(0.6, 1.0)))
         h, w = (s, short) if rng.random() < 0.5 else (short, s)
         return generate_scene(rng, h, w, self.n_shapes, self.cfg.min_area), rng
 
@@ -414,7 +413,7 @@ class CopyPasteScenes(Dataset):
             crop, cmask, name = obj
             target = rng.uniform(*self.object_scale) * max(h, w)
             s = target / max(crop.shape[:2])
-            nh, nw = max(1, int(round(crop.shape[0] * s))), max(1, int(round(crop.shape[1] * s)))
+            nh, nw = max(1, round(crop.shape[0] * s)), max(1, round(crop.shape[1] * s))
             crop = cv2.resize(crop, (nw, nh), interpolation=cv2.INTER_LINEAR)
             cmask = cv2.resize(cmask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT) > 0
             if rng.random() < 0.5:

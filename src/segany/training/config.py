@@ -1,0 +1,233 @@
+"""Training configuration: one flat :class:`TrainConfig` dataclass, loadable from YAML.
+
+Every option of :func:`segany.training.trainer.train` is a field here (the YAML keys are the field
+names; ``segany train`` also accepts each one as ``--field-name VALUE``). Unknown keys are an error so
+typos do not pass silently. See ``configs/tiny_cpu.yaml`` and ``configs/finetune_decoder.yaml``.
+
+Datasets are lists of specs (dicts)::
+
+    {type: synthetic, n: 64, seed: 0, n_shapes: [1, 3]}
+    {type: labelmap, root: shared/data/foo, split: train}
+    {type: sa1b, root: path/to/sa1b_folder}
+    {type: coco, annotations: path/instances.json, images: path/images}   # or {type: coco, root, split}
+    ... each may add  weight: 1.0  (mixing weight when there are several)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segany.errors import SegAnyError
+
+DATASET_TYPES = ("synthetic", "labelmap", "sa1b", "coco")
+BEST_METRICS = ("mean_miou", "click_miou1", "box_miou", "val_loss")
+
+
+@dataclass
+class TrainConfig:
+    """All training options (defaults follow the SAM paper where it gives one)."""
+
+    # -- run ---------------------------------------------------------------------------------------
+    out_dir: str = "runs/train"  #: checkpoints, metrics.jsonl, training.png, exported weights
+    seed: int = 0
+    resume: bool = False  #: continue from ``out_dir/last.pt`` when it exists
+    device: str = "auto"  #: auto (cuda when available) | cpu | cuda | cuda:N
+    max_steps: int = 1000  #: optimizer steps (each step: batch_size images per process)
+    num_threads: int | None = None  #: CPU threads per process (torch.set_num_threads); None: leave as is
+
+    # -- model -------------------------------------------------------------------------------------
+    model: Any = "tiny_test"  #: named config (random init) or a SamConfig dict; ignored with checkpoint
+    checkpoint: str | None = None  #: anything load_model accepts: start from these weights
+    drop_path_rate: float | None = None  #: stochastic depth of the image encoder (None: keep the config's)
+    freeze_image_encoder: bool = False
+    freeze_prompt_encoder: bool = False
+    freeze_mask_decoder: bool = False
+    cache_embeddings: bool = False  #: with freeze_image_encoder: embed un-augmented images once, to disk
+    cache_dir: str | None = None  #: default ``out_dir/embeddings``
+    cache_dtype: str = "float16"  #: float16 | bfloat16 | float32 (on-disk embeddings)
+
+    # -- data --------------------------------------------------------------------------------------
+    train_data: list = field(default_factory=lambda: [{"type": "synthetic", "n": 64}])
+    val_data: list = field(default_factory=list)  #: empty: no validation
+    batch_size: int = 2  #: images per step per process
+    max_masks: int = 16  #: masks per image (SAM: up to 64 per GPU)
+    min_mask_area: int = 16  #: smaller masks (in model-input pixels) are dropped
+    max_mask_coverage: float = 0.9  #: masks covering more of the image are dropped (SAM)
+    augment: Any = True  #: True (defaults), False, or a dict of AugmentConfig fields
+    num_workers: int = 2
+    pin_memory: bool | None = None  #: None: on when training on CUDA
+
+    # -- prompt simulation (SAM paper, section 3 / appendix A) ---------------------------------------
+    num_iterations: int = 11  #: decoder iterations per mask: 1 prompt + points + mask-only ones
+    num_mask_only_iterations: int | None = None  #: None: 2 for >= 4 iterations, fewer for short runs
+    box_prob: float = 0.5  #: probability that the first prompt is a box (else a point)
+    box_noise_std: float = 0.1  #: box-corner noise std, as a fraction of the box side
+    box_noise_max: float = 20.0  #: noise cap per coordinate, in model-input pixels
+
+    # -- loss --------------------------------------------------------------------------------------
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25  #: < 0 disables the alpha balancing
+    focal_gamma: float = 2.0
+    loss_resolution: str = "low_res"  #: low_res (4h x 4w, gt area-downsampled) | full (S x S)
+    iou_loss_on: str = "all"  #: multimask iteration: IoU-MSE on all 3 masks (all) or the best one
+
+    # -- optimisation ------------------------------------------------------------------------------
+    lr: float = 8e-4
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    layer_decay: float = 1.0  #: layer-wise lr decay of the image encoder (1.0: off)
+    warmup_steps: int = 250
+    lr_decay_at: list = field(default_factory=lambda: [0.6667, 0.8889])  #: fractions of max_steps
+    lr_decay_factor: float = 0.1
+    grad_clip: float = 0.0  #: max grad norm (0: off)
+    precision: str = "auto"  #: auto (bf16 on CUDA with bf16 support, else fp32) | bf16 | fp32
+    channels_last: bool = False  #: channels-last memory format for the image encoder input
+
+    # -- logging, checkpoints, validation -----------------------------------------------------------
+    log_every: int = 10
+    ckpt_every: int = 500  #: write out_dir/last.pt every N steps (and at the end)
+    val_every: int = 500  #: validate every N steps (and at the end); 0: only at the end
+    val_at_start: bool = True  #: also validate before the first step (a baseline for the curves)
+    val_max_images: int = 20
+    val_max_objects: int = 8  #: per image
+    val_max_clicks: int = 1  #: click protocol length (mIoU@1 is reported; more clicks cost time)
+    best_metric: str = "mean_miou"  #: mean_miou | click_miou1 | box_miou | val_loss
+    progress: bool = True  #: tqdm bar on rank 0
+    export_half: bool = False  #: best/final .safetensors in fp16
+    ddp_find_unused_parameters: bool = False  #: only needed for custom setups; all params get grads
+
+    # ----------------------------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SegAnyError` naming the first bad option."""
+
+        def bad(key: str, why: str) -> SegAnyError:
+            return SegAnyError(f"training option {key}={getattr(self, key)!r}: {why}")
+
+        for key in ("max_steps", "batch_size", "max_masks", "num_iterations", "log_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise bad(key, "must be an integer >= 1")
+        for key in (
+            "ckpt_every",
+            "val_every",
+            "warmup_steps",
+            "num_workers",
+            "val_max_images",
+            "val_max_objects",
+            "min_mask_area",
+        ):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise bad(key, "must be an integer >= 0")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise bad("num_threads", "must be an integer >= 1 or null")
+        if self.val_max_clicks < 1:
+            raise bad("val_max_clicks", "must be >= 1")
+        if self.num_mask_only_iterations is not None and not (
+            0 <= self.num_mask_only_iterations <= self.num_iterations - 1
+        ):
+            raise bad("num_mask_only_iterations", f"must be in [0, num_iterations - 1 = {self.num_iterations - 1}]")
+        if not 0.0 <= self.box_prob <= 1.0:
+            raise bad("box_prob", "must be in [0, 1]")
+        if self.box_noise_std < 0 or self.box_noise_max < 0:
+            raise SegAnyError("box_noise_std and box_noise_max must be >= 0")
+        if self.loss_resolution not in ("low_res", "full"):
+            raise bad("loss_resolution", "must be 'low_res' or 'full'")
+        if self.iou_loss_on not in ("all", "best"):
+            raise bad("iou_loss_on", "must be 'all' or 'best'")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise bad("precision", "must be auto, bf16 or fp32")
+        if self.cache_dtype not in ("float16", "bfloat16", "float32"):
+            raise bad("cache_dtype", "must be float16, bfloat16 or float32")
+        if self.best_metric not in BEST_METRICS:
+            raise bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise SegAnyError("lr must be > 0, weight_decay and grad_clip >= 0")
+        if not 0 < self.layer_decay <= 1:
+            raise bad("layer_decay", "must be in (0, 1]")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise bad("betas", "must be two numbers")
+        if not isinstance(self.lr_decay_at, (list, tuple)) or not all(0 <= float(f) <= 1 for f in self.lr_decay_at):
+            raise bad("lr_decay_at", "must be a list of fractions of the run in [0, 1]")
+        if not 0 < self.lr_decay_factor <= 1:
+            raise bad("lr_decay_factor", "must be in (0, 1]")
+        if self.cache_embeddings and not self.freeze_image_encoder:
+            raise SegAnyError("cache_embeddings needs freeze_image_encoder: true (a trained encoder changes)")
+        if self.freeze_image_encoder and self.freeze_prompt_encoder and self.freeze_mask_decoder:
+            raise SegAnyError("every part of the model is frozen: nothing to train")
+        if not isinstance(self.augment, (bool, dict)):
+            raise bad("augment", "must be true, false or a dict of augmentation settings")
+        if not isinstance(self.model, (str, dict)):
+            raise bad("model", "must be a config name or a config dict")
+        for key in ("train_data", "val_data"):
+            specs = getattr(self, key)
+            if not isinstance(specs, list):
+                raise bad(key, "must be a list of dataset specs")
+            for spec in specs:
+                if not isinstance(spec, dict) or spec.get("type") not in DATASET_TYPES:
+                    raise SegAnyError(
+                        f"training option {key}: each dataset needs a 'type' among "
+                        f"{', '.join(DATASET_TYPES)}, got {spec!r}"
+                    )
+        if not self.train_data:
+            raise bad("train_data", "needs at least one dataset")
+
+    # -- (de)serialisation ---------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys raise :class:`SegAnyError` (``-`` in keys counts as ``_``)."""
+        if not isinstance(d, dict):
+            raise SegAnyError(f"a training config must be a mapping, got {type(d).__name__}")
+        d = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise SegAnyError(f"unknown training options: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SegAnyError(f"invalid training config: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Load a YAML file (a mapping of option -> value), then apply ``overrides``."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise SegAnyError(f"{p}: no such training config file")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise SegAnyError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise SegAnyError(f"{p}: a training config must be a mapping of option: value")
+        data.update(overrides or {})
+        try:
+            return cls.from_dict(data)
+        except SegAnyError as e:
+            raise SegAnyError(f"{p}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return self.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,307 @@
+"""Prompt simulation and losses of the SAM training recipe, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segany.modeling import build_sam, get_config
+from segany.predictor import SamPredictor
+from segany.training.losses import (
+    LossConfig,
+    dice_loss,
+    downsample_targets,
+    mask_iou,
+    sam_mask_loss,
+    sigmoid_focal_loss,
+)
+from segany.training.prompts import (
+    MASK_ONLY,
+    POINT,
+    PROMPT,
+    error_region_points,
+    initial_prompts,
+    iteration_schedule,
+    jitter_boxes,
+    masks_to_boxes,
+    sample_uniform_points,
+)
+from segany.training.trainer import SamTrainStep, StepOptions, collate_for_training
+
+
+def _disk(s: int, cx: int, cy: int, r: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+# -- prompts -----------------------------------------------------------------------------------------
+
+
+def test_first_point_inside_mask_and_not_ignored():
+    torch.manual_seed(0)
+    s, n = 64, 300
+    gt = _disk(s, 30, 25, 12)
+    ignore = torch.zeros(s, s, dtype=torch.bool)
+    ignore[:, :30] = True  # the left half of the disk is ignored
+    gts = gt.expand(n, s, s).clone()
+    valid = (~ignore).expand(n, s, s).clone()
+    p = initial_prompts(gts, valid, torch.tensor([[s, s]] * n), num_box=0)
+    assert p.num_box == 0 and p.first_point.shape == (n, 2)
+    xs, ys = p.first_point[:, 0].long(), p.first_point[:, 1].long()
+    assert gt[ys, xs].all() and not ignore[ys, xs].any()
+    # uniform over the allowed pixels: many distinct pixels get picked
+    assert len({(int(x), int(y)) for x, y in zip(xs, ys)}) > 100
+    # a mask that is entirely ignored still gets a point on the mask
+    q = initial_prompts(gt[None], torch.zeros(1, s, s, dtype=torch.bool), torch.tensor([[s, s]]), num_box=0)
+    x, y = q.first_point[0].long()
+    assert gt[y, x]
+
+
+def test_sample_uniform_points_empty_and_distribution():
+    torch.manual_seed(1)
+    region = torch.zeros(2, 4, 4, dtype=torch.bool)
+    region[0, 1, 2] = region[0, 3, 0] = True
+    coords, found = sample_uniform_points(region.repeat(2000, 1, 1)[::1])
+    assert found[0::2].all() and not found[1::2].any()
+    assert (coords[1::2] == 0).all()
+    got = coords[0::2].tolist()
+    assert set(map(tuple, got)) == {(2.0, 1.0), (0.0, 3.0)}
+    frac = sum(1 for c in got if c == [2.0, 1.0]) / len(got)
+    assert 0.45 < frac < 0.55
+
+
+def test_error_region_points_labels():
+    torch.manual_seed(2)
+    s, n = 48, 400
+    gt = torch.zeros(s, s, dtype=torch.bool)
+    gt[10:30, 10:30] = True
+    pred = torch.zeros(s, s, dtype=torch.bool)
+    pred[10:30, 20:40] = True  # FN: x 10..19, FP: x 30..39 (rows 10..29)
+    ignore = torch.zeros(s, s, dtype=torch.bool)
+    ignore[10:15] = True
+    valid = ~ignore
+    coords, labels = error_region_points(pred.expand(n, s, s), gt.expand(n, s, s), valid.expand(n, s, s))
+    xs, ys = coords[:, 0].long(), coords[:, 1].long()
+    fn = gt & ~pred
+    fp = pred & ~gt
+    assert (labels >= 0).all()
+    assert fn[ys, xs][labels == 1].all() and fp[ys, xs][labels == 0].all()
+    assert not ignore[ys, xs].any()
+    assert 0.3 < (labels == 1).float().mean() < 0.7  # both regions are the same size
+    # a perfect prediction: a padding point
+    c2, l2 = error_region_points(gt[None], gt[None], valid[None])
+    assert l2.tolist() == [-1] and c2.tolist() == [[0.0, 0.0]]
+
+
+def test_masks_to_boxes():
+    m = torch.zeros(2, 10, 12, dtype=torch.bool)
+    m[0, 2:5, 3:9] = True
+    assert masks_to_boxes(m).tolist() == [[3.0, 2.0, 8.0, 4.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_box_noise_bounded_by_20px_and_scaled_by_side():
+    torch.manual_seed(3)
+    n = 4000
+    big = torch.tensor([[50.0, 60.0, 950.0, 900.0]]).repeat(n, 1)  # sides 900 / 840: std 90 / 84, capped
+    lim = torch.tensor([[1024, 1024]]).repeat(n, 1)
+    out = jitter_boxes(big, lim, 0.1, 20.0)
+    d = out - big
+    assert d.abs().max() <= 20.0 + 1e-4
+    assert d.abs().max() > 19.0  # the cap is actually reached
+    small = torch.tensor([[500.0, 500.0, 550.0, 530.0]]).repeat(n, 1)  # sides 50 / 30: std 5 / 3
+    d = jitter_boxes(small, lim, 0.1, 20.0) - small
+    assert abs(float(d[:, 0].std()) - 5.0) < 0.4 and abs(float(d[:, 1].std()) - 3.0) < 0.3
+    # clipped to the content and ordered
+    edge = torch.tensor([[0.0, 0.0, 5.0, 5.0]]).repeat(n, 1)
+    e = jitter_boxes(edge, torch.tensor([[100, 80]]).repeat(n, 1), 1.0, 20.0)
+    assert (e >= 0).all() and (e[:, 2] <= 79).all() and (e[:, 3] <= 99).all()
+    assert (e[:, 0] <= e[:, 2]).all() and (e[:, 1] <= e[:, 3]).all()
+
+
+def test_initial_boxes_from_masks():
+    torch.manual_seed(4)
+    s = 64
+    gt = torch.zeros(3, s, s, dtype=torch.bool)
+    gt[:, 10:20, 30:50] = True
+    p = initial_prompts(gt, torch.ones_like(gt), torch.tensor([[s, s]] * 3), num_box=2, box_noise_std=0.0)
+    assert p.boxes.tolist() == [[30.0, 10.0, 49.0, 19.0]] * 2
+    assert p.first_point.shape == (1, 2)
+
+
+def test_iteration_schedule_paper_layout():
+    g = torch.Generator().manual_seed(0)
+    positions = set()
+    for _ in range(50):
+        sch = iteration_schedule(11, generator=g)
+        assert len(sch) == 11 and sch[0] == PROMPT and sch[-1] == MASK_ONLY
+        assert sch.count(POINT) == 8 and sch.count(MASK_ONLY) == 2
+        positions.add(sch.index(MASK_ONLY))
+    assert len(positions) > 3  # the inserted mask-only iteration moves around
+    assert iteration_schedule(3) == [PROMPT, POINT, MASK_ONLY]
+    assert iteration_schedule(2) == [PROMPT, POINT]
+    assert iteration_schedule(1) == [PROMPT]
+    assert iteration_schedule(4, 0) == [PROMPT, POINT, POINT, POINT]
+    with pytest.raises(ValueError):
+        iteration_schedule(3, 3)
+
+
+# -- losses ------------------------------------------------------------------------------------------
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_focal_dice_iou_against_hand_computation():
+    logits = torch.tensor([[[2.0, -1.0], [0.5, -3.0]]])  # 1 x 2 x 2
+    gt = torch.tensor([[[True, False], [False, True]]])
+    valid = torch.ones_like(gt)
+    x = logits.numpy()[0].ravel()
+    t = gt.numpy()[0].ravel().astype(float)
+    p = _np_sigmoid(x)
+    ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = 0.25 * t + 0.75 * (1 - t)
+    focal = float(np.mean(a_t * ce * (1 - p_t) ** 2))
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert sigmoid_focal_loss(logits, gt, valid).item() == pytest.approx(focal, rel=1e-5)
+    assert dice_loss(logits, gt, valid).item() == pytest.approx(dice, rel=1e-5)
+    # prediction {(0,0), (1,0)} vs gt {(0,0), (1,1)}: IoU 1/3
+    assert mask_iou(logits, gt, valid).item() == pytest.approx(1 / 3)
+    out = sam_mask_loss(logits[:, None], torch.tensor([[0.5]]), gt, valid)
+    mse = (0.5 - 1 / 3) ** 2
+    assert out["iou_mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(20 * focal + dice + mse, rel=1e-5)
+
+
+def test_loss_picks_best_of_three():
+    s = 16
+    gt = torch.zeros(2, s, s, dtype=torch.bool)
+    gt[:, 4:12, 4:12] = True
+    valid = torch.ones_like(gt)
+    good = torch.where(gt, 8.0, -8.0)
+    bad = -good
+    meh = torch.full_like(good, -1.0)
+    logits = torch.stack([torch.stack([bad[0], meh[0], good[0]]), torch.stack([good[1], bad[1], meh[1]])])
+    iou_pred = torch.tensor([[0.1, 0.2, 0.9], [0.8, 0.0, 0.3]])
+    out = sam_mask_loss(logits, iou_pred, gt, valid)
+    assert out["best"].tolist() == [2, 0]
+    single = sam_mask_loss(good[:1, None], iou_pred[:1, 2:], gt[:1], valid[:1], LossConfig(iou_loss_on="best"))
+    per_out = 20 * sigmoid_focal_loss(logits, gt, valid) + dice_loss(logits, gt, valid)
+    assert out["focal"][0].item() == pytest.approx(single["focal"].item())
+    assert (out["loss"] - out["iou_mse"]).tolist() == pytest.approx(per_out.min(dim=1).values.tolist())
+    # "all": the IoU head is trained on every output
+    actual = mask_iou(logits, gt, valid)
+    assert out["iou_mse"].tolist() == pytest.approx(((iou_pred - actual) ** 2).mean(dim=1).tolist())
+    # gradient flows only into the best output
+    lg = logits.clone().requires_grad_(True)
+    sam_mask_loss(lg, iou_pred, gt, valid)["loss"].sum().backward()
+    assert lg.grad[0, 2].abs().sum() > 0 and lg.grad[0, :2].abs().sum() == 0
+
+
+def test_ignore_pixels_excluded_from_every_term():
+    torch.manual_seed(5)
+    s = 12
+    gt = torch.zeros(3, s, s, dtype=torch.bool)
+    gt[:, 2:7, 3:9] = True
+    valid = torch.ones_like(gt)
+    valid[:, :, 8:] = False  # ignore the right part (including a bit of the object)
+    logits = torch.randn(3, 1, s, s, requires_grad=True)
+    iou_pred = torch.rand(3, 1)
+    a = sam_mask_loss(logits, iou_pred, gt, valid)
+    changed = logits.detach().clone()
+    changed[..., 8:] = torch.randn_like(changed[..., 8:]) * 10
+    gt2 = gt.clone()
+    gt2[:, :, 8:] = ~gt2[:, :, 8:]
+    b = sam_mask_loss(changed, iou_pred, gt2, valid)
+    for k in ("loss", "focal", "dice", "iou_mse", "iou"):
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    a["loss"].sum().backward()
+    assert logits.grad[..., 8:].abs().sum() == 0
+    assert logits.grad[..., :8].abs().sum() > 0
+
+
+def test_downsample_targets_area():
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[0, :4, :3] = True  # the 2x2 cells: (0,0) full, (0,1) half -> not > 0.5
+    valid = torch.ones_like(gt)
+    valid[0, 4:, 4:6] = False
+    g, v = downsample_targets(gt, valid, (4, 4))
+    assert g[0].tolist()[0] == [True, False, False, False] and g[0].tolist()[1] == [True, False, False, False]
+    assert not v[0, 2, 2] and v[0, 2, 1] and v[0, 2, 3]
+
+
+# -- the step sees prompts exactly as the predictor does ------------------------------------------------
+
+
+def test_training_step_matches_predictor():
+    """Iteration 0 of the training step == SamPredictor with the same point / box on the same image.
+
+    Checks the whole alignment: normalisation + padding of the encoder input, coordinates, the token
+    layout of point-first and box-first prompts, and the multimask outputs.
+    """
+    torch.manual_seed(6)
+    model = build_sam(get_config("tiny_test")).eval()
+    s = model.image_size
+    h, w = 96, s  # a padded image: content 96 x 128
+    image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    gt = torch.zeros(4, s, s, dtype=torch.bool)
+    gt[0, 20:50, 30:70] = True
+    gt[1, 60:90, 10:40] = True
+    gt[2, 5:30, 90:120] = True
+    gt[3, 40:80, 80:100] = True
+    padded = np.zeros((s, s, 3), np.uint8)
+    padded[:h, :w] = image
+    item = {
+        "image": torch.from_numpy(padded.transpose(2, 0, 1).copy()),
+        "masks": gt,
+        "mask_valid": torch.ones(4, dtype=torch.bool),
+        "ignore": torch.zeros(s, s, dtype=torch.bool),
+        "valid_hw": torch.tensor([h, w]),
+    }
+    step = SamTrainStep(model, StepOptions(num_iterations=1, box_noise_std=0.0)).eval()
+    captured = {}
+    orig = model.mask_decoder.forward
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        captured["low_res"] = out[0]
+        return out
+
+    model.mask_decoder.forward = spy
+    try:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            step(collate_for_training([item]))
+    finally:
+        model.mask_decoder.forward = orig
+    # replay the step's draws: mask order, number of box rows, then the prompts themselves
+    torch.manual_seed(123)
+    perm = torch.randperm(4)
+    num_box = int((torch.rand(4) < 0.5).sum())
+    gt_p = gt[perm]
+    content = torch.zeros(s, s, dtype=torch.bool)
+    content[:h, :w] = True
+    prompts = initial_prompts(gt_p, content.expand(4, s, s), torch.tensor([[h, w]] * 4), num_box, 0.0, 20.0)
+    pred = SamPredictor(model)
+    pred.set_image(image)
+    kinds = set()
+    for row in range(4):
+        if row < num_box:
+            _, _, lr = pred.predict(box=prompts.boxes[row].numpy(), multimask_output=True)
+            kinds.add("box")
+        else:
+            pt = prompts.first_point[row - num_box].numpy()[None]
+            _, _, lr = pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=True)
+            kinds.add("point")
+        assert np.allclose(lr, captured["low_res"][row].numpy(), atol=1e-4), row
+    assert kinds == {"box", "point"}  # seed 123 draws both kinds
+
+
+def test_loss_is_finite_for_empty_gt():
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    out = sam_mask_loss(torch.randn(1, 3, 8, 8), torch.rand(1, 3), gt, torch.ones_like(gt))
+    assert all(math.isfinite(float(v.float().sum())) for v in out.values())
