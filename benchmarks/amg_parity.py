@@ -92,7 +92,8 @@ def main() -> int:
     pairs, worst = match(ref_records, our_records, "binary_mask")
     print(f"masks: reference {len(ref_records)}, segany {len(our_records)}")
     print(f"min over reference masks of the best IoU with ours: {worst:.5f}")
-    print("largest field differences of matched pairs: " + ", ".join(f"{k} {v:g}" for k, v in field_diffs(pairs).items()))
+    diffs = ", ".join(f"{k} {v:g}" for k, v in field_diffs(pairs).items())
+    print(f"largest field differences of matched pairs: {diffs}")
     areas = sorted(r["area"] for r in ref_records)
     if areas:
         print(f"reference mask areas: min {areas[0]}, median {areas[len(areas) // 2]}, max {areas[-1]} px")

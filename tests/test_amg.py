@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import segany
-from segany.automatic.generator import SamAutomaticMaskGenerator
-from segany.errors import SegAnyError
-from tests.reference import build_reference_vit, import_reference, save_official_checkpoint
+import segany  # noqa: E402
+from segany.automatic.generator import SamAutomaticMaskGenerator  # noqa: E402
+from segany.errors import SegAnyError  # noqa: E402
+from tests.reference import build_reference_vit, import_reference, save_official_checkpoint  # noqa: E402
 
 # A small ViT; the decoder has 64 channels and 4 heads (the head count is not stored in a checkpoint:
 # the loader assumes one head per 16 channels below 256, as this config has).
@@ -170,7 +170,8 @@ def assert_same_records(ref: list[dict], ours: list[dict], mode: str) -> None:
         assert np.allclose(o["point_coords"], r["point_coords"], atol=1e-4)
         assert o["crop_box"] == r["crop_box"]
         assert isinstance(o["area"], int) and all(isinstance(v, int) for v in o["bbox"] + o["crop_box"])
-        if mode == "uncompressed_rle" and np.array_equal(decode(o["segmentation"], mode), decode(r["segmentation"], mode)):
+        same_mask = np.array_equal(decode(o["segmentation"], mode), decode(r["segmentation"], mode))
+        if mode == "uncompressed_rle" and same_mask:
             assert o["segmentation"] == r["segmentation"]
 
 
@@ -234,6 +235,71 @@ def test_parity_explicit_point_grid(models):
     ref, ours = run_both(models, **LOW_THRESHOLDS, points_per_side=None, point_grids=[grid], points_per_batch=40)
     assert len(ref) >= 5
     assert_same_records(ref, ours, "binary_mask")
+
+
+def test_fast_decoder_matches_the_model(models):
+    """The re-associated decoder of the generator gives the model's own logits and IoUs."""
+    from segany.automatic.generator import _PointGridDecoder
+
+    _ref, ours, image, _sa = models
+    pred = segany.SamPredictor(ours)
+    pred.set_image(image)
+    pts = torch.as_tensor(np.random.default_rng(0).uniform(0, 256, (20, 1, 2)), dtype=torch.float)
+    with torch.inference_mode():
+        sparse, dense = ours.prompt_encoder(points=(pts, torch.ones(20, 1, dtype=torch.int)), boxes=None, masks=None)
+        want_low, want_iou = ours.mask_decoder.predict_masks(
+            pred.features, ours.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        assert _PointGridDecoder.supports(ours)
+        dec = _PointGridDecoder(ours, pred.features)
+        iou, mask_tokens, keys = dec.tokens(sparse)
+        low = dec.masks(keys, mask_tokens, [0, 1, 2, 3])
+    assert torch.allclose(iou, want_iou, atol=1e-5)
+    scale = float(want_low.abs().max())
+    assert float((low - want_low).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize(("input_size", "original_size"), [((192, 256), (96, 128)), ((171, 256), (100, 150)),
+                                                          ((256, 256), (64, 64)), ((256, 13), (512, 26))])
+def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_size):
+    from segany.automatic.generator import _low_res_rows, _upsample
+
+    _ref, ours, _image, _sa = models
+    low = torch.randn(5, 64, 64)
+    want = ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
+    rows, cols = (_low_res_rows(n, 64, ours.image_size) for n in input_size)
+    assert rows <= 64 and cols <= 64
+    assert torch.equal(_upsample(low[:, :rows, :cols], ours, input_size, original_size), want)
+    assert torch.equal(_upsample(low, ours, input_size, original_size), want)
+
+
+def test_decode_chunking_does_not_change_results(models, monkeypatch):
+    import segany.automatic.generator as gen
+
+    _ref, ours, image, _sa = models
+    kwargs = {**LOW_THRESHOLDS, "points_per_side": 8}
+    results = []
+    for chunk in (1, 3, 64):
+        monkeypatch.setattr(gen, "DECODE_CHUNK", chunk)
+        results.append(SamAutomaticMaskGenerator(ours, **kwargs, output_mode="coco_rle").generate(image))
+    assert results[0]
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        assert match(results[0], other, "coco_rle")[1] >= 0.99
+
+
+def test_fast_decoder_same_records_as_the_model_decoder(models):
+    _ref, ours, image, _sa = models
+    kwargs = {**LOW_THRESHOLDS, "points_per_side": 12, "crop_n_layers": 1, "output_mode": "coco_rle"}
+    fast = SamAutomaticMaskGenerator(ours, **kwargs)
+    plain = SamAutomaticMaskGenerator(ours, **kwargs)
+    plain.fast_decoder = False
+    got, want = fast.generate(image), plain.generate(image)
+    assert len(got) == len(want) > 3
+    pairs, worst = match(want, got, "coco_rle")
+    assert worst >= 0.99
+    for w, g in pairs:
+        assert g["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-5)
 
 
 # -- our own options -------------------------------------------------------------------------------
@@ -303,7 +369,8 @@ def test_bad_image(tiny_model, image):
 
 def test_records_are_plain_python(models):
     _ref, ours, image, _sa = models
-    records = SamAutomaticMaskGenerator(ours, **LOW_THRESHOLDS, points_per_side=8, output_mode="coco_rle").generate(image)
+    gen = SamAutomaticMaskGenerator(ours, **LOW_THRESHOLDS, points_per_side=8, output_mode="coco_rle")
+    records = gen.generate(image)
     assert records
     for r in records:
         assert type(r["area"]) is int and type(r["predicted_iou"]) is float and type(r["stability_score"]) is float

@@ -47,8 +47,9 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, cfg_dicts: list[dict], result_dir: str) -> None:
     """One DDP rank: the same environment torchrun sets up, then train() each config in turn."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     import torch.distributed as dist
 
     from segany.training.trainer import train
@@ -91,15 +92,27 @@ def test_ddp_two_ranks_identical_weights(tmp_path):
     """Two gloo ranks (spawned like torchrun would): the whole model, then frozen encoder + cache."""
     root = _bright_folder(tmp_path / "data", 6, seed=0)
     full = _cfg(tmp_path, root, out_dir=str(tmp_path / "full"))
-    cached = _cfg(tmp_path, root, out_dir=str(tmp_path / "cached"), freeze_image_encoder=True,
-                  cache_embeddings=True, augment=False, drop_path_rate=None)
+    cached = _cfg(
+        tmp_path,
+        root,
+        out_dir=str(tmp_path / "cached"),
+        freeze_image_encoder=True,
+        cache_embeddings=True,
+        augment=False,
+        drop_path_rate=None,
+    )
     res_dir = tmp_path / "hashes"
     res_dir.mkdir()
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        mp.start_processes(_worker, args=(2, _free_port(), [full.to_dict(), cached.to_dict()], str(res_dir)),
-                           nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(2, _free_port(), [full.to_dict(), cached.to_dict()], str(res_dir)),
+            nprocs=2,
+            join=True,
+            start_method="spawn",
+        )
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)

@@ -97,6 +97,16 @@ def _make_case(kind: str, tmp_dir: Path) -> SimpleNamespace:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are small: one thread is as fast on an idle machine and several times faster on a
+    # busy one (two OpenMP threads on two shared cores spin-wait). Restored for the other modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def vit_case(tmp_path_factory):
     return _make_case("vit", tmp_path_factory.mktemp("vit"))

@@ -305,3 +305,32 @@ def test_loss_is_finite_for_empty_gt():
     gt = torch.zeros(1, 8, 8, dtype=torch.bool)
     out = sam_mask_loss(torch.randn(1, 3, 8, 8), torch.rand(1, 3), gt, torch.ones_like(gt))
     assert all(math.isfinite(float(v.float().sum())) for v in out.values())
+
+
+def test_padding_masks_do_not_count():
+    """Weight-0 padding rows (collate's pad_to_multiple) change nothing, whatever they contain."""
+    torch.manual_seed(7)
+    model = build_sam(get_config("tiny_test"))
+    s = model.image_size
+    gt = torch.zeros(3, s, s, dtype=torch.bool)
+    gt[0, 10:40, 10:40] = True
+    gt[1, 60:100, 50:90] = True
+    item = {
+        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
+        "masks": gt,
+        "mask_valid": torch.tensor([True, True, False]),
+        "ignore": torch.zeros(s, s, dtype=torch.bool),
+        "valid_hw": torch.tensor([s, s]),
+    }
+    batch = collate_for_training([item], pad_to_multiple=8)
+    assert batch["gt_masks"].shape[0] == 8 and batch["mask_weight"].sum() == 2
+    step = SamTrainStep(model, StepOptions(num_iterations=3))
+    torch.manual_seed(0)
+    a = step(batch)
+    junk = dict(batch)
+    junk["gt_masks"] = batch["gt_masks"].clone()
+    junk["gt_masks"][2:, 30:90, 30:90] = True
+    torch.manual_seed(0)
+    b = step(junk)
+    for k in a:
+        assert torch.allclose(a[k], b[k]), k

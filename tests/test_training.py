@@ -124,8 +124,10 @@ def test_param_groups_weight_decay_and_layer_decay():
             p.ndim <= 1
             or "pos_embed" in name
             or "rel_pos" in name
-            or any(k in name for k in ("point_embeddings", "not_a_point_embed", "no_mask_embed", "iou_token",
-                                       "mask_tokens"))
+            or any(
+                k in name
+                for k in ("point_embeddings", "not_a_point_embed", "no_mask_embed", "iou_token", "mask_tokens")
+            )
         )
         assert (name in nd) == exempt, name
     assert "mask_decoder.transformer.layers.0.self_attn.q_proj.weight" not in nd
@@ -187,9 +189,15 @@ def test_collate_packs_valid_masks():
         for i, v in enumerate(valid):
             if v:
                 m[i, i : i + 4, :4] = True
-        return {"image": torch.zeros(3, s, s, dtype=torch.uint8), "masks": m,
-                "mask_valid": torch.tensor(valid), "ignore": torch.zeros(s, s, dtype=torch.bool),
-                "valid_hw": torch.tensor([s, s]), "names": [None] * 3, "source": "x"}
+        return {
+            "image": torch.zeros(3, s, s, dtype=torch.uint8),
+            "masks": m,
+            "mask_valid": torch.tensor(valid),
+            "ignore": torch.zeros(s, s, dtype=torch.bool),
+            "valid_hw": torch.tensor([s, s]),
+            "names": [None] * 3,
+            "source": "x",
+        }
 
     b = collate_for_training([item([True, False, False]), item([True, True, False])])
     assert b["gt_masks"].shape == (3, s, s)
@@ -198,6 +206,9 @@ def test_collate_packs_valid_masks():
     assert torch.equal(b["gt_masks"][2], item([True, True, False])["masks"][1])
     empty = collate_for_training([item([False, False, False])])
     assert empty["gt_masks"].shape == (1, s, s) and empty["mask_weight"].tolist() == [0.0]
+    padded = collate_for_training([item([True, False, False]), item([True, True, False])], pad_to_multiple=4)
+    assert padded["gt_masks"].shape == (4, s, s) and padded["mask_weight"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert torch.equal(padded["gt_masks"][:3], b["gt_masks"]) and not padded["gt_masks"][3].any()
 
 
 def test_infinite_sampler_shards_and_resumes():
@@ -218,8 +229,7 @@ def test_infinite_sampler_shards_and_resumes():
 
 def test_tiny_training_learns(tmp_path):
     """A few dozen steps on bright shapes: the loss falls and validation IoU rises (real numbers)."""
-    cfg = tiny_cfg(tmp_path, max_steps=40, focal_weight=1.0, val_at_start=True, val_every=20,
-                   lr_decay_at=[0.9])
+    cfg = tiny_cfg(tmp_path, max_steps=40, focal_weight=1.0, val_at_start=True, val_every=20, lr_decay_at=[0.9])
     res = train(cfg)
     train_recs = [r for r in res.history if r["kind"] == "train"]
     val_recs = [r for r in res.history if r["kind"] == "val"]
@@ -232,8 +242,15 @@ def test_tiny_training_learns(tmp_path):
     assert after["val_click_miou1"] > before["val_click_miou1"]
     assert after["val_loss"] < before["val_loss"]
     out = Path(cfg.out_dir)
-    for f in ("last.pt", "metrics.jsonl", "training.png", "best.safetensors", "final.safetensors",
-              "summary.json", "config.yaml"):
+    for f in (
+        "last.pt",
+        "metrics.jsonl",
+        "training.png",
+        "best.safetensors",
+        "final.safetensors",
+        "summary.json",
+        "config.yaml",
+    ):
         assert (out / f).is_file(), f
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
     assert {"step", "loss", "focal", "dice", "iou_mse", "lr", "steps_per_s", "images_per_s"} <= set(rec)
@@ -269,8 +286,15 @@ def test_frozen_encoder_with_embedding_cache(tmp_path):
     torch.manual_seed(0)
     start = build_sam(get_config("tiny_test"))
     save_model(start, ckpt)
-    cfg = tiny_cfg(tmp_path, checkpoint=str(ckpt), freeze_image_encoder=True, cache_embeddings=True,
-                   freeze_prompt_encoder=True, max_steps=4, val_data=[])
+    cfg = tiny_cfg(
+        tmp_path,
+        checkpoint=str(ckpt),
+        freeze_image_encoder=True,
+        cache_embeddings=True,
+        freeze_prompt_encoder=True,
+        max_steps=4,
+        val_data=[],
+    )
     res = train(cfg)
     cache = Path(cfg.out_dir) / "embeddings"
     files = sorted(cache.glob("*.safetensors"))
@@ -305,8 +329,22 @@ def test_train_main_flags_override_yaml(tmp_path, capsys):
     assert train_main(["--config", str(p), "--max-steps", "3", "--print-config"]) == 0
     assert "max_steps: 3" in capsys.readouterr().out
     out = tmp_path / "cli_run"
-    assert train_main(["--config", str(p), "--out-dir", str(out), "--num-iterations", "2",
-                       "--loss-resolution", "full"]) == 0
+    assert (
+        train_main(["--config", str(p), "--out-dir", str(out), "--num-iterations", "2", "--loss-resolution", "full"])
+        == 0
+    )
     assert load_model(out / "best.safetensors").image_size == 128
     with pytest.raises(SegAnyError, match="precision"):
         train_main(["--config", str(p), "--precision", "fp8"])
+
+
+def test_validation_sets_are_interleaved_not_sampled(tmp_path):
+    from segany.training.trainer import InterleavedDataset, build_datasets
+
+    a = make_bright_folder(tmp_path / "a", 3, seed=2)
+    b = make_bright_folder(tmp_path / "b", 1, seed=3)
+    cfg = tiny_cfg(tmp_path)
+    specs = [{"type": "labelmap", "root": str(a)}, {"type": "labelmap", "root": str(b)}]
+    val = build_datasets(specs, cfg, 128, None, 0, mix=False)
+    assert isinstance(val, InterleavedDataset) and len(val) == 4
+    assert [val[i]["source"] for i in range(4)] == ["a:im000", "b:im000", "a:im001", "a:im002"]

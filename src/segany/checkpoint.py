@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -88,14 +89,18 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             raise SegAnyError(f"{path}: not a valid .safetensors file ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise SegAnyError(
-                f"{path}: refused: the file is a pickle that carries code or objects other than tensors "
-                f"({msg}). Only plain state dicts are loaded."
-            ) from None
-        raise SegAnyError(f"{path}: cannot read the checkpoint ({msg}); is it truncated or not a model file?") from None
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False, which is exactly what must not be done with a
+        # stranger's file: say what happened in our own words.
+        what = "code or objects other than tensors" if "GLOBAL" in str(e) or "global" in str(e) else "unsafe content"
+        raise SegAnyError(
+            f"{path}: refused: the file is a pickle that carries {what}; only plain state dicts of tensors are loaded"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for truncated/corrupt files
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SegAnyError(
+            f"{path}: cannot read the checkpoint ({first[:200]}); is it truncated or not a model file?"
+        ) from None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]  # training checkpoints wrap the weights
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -153,3 +153,21 @@ def tiny_test() -> SamConfig:
         decoder_mlp_dim=64,
         iou_head_hidden_dim=32,
     )
+
+
+@register_config("segany_default")
+def segany_default() -> SamConfig:
+    """The shipped default model: a small TinyViT at 256 pixels with a narrow decoder.
+
+    Sized to be trained on a 2-core CPU (no accelerator was available for it) and to run fast there:
+    see MODELS.md for its measured speed and quality.
+    """
+    return SamConfig(
+        TinyViTConfig(embed_dims=(32, 64, 128, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 5), window_sizes=(7, 8, 8, 8)),
+        image_size=256,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_num_heads=4,
+        decoder_mlp_dim=512,
+        iou_head_hidden_dim=128,
+    )

@@ -58,6 +58,8 @@ class TrainConfig:
     min_mask_area: int = 16  #: smaller masks (in model-input pixels) are dropped
     max_mask_coverage: float = 0.9  #: masks covering more of the image are dropped (SAM)
     augment: Any = True  #: True (defaults), False, or a dict of AugmentConfig fields
+    #: pad the decoder batch (masks per step) to a multiple of this: None = 16 on CUDA, 1 on CPU
+    mask_batch_multiple: int | None = None
     num_workers: int = 2
     pin_memory: bool | None = None  #: None: on when training on CUDA
 
@@ -106,7 +108,30 @@ class TrainConfig:
     # ----------------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         self.validate()
+
+    def _coerce_numbers(self) -> None:
+        """YAML reads ``1e-3`` (no dot) as a string: accept numeric strings for number options."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type).replace(" | None", "")
+            if kind not in ("float", "int") or v is None or isinstance(v, bool):
+                continue
+            try:
+                if kind == "float" and isinstance(v, (str, int)):
+                    setattr(self, f.name, float(v))
+                elif kind == "int" and isinstance(v, str):
+                    setattr(self, f.name, int(v))
+            except ValueError:
+                raise SegAnyError(f"training option {f.name}={v!r}: must be a number") from None
+        for key in ("betas", "lr_decay_at"):
+            v = getattr(self, key)
+            if isinstance(v, (list, tuple)):
+                try:
+                    setattr(self, key, [float(x) for x in v])
+                except (TypeError, ValueError):
+                    raise SegAnyError(f"training option {key}={v!r}: must be a list of numbers") from None
 
     def validate(self) -> None:
         """Raise :class:`SegAnyError` naming the first bad option."""
@@ -130,6 +155,10 @@ class TrainConfig:
                 raise bad(key, "must be an integer >= 0")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise bad("num_threads", "must be an integer >= 1 or null")
+        if self.mask_batch_multiple is not None and (
+            not isinstance(self.mask_batch_multiple, int) or self.mask_batch_multiple < 1
+        ):
+            raise bad("mask_batch_multiple", "must be an integer >= 1 or null")
         if self.val_max_clicks < 1:
             raise bad("val_max_clicks", "must be >= 1")
         if self.num_mask_only_iterations is not None and not (

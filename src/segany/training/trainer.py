@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -119,10 +120,35 @@ def build_dataset(
     return ds
 
 
+class InterleavedDataset(Dataset):
+    """Every item of several datasets once, round-robin (``a0 b0 a1 b1 ... a5 a6``): validation sets,
+    so that the first ``k`` items already cover every part."""
+
+    def __init__(self, datasets: Sequence[Dataset]):
+        self.datasets = list(datasets)
+        self.order: list[tuple[int, int]] = []
+        sizes = [len(d) for d in self.datasets]  # type: ignore[arg-type]
+        for i in range(max(sizes, default=0)):
+            self.order += [(d, i) for d, n in enumerate(sizes) if i < n]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        d, i = self.order[index]
+        return self.datasets[d][i]
+
+
 def build_datasets(
-    specs: Sequence[dict[str, Any]], cfg: TrainConfig, image_size: int, augment: Any, seed: int
+    specs: Sequence[dict[str, Any]],
+    cfg: TrainConfig,
+    image_size: int,
+    augment: Any,
+    seed: int,
+    mix: bool = True,
 ) -> Dataset:
-    """The dataset of a spec list (a :class:`~segany.training.data.MixedDataset` when several)."""
+    """The dataset of a spec list: with several, a weighted :class:`~segany.training.data.MixedDataset`
+    (``mix``, training) or an :class:`InterleavedDataset` of all their items (validation)."""
     from segany.training.data import MixedDataset
 
     parts = [
@@ -139,6 +165,8 @@ def build_datasets(
     ]
     if len(parts) == 1:
         return parts[0]
+    if not mix:
+        return InterleavedDataset(parts)
     return MixedDataset(parts, [float(s.get("weight", 1.0)) for s in specs], seed=seed)
 
 
@@ -156,13 +184,15 @@ def augment_config(value: Any):
         raise SegAnyError(f"training option augment: {e}") from None
 
 
-def collate_for_training(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate_for_training(items: list[dict[str, Any]], pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Stack a batch and pack its valid masks (runs in the DataLoader workers, so no device sync later).
 
     Returns ``image`` ``B x 3 x S x S`` uint8 (or ``embedding`` ``B x C x h x w``), ``ignore``
     ``B x S x S``, ``valid_hw`` ``B x 2``, and per mask: ``gt_masks`` ``N x S x S`` bool, ``mask_image``
-    ``N`` (its image's index) and ``mask_weight`` ``N`` (1; a batch without any mask gets one empty
-    mask of weight 0 so every process still runs the same graph).
+    ``N`` (its image's index) and ``mask_weight`` ``N`` (1 for real masks). ``N`` is padded with empty
+    masks of weight 0 up to a multiple of ``pad_to_multiple`` (and to at least 1, so a batch without
+    masks still runs the same graph on every process): on a GPU a handful of decoder batch sizes means
+    kernels, attention plans and allocator blocks are reused instead of rebuilt for every new ``N``.
     """
     if not items:
         raise ValueError("empty batch")
@@ -176,16 +206,18 @@ def collate_for_training(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]
     masks = torch.stack([it["masks"] for it in items])  # B x M x S x S
     valid = torch.stack([it["mask_valid"] for it in items])  # B x M
     b, m = valid.shape
-    flat = valid.reshape(-1)
-    idx = flat.nonzero()[:, 0]
-    if len(idx) == 0:
-        out["gt_masks"] = masks.new_zeros((1, *masks.shape[-2:]))
-        out["mask_image"] = torch.zeros(1, dtype=torch.long)
-        out["mask_weight"] = torch.zeros(1)
-    else:
-        out["gt_masks"] = masks.reshape(b * m, *masks.shape[-2:]).index_select(0, idx)
-        out["mask_image"] = torch.div(idx, m, rounding_mode="floor")
-        out["mask_weight"] = torch.ones(len(idx))
+    idx = valid.reshape(-1).nonzero()[:, 0]
+    n = len(idx)
+    k = max(int(pad_to_multiple), 1)
+    total = max(1, -(-n // k) * k)
+    gt = masks.new_zeros((total, *masks.shape[-2:]))
+    if n:
+        gt[:n] = masks.reshape(b * m, *masks.shape[-2:]).index_select(0, idx)
+    image_of = torch.zeros(total, dtype=torch.long)
+    image_of[:n] = torch.div(idx, m, rounding_mode="floor")
+    weight = torch.zeros(total)
+    weight[:n] = 1.0
+    out["gt_masks"], out["mask_image"], out["mask_weight"] = gt, image_of, weight
     return out
 
 
@@ -851,7 +883,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             progress=cfg.progress and info.is_main,
         )
         train_ds = CachedEmbeddingDataset(train_ds, cache_dir, fp)
-    val_ds = build_datasets(cfg.val_data, cfg, image_size, None, cfg.seed + 1) if cfg.val_data else None
+    val_ds = build_datasets(cfg.val_data, cfg, image_size, None, cfg.seed + 1, mix=False) if cfg.val_data else None
     val_samples = dataset_samples(val_ds, cfg.val_max_images) if (val_ds is not None and info.is_main) else []
 
     # -- optimisation --
@@ -896,12 +928,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
         len(train_ds), info.world_size, info.rank, cfg.seed, shuffle=True, start=start_step * cfg.batch_size
     )
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    mask_multiple = cfg.mask_batch_multiple or (16 if device.type == "cuda" else 1)
     loader = DataLoader(
         EpochIndexedDataset(train_ds),
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
-        collate_fn=collate_for_training,
+        collate_fn=functools.partial(collate_for_training, pad_to_multiple=mask_multiple),
         pin_memory=pin,
         persistent_workers=cfg.num_workers > 0,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
@@ -953,6 +986,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     acc: dict[str, torch.Tensor] = {}
     acc_n = 0
+    data_wait = 0.0  # host seconds spent waiting for the DataLoader since the last log
     t_log = time.perf_counter()
     step = start_step
     data_iter = iter(loader)
@@ -960,7 +994,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     last_train: dict[str, Any] | None = None
     try:
         while step < cfg.max_steps:
+            t_wait = time.perf_counter()
             batch = _to_device(next(data_iter), device)
+            data_wait += time.perf_counter() - t_wait
             torch.manual_seed(step_seed(cfg.seed, info.rank, step))
             out = ddp_module(batch)
             lr_now = max(g["lr"] for g in optimizer.param_groups)  # the lr this step uses
@@ -986,6 +1022,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 rec["lr"] = lr_now
                 rec["steps_per_s"] = acc_n / max(now - t_log, 1e-9)
                 rec["images_per_s"] = rec["steps_per_s"] * global_batch
+                rec["data_wait_frac"] = data_wait / max(now - t_log, 1e-9)  # ~1: the loader is the bottleneck
                 if device.type == "cuda":
                     rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 last_train = rec
@@ -993,11 +1030,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     log.append(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", iou=f"{rec['iou_last']:.3f}")
-                acc, acc_n, t_log = {}, 0, time.perf_counter()
+                acc, acc_n, data_wait, t_log = {}, 0, 0.0, time.perf_counter()
             do_val = val_ds is not None and cfg.val_every > 0 and step % cfg.val_every == 0
             if do_val and step < cfg.max_steps:
                 run_validation(step)
-                t_log = time.perf_counter()
+                data_wait, t_log = 0.0, time.perf_counter()
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
                 checkpoint(step)
     finally:
@@ -1045,21 +1082,30 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 
 def _parse_value(text: str) -> Any:
+    """A flag value as YAML (``true``, ``[0.5, 0.9]``, ``{type: synthetic}``); ``1e-3`` is a number."""
     import yaml
 
+    try:
+        return float(text) if "e" in text.lower() and float(text) == float(text) else yaml.safe_load(text)
+    except ValueError:
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="segany train",
-        description="Train or fine-tune a SAM model (paper recipe). Options come from --config FILE.yaml; "
-        "every option can also be given as a flag, which wins over the file. Values are YAML "
-        "(e.g. --freeze-image-encoder true, --lr-decay-at '[0.6, 0.9]').",
-    )
+TRAIN_DESCRIPTION = (
+    "Train or fine-tune a SAM model (paper recipe). Options come from --config FILE.yaml; "
+    "every option can also be given as a flag, which wins over the file. Values are YAML "
+    "(e.g. --freeze-image-encoder true, --lr-decay-at '[0.6, 0.9]')."
+)
+
+
+def build_arg_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The options of ``segany train``, added to ``p`` (a new parser when None)."""
+    if p is None:
+        p = argparse.ArgumentParser(prog="segany train", description=TRAIN_DESCRIPTION)
     p.add_argument("--config", help="YAML file of training options")
     p.add_argument("--print-config", action="store_true", help="print the resolved options and exit")
     for f in dataclasses.fields(TrainConfig):
@@ -1074,8 +1120,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
-    args = build_arg_parser().parse_args(argv)
+def config_from_args(argv: Sequence[str] | argparse.Namespace | None) -> tuple[TrainConfig, bool]:
+    """Resolve the options of a command line (or of an already parsed namespace)."""
+    args = argv if isinstance(argv, argparse.Namespace) else build_arg_parser().parse_args(argv)
     overrides = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
     }
@@ -1086,7 +1133,7 @@ def config_from_args(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
     return cfg, bool(args.print_config)
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
+def train_main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     """``segany train``: parse ``argv`` (see :func:`build_arg_parser`), train, return 0.
 
     Raises :class:`SegAnyError` for bad options / data (the CLI prints it as one line).

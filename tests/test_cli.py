@@ -1,0 +1,132 @@
+"""The `segany segment / models / convert` commands, good paths and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segany.cli import main
+from segany.io.rle import decode_rle
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_mask_overlay_and_json(capsys, tmp_path, image_file, tiny_checkpoint):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        capsys, "segment", image_file, "--point", "40,30", "--negative", "100,70", "--model", tiny_checkpoint, "-o", out
+    )
+    assert code == 0, err
+    mask = np.array(Image.open(out / "mask.png"))
+    assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 255}
+    overlay = np.array(Image.open(out / "overlay.png"))
+    assert overlay.shape == (96, 128, 3)
+    result = json.loads((out / "result.json").read_text())
+    rec = result["masks"][0]
+    np.testing.assert_array_equal(decode_rle(rec["segmentation"]), mask > 0)
+    assert rec["area"] == int((mask > 0).sum())
+    assert result["prompts"]["negative_points"] == [[100.0, 70.0]]
+    assert "1 mask(s)" in stdout
+
+
+def test_segment_multimask_and_box(capsys, tmp_path, image_file, tiny_checkpoint):
+    out = tmp_path / "o"
+    code, _, err = run_cli(
+        capsys, "segment", image_file, "--box", "10,10,60,50", "--multimask", "--model", tiny_checkpoint, "-o", out
+    )
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["masks"]) == 3
+    scores = [m["predicted_iou"] for m in result["masks"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all((out / f"mask_{i}.png").is_file() for i in range(3))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--point", "500,10"], "outside the image"),
+        (["--point=-1,10"], "outside the image"),
+        (["--point", "10"], "expected X,Y"),
+        (["--point", "a,b"], "expected X,Y"),
+        (["--point", "nan,3"], "finite"),
+        (["--box", "50,50,10,60"], "empty"),
+        (["--box", "10,10,10,60"], "empty"),
+        (["--box", "1,2,3"], "four numbers"),
+        (["--box", "500,500,600,600"], "outside the image"),
+        ([], "at least one prompt"),
+    ],
+)
+def test_segment_bad_prompts(capsys, tmp_path, image_file, tiny_checkpoint, args, message):
+    code, _, err = run_cli(capsys, "segment", image_file, *args, "--model", tiny_checkpoint, "-o", tmp_path / "o")
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_segment_bad_images_and_models(capsys, tmp_path, image_file, tiny_checkpoint):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(image_file.read_bytes()[:200])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    not_a_model = tmp_path / "model.pth"
+    not_a_model.write_bytes(b"\x80\x02}q\x00.")  # a pickled empty dict
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(3)}, str(wrong))
+    cases = [
+        (tmp_path / "missing.jpg", tiny_checkpoint, "no such file"),
+        (corrupt, tiny_checkpoint, "truncated or corrupt"),
+        (empty, tiny_checkpoint, "empty"),
+        (text, tiny_checkpoint, "not an image"),
+        (image_file, "no_such_model", "unknown model"),
+        (image_file, not_a_model, "cannot read the checkpoint"),
+        (image_file, wrong, "not a SAM checkpoint"),
+    ]
+    for img, model, message in cases:
+        code, _, err = run_cli(capsys, "segment", img, "--point", "5,5", "--model", model, "-o", tmp_path / "o")
+        assert code == 2, (img, model, err)
+        assert message in err, (message, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_models_and_convert(capsys, tmp_path, tiny_checkpoint, tiny_model):
+    import torch
+
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "vit_b" in out and "sam_vit_b_01ec64.pth" in out
+    pth = tmp_path / "official.pth"
+    torch.save(tiny_model.state_dict(), pth)
+    dst = tmp_path / "converted.safetensors"
+    code, out, err = run_cli(capsys, "convert", pth, dst, "--half")
+    assert code == 0, err
+    from segany import load_model
+
+    back = load_model(dst)
+    for k, v in tiny_model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v.half().float())
+    code, _, err = run_cli(capsys, "convert", pth, tmp_path / "x.bin")
+    assert code == 2 and ".safetensors" in err
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    """The installed entry point: a bad call exits 2 with one line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "segany.cli", "segment", str(tmp_path / "nope.jpg"), "--point", "1,1", "-o", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("segany segment: error:") and "Traceback" not in proc.stderr
