@@ -9,5 +9,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,train,serve,onnx]"
+.venv/bin/python -m pip install -q -e ".[dev,train,serve,onnx,ray]"
+# Tests of the web tool: fastapi's TestClient needs httpx; the browser test drives Debian's Chromium with
+# Playwright (its own browser download is never used).
+.venv/bin/python -m pip install -q "httpx>=0.27" "playwright>=1.45"
+# The web page's in-browser decoder: onnxruntime-web from npm, next to the page (git-ignored, ~140 MB of
+# wasm builds); the server serves it at /vendor/ort/. Without npm the page still works, without hover.
+if command -v npm >/dev/null 2>&1; then
+  npm install --prefix src/segany/serve/static --no-audit --no-fund --no-package-lock --omit=dev --silent \
+    || echo "npm install failed: the web page's in-browser decoder (onnxruntime-web) is not installed" >&2
+else
+  echo "npm not found: the web page's in-browser decoder (onnxruntime-web) is not installed" >&2
+fi
 echo "segany installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

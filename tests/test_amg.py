@@ -77,6 +77,7 @@ def make_masks_visible(
     logit_scale: float = 10.0,
     background: float = 0.3,
     iou_shift: float = 0.9,
+    sparsity: float = 0.0,
 ) -> torch.nn.Module:
     """Edit a random SAM's mask decoder in place so that "segment everything" finds masks in ``image``.
 
@@ -88,6 +89,9 @@ def make_masks_visible(
     3. Channel 0 is made a constant and the hypernetworks give it the weight ``-background``: the
        background logit is clearly negative. Mask logits are scaled by ``logit_scale``.
     4. The IoU head's output bias is raised by ``iou_shift`` (random heads predict about -0.4).
+    5. ``sparsity`` lowers the hypernetworks' outputs (each mask's channel weights) for the other
+       channels: fewer channels count per mask, so masks are smaller and more varied (useful with many
+       channels, e.g. ViT-B's 32).
 
     ``predictor_cls`` is the predictor class of ``sam``'s package (used once, to read the activations).
     """
@@ -118,6 +122,7 @@ def make_masks_visible(
         last.bias.mul_(logit_scale)
         last.weight[0] = 0.0
         last.bias[0] = -background * logit_scale
+        last.bias[1:] -= sparsity * logit_scale
     return sam
 
 

@@ -31,7 +31,9 @@ from torch import nn
 
 from segany.errors import SegAnyError
 from segany.modeling.common import LayerNorm2d
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.sam import Sam
+from segany.modeling.transformer import TwoWayTransformer
 from segany.predictor import SamPredictor
 from segany.utils.masks import (
     batch_iterator,
@@ -148,10 +150,13 @@ class _PointGridDecoder:
       head/token vectors: scores ``q . (W k + b) = (W^T q) . k + q . b``, and weighted sums
       ``sum_n a_n (W v_n + b) = W (sum_n a_n v_n) + b`` (the weights sum to one). With SAM's sizes that
       is ``heads x tokens = 56`` multiply-adds per image-token channel instead of 128 per projection.
+    * Prompts go through a couple at a time (:data:`DECODE_CHUNK`), so that their image tokens stay in
+      the CPU caches from the transformer to the upscaling.
     * The IoU head runs before the upscaling: prompts none of whose masks pass ``iou_thresh`` are not
       upscaled at all.
     * The upscaling runs channels-last (each stride-2 transposed convolution is one matmul, the layer
-      norm is the fused kernel) and pixels are put back in place only for the output masks.
+      norm is the fused kernel), only over the image tokens that the post-processing reads (not the
+      input padding), and pixels are put back in place only for the output masks.
     """
 
     def __init__(self, model: Sam, features: torch.Tensor) -> None:
@@ -173,8 +178,10 @@ class _PointGridDecoder:
     def supports(model: Sam) -> bool:
         """True for the standard SAM decoder (the layout this class re-associates)."""
         md = model.mask_decoder
-        up = getattr(md, "output_upscaling", None)
-        if not isinstance(up, nn.Sequential) or len(up) != 5 or not len(getattr(md.transformer, "layers", [])):
+        if not isinstance(md, MaskDecoder) or not isinstance(md.transformer, TwoWayTransformer):
+            return False
+        up = md.output_upscaling
+        if not isinstance(up, nn.Sequential) or len(up) != 5 or not len(md.transformer.layers):
             return False
         convs_ok = all(
             isinstance(up[i], nn.ConvTranspose2d) and up[i].kernel_size == (2, 2) and up[i].stride == (2, 2)

@@ -1,0 +1,176 @@
+"""OnnxSamPredictor: the :class:`segany.predictor.SamPredictor` API on two exported ONNX models.
+
+Runs with onnxruntime only (no torch model in memory): ``export_encoder`` gives the image encoder,
+``export_decoder`` the prompt side. The input size and normalization are read from the files' metadata.
+Prompts are validated exactly as in ``SamPredictor`` (the same helper), and mapped with the same
+``ResizeLongestSide``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from segany.errors import SegAnyError
+from segany.export.onnx import DECODER_INPUTS, ENCODER_INPUT, read_metadata
+from segany.predictor import _as_array
+from segany.transforms import ResizeLongestSide, get_preprocess_shape
+
+
+def _session(path: str | os.PathLike, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SegAnyError("the ONNX predictor needs onnxruntime: pip install 'segany[onnx]'") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+        raise SegAnyError(f"{path}: cannot load the ONNX model ({e})") from None
+
+
+class OnnxSamPredictor:
+    """``set_image`` once, ``predict`` many times, with onnxruntime.
+
+    Args:
+        encoder_path: an ``export_encoder`` file (input ``image``, preprocessed ``1 x 3 x S x S``).
+        decoder_path: an ``export_decoder`` file (the official decoder interface).
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    def __init__(self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, threads: int | None = None):
+        meta = read_metadata(encoder_path)
+        if "segany_image_size" not in meta:
+            raise SegAnyError(f"{encoder_path}: no segany metadata; export it with `segany export-onnx --encoder`")
+        self.image_size = int(meta["segany_image_size"])
+        self.pixel_mean = np.array(json.loads(meta["segany_pixel_mean"]), dtype=np.float32).reshape(1, 1, 3)
+        self.pixel_std = np.array(json.loads(meta["segany_pixel_std"]), dtype=np.float32).reshape(1, 1, 3)
+        self.mask_threshold = float(meta.get("segany_mask_threshold", 0.0))
+        self.single_mask_decoder = read_metadata(decoder_path).get("segany_return_single_mask") == "1"
+        self.encoder = _session(encoder_path, threads)
+        self.decoder = _session(decoder_path, threads)
+        names = [i.name for i in self.decoder.get_inputs()]
+        if names != DECODER_INPUTS:
+            raise SegAnyError(f"{decoder_path}: inputs {names}, expected the SAM decoder's {DECODER_INPUTS}")
+        self.low_res_side = int(self.decoder.get_inputs()[3].shape[-1])
+        self.transform = ResizeLongestSide(self.image_size)
+        self.reset_image()
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features: np.ndarray | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """``H x W x 3`` uint8 RGB -> ``1 x 3 x S x S`` float32 (resized, normalized, zero-padded), as
+        ``Sam.preprocess`` after ``ResizeLongestSide.apply_image``."""
+        resized = self.transform.apply_image(np.ascontiguousarray(image)).astype(np.float32)
+        x = (resized - self.pixel_mean) / self.pixel_std
+        out = np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32)
+        out[0, :, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
+        return out
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute the embedding of an ``H x W x 3`` uint8 image (``image_format`` "RGB" or "BGR")."""
+        if image_format not in ("RGB", "BGR"):
+            raise SegAnyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise SegAnyError(f"image must be an H x W x 3 uint8 array, got {getattr(image, 'shape', None)}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise SegAnyError(f"image has no pixels: shape {image.shape}")
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        features = self.encoder.run(None, {ENCODER_INPUT: self.preprocess(image)})[0]
+        self.set_embedding(features, image.shape[:2])
+
+    def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Reuse a ``1 x C x h x w`` float32 embedding computed elsewhere (e.g. by the torch encoder)."""
+        self.reset_image()
+        self.features = np.ascontiguousarray(embedding, dtype=np.float32)
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = get_preprocess_shape(*self.original_size, self.image_size)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        """The ``1 x C x h x w`` embedding of the current image."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return self.features
+
+    def decoder_inputs(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The decoder's feed for one prompt set (pixel coordinates of the original image)."""
+        coords = np.zeros((0, 2))
+        labels = np.zeros((0,))
+        if point_coords is not None:
+            if point_labels is None:
+                raise SegAnyError("point_labels must be supplied with point_coords")
+            coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
+            labels = _as_array("point_labels", point_labels, "N", 1, None)
+            if len(labels) != len(coords):
+                raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
+            if not np.isin(labels, (0, 1, 2, 3, -1)).all():
+                raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
+        elif point_labels is not None:
+            raise SegAnyError("point_labels given without point_coords")
+        if box is not None:
+            b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
+            coords = np.concatenate([coords, b.reshape(2, 2)])
+            labels = np.concatenate([labels, [2, 3]])
+        else:
+            # No box: one padding point, as SAM was trained (and as the torch prompt encoder does).
+            coords = np.concatenate([coords, [[0.0, 0.0]]])
+            labels = np.concatenate([labels, [-1]])
+        coords = self.transform.apply_coords(coords, self.original_size)  # (0, 0) padding stays at the origin
+        side = self.low_res_side
+        if mask_input is not None:
+            m = _as_array("mask_input", mask_input, f"1 x {side} x {side}", 3, None)
+            if m.shape != (1, side, side):
+                raise SegAnyError(f"mask_input must have shape 1 x {side} x {side}, got {m.shape}")
+            mask, has_mask = m[None].astype(np.float32), np.ones(1, np.float32)
+        else:
+            mask, has_mask = np.zeros((1, 1, side, side), np.float32), np.zeros(1, np.float32)
+        return {
+            "image_embeddings": self.features,
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": labels[None].astype(np.float32),
+            "mask_input": mask,
+            "has_mask_input": has_mask,
+            "orig_im_size": np.array(self.original_size, dtype=np.float32),
+        }
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt set, as ``SamPredictor.predict``.
+
+        Returns:
+            masks ``C x H x W`` (bool, or float logits), iou_predictions ``C``, low_res_logits
+            ``C x 4h x 4w``; C = 3 with ``multimask_output`` else 1 (always 1 for a single-mask export).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        feed = self.decoder_inputs(point_coords, point_labels, box, mask_input)
+        masks, iou, low_res = self.decoder.run(None, feed)
+        if not self.single_mask_decoder:
+            sl = slice(1, None) if multimask_output else slice(0, 1)
+            masks, iou, low_res = masks[:, sl], iou[:, sl], low_res[:, sl]
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        return masks[0], iou[0], low_res[0]

@@ -1,0 +1,137 @@
+"""A least-recently-used map bounded by bytes, and the per-image entry the server keeps in it.
+
+The server computes an image's embedding once and answers every later prompt from here; the bound is on
+the bytes held (embedding + encoded image; refinement logits in their own bounded store), not on a
+count, so the server's memory stays flat however many images come in.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+V = TypeVar("V")
+
+
+class ByteLRU(Generic[V]):
+    """Thread-safe LRU map whose values declare their size; inserting evicts the oldest until it fits.
+
+    An item larger than the whole budget is still kept (alone): refusing it would make that image
+    unusable, and the budget is then exceeded by one item at most.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def get(self, key: str) -> V | None:
+        """The value (now the most recently used), or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: V, nbytes: int) -> list[str]:
+        """Insert or replace ``key``; returns the keys evicted to make room."""
+        evicted = []
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            while self._items and self._bytes + nbytes > self.max_bytes:
+                k, (_v, n) = self._items.popitem(last=False)
+                self._bytes -= n
+                evicted.append(k)
+            self._items[key] = (value, int(nbytes))
+            self._bytes += int(nbytes)
+            self.evictions += len(evicted)
+        return evicted
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def keys(self) -> list[str]:
+        """Keys from the least to the most recently used."""
+        with self._lock:
+            return list(self._items)
+
+
+@dataclass
+class ImageEntry:
+    """One uploaded image: its bytes (for saving annotations), size, and embedding.
+
+    Attributes:
+        data: the uploaded file, unchanged. ext: its format's file suffix (".jpg", ".png", ...).
+        height, width: of the decoded, upright image. input_size: ``(h, w)`` after ResizeLongestSide.
+        embedding: ``1 x C x e x e`` float32 (CPU).
+    """
+
+    image_id: str
+    data: bytes
+    ext: str
+    height: int
+    width: int
+    input_size: tuple[int, int]
+    embedding: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes to count in the cache."""
+        return len(self.data) + self.embedding.numel() * self.embedding.element_size()
+
+
+class LogitsStore:
+    """Low-res logits of earlier predictions, by handle, for refinement ("mask_input").
+
+    One byte-bounded LRU for all images (not a quota per image), so many clients prompting the same
+    image each keep their recent handles. Stored as float16: they only feed the mask downscaler, and
+    half the bytes means twice the handles.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._lru: ByteLRU[tuple[str, np.ndarray]] = ByteLRU(max_bytes)
+
+    def add(self, image_id: str, logits: np.ndarray) -> str:
+        """Keep one ``4e x 4e`` logits map of ``image_id``; returns its handle."""
+        handle = secrets.token_hex(8)
+        arr = np.ascontiguousarray(logits, dtype=np.float16)
+        self._lru.put(handle, (image_id, arr), arr.nbytes + 64)
+        return handle
+
+    def get(self, image_id: str, handle: str) -> np.ndarray | None:
+        """The ``4e x 4e`` float32 logits, or None when unknown, expired or of another image."""
+        item = self._lru.get(handle)
+        if item is None or item[0] != image_id:
+            return None
+        return item[1].astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._lru.max_bytes

@@ -1,0 +1,145 @@
+"""The server's model side: embeddings, prompts, "everything", and the ONNX decoder, on one worker thread.
+
+Request handlers run in a thread pool, so several clients are served at once; the torch work itself is
+handed to a single inference thread (:meth:`Engine.run`). On a CPU two inferences at once only split
+the same cores, and keeping every torch allocation in one thread keeps the memory flat: with torch
+called from the many pool threads, glibc gives each its own arena and the server's RSS grew by hundreds
+of MB under load. Everything around it (decoding uploads, RLE / PNG encoding, JSON) runs in the request
+threads, in parallel.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from segany.automatic import SamAutomaticMaskGenerator
+from segany.io.png import encode_png
+from segany.io.rle import encode_rle, rle_area, rle_to_bbox
+from segany.modeling.sam import Sam
+from segany.predictor import SamPredictor
+from segany.serve.cache import ImageEntry
+
+T = TypeVar("T")
+
+
+class Engine:
+    """One loaded model and the operations the server needs from it.
+
+    Args:
+        model: a :class:`Sam` (eval mode, CPU or GPU).
+        name: shown by ``/api/info``.
+    """
+
+    def __init__(self, model: Sam, name: str = "model") -> None:
+        self.model = model.eval()
+        self.name = name
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-inference")
+        self._decoder: bytes | None = None
+        self._decoder_lock = threading.Lock()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the inference thread and wait for its result (exceptions are re-raised here)."""
+        return self._worker.submit(fn).result()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    @property
+    def low_res_side(self) -> int:
+        return int(self.model.prompt_encoder.mask_input_size[0])
+
+    def info(self) -> dict[str, Any]:
+        e = self.image_size // 16
+        return {
+            "model": self.name,
+            "image_size": self.image_size,
+            "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), e, e],
+            "low_res_side": self.low_res_side,
+            "mask_threshold": float(self.model.mask_threshold),
+        }
+
+    def embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``H x W x 3`` uint8 -> (``1 x C x e x e`` float32 CPU embedding, resized ``(h, w)``)."""
+        def work() -> tuple[torch.Tensor, tuple[int, int]]:
+            predictor = SamPredictor(self.model)
+            predictor.set_image(image)
+            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size
+
+        return self.run(work)
+
+    def _predictor(self, entry: ImageEntry) -> SamPredictor:
+        predictor = SamPredictor(self.model)
+        predictor.set_embedding(entry.embedding, (entry.height, entry.width), entry.input_size)
+        return predictor
+
+    def predict(
+        self,
+        entry: ImageEntry,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+        multimask: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``SamPredictor.predict`` on the cached embedding: masks ``C x H x W`` bool, scores ``C``,
+        low-res logits ``C x 4e x 4e``. Raises SegAnyError for bad prompts."""
+        return self.run(
+            lambda: self._predictor(entry).predict(points, labels, box, mask_input, multimask_output=multimask)
+        )
+
+    def everything(self, entry: ImageEntry, image: np.ndarray, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """``SamAutomaticMaskGenerator(**options).generate(image)`` with COCO RLE records.
+
+        The whole-image crop reuses the cached embedding instead of running the encoder again.
+        """
+        gen = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **options)
+        predictor = gen.predictor
+        full_set_image = predictor.set_image
+
+        def set_image(img: np.ndarray, image_format: str = "RGB") -> None:
+            # Only the crop that is the whole image can use the cached embedding; zoomed crops cannot.
+            if img.shape[:2] == (entry.height, entry.width):
+                predictor.set_embedding(entry.embedding, (entry.height, entry.width), entry.input_size)
+            else:
+                full_set_image(img, image_format)
+
+        predictor.set_image = set_image  # type: ignore[method-assign]
+        return self.run(lambda: gen.generate(image))
+
+    def decoder_onnx(self) -> bytes:
+        """The ONNX decoder of this model (all 4 outputs), exported on first use and kept in memory."""
+        with self._decoder_lock:
+            if self._decoder is None:
+                from segany.export.onnx import export_decoder
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = self.run(lambda: export_decoder(self.model, Path(tmp) / "decoder.onnx"))
+                    self._decoder = path.read_bytes()
+            return self._decoder
+
+
+def mask_record(mask: np.ndarray, score: float, fmt: str) -> dict[str, Any]:
+    """One ``H x W`` bool mask -> ``{"segmentation", "score", "area", "bbox"}`` (bbox XYWH).
+
+    ``fmt`` "rle": COCO compressed RLE; "png": ``{"png_base64": ...}`` of a 0/255 gray PNG.
+    """
+    rle = encode_rle(mask)
+    if fmt == "png":
+        png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
+        seg: dict[str, Any] = {"png_base64": base64.b64encode(png).decode("ascii")}
+    else:
+        seg = rle
+    return {"segmentation": seg, "score": float(score), "area": rle_area(rle), "bbox": rle_to_bbox(rle)}
