@@ -34,8 +34,18 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_matches_in_process(tmp_path, tiny_checkpoint, local_ray, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray's workers run: the same float sums
+@pytest.fixture()
+def one_thread():
+    """Run the in-process model on one thread, as Ray's one-CPU actors do: the same float sums."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_matches_in_process(tmp_path, tiny_checkpoint, local_ray, one_thread):
     make_images(tmp_path / "images", 4)
     images = collect_images([str(tmp_path / "images")], tmp_path / "out")
     settings = AnnotateSettings(dict(GENERATOR))

@@ -176,4 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m segany.cli` runs this file as __main__, a second copy of the module: the other
+    # modules register their commands with `segany.cli`, so dispatch through that one.
+    from segany.cli import main as _main
+
+    sys.exit(_main())

@@ -475,7 +475,8 @@ class SamAutomaticMaskGenerator:
             data = self._postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
-        areas = [int(a) for a in mask_utils.area(data["rles"])] if data["rles"] else []
+        # One RLE at a time: pycocotools' list form of area() overflows past 255 masks with NumPy 2.
+        areas = [int(mask_utils.area(r)) for r in data["rles"]]
         if self.max_mask_region_fraction is not None and areas:
             keep = torch.tensor([a <= self.max_mask_region_fraction * h * w for a in areas])
             data = _filter(data, keep)
