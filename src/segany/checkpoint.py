@@ -222,6 +222,20 @@ def _load_weights(model: Sam, sd: Mapping[str, torch.Tensor], source: str) -> No
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
+def _parse_config(text: str, where: str) -> SamConfig:
+    """A SamConfig from JSON text, with errors naming ``where``."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise SegAnyError(f"{where}: the model config is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SegAnyError(f"{where}: the model config must be a JSON object")
+    try:
+        return SamConfig.from_dict(data)
+    except SegAnyError as e:
+        raise SegAnyError(f"{where}: {e}") from None
+
+
 def load_model(
     name_or_path: str | os.PathLike = "default",
     device: str | torch.device = "cpu",
@@ -237,13 +251,13 @@ def load_model(
     path = resolve_model_path(name_or_path)
     sd, meta = _read_state_dict(path)
     if config is None:
+        sidecar = path.with_suffix(".json")
         if CONFIG_METADATA_KEY in meta:
-            config = SamConfig.from_dict(json.loads(meta[CONFIG_METADATA_KEY]))
+            config = _parse_config(meta[CONFIG_METADATA_KEY], f"{path} (metadata {CONFIG_METADATA_KEY!r})")
+        elif sidecar.is_file():
+            config = _parse_config(sidecar.read_text(encoding="utf-8", errors="replace"), str(sidecar))
         else:
-            sidecar = path.with_suffix(".json")
-            config = (
-                SamConfig.from_dict(json.loads(sidecar.read_text())) if sidecar.is_file() else infer_config(sd)
-            )
+            config = infer_config(sd)
     model = build_sam(config)
     _load_weights(model, sd, str(path))
     try:

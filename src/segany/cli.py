@@ -147,9 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value may start with "-" (a negative coordinate).
+_COORD_FLAGS = ("--point", "--negative", "--box")
+
+
+def _glue_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--point -1,5`` -> ``--point=-1,5``: argparse would take "-1,5" for an option and answer with a
+    usage screen; glued, the value is checked (and refused) like any other, in one line."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _COORD_FLAGS and i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2] in "0123456789.":
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
         parser.print_help()
         return 2

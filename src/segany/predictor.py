@@ -26,6 +26,14 @@ def _as_array(name: str, value, shape_desc: str, ndim: int, last: int | None) ->
     return arr
 
 
+def _check_fits_float32(name: str, arr: np.ndarray) -> None:
+    # Finite but enormous values (e.g. 1e300) overflow to inf in the model's float32 frame and give NaN masks.
+    with np.errstate(over="ignore"):
+        fits = np.isfinite(arr.astype(np.float32)).all()
+    if not fits:
+        raise SegAnyError(f"{name} holds values too large for the model (beyond float32 range)")
+
+
 class SamPredictor:
     """Efficient repeated prompting of one image with a :class:`Sam` model."""
 
@@ -137,6 +145,7 @@ class SamPredictor:
             if not np.isin(labels, (0, 1, 2, 3, -1)).all():
                 raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
             coords = self.transform.apply_coords(coords, self.original_size)
+            _check_fits_float32("point_coords", coords)
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         elif point_labels is not None:
@@ -144,6 +153,7 @@ class SamPredictor:
         if box is not None:
             b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
             b = self.transform.apply_boxes(b, self.original_size)
+            _check_fits_float32("box", b)
             box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
         if mask_input is not None:
             side = self.model.prompt_encoder.mask_input_size

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -102,6 +104,13 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
         app.add_middleware(CORSMiddleware, allow_origins=list(s.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type"], expose_headers=EMBEDDING_HEADERS)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input back, and a non-finite number in it
+        # (JSON "Infinity") makes that 422 response itself fail with a 500: report without inputs.
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     @app.exception_handler(SegAnyError)
     async def _bad_input(_request: Request, exc: SegAnyError) -> JSONResponse:

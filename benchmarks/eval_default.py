@@ -1,0 +1,65 @@
+"""Quality of a model on the held-out real images named by the default-model issue.
+
+    python benchmarks/eval_default.py [--model default] [--max-objects 10] [--out runs/eval_default]
+
+Held-out sets: the last 5 davis2016_val sequences, coco_panoptic200 val2017, coco_instances_mini val
+(clicks: mIoU@1, @5, NoC@85/90; box: mIoU) and bsds500 test (clicks). Prints a Markdown table (pasted
+into MODELS.md) and writes each protocol's summary and per-image JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from segany import SamPredictor, load_model
+from segany.evaluation.protocols import load_samples, run_box, run_clicks
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = [
+    ("DAVIS (last 5 seq.)", "davis2016_val", "davis_val", True),
+    ("COCO panoptic val2017", "coco_panoptic200", "val2017", True),
+    ("COCO instances val", "coco_instances_mini", "val", True),
+    ("BSDS500 test", "bsds500", "test", False),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--max-objects", type=int, default=10, help="objects per image (the first ones, in mask order)")
+    ap.add_argument("--max-images", type=int, default=None)
+    ap.add_argument("--min-area", type=int, default=100, help="skip objects smaller than this (pixels)")
+    ap.add_argument("--max-clicks", type=int, default=5)
+    ap.add_argument("--out", default="runs/eval_default")
+    args = ap.parse_args()
+    predictor = SamPredictor(load_model(args.model))
+    rows = []
+    for title, folder, split, with_box in SETS:
+        if not (DATA / folder).is_dir():
+            print(f"skipping {title}: {DATA / folder} not found")
+            continue
+        common = dict(min_area=args.min_area, max_objects_per_image=args.max_objects)
+        clicks = run_clicks(
+            predictor, load_samples(DATA / folder, split, args.max_images), max_clicks=args.max_clicks, **common
+        )
+        clicks.write(Path(args.out) / folder / "clicks")
+        s = clicks.summary()
+        row = {"set": title, "objects": s["num_objects"], "mIoU@1": s["mIoU@1"], "mIoU@5": s.get("mIoU@5")}
+        row.update({"NoC@85": s["NoC@85"], "NoC@90": s["NoC@90"]})
+        if with_box:
+            box = run_box(predictor, load_samples(DATA / folder, split, args.max_images), **common)
+            box.write(Path(args.out) / folder / "box")
+            row["box mIoU"] = box.summary()["mIoU"]
+        rows.append(row)
+        print(json.dumps(row))
+    cols = ["set", "objects", "mIoU@1", "mIoU@5", "NoC@85", "NoC@90", "box mIoU"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        cells = [r.get(c) for c in cols]
+        print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
