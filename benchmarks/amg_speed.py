@@ -14,10 +14,13 @@ work gives the same answer.
 
 The default generator settings are used (``points_per_side=32``: 1024 prompts, 3072 candidates,
 ``pred_iou_thresh=0.88``, ``stability_score_thresh=0.95``); ``--low-thresholds`` uses the parity
-script's thresholds instead. segany is timed ``--repeats`` times (median), the reference
-``--ref-repeats`` times (default 1: it takes minutes on a laptop CPU).
+script's thresholds instead. segany is timed ``--repeats`` times (median; half of the runs before the
+reference's, half after), the reference ``--ref-repeats`` times (default 1: it takes minutes on a laptop
+CPU). On a shared, busy machine use ``--threads 1``: with two threads each parallel operation waits for
+the slower thread, and when other processes hold the cores both sides slow down by several times, in
+bursts (segany, which runs many smaller operations, more so).
 
-    python benchmarks/amg_speed.py [--repeats 3] [--ref-repeats 1] [--threads N] [--profile]
+    python benchmarks/amg_speed.py [--repeats 3] [--ref-repeats 1] [--threads N] [--low-thresholds] [--profile]
 """
 
 from __future__ import annotations
@@ -92,17 +95,27 @@ def main() -> int:
 
     ours_t, ref_t = [], []
     our_records = ref_records = None
-    for _ in range(args.repeats):
+
+    def time_ours() -> None:
+        nonlocal our_records
         t = time.perf_counter()
         our_records = our_gen.generate(image)
         ours_t.append(time.perf_counter() - t)
         print(f"  segany generate: {ours_t[-1]:.2f}s ({len(our_records)} masks)", flush=True)
+
+    # segany's runs are split around the reference's, so that a change in the machine's load (it is
+    # shared) shows up on both sides rather than on one.
+    before = (args.repeats + 1) // 2
+    for _ in range(before):
+        time_ours()
     for _ in range(args.ref_repeats):
         t = time.perf_counter()
         with torch.no_grad():
             ref_records = ref_gen.generate(image)
         ref_t.append(time.perf_counter() - t)
         print(f"  reference generate: {ref_t[-1]:.2f}s ({len(ref_records)} masks)", flush=True)
+    for _ in range(args.repeats - before):
+        time_ours()
 
     _pairs, worst = match(ref_records, our_records, "binary_mask")
     m_ours, m_ref = statistics.median(ours_t), statistics.median(ref_t)
