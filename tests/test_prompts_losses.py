@@ -264,20 +264,20 @@ def test_training_step_matches_predictor():
     }
     step = SamTrainStep(model, StepOptions(num_iterations=1, box_noise_std=0.0)).eval()
     captured = {}
-    orig = model.mask_decoder.forward
+    orig = model.mask_decoder.predict_masks
 
     def spy(*a, **k):
         out = orig(*a, **k)
-        captured["low_res"] = out[0]
+        captured["low_res"] = out[0]  # all 4 outputs: single, then the 3 multimask ones
         return out
 
-    model.mask_decoder.forward = spy
+    model.mask_decoder.predict_masks = spy
     try:
         torch.manual_seed(123)
         with torch.no_grad():
             step(collate_for_training([item]))
     finally:
-        model.mask_decoder.forward = orig
+        model.mask_decoder.predict_masks = orig
     # replay the step's draws: mask order, number of box rows, then the prompts themselves
     torch.manual_seed(123)
     perm = torch.randperm(4)
@@ -290,14 +290,16 @@ def test_training_step_matches_predictor():
     pred.set_image(image)
     kinds = set()
     for row in range(4):
-        if row < num_box:
-            _, _, lr = pred.predict(box=prompts.boxes[row].numpy(), multimask_output=True)
+        if row < num_box:  # a box trains the single-output token, as predict(box) uses it
+            _, _, lr = pred.predict(box=prompts.boxes[row].numpy(), multimask_output=False)
+            got = captured["low_res"][row, :1]
             kinds.add("box")
         else:
             pt = prompts.first_point[row - num_box].numpy()[None]
             _, _, lr = pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=True)
+            got = captured["low_res"][row, 1:]
             kinds.add("point")
-        assert np.allclose(lr, captured["low_res"][row].numpy(), atol=1e-4), row
+        assert np.allclose(lr, got.numpy(), atol=1e-4), row
     assert kinds == {"box", "point"}  # seed 123 draws both kinds
 
 

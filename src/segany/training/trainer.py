@@ -7,7 +7,8 @@ One optimizer step on a batch of images:
 2. all valid masks of all images form one decoder batch (each mask gathers its image's embedding);
 3. prompts are simulated for ``num_iterations`` decoder iterations (:mod:`segany.training.prompts`):
    a point or noisy box, then points from the error region with the previous low-res logits fed back
-   as the mask prompt, plus mask-only iterations; the first iteration is multimask and trains only its
+   as the mask prompt, plus mask-only iterations; the first iteration is multimask (for a box prompt its
+   3 slots all hold the single-output mask) and trains only its
    best output;
 4. loss = ``20 focal + 1 dice + 1 IoU-MSE`` (:mod:`segany.training.losses`) averaged over masks and
    iterations; AdamW with warm-up + step decay (:mod:`segany.training.optim`).
@@ -437,7 +438,16 @@ class SamTrainStep(nn.Module):
                 prompts = prompts.add_points(coords, labels)
             sparse, dense = self._encode_prompts(prompts, mask_input)
             with self._autocast(dev):
-                low_res, iou_pred = model.mask_decoder(emb_m, image_pe, sparse, dense, multimask_output=k == 0)
+                if k == 0:
+                    # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
+                    # single-output token, which is what predict(box=..., multimask_output=False) uses.
+                    low_res, iou_pred = model.mask_decoder.predict_masks(emb_m, image_pe, sparse, dense)
+                    single, multi = low_res[:, :1], low_res[:, 1:]
+                    is_box = (torch.arange(n, device=dev) < prompts.num_box)[:, None]
+                    low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
+                    iou_pred = torch.where(is_box, iou_pred[:, :1].expand_as(iou_pred[:, 1:]), iou_pred[:, 1:])
+                else:
+                    low_res, iou_pred = model.mask_decoder(emb_m, image_pe, sparse, dense, multimask_output=False)
             logits = (
                 low_res
                 if opt.loss_resolution == "low_res"
