@@ -293,6 +293,36 @@ def test_decode_chunking_does_not_change_results(models, monkeypatch):
         assert match(results[0], other, "coco_rle")[1] >= 0.99
 
 
+def test_decode_workers_same_results_and_settings_kept(models):
+    """Prompts shared among one-core worker threads: same outputs; the caller's thread count is kept."""
+    import threading
+
+    from segany.automatic.generator import _PointGridDecoder
+
+    _ref, ours, image, _sa = models
+    pred = segany.SamPredictor(ours)
+    pred.set_image(image)
+    pts = torch.as_tensor(np.random.default_rng(1).uniform(0, 256, (21, 1, 2)), dtype=torch.float)
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            sparse, _ = ours.prompt_encoder(points=(pts, torch.ones(21, 1, dtype=torch.int)), boxes=None, masks=None)
+            dec = _PointGridDecoder(ours, pred.features)
+            region = dec.region(pred.input_size)
+            shared = dec.decode(sparse, [1, 2, 3], 0.8, region)
+            alone = dec._decode(sparse, [1, 2, 3], 0.8, region)
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]  # a new thread still gets the process-wide default
+    finally:
+        torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+    assert 0 < len(shared[2]) < 63
+
+
 def test_fast_decoder_same_records_as_the_model_decoder(models):
     _ref, ours, image, _sa = models
     kwargs = {**LOW_THRESHOLDS, "points_per_side": 12, "crop_n_layers": 1, "output_mode": "coco_rle"}

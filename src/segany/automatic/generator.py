@@ -6,7 +6,8 @@ work is ordered differently, not approximated:
 * the mask decoder is re-associated for "one image, many one-point prompts" (:class:`_PointGridDecoder`):
   the prompt-independent image side of its first block is computed once per image, attention between
   the 4096 image tokens and the 7 prompt tokens goes through the small side, and prompts are decoded a
-  couple at a time so that their image tokens stay in the CPU caches;
+  couple at a time so that their image tokens stay in the CPU caches, by worker threads that run on one
+  core each (robust on a busy machine, where multi-threaded small operations stall);
 * candidates are filtered by predicted IoU before anything is upscaled: prompts none of whose masks
   pass are never upscaled, and only the survivors are upsampled to full size (the official code
   upsamples every candidate first);
@@ -20,6 +21,8 @@ The model's own decoder (``fast_decoder = False``) is used for decoders of anoth
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +61,8 @@ UPSAMPLE_CHUNK = 16
 # Prompts decoded together: a couple at a time keeps their 64 x 64 x 256 image tokens (4 MB each) in the
 # CPU caches through the transformer and the upscaling: measured 1.7x faster than batches of 64 (vit_b).
 DECODE_CHUNK = 2
+# Most threads that decode prompts side by side (each on one core; see _PointGridDecoder.decode).
+DECODE_WORKERS = 8
 
 
 @dataclass
@@ -323,13 +328,40 @@ class _PointGridDecoder:
     def decode(
         self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode prompts one by one (their image tokens then stay in the CPU caches, much faster than
-        batches) and upscale only those with a mask output whose IoU is above ``iou_thresh``.
+        """Decode prompts a couple at a time (their image tokens then stay in the CPU caches, much faster
+        than batches) and upscale only those with a mask output whose IoU is above ``iou_thresh``.
 
         Returns IoU predictions ``B x K`` of outputs ``which`` (K of them), the kept candidates ``B x K`` bool
         (IoU > ``iou_thresh``; all when it is 0) and their low-res logits ``kept x 4h x 4w`` in row-major
         (prompt, output) order (``region`` as in :meth:`masks`).
+
+        On the CPU the prompts are shared among up to ``torch.get_num_threads()`` worker threads (at most
+        :data:`DECODE_WORKERS`), each running its operations on one core: the operations here are small,
+        and with several threads per operation every one of them waits for the slowest thread, which on
+        a busy machine (other processes on the cores) made decoding several times slower. Same results.
         """
+        n = sparse.shape[0]
+        workers = min(torch.get_num_threads(), DECODE_WORKERS, -(-n // DECODE_CHUNK))
+        if workers <= 1 or sparse.device.type != "cpu":
+            return self._decode(sparse, which, iou_thresh, region)
+        step = -(-n // workers)
+        step = -(-step // DECODE_CHUNK) * DECODE_CHUNK  # whole chunks per worker
+        grad = torch.is_grad_enabled()
+
+        def part(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.inference_mode(), torch.set_grad_enabled(grad):
+                return self._decode(sparse[start : start + step], which, iou_thresh, region)
+
+        threads = torch.get_num_threads()
+        try:
+            parts = list(_worker_pool(workers).map(part, range(0, n, step)))
+        finally:
+            torch.set_num_threads(threads)  # a new worker's setting also wrote torch's process-wide default
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+    def _decode(
+        self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ious, keeps, lows = [], [], []
         for i in range(0, sparse.shape[0], DECODE_CHUNK):
             iou, mask_tokens, keys = self.tokens(sparse[i : i + DECODE_CHUNK])
@@ -342,8 +374,28 @@ class _PointGridDecoder:
                 if sel:
                     lows.append(self.masks(keys[j : j + 1], mask_tokens[j : j + 1], sel, region)[0])
         h, w = region or self.hw
-        low = torch.cat(lows) if lows else torch.zeros((0, 4 * h, 4 * w))
+        low = torch.cat(lows) if lows else sparse.new_zeros((0, 4 * h, 4 * w))
         return torch.cat(ious), torch.cat(keeps), low
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _one_thread() -> None:
+    # OpenMP's and MKL's thread counts belong to the calling thread. torch sets a thread's count from its
+    # process-wide default the first time the thread runs an operation: do that first, then set one.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A lasting pool of ``workers`` threads that run torch operations on one core each."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, "segany-decode", initializer=_one_thread)
+        return pool
 
 
 def _low_res_rows(input_len: int, low_len: int, image_size: int) -> int:
