@@ -49,7 +49,8 @@ def main() -> None:
     one = median_ms(lambda: pred.predict(pt, lab, multimask_output=False), args.repeats * 5)
     multi = median_ms(lambda: pred.predict(pt, lab, multimask_output=True), args.repeats * 5)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {torch.get_num_threads()}")
+    threads = torch.get_num_threads()
+    print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}")
     print(f"image {w}x{h}: embedding median {emb:.1f} ms")
     print(f"one point -> full-size mask: median {one:.2f} ms (single), {multi:.2f} ms (3 masks)")
 

@@ -58,7 +58,11 @@ def main() -> None:
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         cells = [r.get(c) for c in cols]
-        print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells) + " |")
+        print(
+            "| "
+            + " | ".join(f"{c:.3f}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def test_segment_bad_images_and_models(capsys, tmp_path, image_file, tiny_checkp
     not_a_model = tmp_path / "model.pth"
     not_a_model.write_bytes(b"\x80\x02}q\x00.")  # a pickled empty dict
     wrong = tmp_path / "wrong.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(3)}, str(wrong))
     cases = [
@@ -124,7 +124,17 @@ def test_models_and_convert(capsys, tmp_path, tiny_checkpoint, tiny_model):
 def test_console_script_runs_without_traceback(tmp_path):
     """The installed entry point: a bad call exits 2 with one line on stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "segany.cli", "segment", str(tmp_path / "nope.jpg"), "--point", "1,1", "-o", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "segany.cli",
+            "segment",
+            str(tmp_path / "nope.jpg"),
+            "--point",
+            "1,1",
+            "-o",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )

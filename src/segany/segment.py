@@ -38,7 +38,7 @@ def segment_image(
     from segany.io.atomic import atomic_write_json
     from segany.io.images import load_image
     from segany.io.png import write_mask_png
-    from segany.io.rle import encode_rle
+    from segany.io.rle import encode_rle, rle_area, rle_to_bbox
     from segany.predictor import SamPredictor
     from segany.viz import overlay_masks, save_png
 
@@ -65,15 +65,14 @@ def segment_image(
         m = masks[i]
         name = "mask.png" if len(order) == 1 else f"mask_{rank}.png"
         write_mask_png(out_dir / name, m)
-        ys, xs = np.nonzero(m)
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if len(xs) else [0, 0, 0, 0]
+        rle = encode_rle(m)
         records.append(
             {
                 "file": name,
                 "predicted_iou": float(scores[i]),
-                "area": int(m.sum()),
-                "bbox": bbox,
-                "segmentation": encode_rle(m),
+                "area": rle_area(rle),
+                "bbox": rle_to_bbox(rle),  # XYWH, as COCO
+                "segmentation": rle,
             }
         )
     overlay = overlay_masks(

@@ -105,7 +105,6 @@ def _encode(masks: torch.Tensor) -> list[dict[str, Any]]:
     return mask_utils.encode(arr)
 
 
-
 # -- the mask decoder, re-associated for a point grid --------------------------------------------------
 
 
@@ -189,9 +188,14 @@ class _PointGridDecoder:
         if not isinstance(up, nn.Sequential) or len(up) != 5 or not len(md.transformer.layers):
             return False
         convs_ok = all(
-            isinstance(up[i], nn.ConvTranspose2d) and up[i].kernel_size == (2, 2) and up[i].stride == (2, 2)
-            and up[i].padding == (0, 0) and up[i].output_padding == (0, 0) and up[i].groups == 1
-            and up[i].dilation == (1, 1) and up[i].bias is not None
+            isinstance(up[i], nn.ConvTranspose2d)
+            and up[i].kernel_size == (2, 2)
+            and up[i].stride == (2, 2)
+            and up[i].padding == (0, 0)
+            and up[i].output_padding == (0, 0)
+            and up[i].groups == 1
+            and up[i].dilation == (1, 1)
+            and up[i].bias is not None
             for i in (0, 3)
         )
         return convs_ok and isinstance(up[1], LayerNorm2d)
@@ -467,8 +471,12 @@ class SamAutomaticMaskGenerator:
             raise SegAnyError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if crop_n_points_downscale_factor < 1:
             raise SegAnyError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
-        for name, v in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh),
-                        ("box_nms_thresh", box_nms_thresh), ("crop_nms_thresh", crop_nms_thresh)):
+        for name, v in (
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+            ("box_nms_thresh", box_nms_thresh),
+            ("crop_nms_thresh", crop_nms_thresh),
+        ):
             if not 0.0 <= v <= 1.0:
                 raise SegAnyError(f"{name} must be in [0, 1], got {v}")
         if not stability_score_offset >= 0.0:

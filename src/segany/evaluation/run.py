@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     if args.protocol == "clicks":
         res = run_clicks(
-            SamPredictor(model), samples, max_clicks=args.max_clicks, min_area=args.min_area,
+            SamPredictor(model),
+            samples,
+            max_clicks=args.max_clicks,
+            min_area=args.min_area,
             max_objects_per_image=args.max_objects,
         )
     elif args.protocol == "box":
@@ -47,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
         from segany.automatic import SamAutomaticMaskGenerator
 
         gen = SamAutomaticMaskGenerator(model, points_per_side=args.points_per_side)
-        res = run_everything(
-            gen.generate, samples, min_area=args.min_area, max_objects_per_image=args.max_objects
-        )
+        res = run_everything(gen.generate, samples, min_area=args.min_area, max_objects_per_image=args.max_objects)
     summary = res.summary()
     summary.update({"data": str(args.data), "split": args.split, "model": str(args.model), "protocol": args.protocol})
     if args.out:

@@ -7,8 +7,9 @@ other input sizes) is a :class:`SamConfig`, never new code. ``build_sam(config)`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from segany.errors import SegAnyError
 
@@ -74,7 +75,7 @@ class SamConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SamConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error so typos do not pass silently."""
         d = dict(d)
         enc = dict(d.pop("encoder", {}))
@@ -163,7 +164,9 @@ def segany_default() -> SamConfig:
     see MODELS.md for its measured speed and quality.
     """
     return SamConfig(
-        TinyViTConfig(embed_dims=(32, 64, 128, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 5), window_sizes=(7, 8, 8, 8)),
+        TinyViTConfig(
+            embed_dims=(32, 64, 128, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 5), window_sizes=(7, 8, 8, 8)
+        ),
         image_size=256,
         prompt_embed_dim=128,
         mask_in_chans=16,

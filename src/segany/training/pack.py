@@ -150,7 +150,9 @@ def pack_dataset(
         "image_format": fmt,
         "quality": quality,
         "sources": merged,
-        "images": sum(len(list((out_dir / n).glob(f"images/*{IMAGE_FORMATS[fmt]}"))) for n in {e["name"] for e in merged}),
+        "images": sum(
+            len(list((out_dir / n).glob(f"images/*{IMAGE_FORMATS[fmt]}"))) for n in {e["name"] for e in merged}
+        ),
         "bytes": 0,
         "seconds": round(time.time() - t0, 1),
     }
