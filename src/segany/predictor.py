@@ -11,7 +11,7 @@ import torch
 
 from segany.errors import SegAnyError
 from segany.modeling.sam import Sam
-from segany.transforms import ResizeLongestSide
+from segany.transforms import ResizeLongestSide, get_preprocess_shape
 
 
 def _as_array(name: str, value, shape_desc: str, ndim: int, last: int | None) -> np.ndarray:
@@ -32,6 +32,40 @@ def _check_fits_float32(name: str, arr: np.ndarray) -> None:
         fits = np.isfinite(arr.astype(np.float32)).all()
     if not fits:
         raise SegAnyError(f"{name} holds values too large for the model (beyond float32 range)")
+
+
+def check_prompts(
+    point_coords: np.ndarray | None,
+    point_labels: np.ndarray | None,
+    box: np.ndarray | None,
+    mask_input: np.ndarray | None,
+    mask_side: tuple[int, int],
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Validate one prompt set (shared by every predictor): ``(coords N x 2, labels N, box 4, mask 1 x h x w)``.
+
+    Raises:
+        SegAnyError: wrong shapes, NaN/inf, labels other than 1/0/2/3/-1, labels without points.
+    """
+    coords = labels = b = m = None
+    if point_coords is not None:
+        if point_labels is None:
+            raise SegAnyError("point_labels must be supplied with point_coords")
+        coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
+        labels = _as_array("point_labels", point_labels, "N", 1, None)
+        if len(labels) != len(coords):
+            raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
+        if not np.isin(labels, (0, 1, 2, 3, -1)).all():
+            raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
+    elif point_labels is not None:
+        raise SegAnyError("point_labels given without point_coords")
+    if box is not None:
+        b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
+    if mask_input is not None:
+        h, w = mask_side
+        m = _as_array("mask_input", mask_input, f"1 x {h} x {w}", 3, None)
+        if m.shape != (1, h, w):
+            raise SegAnyError(f"mask_input must have shape 1 x {h} x {w}, got {m.shape}")
+    return coords, labels, b, m
 
 
 class SamPredictor:
@@ -85,8 +119,6 @@ class SamPredictor:
     ) -> None:
         """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`)."""
         self.reset_image()
-        from segany.transforms import get_preprocess_shape
-
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
         self.features = embedding.to(self.device)
@@ -134,32 +166,20 @@ class SamPredictor:
             masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x 256 x 256``.
         """
         self._require_image()
+        coords, labels, b, m = check_prompts(
+            point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size
+        )
         coords_t = labels_t = box_t = mask_t = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise SegAnyError("point_labels must be supplied with point_coords")
-            coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
-            labels = _as_array("point_labels", point_labels, "N", 1, None)
-            if len(labels) != len(coords):
-                raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
-            if not np.isin(labels, (0, 1, 2, 3, -1)).all():
-                raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
+        if coords is not None:
             coords = self.transform.apply_coords(coords, self.original_size)
             _check_fits_float32("point_coords", coords)
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
-        elif point_labels is not None:
-            raise SegAnyError("point_labels given without point_coords")
-        if box is not None:
-            b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
+        if b is not None:
             b = self.transform.apply_boxes(b, self.original_size)
             _check_fits_float32("box", b)
             box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
-        if mask_input is not None:
-            side = self.model.prompt_encoder.mask_input_size
-            m = _as_array("mask_input", mask_input, f"1 x {side[0]} x {side[1]}", 3, None)
-            if m.shape != (1, *side):
-                raise SegAnyError(f"mask_input must have shape 1 x {side[0]} x {side[1]}, got {m.shape}")
+        if m is not None:
             mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)[None]
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits

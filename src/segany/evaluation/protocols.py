@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from segany.evaluation.clicks import Click, clicks_to_prompt, next_click
 from segany.evaluation.metrics import AR_THRESHOLDS, best_ious, mask_iou, recall_curve, summarize_curves
 from segany.io.atomic import atomic_write_bytes, atomic_write_json
+from segany.utils.masks import batched_mask_to_box
 
 
 class Predictor(Protocol):
@@ -94,14 +96,24 @@ def _select_objects(
     return chosen, skipped
 
 
+def _images_with_objects(
+    samples: Iterable[SampleLike], res: Any, min_area: int, max_objects: int | None, max_images: int | None
+) -> Iterator[tuple[SampleLike, list[tuple[int, np.ndarray, np.ndarray, int]]]]:
+    """``(sample, chosen objects)`` of each image that has some; counts images and skips in ``res``."""
+    for sample in itertools.islice(samples, max_images):
+        chosen, skipped = _select_objects(sample, min_area, max_objects)
+        res.num_images += 1
+        res.num_skipped += skipped
+        if chosen:
+            yield sample, chosen
+
+
 def _name(sample: SampleLike, i: int) -> str | None:
     names = getattr(sample, "names", None) or []
     return names[i] if i < len(names) else None
 
 
-def _pick(
-    masks: np.ndarray, logits: np.ndarray, i: int, shape: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray]:
+def _pick(masks: np.ndarray, logits: np.ndarray, i: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Mask ``i`` (``H x W`` bool) and its low-res logits as a ``1 x 256 x 256`` mask_input."""
     mask = np.asarray(masks[i]).astype(bool, copy=False)
     if mask.shape != shape:
@@ -186,11 +198,7 @@ class ClickResults:
             return {"index": o.index, "name": o.name, "area": o.area, "ious": o.ious, "clicks": clicks}
 
         paths = _write_json(out_dir, "clicks", self.summary(), _group_by_image(self.objects, obj))
-        if (
-            plot
-            and self.objects
-            and _plot_curve(out_dir / "iou_vs_clicks.png", self.curves(), self.iou_thresholds)
-        ):
+        if plot and self.objects and _plot_curve(out_dir / "iou_vs_clicks.png", self.curves(), self.iou_thresholds):
             paths.append(out_dir / "iou_vs_clicks.png")
         return paths
 
@@ -271,12 +279,7 @@ def run_clicks(
         raise ValueError(f"max_clicks must be >= 1, got {max_clicks}")
     res = ClickResults(max_clicks=max_clicks, iou_thresholds=tuple(float(t) for t in iou_thresholds))
     start = time.perf_counter()
-    for sample in itertools.islice(samples, max_images):
-        chosen, skipped = _select_objects(sample, min_area, max_objects_per_image)
-        res.num_images += 1
-        res.num_skipped += skipped
-        if not chosen:
-            continue
+    for sample, chosen in _images_with_objects(samples, res, min_area, max_objects_per_image, max_images):
         predictor.set_image(sample.image)
         for i, gt, ignore, area in chosen:
             ious, clicks = click_object(predictor, gt, ignore, max_clicks)
@@ -290,8 +293,7 @@ def run_clicks(
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
     """Tight XYXY box of an ``H x W`` bool mask, max coordinates inclusive (SAM's convention): ``(4,)``."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+    return batched_mask_to_box(torch.from_numpy(np.ascontiguousarray(mask))).numpy().astype(np.float32)
 
 
 @dataclass
@@ -345,12 +347,7 @@ def run_box(
     """Box-prompt evaluation: the tight XYXY box of each gt mask, ``multimask_output=False``."""
     res = BoxResults()
     start = time.perf_counter()
-    for sample in itertools.islice(samples, max_images):
-        chosen, skipped = _select_objects(sample, min_area, max_objects_per_image)
-        res.num_images += 1
-        res.num_skipped += skipped
-        if not chosen:
-            continue
+    for sample, chosen in _images_with_objects(samples, res, min_area, max_objects_per_image, max_images):
         predictor.set_image(sample.image)
         for i, gt, ignore, area in chosen:
             box = mask_to_box(gt)
@@ -425,12 +422,8 @@ def run_everything(
     """
     res = EverythingResults(thresholds=tuple(float(t) for t in thresholds))
     start = time.perf_counter()
-    for sample in itertools.islice(samples, max_images):
-        chosen, skipped = _select_objects(sample, min_area, max_objects_per_image)
-        res.num_images += 1
-        res.num_skipped += skipped
-        if not chosen:  # nothing to recall: do not spend a generator run on it
-            continue
+    # images with nothing to recall are skipped: no generator run is spent on them
+    for sample, chosen in _images_with_objects(samples, res, min_area, max_objects_per_image, max_images):
         preds = [m["segmentation"] if isinstance(m, dict) else m for m in generator_fn(sample.image)]
         gt = np.stack([g for _, g, _, _ in chosen])
         best = best_ious(gt, preds, chosen[0][2]).tolist()

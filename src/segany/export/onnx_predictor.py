@@ -15,7 +15,7 @@ import numpy as np
 
 from segany.errors import SegAnyError
 from segany.export.onnx import DECODER_INPUTS, ENCODER_INPUT, read_metadata
-from segany.predictor import _as_array
+from segany.predictor import check_prompts
 from segany.transforms import ResizeLongestSide, get_preprocess_shape
 
 
@@ -110,21 +110,11 @@ class OnnxSamPredictor:
         mask_input: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """The decoder's feed for one prompt set (pixel coordinates of the original image)."""
-        coords = np.zeros((0, 2))
-        labels = np.zeros((0,))
-        if point_coords is not None:
-            if point_labels is None:
-                raise SegAnyError("point_labels must be supplied with point_coords")
-            coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
-            labels = _as_array("point_labels", point_labels, "N", 1, None)
-            if len(labels) != len(coords):
-                raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
-            if not np.isin(labels, (0, 1, 2, 3, -1)).all():
-                raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
-        elif point_labels is not None:
-            raise SegAnyError("point_labels given without point_coords")
-        if box is not None:
-            b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
+        side = self.low_res_side
+        pts, labs, b, m = check_prompts(point_coords, point_labels, box, mask_input, (side, side))
+        coords = pts if pts is not None else np.zeros((0, 2))
+        labels = labs if labs is not None else np.zeros((0,))
+        if b is not None:
             coords = np.concatenate([coords, b.reshape(2, 2)])
             labels = np.concatenate([labels, [2, 3]])
         else:
@@ -132,11 +122,7 @@ class OnnxSamPredictor:
             coords = np.concatenate([coords, [[0.0, 0.0]]])
             labels = np.concatenate([labels, [-1]])
         coords = self.transform.apply_coords(coords, self.original_size)  # (0, 0) padding stays at the origin
-        side = self.low_res_side
-        if mask_input is not None:
-            m = _as_array("mask_input", mask_input, f"1 x {side} x {side}", 3, None)
-            if m.shape != (1, side, side):
-                raise SegAnyError(f"mask_input must have shape 1 x {side} x {side}, got {m.shape}")
+        if m is not None:
             mask, has_mask = m[None].astype(np.float32), np.ones(1, np.float32)
         else:
             mask, has_mask = np.zeros((1, 1, side, side), np.float32), np.zeros(1, np.float32)

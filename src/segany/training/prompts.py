@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from segany.utils.masks import batched_mask_to_box
+
 #: Point labels (the prompt encoder's convention).
 POSITIVE, NEGATIVE, PAD, BOX_TL, BOX_BR = 1, 0, -1, 2, 3
 
@@ -79,20 +81,8 @@ def sample_uniform_points(
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight ``N x 4`` XYXY boxes of ``N x H x W`` bool masks, max coordinates inclusive; 0 for empty."""
-    n, h, w = masks.shape
-    if n == 0:
-        return masks.new_zeros((0, 4), dtype=torch.float32)
-    rows = masks.any(dim=2)  # N x H
-    cols = masks.any(dim=1)  # N x W
-    ys = torch.arange(h, device=masks.device)
-    xs = torch.arange(w, device=masks.device)
-    y1 = torch.where(rows, ys, -1).amax(dim=1)
-    x1 = torch.where(cols, xs, -1).amax(dim=1)
-    y0 = torch.where(rows, ys, h).amin(dim=1)
-    x0 = torch.where(cols, xs, w).amin(dim=1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
-    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+    """Tight ``N x 4`` float XYXY boxes of ``N x H x W`` bool masks, max inclusive; 0 for empty."""
+    return batched_mask_to_box(masks).to(torch.float32)
 
 
 def jitter_boxes(
