@@ -20,7 +20,11 @@ CPU). On a shared, busy machine use ``--threads 1``: with two threads each paral
 the slower thread, and when other processes hold the cores both sides slow down by several times, in
 bursts (segany, which runs many smaller operations, more so).
 
+``--with-embedding`` also times whole ``generate`` calls, each side computing its own image embedding (the
+user's view: one image in, its masks out). ``--json FILE`` appends the results for ``run_all.py``.
+
     python benchmarks/amg_speed.py [--repeats 3] [--ref-repeats 1] [--threads N] [--low-thresholds] [--profile]
+        [--with-embedding] [--quick] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import print_machine, row, save_results, set_threads  # noqa: E402
 from amg_parity import setup  # noqa: E402
 
 from segany.automatic.generator import SamAutomaticMaskGenerator  # noqa: E402
@@ -65,17 +70,25 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--low-thresholds", action="store_true", help="the parity script's thresholds")
     ap.add_argument("--profile", action="store_true", help="cProfile one segany run, print the top 25")
+    ap.add_argument("--with-embedding", action="store_true", help="also time whole generate calls")
+    ap.add_argument("--quick", action="store_true", help="8 x 8 points, one run each: a smoke test")
+    ap.add_argument("--json", help="append the results to this JSON-lines file")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    set_threads(args.threads)
+    meta = print_machine()
     kwargs = {**LOW_THRESHOLDS} if args.low_thresholds else {}
-    print(f"settings: points_per_side=32 (default){', ' + str(kwargs) if kwargs else ', all defaults'}")
+    if args.quick:
+        kwargs["points_per_side"] = 8
+        args.repeats = args.ref_repeats = 1
+    print(f"settings: {kwargs or 'all defaults (points_per_side=32)'}")
 
     with tempfile.TemporaryDirectory() as tmp:
         ref, ours, image, sa = setup(Path(tmp))
     ref_gen = sa.SamAutomaticMaskGenerator(ref, **kwargs)
     our_gen = SamAutomaticMaskGenerator(ours, **kwargs)
+    rows = []
+    if args.with_embedding:
+        rows.append(whole_generate(sa, ref, ours, image, kwargs, args.ref_repeats))
 
     t = time.perf_counter()
     with torch.no_grad():
@@ -124,7 +137,26 @@ def main() -> int:
         f"generate after the embedding, median: segany {m_ours:.2f}s (of {len(ours_t)}), "
         f"reference {m_ref:.2f}s (of {len(ref_t)}); segany is {m_ref / m_ours:.1f}x faster"
     )
+    label = f"generate after the embedding ({image.shape[1]}x{image.shape[0]}, {len(our_records)} masks)"
+    rows.append(row(label, ref_t, ours_t, worst_mask_iou=worst, masks_reference=len(ref_records)))
+    save_results(args.json, "generate", meta, rows)
     return 0
+
+
+def whole_generate(sa, ref, ours, image, kwargs: dict, ref_repeats: int) -> dict:
+    """One image in, its masks out: each side computes its own embedding (fresh generators)."""
+    ours_t, ref_t = [], []
+    for _ in range(ref_repeats):
+        for name, fn in (
+            ("segany", lambda: SamAutomaticMaskGenerator(ours, **kwargs).generate(image)),
+            ("reference", lambda: sa.SamAutomaticMaskGenerator(ref, **kwargs).generate(image)),
+        ):
+            t = time.perf_counter()
+            with torch.no_grad():
+                records = fn()
+            (ours_t if name == "segany" else ref_t).append(time.perf_counter() - t)
+            print(f"  {name} whole generate: {time.perf_counter() - t:.2f}s ({len(records)} masks)", flush=True)
+    return row(f"generate, embedding included ({image.shape[1]}x{image.shape[0]})", ref_t, ours_t)
 
 
 if __name__ == "__main__":

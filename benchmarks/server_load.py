@@ -28,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -86,19 +88,37 @@ class Client:
         return status, json.loads(body) if status == 200 else {}
 
     def predict(self, image_id: str, payload: dict) -> tuple[int, dict]:
-        status, body = self.request("POST", f"/api/images/{image_id}/predict", json.dumps(payload).encode(),
-                                    "application/json")
+        status, body = self.request(
+            "POST", f"/api/images/{image_id}/predict", json.dumps(payload).encode(), "application/json"
+        )
         return status, json.loads(body) if status == 200 else {}
 
 
-def start_server(model: str, port: int, cache_mb: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from segany.cli import main; raise SystemExit(main())", "serve", "--model", model,
-           "--port", str(port), "--cache-mb", str(cache_mb)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_server(
+    model: str, port: int, cache_mb: float, extra: Sequence[str] = (), log: IO[str] | None = None
+) -> subprocess.Popen:
+    """``segany serve`` on 127.0.0.1:``port`` with ``extra`` flags; returns once it accepts connections.
+
+    ``log``: a file for the server's stderr (else a pipe, read only if the server fails to start; a
+    long run that logs much should pass a file, as an unread pipe that fills up blocks the server)."""
+    cmd = [
+        sys.executable,
+        "-c",
+        "from segany.cli import main; raise SystemExit(main())",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--cache-mb",
+        str(cache_mb),
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if log is None else log, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"the server exited: {proc.stderr.read() if proc.stderr else 'see its log'}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return proc
@@ -106,6 +126,16 @@ def start_server(model: str, port: int, cache_mb: float) -> subprocess.Popen:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not start in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn shuts down cleanly), then SIGKILL if it is still there after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main() -> int:
@@ -137,11 +167,7 @@ def main() -> int:
     try:
         return run_load(proc, port, args)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         tmp.cleanup()
 
 
@@ -152,8 +178,10 @@ def run_load(proc: subprocess.Popen, port: int, args: argparse.Namespace) -> int
         raise SystemExit(f"the first upload failed: HTTP {status}")
     image_id, w, h = first["image_id"], first["width"], first["height"]
     rss_before = rss_mb(proc.pid)
-    print(f"server pid {proc.pid} on 127.0.0.1:{port}, RSS after the first upload {rss_before:.0f} MB; "
-          f"{args.clients} clients for {args.duration:.0f} s, cache {args.cache_mb:.0f} MB")
+    print(
+        f"server pid {proc.pid} on 127.0.0.1:{port}, RSS after the first upload {rss_before:.0f} MB; "
+        f"{args.clients} clients for {args.duration:.0f} s, cache {args.cache_mb:.0f} MB"
+    )
 
     lat: dict[str, list[float]] = {"predict": [], "upload": []}
     errors: list[str] = []
@@ -211,12 +239,16 @@ def run_load(proc: subprocess.Popen, port: int, args: argparse.Namespace) -> int
     for kind, xs in lat.items():
         if xs:
             p50, p95 = np.percentile(xs, [50, 95])
-            print(f"  {kind:8s} n={len(xs):6d}  p50 {1000 * p50:7.1f} ms  p95 {1000 * p95:7.1f} ms  "
-                  f"max {1000 * max(xs):7.1f} ms")
+            print(
+                f"  {kind:8s} n={len(xs):6d}  p50 {1000 * p50:7.1f} ms  p95 {1000 * p95:7.1f} ms  "
+                f"max {1000 * max(xs):7.1f} ms"
+            )
     if errors:
         print("  first errors: " + ", ".join(errors[:5]))
-    print(f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after "
-          f"(cache limit {args.cache_mb:.0f} MB, {next_image[0] - 1} new images uploaded)")
+    print(
+        f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after "
+        f"(cache limit {args.cache_mb:.0f} MB, {next_image[0] - 1} new images uploaded)"
+    )
     return 1 if errors else 0
 
 

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,train,serve,onnx,ray]"
+.venv/bin/python -m pip install -q -e ".[dev,train,serve,onnx,ray,text]"
 # Tests of the web tool: fastapi's TestClient needs httpx; the browser test drives Debian's Chromium with
 # Playwright (its own browser download is never used).
 .venv/bin/python -m pip install -q "httpx>=0.27" "playwright>=1.45"

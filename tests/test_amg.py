@@ -244,7 +244,7 @@ def test_parity_explicit_point_grid(models):
 
 def test_fast_decoder_matches_the_model(models):
     """The re-associated decoder of the generator gives the model's own logits and IoUs."""
-    from segany.automatic.generator import _PointGridDecoder
+    from segany.modeling.fast_decoder import ReassociatedDecoder
 
     _ref, ours, image, _sa = models
     pred = segany.SamPredictor(ours)
@@ -255,8 +255,8 @@ def test_fast_decoder_matches_the_model(models):
         want_low, want_iou = ours.mask_decoder.predict_masks(
             pred.features, ours.prompt_encoder.get_dense_pe(), sparse, dense
         )
-        assert _PointGridDecoder.supports(ours)
-        dec = _PointGridDecoder(ours, pred.features)
+        assert ReassociatedDecoder.supports(ours)
+        dec = ReassociatedDecoder.for_model(ours, pred.features)
         iou, mask_tokens, keys = dec.tokens(sparse)
         low = dec.masks(keys, mask_tokens, [0, 1, 2, 3])
     assert torch.allclose(iou, want_iou, atol=1e-5)
@@ -264,8 +264,10 @@ def test_fast_decoder_matches_the_model(models):
     assert float((low - want_low).abs().max()) <= 1e-5 * scale
 
 
-@pytest.mark.parametrize(("input_size", "original_size"), [((192, 256), (96, 128)), ((171, 256), (100, 150)),
-                                                          ((256, 256), (64, 64)), ((256, 13), (512, 26))])
+@pytest.mark.parametrize(
+    ("input_size", "original_size"),
+    [((192, 256), (96, 128)), ((171, 256), (100, 150)), ((256, 256), (64, 64)), ((256, 13), (512, 26))],
+)
 def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_size):
     from segany.automatic.generator import _low_res_rows, _upsample
 
@@ -279,13 +281,13 @@ def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_siz
 
 
 def test_decode_chunking_does_not_change_results(models, monkeypatch):
-    import segany.automatic.generator as gen
+    import segany.modeling.fast_decoder as fast_decoder
 
     _ref, ours, image, _sa = models
     kwargs = {**LOW_THRESHOLDS, "points_per_side": 8}
     results = []
     for chunk in (1, 3, 64):
-        monkeypatch.setattr(gen, "DECODE_CHUNK", chunk)
+        monkeypatch.setattr(fast_decoder, "DECODE_CHUNK", chunk)
         results.append(SamAutomaticMaskGenerator(ours, **kwargs, output_mode="coco_rle").generate(image))
     assert results[0]
     for other in results[1:]:
@@ -297,7 +299,7 @@ def test_decode_workers_same_results_and_settings_kept(models):
     """Prompts shared among one-core worker threads: same outputs; the caller's thread count is kept."""
     import threading
 
-    from segany.automatic.generator import _PointGridDecoder
+    from segany.modeling.fast_decoder import ReassociatedDecoder
 
     _ref, ours, image, _sa = models
     pred = segany.SamPredictor(ours)
@@ -307,7 +309,7 @@ def test_decode_workers_same_results_and_settings_kept(models):
     try:
         with torch.inference_mode():
             sparse, _ = ours.prompt_encoder(points=(pts, torch.ones(21, 1, dtype=torch.int)), boxes=None, masks=None)
-            dec = _PointGridDecoder(ours, pred.features)
+            dec = ReassociatedDecoder.for_model(ours, pred.features)
             region = dec.region(pred.input_size)
             shared = dec.decode(sparse, [1, 2, 3], 0.8, region)
             alone = dec._decode(sparse, [1, 2, 3], 0.8, region)

@@ -198,6 +198,27 @@ def test_page_segments_in_the_browser(browser, server, tmp_path, tmp_path_factor
                            "document.getElementById('status').classList.contains('error')", timeout=120_000)
     assert page.evaluate("window.segany.everything !== null"), page.inner_text("#status")
 
+    # The text box: one mask for a text, then one per object; a model without a text head answers with
+    # the server's message in the status line.
+    page.click("#everything")  # back from the "everything" view
+    page.fill("#text", "the red rectangle")
+    page.click("#find")
+    page.wait_for_function("window.segany.candidates.length >= 1 || "
+                           "document.getElementById('status').classList.contains('error')", timeout=60_000)
+    if page.evaluate("window.segany.candidates.length") >= 1:
+        assert page.evaluate("window.segany.candidates.length") == 1
+        assert page.evaluate("window.segany.text") == "the red rectangle"
+        page.select_option("#instances", "5")
+        page.fill("#text", "the red rectangles")
+        page.click("#find")
+        page.wait_for_function("window.segany.text === 'the red rectangles' && "
+                               "!document.getElementById('status').textContent.startsWith('Predicting')",
+                               timeout=60_000)
+        assert page.evaluate("window.segany.candidates.length") <= 5
+        assert "failed" not in page.inner_text("#status")
+    else:
+        assert "text head" in page.inner_text("#status")
+
     assert errors == [], errors
 
     # The API docs render offline (Swagger UI from the npm install, not from a CDN).

@@ -240,6 +240,7 @@ def load_model(
     name_or_path: str | os.PathLike = "default",
     device: str | torch.device = "cpu",
     config: SamConfig | None = None,
+    text_head: str | os.PathLike | None = "auto",
 ) -> Sam:
     """Load a SAM model from a known name or a checkpoint file, in eval mode.
 
@@ -247,6 +248,8 @@ def load_model(
         name_or_path: "default", an official model name (see ``segany models``) or a file path.
         device: where to put the model.
         config: force an architecture instead of detecting it.
+        text_head: a text head file to attach as ``model.text_head``; "auto" attaches
+            ``<model stem>_text.safetensors`` when it lies beside the model file; None attaches nothing.
     """
     path = resolve_model_path(name_or_path)
     sd, meta = _read_state_dict(path)
@@ -260,6 +263,12 @@ def load_model(
             config = infer_config(sd)
     model = build_sam(config)
     _load_weights(model, sd, str(path))
+    if text_head is not None:
+        from segany.text.head import attach_text_head, text_head_path
+
+        head_file = text_head_path(path) if str(text_head) == "auto" else Path(text_head)
+        if str(text_head) != "auto" or head_file.is_file():
+            attach_text_head(model, head_file)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:
@@ -281,6 +290,8 @@ def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
         raise ValueError("the model has no config; build it with build_sam(config)")
     sd = {}
     for k, v in model.state_dict().items():
+        if k.startswith("text_head."):  # the text head has its own file (segany.text.head)
+            continue
         v = v.detach().cpu().contiguous()
         if half and v.is_floating_point():
             v = v.half()

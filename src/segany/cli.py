@@ -70,6 +70,12 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", action="append", default=[], metavar="X,Y", help="negative point (repeatable)")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt in pixels")
     p.add_argument("--multimask", action="store_true", help="write the 3 candidate masks, best first")
+    p.add_argument("--text", help='text prompt, e.g. "the cat" (needs a model with a text head, or --detector)')
+    p.add_argument(
+        "--instances", type=int, metavar="N",
+        help="with --text: one mask per matching object, at most N, best first (default: one mask for all of them)",
+    )
+    p.add_argument("--detector", metavar="DIR", help="with --text: an OWLv2 / Grounding DINO folder on disk")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
     add_model_arg(p)
 
@@ -79,16 +85,25 @@ def _segment_run(args: argparse.Namespace) -> int:
 
     points = [(parse_xy(t), 1) for t in args.point] + [(parse_xy(t, "negative point"), 0) for t in args.negative]
     box = parse_box(args.box) if args.box else None
-    if not points and box is None:
-        raise SegAnyError("give at least one prompt: --point X,Y, --negative X,Y or --box X0,Y0,X1,Y1")
+    if args.text is None and (args.instances is not None or args.detector is not None):
+        raise SegAnyError("--instances and --detector go with --text")
+    if not points and box is None and args.text is None:
+        raise SegAnyError('give at least one prompt: --point X,Y, --negative X,Y, --box X0,Y0,X1,Y1 or --text "..."')
+    if args.instances is not None and (args.instances < 1 or points or box is not None):
+        raise SegAnyError("--instances takes a positive number and a text alone (no points or box)")
     t0 = time.perf_counter()
     result = segment_image(
-        Path(args.image), points, box, Path(args.out), model=args.model, device=args.device, multimask=args.multimask
+        Path(args.image), points, box, Path(args.out), model=args.model, device=args.device, multimask=args.multimask,
+        text=args.text, instances=args.instances, detector=args.detector,
     )
+    took = f"-> {args.out} ({time.perf_counter() - t0:.2f} s)"
+    if not result["masks"]:
+        print(f"{args.image}: no mask matches the text {args.text!r} {took}")
+        return 0
     best = result["masks"][0]
     print(
         f"{args.image}: {len(result['masks'])} mask(s), best score {best['predicted_iou']:.3f}, "
-        f"area {best['area']} px -> {args.out} ({time.perf_counter() - t0:.2f} s)"
+        f"area {best['area']} px {took}"
     )
     return 0
 
@@ -127,7 +142,7 @@ def _convert_run(args: argparse.Namespace) -> int:
     return 0
 
 
-register("segment", "segment an image from point / box prompts", _segment_args, _segment_run)
+register("segment", "segment an image from point / box / text prompts", _segment_args, _segment_run)
 register("models", "list the known model names and the files they need", lambda p: None, _models_run)
 register("convert", "convert a checkpoint to segany's .safetensors format", _convert_args, _convert_run)
 

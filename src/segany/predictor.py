@@ -68,12 +68,26 @@ def check_prompts(
     return coords, labels, b, m
 
 
+def check_image(image: np.ndarray) -> None:
+    """An image for the model must be an ``H x W x 3`` uint8 array with pixels; else SegAnyError."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise SegAnyError(f"image must be an H x W x 3 array, got shape {shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise SegAnyError(f"image has no pixels: shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise SegAnyError(f"image must be uint8, got {image.dtype}")
+
+
 class SamPredictor:
     """Efficient repeated prompting of one image with a :class:`Sam` model."""
 
-    def __init__(self, sam_model: Sam) -> None:
+    def __init__(self, sam_model: Sam, text_detector=None) -> None:
+        """``text_detector``: an optional :class:`segany.text.grounding.OpenVocabularyDetector`; when set,
+        text prompts go text -> detector boxes -> masks instead of through the model's text head."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
+        self.text_detector = text_detector
         self.reset_image()
 
     # -- image -------------------------------------------------------------------------------------
@@ -82,18 +96,15 @@ class SamPredictor:
         """Compute the embedding of an ``H x W x 3`` uint8 image (``image_format`` "RGB" or "BGR")."""
         if image_format not in ("RGB", "BGR"):
             raise SegAnyError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            shape = getattr(image, "shape", None)
-            raise SegAnyError(f"image must be an H x W x 3 array, got shape {shape}")
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise SegAnyError(f"image has no pixels: shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise SegAnyError(f"image must be uint8, got {image.dtype}")
+        check_image(image)
         if image_format != self.model.image_format:
             image = image[..., ::-1]
         input_image = self.transform.apply_image(np.ascontiguousarray(image))
         input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
         self.set_torch_image(input_torch, image.shape[:2])
+        if self.text_detector is not None:  # the detector looks at the pixels, not the embedding
+            rgb = image if self.model.image_format == "RGB" else image[..., ::-1]
+            self.image_rgb = np.ascontiguousarray(rgb)
 
     @torch.inference_mode()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
@@ -112,16 +123,25 @@ class SamPredictor:
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         self.features = self.model.image_encoder(x)
+        if getattr(self.model, "text_head", None) is not None:
+            self._text_input = x  # the text head's pixel path runs on first text prompt only
         self.is_image_set = True
 
     def set_embedding(
-        self, embedding: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int] | None = None
+        self,
+        embedding: torch.Tensor,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int] | None = None,
+        text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`)."""
+        """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), and for text
+        prompts the text head's pixel features (:meth:`get_text_features`) of the same image."""
         self.reset_image()
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
         self.features = embedding.to(self.device)
+        if text_features is not None:
+            self.text_features = tuple(t.to(self.device) for t in text_features)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -135,6 +155,9 @@ class SamPredictor:
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
         self.input_size = None
+        self.image_rgb = None
+        self._text_input = None
+        self.text_features = None
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +177,7 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt set, in the original image frame.
 
@@ -162,10 +186,18 @@ class SamPredictor:
             box: ``4`` XYXY pixels. mask_input: ``1 x 256 x 256`` low-res logits from an earlier call.
             multimask_output: 3 masks for an ambiguous prompt (True) or 1 (False).
             return_logits: return logits instead of binary masks.
+            text: a phrase ("the cat"), alone or with points/box. It goes through the model's text head
+                (one mask: text is not ambiguous the way a click is, so ``multimask_output`` is not
+                used), or, with a ``text_detector``, to the detector's best box (see
+                :meth:`predict_instances` for one mask per matching object).
         Returns:
             masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x 256 x 256``.
         """
         self._require_image()
+        if text is not None and self.text_detector is not None:
+            from segany.text.instances import predict_with_detector
+
+            return predict_with_detector(self, text, point_coords, point_labels, box, mask_input, return_logits)
         coords, labels, b, m = check_prompts(
             point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size
         )
@@ -181,8 +213,10 @@ class SamPredictor:
             box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
         if m is not None:
             mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)[None]
+        text_t = self.embed_text([text]) if text is not None else None
         masks, iou, low_res = self.predict_torch(
-            coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits
+            coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits,
+            text_embeddings=text_t,
         )
         return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
 
@@ -195,26 +229,95 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text_embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B prompt sets at once, already in the resized frame (see ``self.transform``).
 
         Args:
             point_coords: ``B x N x 2``; point_labels: ``B x N``; boxes: ``B x 4``;
             mask_input: ``B x 1 x 256 x 256``.
+            text_embeddings: ``B x D`` sentence vectors (:meth:`embed_text`): decoded by the text head,
+                one mask each (C = 1).
         Returns:
             masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x 256 x 256``.
         """
-        self._require_image()
-        points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        low_res, iou = self.predict_low_res(
+            point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings
         )
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou, low_res
+
+    @torch.inference_mode()
+    def predict_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        text_embeddings: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_torch` without the upsampling: low-res logits ``B x C x 4h x 4w``, IoUs ``B x C``."""
+        self._require_image()
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        pe = self.model.prompt_encoder.get_dense_pe()
+        if text_embeddings is not None:
+            return self._text_head().decode(
+                text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
+            )
+        return self.model.mask_decoder(
+            image_embeddings=self.features,
+            image_pe=pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    # -- text ----------------------------------------------------------------------------------------
+
+    def _text_head(self):
+        head = getattr(self.model, "text_head", None)
+        if head is None:
+            raise SegAnyError(
+                "this model has no text head: train one (segany train-text) or give the predictor a "
+                "text_detector (segany.text.grounding)"
+            )
+        return head
+
+    @torch.inference_mode()
+    def get_text_features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The text head's pixel features of the current image (None when the head has no pixel path)."""
+        self._require_image()
+        head = self._text_head()
+        if head.pixels is None:
+            return None
+        if self.text_features is None:
+            if self._text_input is None:
+                raise SegAnyError(
+                    "text prompts need the image's pixel features: use set_image, or give set_embedding the "
+                    "text_features of get_text_features()"
+                )
+            self.text_features = head.image_features(self._text_input)
+            self._text_input = None
+        return self.text_features
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """``N x D`` sentence vectors of ``texts`` from the text head's frozen sentence encoder."""
+        from segany.modeling.text_encoder import load_sentence_encoder
+
+        return load_sentence_encoder(self._text_head().config.sentence_encoder).encode(texts).to(self.device)
+
+    def predict_instances(
+        self, text: str, max_instances: int = 5, min_score: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per object that ``text`` names ("the people"), best first.
+
+        Returns:
+            masks ``K x H x W`` bool and scores ``K`` (K <= ``max_instances``), sorted by score.
+        """
+        from segany.text.instances import predict_instances
+
+        return predict_instances(self, text, max_instances=max_instances, min_score=min_score)

@@ -32,8 +32,15 @@ def segment_image(
     model: str = "default",
     device: str = "cpu",
     multimask: bool = False,
+    text: str | None = None,
+    instances: int | None = None,
+    detector: str | None = None,
 ) -> dict[str, Any]:
-    """Run the predictor on one image and write ``mask*.png``, ``overlay.png`` and ``result.json``."""
+    """Run the predictor on one image and write ``mask*.png``, ``overlay.png`` and ``result.json``.
+
+    ``text``: a text prompt (with or without points / box); ``instances``: with a text alone, one mask per
+    matching object, at most that many; ``detector``: an open-vocabulary detector folder for the text.
+    """
     from segany.checkpoint import load_model
     from segany.io.atomic import atomic_write_json
     from segany.io.images import load_image
@@ -48,17 +55,28 @@ def segment_image(
     if out_dir.exists() and not out_dir.is_dir():
         raise SegAnyError(f"{out_dir}: exists and is not a folder")
     sam = load_model(model, device=device)
-    predictor = SamPredictor(sam)
+    text_detector = None
+    if detector is not None:
+        from segany.text.grounding import OpenVocabularyDetector
+
+        text_detector = OpenVocabularyDetector.from_pretrained(detector, device=device)
+    predictor = SamPredictor(sam, text_detector=text_detector)
     predictor.set_image(image)
     coords = np.array([p for p, _ in points], dtype=np.float64) if points else None
     labels = np.array([lab for _, lab in points], dtype=np.int64) if points else None
     box_arr = np.array(box, dtype=np.float64) if box is not None else None
-    # One ambiguous prompt: ask for 3 masks and keep the best, as the paper recommends.
-    ambiguous = box is None and len(points) == 1
-    masks, scores, _ = predictor.predict(coords, labels, box_arr, multimask_output=multimask or ambiguous)
-    order = np.argsort(-scores)
-    if not multimask:
-        order = order[:1]
+    if instances is not None:
+        masks, scores = predictor.predict_instances(text, max_instances=instances)
+        order = np.arange(len(masks))  # already best first
+    else:
+        # One ambiguous prompt: ask for 3 masks and keep the best, as the paper recommends.
+        ambiguous = box is None and len(points) == 1 and text is None
+        masks, scores, _ = predictor.predict(
+            coords, labels, box_arr, multimask_output=multimask or ambiguous, text=text
+        )
+        order = np.argsort(-scores)
+        if not multimask:
+            order = order[:1]
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for rank, i in enumerate(order):
@@ -77,7 +95,7 @@ def segment_image(
         )
     overlay = overlay_masks(
         image,
-        [masks[order[0]]],
+        [masks[i] for i in order] if instances is not None else [masks[i] for i in order[:1]],
         points=coords,
         labels=labels,
         boxes=None if box_arr is None else box_arr[None],
@@ -92,6 +110,8 @@ def segment_image(
             "points": [[x, y] for (x, y), lab in points if lab == 1],
             "negative_points": [[x, y] for (x, y), lab in points if lab == 0],
             "box": list(box) if box is not None else None,
+            "text": text,
+            "instances": instances,
         },
         "masks": records,
     }

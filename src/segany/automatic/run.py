@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from segany.errors import SegAnyError
+from segany.io.atomic import remove_stray_temp_files
 
 FORMATS = ("sa1b", "coco", "png")
 PARTS = ".parts"
 COCO_FILE = "annotations.json"
-# Temporary files of segany.io.atomic.atomic_write: ".<name>.<random>.tmp" beside the target.
-_TMP_FILE = re.compile(r"^\..+\.tmp$")
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -43,6 +41,7 @@ _TMP_FILE = re.compile(r"^\..+\.tmp$")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     from segany.cli import add_model_arg
+    from segany.perf import add_speed_args
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
@@ -66,6 +65,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png (all masks over the image)")
     p.add_argument("--cutouts", action="store_true", help="also write NAME_cutouts/<i>.png (RGBA, one per mask)")
     add_model_arg(p)
+    add_speed_args(p)
     p.error = _one_line_error  # type: ignore[method-assign]
 
 
@@ -193,22 +193,6 @@ class Outputs:
         return True
 
 
-def remove_stray_temp_files(out_dir: Path) -> int:
-    """Delete the temporary files of atomic writes that a killed run left in ``out_dir``."""
-    n = 0
-    if not out_dir.is_dir():
-        return 0
-    for root, _dirs, files in os.walk(out_dir):
-        for f in files:
-            if _TMP_FILE.match(f):
-                try:
-                    os.unlink(os.path.join(root, f))
-                    n += 1
-                except OSError:
-                    pass
-    return n
-
-
 # -- one image -------------------------------------------------------------------------------------
 
 
@@ -273,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     from segany.automatic.generator import SamAutomaticMaskGenerator
     from segany.checkpoint import load_model
     from segany.io.images import load_image
+    from segany.perf import apply_speed_args
 
     t0 = time.perf_counter()
     kwargs = generator_kwargs(args)
@@ -291,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
     # The model is loaded once, and only when there is work; a model that cannot be loaded ends the run.
     generator = None
     if not all(done_before):
-        generator = SamAutomaticMaskGenerator(load_model(args.model, device=args.device), **kwargs)
+        model = apply_speed_args(load_model(args.model, device=args.device), args)
+        generator = SamAutomaticMaskGenerator(model, **kwargs)
     n_done = n_failed = n_masks = 0
     ok = list(done_before)
 

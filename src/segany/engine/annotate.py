@@ -22,6 +22,7 @@ from typing import Any
 
 from segany.engine.dataset import STAGES, DatasetLayout, Manifest, dataset_names, is_done_on_disk, writer_lock
 from segany.errors import SegAnyError
+from segany.io.atomic import remove_stray_temp_files
 from segany.io.sa1b import SCORE_KEYS
 
 #: Test hook: seconds to sleep between writing an image's files and marking it done (the window a kill
@@ -254,7 +255,6 @@ def annotate(
     """
     from tqdm import tqdm
 
-    from segany.automatic.run import remove_stray_temp_files
     from segany.checkpoint import resolve_model_path
 
     t0 = time.perf_counter()

@@ -165,17 +165,17 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         )
 
 
-def _stamp_metadata(path: Path, meta: dict[str, str]) -> None:
-    """Add ``meta`` to the ONNX file's ``metadata_props`` and rewrite it atomically."""
+def _stamp_metadata(src: Path, meta: dict[str, str], dst: Path) -> None:
+    """Write ``src`` with ``meta`` added to its ``metadata_props`` to ``dst``, atomically."""
     import onnx
 
     from segany.io.atomic import atomic_write_bytes
 
-    m = onnx.load(str(path))
+    m = onnx.load(str(src))
     for k, v in meta.items():
         prop = m.metadata_props.add()
         prop.key, prop.value = k, v
-    atomic_write_bytes(path, m.SerializeToString())
+    atomic_write_bytes(dst, m.SerializeToString())
 
 
 def _tmp_path(path: Path) -> Path:
@@ -228,7 +228,8 @@ def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPS
 
 def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
            opset: int, meta: dict[str, str], quantize: bool) -> None:
-    """Export to a temporary file, optionally quantize, stamp the metadata, then move into place."""
+    """Export to a temporary file, optionally quantize, then write it with its metadata to ``path``
+    (atomically: temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -241,8 +242,7 @@ def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], output
             finally:
                 qtmp.unlink(missing_ok=True)
             meta = meta | {"segany_quantized": "dynamic_uint8"}
-        _stamp_metadata(tmp, meta)
-        os.replace(tmp, path)
+        _stamp_metadata(tmp, meta, path)
     finally:
         tmp.unlink(missing_ok=True)
 

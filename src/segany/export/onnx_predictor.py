@@ -37,21 +37,25 @@ class OnnxSamPredictor:
     """``set_image`` once, ``predict`` many times, with onnxruntime.
 
     Args:
-        encoder_path: an ``export_encoder`` file (input ``image``, preprocessed ``1 x 3 x S x S``).
+        encoder_path: an ``export_encoder`` file (input ``image``, preprocessed ``1 x 3 x S x S``); None for
+            a decoder alone, given embeddings computed elsewhere with :meth:`set_embedding`.
         decoder_path: an ``export_decoder`` file (the official decoder interface).
         threads: onnxruntime intra-op threads (None: its default).
     """
 
-    def __init__(self, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, threads: int | None = None):
-        meta = read_metadata(encoder_path)
+    def __init__(
+        self, encoder_path: str | os.PathLike | None, decoder_path: str | os.PathLike, threads: int | None = None
+    ):
+        described = encoder_path if encoder_path is not None else decoder_path
+        meta = read_metadata(described)
         if "segany_image_size" not in meta:
-            raise SegAnyError(f"{encoder_path}: no segany metadata; export it with `segany export-onnx --encoder`")
+            raise SegAnyError(f"{described}: no segany metadata; export it with `segany export-onnx`")
         self.image_size = int(meta["segany_image_size"])
         self.pixel_mean = np.array(json.loads(meta["segany_pixel_mean"]), dtype=np.float32).reshape(1, 1, 3)
         self.pixel_std = np.array(json.loads(meta["segany_pixel_std"]), dtype=np.float32).reshape(1, 1, 3)
         self.mask_threshold = float(meta.get("segany_mask_threshold", 0.0))
         self.single_mask_decoder = read_metadata(decoder_path).get("segany_return_single_mask") == "1"
-        self.encoder = _session(encoder_path, threads)
+        self.encoder = _session(encoder_path, threads) if encoder_path is not None else None
         self.decoder = _session(decoder_path, threads)
         names = [i.name for i in self.decoder.get_inputs()]
         if names != DECODER_INPUTS:
@@ -85,6 +89,8 @@ class OnnxSamPredictor:
             raise SegAnyError(f"image has no pixels: shape {image.shape}")
         if image_format == "BGR":
             image = image[..., ::-1]
+        if self.encoder is None:
+            raise SegAnyError("this predictor has no encoder: give embeddings with set_embedding")
         features = self.encoder.run(None, {ENCODER_INPUT: self.preprocess(image)})[0]
         self.set_embedding(features, image.shape[:2])
 

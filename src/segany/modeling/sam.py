@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.modeling import postprocess
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 
@@ -33,6 +34,9 @@ class Sam(nn.Module):
         self.mask_decoder = mask_decoder
         self.image_size = image_size
         self.config = config
+        # Optional text prompt head (segany.modeling.text_prompt.TextHead), attached by load_model when
+        # the model file has a ``<stem>_text.safetensors`` beside it; kept out of the model's own file.
+        self.text_head: nn.Module | None = None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -51,8 +55,11 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits ``B x M x 4h x 4w`` -> ``B x M x H x W`` logits in the original frame.
 
-        Upsample to the padded input size, drop the padding, then resize to the original size.
+        Upsample to the padded input size, drop the padding, then resize to the original size. On a CPU
+        at inference this runs as two matrix products (same function; see :mod:`segany.modeling.postprocess`).
         """
+        if postprocess.use_matrix_path(masks, self.image_size, original_size):
+            return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size)
         masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

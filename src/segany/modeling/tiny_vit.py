@@ -5,6 +5,10 @@ learned per-offset bias and a depth-wise "local" convolution. The last patch mer
 resolution so the embedding has SAM's stride of 16. State-dict keys follow MobileSAM's
 ``tiny_vit_sam.py`` (Conv2d_BN as ``c`` + ``bn``) so ``mobile_sam.pt`` loads unchanged; unlike it,
 resolutions are read from the input at run time, so any input size that is a multiple of 16 works.
+
+Inference (no autograd, eval mode) is the same function computed with less memory traffic: each batch
+norm is folded into its convolution, the convolutions run channels-last (the layout the attention stages
+use anyway, so the hand-overs between them are views), and activations are applied in place.
 """
 
 from __future__ import annotations
@@ -15,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling.common import DropPath, LayerNorm2d
+from segany.modeling.common import DropPath, LayerNorm2d, eager_inference
+
+
+def _gelu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    # In place at inference: the first stage's activations are 64 MB each at 1024 pixels.
+    return torch.ops.aten.gelu_(x) if inplace else F.gelu(x)
 
 
 class Conv2dBN(nn.Sequential):
-    """Convolution (no bias) followed by batch norm; the keys are ``c.*`` and ``bn.*``."""
+    """Convolution (no bias) followed by batch norm; the keys are ``c.*`` and ``bn.*``.
+
+    At inference the batch norm is folded into the convolution (one pass over the output, not two).
+    """
 
     def __init__(
         self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0
@@ -30,6 +42,14 @@ class Conv2dBN(nn.Sequential):
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not eager_inference(self):
+            return self.bn(self.c(x))
+        c, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = c.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, bn.bias - bn.running_mean * scale, c.stride, c.padding, c.dilation, c.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -60,8 +80,11 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act2(self.conv2(self.act1(self.conv1(x))))
-        return self.act3(x + self.drop_path(self.conv3(y)))
+        if not eager_inference(self):
+            y = self.act2(self.conv2(self.act1(self.conv1(x))))
+            return self.act3(x + self.drop_path(self.conv3(y)))
+        y = _gelu(self.conv2(_gelu(self.conv1(x), True)), True)
+        return _gelu(self.conv3(y).add_(x), True)
 
 
 class PatchMerging(nn.Module):
@@ -75,8 +98,8 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2dBN(out_dim, out_dim, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x
+        inplace = eager_inference(self)
+        return self.conv3(_gelu(self.conv2(_gelu(self.conv1(x), inplace)), inplace))
 
 
 class ConvLayer(nn.Module):
@@ -133,7 +156,8 @@ class Attention(nn.Module):
         x = self.norm(x)
         q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        # 4-D: with a 3-D mask SDPA falls back to its unfused path on CPU.
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
@@ -257,6 +281,10 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if eager_inference(self):
+            # Channels-last from the start: the convolutions run faster so, and the stages' token
+            # layout (B x HW x C) is then a view of their feature maps.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.layers[0](self.patch_embed(x))
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)

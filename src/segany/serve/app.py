@@ -4,8 +4,9 @@ Endpoints (OpenAPI docs at ``/docs``):
 
 - ``POST /api/images``: an image (raw ``image/*`` body or multipart ``file``) -> ``image_id`` (sha256 of
   the bytes), width, height. The embedding is computed once and kept in a byte-bounded LRU cache.
-- ``POST /api/images/{id}/predict``: points / box / earlier logits -> masks (COCO RLE or PNG), scores,
-  and a ``logits`` handle per mask to refine it with the next call.
+- ``POST /api/images/{id}/predict``: points / box / earlier logits / text -> masks (COCO RLE or PNG),
+  scores, and a ``logits`` handle per mask to refine it with the next call; ``text`` with ``instances``:
+  one mask per object the text names.
 - ``POST /api/images/{id}/everything``: automatic masks (bounded generator options).
 - ``GET /api/images/{id}/embedding``: the raw embedding (float32 / float16, little-endian) with its shape
   in headers, for the in-browser decoder.
@@ -126,9 +127,9 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     def ingest(data: bytes, image_id: str, ext: str) -> ImageEntry:
         image = decode_image(data, name="upload", max_pixels=s.max_pixels)
-        embedding, input_size = engine.embed(image)
+        embedding, input_size, text_features = engine.embed(image)
         h, w = image.shape[:2]
-        entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding)
+        entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding, text_features)
         cache.put(image_id, entry, entry.nbytes)
         return entry
 
@@ -161,8 +162,14 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
             raise HTTPException(400, f"{len(req.points)} points but {len(req.labels)} labels")
         if any(lab not in (0, 1) for lab in req.labels):
             raise HTTPException(400, "labels must be 1 (positive) or 0 (negative)")
-        if not req.points and req.box is None:
-            raise HTTPException(400, "give at least one point or a box")
+        if not req.points and req.box is None and req.text is None:
+            raise HTTPException(400, "give at least one point, a box or a text")
+        if req.instances is not None:
+            if req.text is None or req.points or req.box is not None or req.mask_input is not None:
+                raise HTTPException(400, "instances goes with a text alone (no points, box or mask_input)")
+            inst, inst_scores = engine.predict_instances(entry, req.text, req.instances)
+            return {"image_id": image_id, "width": entry.width, "height": entry.height,
+                    "masks": [mask_record(m, float(sc), req.format) for m, sc in zip(inst, inst_scores)]}
         mask_input = None
         if req.mask_input is not None:
             previous = logits.get(image_id, req.mask_input)
@@ -172,7 +179,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         points = np.array(req.points, dtype=np.float64) if req.points else None
         labels = np.array(req.labels, dtype=np.int64) if req.points else None
         box = np.array(req.box, dtype=np.float64) if req.box is not None else None
-        masks, scores, low_res = engine.predict(entry, points, labels, box, mask_input, req.multimask)
+        masks, scores, low_res = engine.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
         out = []
         for m, sc, lr in zip(masks, scores, low_res):
             rec = mask_record(m, float(sc), req.format)

@@ -86,7 +86,7 @@ class ImageEntry:
     Attributes:
         data: the uploaded file, unchanged. ext: its format's file suffix (".jpg", ".png", ...).
         height, width: of the decoded, upright image. input_size: ``(h, w)`` after ResizeLongestSide.
-        embedding: ``1 x C x e x e`` float32 (CPU).
+        embedding: ``1 x C x e x e`` float32 (CPU). text_features: for a model with a text head.
     """
 
     image_id: str
@@ -96,11 +96,13 @@ class ImageEntry:
     width: int
     input_size: tuple[int, int]
     embedding: torch.Tensor
+    text_features: tuple[torch.Tensor, ...] | None = None  #: the text head's pixel features, if any
 
     @property
     def nbytes(self) -> int:
         """Bytes to count in the cache."""
-        return len(self.data) + self.embedding.numel() * self.embedding.element_size()
+        tensors = (self.embedding, *(self.text_features or ()))
+        return len(self.data) + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class LogitsStore:

@@ -71,18 +71,23 @@ class Engine:
             "mask_threshold": float(self.model.mask_threshold),
         }
 
-    def embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``H x W x 3`` uint8 -> (``1 x C x e x e`` float32 CPU embedding, resized ``(h, w)``)."""
-        def work() -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
+        """``H x W x 3`` uint8 -> (``1 x C x e x e`` float32 CPU embedding, resized ``(h, w)``, the text
+        head's pixel features or None)."""
+        def work() -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
             predictor = SamPredictor(self.model)
             predictor.set_image(image)
-            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size
+            text = predictor.get_text_features() if self.model.text_head is not None else None
+            cpu = None if text is None else tuple(t.detach().to("cpu", torch.float32).clone() for t in text)
+            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size, cpu
 
         return self.run(work)
 
     def _predictor(self, entry: ImageEntry) -> SamPredictor:
         predictor = SamPredictor(self.model)
-        predictor.set_embedding(entry.embedding, (entry.height, entry.width), entry.input_size)
+        predictor.set_embedding(
+            entry.embedding, (entry.height, entry.width), entry.input_size, text_features=entry.text_features
+        )
         return predictor
 
     def predict(
@@ -93,12 +98,19 @@ class Engine:
         box: np.ndarray | None,
         mask_input: np.ndarray | None,
         multimask: bool,
+        text: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``SamPredictor.predict`` on the cached embedding: masks ``C x H x W`` bool, scores ``C``,
         low-res logits ``C x 4e x 4e``. Raises SegAnyError for bad prompts."""
         return self.run(
-            lambda: self._predictor(entry).predict(points, labels, box, mask_input, multimask_output=multimask)
+            lambda: self._predictor(entry).predict(
+                points, labels, box, mask_input, multimask_output=multimask, text=text
+            )
         )
+
+    def predict_instances(self, entry: ImageEntry, text: str, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
+        """``SamPredictor.predict_instances``: one mask per object the text names, best first."""
+        return self.run(lambda: self._predictor(entry).predict_instances(text, max_instances=max_instances))
 
     def everything(self, entry: ImageEntry, image: np.ndarray, options: dict[str, Any]) -> list[dict[str, Any]]:
         """``SamAutomaticMaskGenerator(**options).generate(image)`` with COCO RLE records.

@@ -11,6 +11,9 @@ MAX_POINTS = 64
 #: Masks in one annotation save.
 MAX_ANNOTATIONS = 2000
 IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
+#: Text prompts are phrases; instances per text answer.
+MAX_TEXT = 200
+MAX_INSTANCES = 20
 
 
 class PredictRequest(BaseModel):
@@ -24,6 +27,10 @@ class PredictRequest(BaseModel):
     mask_input: str | None = Field(None, max_length=64,
                                    description="a 'logits' handle from an earlier answer, to refine that mask")
     multimask: bool = Field(True, description="3 candidate masks (true) or 1 (false)")
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT,
+                             description='a text prompt ("the cat"), alone or with points / box; one mask')
+    instances: int | None = Field(None, ge=1, le=MAX_INSTANCES,
+                                  description="with a text alone: one mask per matching object, at most this many")
     format: Literal["rle", "png"] = Field("rle", description="COCO RLE, or PNG as base64")
 
 

@@ -20,3 +20,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 register("train", "train or fine-tune a model (the paper's simulated interactive training)", add_args, run)
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML of TextTrainConfig options (see configs/text_default.yaml)")
+    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--out-dir", help="override out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from segany.training.text_train import TextTrainConfig, train_text_head
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
+    path = train_text_head(TextTrainConfig.from_yaml(args.config, overrides), progress=not args.quiet)
+    print(f"text head: {path}")
+    return 0
+
+
+register("train-text", "train a text head (text prompts) on a frozen model", add_text_args, run_text)

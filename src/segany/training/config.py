@@ -27,6 +27,22 @@ DATASET_TYPES = ("synthetic", "labelmap", "sa1b", "coco")
 BEST_METRICS = ("mean_miou", "click_miou1", "box_miou", "val_loss")
 
 
+def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file that must hold a mapping of option: value (SegAnyError otherwise)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SegAnyError(f"{p}: no such training config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SegAnyError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SegAnyError(f"{p}: a training config must be a mapping of option: value")
+    return data
+
+
 @dataclass
 class TrainConfig:
     """All training options (defaults follow the SAM paper where it gives one)."""
@@ -233,17 +249,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Load a YAML file (a mapping of option -> value), then apply ``overrides``."""
-        import yaml
-
         p = Path(path)
-        if not p.is_file():
-            raise SegAnyError(f"{p}: no such training config file")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise SegAnyError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise SegAnyError(f"{p}: a training config must be a mapping of option: value")
+        data = load_yaml_mapping(p)
         data.update(overrides or {})
         try:
             return cls.from_dict(data)

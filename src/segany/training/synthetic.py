@@ -25,6 +25,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from segany.io.labelmaps import VOID_ID, LabelMapFolder
+from segany.text.phrases import shape_phrases
 from segany.training.augment import AugmentConfig
 from segany.training.data import DEFAULT_MAX_MASKS, ItemConfig, to_training_item
 
@@ -53,21 +54,6 @@ def position_name(cx: float, cy: float, w: int, h: int) -> str:
     if abs(dx) >= abs(dy):
         return "left" if dx < 0 else "right"
     return "top" if dy < 0 else "bottom"
-
-
-def shape_phrases(color: str, shape: str, position: str) -> list[str]:
-    """Text prompts for one shape, most specific first."""
-    where = "in the center" if position == "center" else f"on the {position}"
-    art = "an" if shape[0] in "aeiou" else "a"
-    return [
-        f"the {color} {shape} {where}",
-        f"{color} {shape} {where}",
-        f"the {color} {shape}",
-        f"{color} {shape}",
-        f"the {shape} {where}",
-        f"{art} {shape}",
-        shape,
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------

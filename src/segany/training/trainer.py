@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segany.errors import SegAnyError
-from segany.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from segany.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_stray_temp_files
 from segany.training.config import TrainConfig
 from segany.training.embeddings_cache import (
     CachedEmbeddingDataset,
@@ -67,6 +67,9 @@ from segany.training.prompts import (
 )
 
 CHECKPOINT_VERSION = 1
+#: What a run writes directly in ``out_dir`` (the embeddings cache keeps its own folder).
+RUN_FILES = ("last.pt", "metrics.jsonl", "training.png", "best.safetensors", "final.safetensors", "summary.json",
+             "config.yaml")
 LOG_KEYS = ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last")
 
 # =====================================================================================================
@@ -846,6 +849,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     out_dir = Path(cfg.out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stray_temp_files(out_dir, RUN_FILES)  # a killed run's half-written files, never valid
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     info.barrier()
 
@@ -920,6 +924,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         set_rng_state(state["rng"])
         if info.is_main:
             log.truncate_after(start_step)
+            print(f"segany train: resuming from {last_path} at step {start_step} of {cfg.max_steps}", file=sys.stderr)
     elif info.is_main and log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
     info.barrier()

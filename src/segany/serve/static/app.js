@@ -13,7 +13,7 @@ const COLORS = [[61, 139, 253], [229, 83, 75], [87, 171, 90], [219, 171, 9], [16
 const S = {
   file: null, imageId: null, width: 0, height: 0, bitmap: null,
   info: null, session: null, embedding: null, inputSize: null,
-  points: [], box: null, history: [],
+  points: [], box: null, text: null, history: [],
   candidates: [], selected: -1, everything: null, hover: null,
   accepted: [], negative: false, drag: null,
   stats: { decoderMs: [], lastDecoderMs: null, hoverRuns: 0 },
@@ -233,20 +233,26 @@ async function hover(x, y) {
 // -- prompts -> server predictions --------------------------------------------------------------------
 
 function pushHistory() {
-  S.history.push({ points: S.points.slice(), box: S.box, candidates: S.candidates, selected: S.selected });
+  S.history.push({ points: S.points.slice(), box: S.box, text: S.text, candidates: S.candidates, selected: S.selected });
 }
 
 async function predict() {
-  if (!S.points.length && !S.box) { S.candidates = []; S.selected = -1; render(); updateButtons(); return; }
+  if (!S.points.length && !S.box && !S.text) {
+    S.candidates = []; S.selected = -1; render(); updateButtons(); return;
+  }
   const prev = S.candidates[S.selected];
+  const instances = Number($("instances").value);
   const body = {
     points: S.points.map((p) => [p[0], p[1]]),
     labels: S.points.map((p) => p[2]),
     box: S.box,
     // Refine the mask picked so far (its low-res logits), as SAM was trained to.
-    mask_input: prev && S.points.length > 1 ? prev.logits : null,
-    multimask: true,
+    mask_input: prev && prev.logits && S.points.length > 1 ? prev.logits : null,
+    multimask: !S.text,
+    text: S.text,
   };
+  // A text alone may ask for one mask per object it names.
+  if (S.text && instances > 0 && !S.points.length && !S.box) { body.instances = instances; body.mask_input = null; }
   status("Predicting…");
   const send = () => api(`/api/images/${S.imageId}/predict`, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
@@ -261,9 +267,14 @@ async function predict() {
       res = await reuploadIfEvicted(send);
     }
     const out = await res.json();
-    S.candidates = out.masks.map((m, i) => ({ ...m, mask: decodeRle(m.segmentation), color: COLORS[i] }));
-    S.selected = S.candidates.reduce((b, c, i, a) => (c.score > a[b].score ? i : b), 0);
-    status(`${S.candidates.length} candidates; best score ${S.candidates[S.selected].score.toFixed(3)}.`);
+    S.candidates = out.masks.map((m, i) => ({ ...m, mask: decodeRle(m.segmentation), color: COLORS[i % COLORS.length] }));
+    if (!S.candidates.length) {
+      S.selected = -1;
+      status(`Nothing matches “${S.text}”.`);
+    } else {
+      S.selected = S.candidates.reduce((b, c, i, a) => (c.score > a[b].score ? i : b), 0);
+      status(`${S.candidates.length} candidates; best score ${S.candidates[S.selected].score.toFixed(3)}.`);
+    }
   } catch (e) {
     status(`Prediction failed: ${e.message}`, true);
   }
@@ -274,7 +285,8 @@ async function predict() {
 
 function resetPrompts(keepHistory = true) {
   if (keepHistory && (S.points.length || S.box)) pushHistory();
-  S.points = []; S.box = null; S.candidates = []; S.selected = -1; S.hover = null;
+  S.points = []; S.box = null; S.text = null; S.candidates = []; S.selected = -1; S.hover = null;
+  $("text").value = "";
   if (!keepHistory) S.history = [];
   renderCandidates();
   render();
@@ -377,7 +389,8 @@ function renderCandidates() {
 function updateButtons() {
   const has = !!S.imageId;
   $("undo").disabled = !S.history.length;
-  $("reset").disabled = !(S.points.length || S.box || S.candidates.length);
+  $("reset").disabled = !(S.points.length || S.box || S.text || S.candidates.length);
+  $("text").disabled = $("find").disabled = !has;
   $("everything").disabled = !has;
   $("everything").classList.toggle("active", !!S.everything);
   const sel = S.candidates[S.selected];
@@ -482,10 +495,20 @@ function bindEvents() {
   $("undo").addEventListener("click", () => {
     const prev = S.history.pop();
     if (!prev) return;
-    Object.assign(S, { points: prev.points, box: prev.box, candidates: prev.candidates, selected: prev.selected });
+    Object.assign(S, { points: prev.points, box: prev.box, text: prev.text, candidates: prev.candidates,
+      selected: prev.selected });
+    $("text").value = S.text || "";
     renderCandidates(); render(); updateButtons();
   });
   $("reset").addEventListener("click", () => resetPrompts(true));
+  $("text-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const t = $("text").value.trim();
+    if (!S.imageId || t === (S.text || "")) return;
+    pushHistory();
+    S.text = t || null;
+    predict();
+  });
   $("everything").addEventListener("click", everything);
   $("dl-mask").addEventListener("click", downloadMaskPng);
   $("dl-cutout").addEventListener("click", downloadCutout);

@@ -1,0 +1,127 @@
+"""Opt-in speed modes for the image encoder, with a measurable quality cost.
+
+The default (fp32, eager) gives the official outputs (logits within 1e-4). These modes trade a little
+accuracy or a start-up cost for speed; ``benchmarks/bench_encoder.py`` measures each one's speed and the
+IoU of its masks against fp32:
+
+* ``precision="bf16"``: the encoder under ``torch.autocast`` in bfloat16 (matmuls, convolutions and
+  attention in bf16; norms, softmax statistics and the residual stream stay fp32); its output is
+  returned as fp32, so the prompt side is unchanged. The weights of its linear and convolution layers
+  are stored in bf16 (autocast would otherwise cast them again at every call). Only where the hardware
+  has bf16 arithmetic (CPU: AVX512-BF16 or AMX; CUDA: compute capability 8.0+): elsewhere it would be
+  emulated and slower.
+* ``precision="int8"``: dynamic int8 quantisation of the encoder's ``nn.Linear`` layers (weights int8
+  per tensor, activations quantised on the fly; CPU only). Changes the module's state dict: do not save
+  a model in this mode.
+* ``compile=True``: ``torch.compile`` of the encoder (inductor; on a CPU it needs a C++ compiler). The
+  first call compiles (minutes for ViT-B), later calls with the same input size are fast.
+
+ONNX Runtime is the other runtime: ``segany.export.onnx.export_encoder`` / ``export_decoder`` and
+``segany.export.onnx_predictor.OnnxSamPredictor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+from segany.errors import SegAnyError
+
+Precision = Literal["fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True where bf16 matmuls run natively on ``device`` (not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def compile_supported(device: torch.device | str = "cpu") -> bool:
+    """True where ``torch.compile`` can build kernels: inductor needs a C++ compiler for CPU code."""
+    if torch.device(device).type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    return True
+
+
+def _autocast_forward(module: nn.Module, dtype: torch.dtype) -> None:
+    """Make ``module`` run under ``torch.autocast(dtype)`` and return fp32, keeping its state dict keys
+    (a wrapper module would rename them)."""
+    inner = module.forward
+    device_type = next(module.parameters()).device.type
+
+    def forward(*args, **kwargs) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs).float()
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | str = False) -> nn.Module:
+    """Switch ``model``'s image encoder (a :class:`~segany.modeling.sam.Sam`) to a speed mode, in place.
+
+    Args:
+        precision: "fp32" (default: unchanged), "bf16" or "int8" (see the module docstring).
+        compile: ``torch.compile`` the encoder (True: inductor; a string: that backend, e.g. "eager").
+    Returns:
+        ``model`` (in eval mode), for chaining. A mode is set once: build or load a fresh model for another.
+    Raises:
+        SegAnyError: an unknown precision, or one the device does not support.
+    """
+    if precision not in PRECISIONS:
+        raise SegAnyError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if getattr(model, "speed_mode", None) not in (None, ("fp32", False)):
+        raise SegAnyError(f"the model is already in speed mode {model.speed_mode}; load a fresh one")
+    model.eval()
+    enc = model.image_encoder
+    device = next(enc.parameters()).device
+    if precision == "bf16":
+        if not bf16_supported(device):
+            raise SegAnyError(f"bf16 is not supported natively on {device} (it would be slower than fp32)")
+        for m in enc.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(torch.bfloat16)
+        _autocast_forward(enc, torch.bfloat16)
+    elif precision == "int8":
+        if device.type != "cpu":
+            raise SegAnyError("int8 dynamic quantisation runs on the CPU only")
+        quantize = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+        if quantize is None:
+            raise SegAnyError(f"int8 needs torch.ao.quantization.quantize_dynamic (not in torch {torch.__version__})")
+        with warnings.catch_warnings():  # torch.ao's deprecation notices (it still works in torch 2.13)
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            quantize(enc, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    if compile:
+        backend = compile if isinstance(compile, str) else "inductor"
+        if backend == "inductor" and not compile_supported(device):
+            raise SegAnyError("torch.compile on the CPU needs a C++ compiler (g++ or clang++) on the PATH")
+        enc.compile(backend=backend)
+    model.speed_mode = (precision, compile)
+    return model
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--compile`` for a command that loads a model."""
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="image encoder precision: fp32 (default, the official outputs), bf16 or int8 (faster, approximate)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow first image)")
+
+
+def apply_speed_args(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The model in the speed mode that :func:`add_speed_args`' options ask for."""
+    return optimize(model, getattr(args, "precision", "fp32"), getattr(args, "compile", False))

