@@ -27,6 +27,9 @@ def _session(path: str | os.PathLike, threads: int | None):
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    # No spin-waiting between runs: spinning threads hold the cores that everything else in the process
+    # (and on a small or shared machine, other processes) needs next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files

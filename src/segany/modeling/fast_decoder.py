@@ -17,7 +17,7 @@ from torch import nn
 
 from segany.modeling.common import LayerNorm2d, activate_, linear_act
 from segany.modeling.transformer import TwoWayTransformer
-from segany.modeling.workers import available_workers, on_one_core, worker_pool
+from segany.modeling.workers import available_workers, map_on_workers, worker_pool
 
 # Prompts decoded together: a couple at a time keeps their 64 x 64 x 256 image tokens (4 MB each) in the
 # CPU caches through the transformer and the upscaling: measured 1.7x faster than batches of 64 (vit_b).
@@ -256,23 +256,41 @@ class ReassociatedDecoder:
         the logits there are the same), giving ``4h x 4w`` logits.
         """
         md = self.md
-        up1, norm, act1, up2, act2 = md.output_upscaling
         b = keys.shape[0]
         h, w = region or self.hw
-        if (h, w) != tuple(self.hw):
-            keys = keys.view(b, self.hw[0], self.hw[1], -1)[:, :h, :w]
-        n = h * w
+        grid = keys.view(b, self.hw[0], self.hw[1], -1)
         hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in which], dim=1)
+        workers = min(available_workers(keys.device), h)
+        if workers <= 1:
+            return self._upscale(grid[:, :h, :w], hyper)
+        # Rows of image tokens on one-core workers: the upscaling works pixel by pixel.
+        out = keys.new_empty(b, len(which), 4 * h, 4 * w)
+        step = -(-h // workers)
+
+        def part(r0: int) -> None:
+            out[:, :, 4 * r0 : 4 * (r0 + step)] = self._upscale(grid[:, r0 : min(r0 + step, h), :w], hyper)
+
+        map_on_workers(part, range(0, h, step), keys.device)
+        return out
+
+    def _upscale(self, tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``B x h x w x C`` and hypernetwork outputs ``B x K x C/8`` -> logits ``B x K x 4h x 4w``.
+
+        The upscaling runs channels-last: each stride-2 transposed convolution is one matmul (bias and
+        GELU fused at inference), the layer norm is the fused kernel."""
+        up1, norm, act1, up2, act2 = self.md.output_upscaling
+        b, h, w, _ = tokens.shape
+        n, k = h * w, hyper.shape[1]
         c1, c2 = up1.out_channels, up2.out_channels
         # Stride-2 2x2 transposed convolutions: every input pixel gives a 2x2 block, (dy, dx, channel) last.
         w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * c1)
-        x = linear_act(keys.reshape(b * n, -1), w1, up1.bias.repeat(4), None).view(b, n, 4, c1)
+        x = linear_act(tokens.reshape(b * n, -1), w1, up1.bias.repeat(4), None).view(b, n, 4, c1)
         x = activate_(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps), act1)
         w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
         x = linear_act(x.view(b * n * 4, c1), w2, up2.bias.repeat(4), act2)
         m = torch.bmm(x.view(b, n * 16, c2), hyper.transpose(1, 2))  # B x (y x dy dx ey ex) x K
-        m = m.view(b, h, w, 2, 2, 2, 2, len(which)).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return m.reshape(b, len(which), 4 * h, 4 * w)
+        m = m.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return m.reshape(b, k, 4 * h, 4 * w)
 
     def decode(
         self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None = None
@@ -292,7 +310,7 @@ class ReassociatedDecoder:
         n = sparse.shape[0]
         workers = min(available_workers(sparse.device, DECODE_WORKERS), -(-n // DECODE_CHUNK))
         if workers <= 1:
-            return on_one_core(lambda: self._decode(sparse, which, iou_thresh, region), sparse.device)
+            return self._decode(sparse, which, iou_thresh, region)
         step = -(-n // workers)
         step = -(-step // DECODE_CHUNK) * DECODE_CHUNK  # whole chunks per worker
         grad = torch.is_grad_enabled()

@@ -81,17 +81,3 @@ def map_on_workers(fn: Callable[[T], R], items: Sequence[T], device: torch.devic
         return list(worker_pool(workers).map(_with_callers_settings(fn), items))
     finally:
         torch.set_num_threads(threads)
-
-
-def on_one_core(fn: Callable[[], R], device: torch.device) -> R:
-    """``fn()`` on a one-core worker thread when the caller has several torch threads (a chain of small
-    operations: on a busy machine multi-threaded ones stalled, e.g. 690 ms instead of 58 ms for one
-    prompt's mask decoding), else in the calling thread. Concurrent callers get different workers."""
-    workers = available_workers(device)
-    if workers <= 1:
-        return fn()
-    threads = torch.get_num_threads()
-    try:
-        return worker_pool(workers).submit(_with_callers_settings(fn)).result()
-    finally:
-        torch.set_num_threads(threads)
