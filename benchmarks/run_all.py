@@ -70,6 +70,8 @@ def render(results: list[dict]) -> str:
     for res in results:
         for r in res["rows"]:
             notes = [NOTES[k].format(r[k]) for k in NOTES if isinstance(r.get(k), (int, float))]
+            if "mask_iou_min" in r and "mask_iou_mean" not in r:  # a comparison with the reference
+                notes = [n.replace("min ", "smallest mask IoU vs the reference ") for n in notes]
             speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
             n = f" (n={r['n']}" + (f", ref n={r['n_ref']})" if "n_ref" in r else ")")
             ours = fmt(r["segany_s"]) + n
