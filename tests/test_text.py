@@ -238,3 +238,13 @@ def test_open_clip_encoder_errors_are_clear(tmp_path) -> None:
         load_sentence_encoder(f"open_clip:ViT-B-32:{tmp_path / 'missing.bin'}")
     with pytest.raises(SegAnyError, match="open_clip:<arch>:<weights file>"):
         load_sentence_encoder("open_clip:ViT-B-32")
+
+
+def test_wordings_cover_every_random_phrase() -> None:
+    from segany.text.phrases import wordings
+
+    rng = np.random.default_rng(3)
+    for q in ("person", "sky-other-merged", {"color": "red"}, {"shape": "star", "position": "left"}):
+        all_of_them = set(wordings(q))
+        make = attribute_phrase if isinstance(q, dict) else category_phrase
+        assert {make(q, rng) for _ in range(300)} <= all_of_them

@@ -54,8 +54,19 @@ def category_phrase(name: str, rng: np.random.Generator | None = None) -> str:
     clean = clean_category(name)
     if rng is None:
         return clean
-    words = (clean, *SYNONYMS.get(clean, ()))
+    words = _category_words(clean)
     return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(words[int(rng.integers(len(words)))])
+
+
+def _category_words(clean: str) -> tuple[str, ...]:
+    return (clean, *SYNONYMS.get(clean, ()))
+
+
+def wordings(query: str | dict) -> list[str]:
+    """Every phrase :func:`category_phrase` / :func:`attribute_phrase` can make for a query (sorted)."""
+    if isinstance(query, dict):
+        return sorted(set(_attribute_options(query)))
+    return sorted({t.format(w) for t in TEMPLATES for w in _category_words(clean_category(query))})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,6 +93,12 @@ def _plural(shape: str) -> str:
 
 def attribute_phrase(query: dict[str, str], rng: np.random.Generator | None = None) -> str:
     """A phrase for an attribute query ``{"color"?, "shape"?, "position"?}``; canonical when ``rng`` is None."""
+    options = _attribute_options(query)
+    return options[0] if rng is None else options[int(rng.integers(len(options)))]
+
+
+def _attribute_options(query: dict[str, str]) -> list[str]:
+    """Every wording of an attribute query, the canonical one first."""
     c, s, p = query.get("color"), query.get("shape"), query.get("position")
     if c and s and p:
         options = [f"the {c} {s} {_where(p)}", f"{c} {s} {_where(p)}", f"the {c} {s} that is {_where(p)}"]
@@ -97,7 +114,7 @@ def attribute_phrase(query: dict[str, str], rng: np.random.Generator | None = No
         options = [f"the {c} shape", f"everything {c}", f"{c} things", f"the {c} objects"]
     else:
         raise ValueError("an attribute query needs at least one of color, shape, position")
-    return options[0] if rng is None else options[int(rng.integers(len(options)))]
+    return options
 
 
 def attribute_queries(

@@ -32,15 +32,12 @@ from segany.io.atomic import atomic_write_bytes, atomic_write_json
 from segany.modeling.text_encoder import load_sentence_encoder
 from segany.modeling.text_prompt import TextHeadConfig
 from segany.text.head import new_text_head, save_text_head
-from segany.text.phrases import QUERY_KINDS, SYNONYMS, TEMPLATES, attribute_phrase, category_phrase, clean_category
+from segany.text.phrases import attribute_phrase, category_phrase, wordings
 from segany.training.config import load_yaml_mapping
 from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
 from segany.training.losses import LossConfig, sam_mask_loss
-from segany.training.synthetic import PALETTE, SHAPES
 from segany.training.text_data import TextItemDataset, build_source
 from segany.training.trainer import MetricsLog
-
-POSITIONS = ("left", "right", "top", "bottom", "center")
 
 
 @dataclass
@@ -89,25 +86,6 @@ class TextTrainConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # phrases: every wording a query can take, so all sentence vectors are computed once up front
-
-
-def all_wordings(query: str | dict) -> list[str]:
-    if isinstance(query, dict):
-        rng = np.random.default_rng(0)
-        return sorted({attribute_phrase(query, rng) for _ in range(32)} | {attribute_phrase(query)})
-    clean = clean_category(query)
-    return sorted({t.format(w) for t in TEMPLATES for w in (clean, *SYNONYMS.get(clean, ()))})
-
-
-def synthetic_query_space() -> list[dict]:
-    """Every attribute query the synthetic scenes can produce."""
-    values = {"color": list(PALETTE), "shape": list(SHAPES), "position": list(POSITIONS)}
-    out = []
-    for kind in QUERY_KINDS:
-        grids = np.meshgrid(*[np.arange(len(values[k])) for k in kind], indexing="ij")
-        for idx in zip(*[g.ravel() for g in grids]):
-            out.append({k: values[k][int(i)] for k, i in zip(kind, idx)})
-    return out
 
 
 def _wording(query: str | dict, rng: np.random.Generator) -> str:
@@ -191,13 +169,13 @@ def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
     data = _Data(cfg, model, device)
     queries = {json.dumps(q, sort_keys=True) if isinstance(q, dict) else q: q
                for items in data.sets for it in items for q in it["queries"]}
-    wordings = sorted({w for q in queries.values() for w in all_wordings(q)})
+    phrases = sorted({w for q in queries.values() for w in wordings(q)})
     vectors = {}
-    for i in range(0, len(wordings), 256):
-        chunk = wordings[i : i + 256]
+    for i in range(0, len(phrases), 256):
+        chunk = phrases[i : i + 256]
         vectors.update(zip(chunk, encoder.encode(chunk)))
     if progress:
-        print(f"data: {[len(s) for s in data.sets]} images, {len(queries)} queries, {len(wordings)} wordings, "
+        print(f"data: {[len(s) for s in data.sets]} images, {len(queries)} queries, {len(phrases)} wordings, "
               f"{time.time() - t0:.0f} s", flush=True)
 
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
