@@ -1,6 +1,6 @@
 """Quality of text prompts: held-out COCO categories (vs prompt-blind references) and synthetic phrases.
 
-    python benchmarks/eval_text.py [--model default] [--text-head PATH] [--max-images N] [--scenes 200]
+    python benchmarks/eval_text.py [--model default] [--text-head PATH] [--max-images N] [--scenes 200] [--no-coco]
 
 * coco_panoptic200 val2017: for each image and each category present (things and stuff), the category's
   clean name as the text -> one mask; mIoU against the union of that category's segments. References on
@@ -30,14 +30,17 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--text-head", default="auto", help="text head file (default: the model's own)")
     ap.add_argument("--max-images", type=int, default=None, help="COCO val images (default: all 100)")
-    ap.add_argument("--scenes", type=int, default=200, help="held-out synthetic scenes")
+    ap.add_argument("--scenes", type=int, default=200, help="held-out synthetic scenes (0: none)")
+    ap.add_argument("--no-coco", action="store_true", help="synthetic scenes only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     predictor = SamPredictor(load_model(args.model, text_head=args.text_head))
     results = {}
-    if (DATA / "coco_panoptic200").is_dir():
+    if args.no_coco:
+        pass
+    elif (DATA / "coco_panoptic200").is_dir():
         results["coco_panoptic_val2017"] = eval_categories(
             predictor, str(DATA / "coco_panoptic200"), "val2017", max_images=args.max_images
         )

@@ -169,8 +169,14 @@ def test_encoder_export_matches(exported, name):
 @pytest.mark.parametrize("name", ["tiny", "default_arch"])
 def test_quantized_decoder_runs_and_stays_close(tmp_path, exported, name):
     model, enc, dec = exported[name]
+    # a half-written temporary file of an earlier, killed export of the same file goes; others stay
+    stale, other = tmp_path / ".decoder.q.onnx.99999q.tmp", tmp_path / ".other.onnx.99999.tmp"
+    for f in (stale, other):
+        f.write_bytes(b"half an onnx file")
     qdec = export_decoder(model, tmp_path / "decoder.q.onnx", quantize=True)
     assert read_metadata(qdec)["segany_quantized"] == "dynamic_uint8"
+    assert not stale.exists() and other.exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".other.onnx.99999.tmp", "decoder.q.onnx"]
     size_ratio = qdec.stat().st_size / dec.stat().st_size
     torch_p, onnx_p = _predictors(model, enc, qdec, synthetic_image(H, W))
     ious, diffs = [], []

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from segany.errors import SegAnyError
+from segany.modeling import postprocess
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide, get_preprocess_shape
 
@@ -132,7 +133,7 @@ class SamPredictor:
         embedding: torch.Tensor,
         original_size: tuple[int, int],
         input_size: tuple[int, int] | None = None,
-        text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+        text_features: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), and for text
         prompts the text head's pixel features (:meth:`get_text_features`) of the same image."""
@@ -244,9 +245,16 @@ class SamPredictor:
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings
         )
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        model = self.model
+        if not return_logits and postprocess.use_matrix_path(low_res, model.image_size, self.original_size):
+            # Thresholded as the upsampled rows are made (no full-size logits kept).
+            masks = postprocess.postprocess_masks(
+                low_res, model.image_size, self.input_size, self.original_size, threshold=model.mask_threshold
+            )
+            return masks, iou, low_res
+        masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
-            masks = masks > self.model.mask_threshold
+            masks = masks > model.mask_threshold
         return masks, iou, low_res
 
     @torch.inference_mode()
@@ -288,7 +296,7 @@ class SamPredictor:
         return head
 
     @torch.inference_mode()
-    def get_text_features(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get_text_features(self) -> tuple[torch.Tensor, ...] | None:
         """The text head's pixel features of the current image (None when the head has no pixel path)."""
         self._require_image()
         head = self._text_head()

@@ -5,9 +5,9 @@ work is ordered differently, not approximated:
 
 * the mask decoder is re-associated for "one image, many one-point prompts"
   (:class:`~segany.modeling.fast_decoder.ReassociatedDecoder`):
-  the prompt-independent image side of its first block is computed once per image, attention between
-  the 4096 image tokens and the 7 prompt tokens goes through the small side, and prompts are decoded a
-  couple at a time so that their image tokens stay in the CPU caches, by worker threads that run on one
+  the prompt-independent image side is computed once per image, each prompt's 4096 image tokens are
+  kept in factored form (per-image products plus a low-rank per-prompt part: no 4096 x 256 tensor per
+  prompt in the transformer), and prompts are decoded a few at a time by worker threads that run on one
   core each (robust on a busy machine, where multi-threaded small operations stall);
 * candidates are filtered by predicted IoU before anything is upscaled: prompts none of whose masks
   pass are never upscaled, and only the survivors are upsampled to full size (the official code
@@ -358,7 +358,7 @@ class SamAutomaticMaskGenerator:
                 ok = torch.ones_like(stab).bool()
             if not ok.any():
                 continue
-            masks = logits[ok] > thr
+            masks = postprocess.greater(logits[ok], thr)
             bxs = batched_mask_to_box(masks)
             ok2 = ~is_box_near_crop_edge(bxs, crop_box, [0, 0, orig_w, orig_h])
             if not ok2.any():

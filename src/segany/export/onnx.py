@@ -178,8 +178,9 @@ def _stamp_metadata(src: Path, meta: dict[str, str], dst: Path) -> None:
     atomic_write_bytes(dst, m.SerializeToString())
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp.onnx")
+def _tmp_path(path: Path, tag: str = "") -> Path:
+    """A temporary file beside ``path`` that :func:`remove_stray_temp_files` recognises."""
+    return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
 
 
 def export_decoder(
@@ -230,12 +231,15 @@ def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], output
            opset: int, meta: dict[str, str], quantize: bool) -> None:
     """Export to a temporary file, optionally quantize, then write it with its metadata to ``path``
     (atomically: temporary file, fsync, rename)."""
+    from segany.io.atomic import remove_stray_temp_files
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stray_temp_files(path.parent, [path.name])  # what an export killed mid-way left behind
     tmp = _tmp_path(path)
     try:
         _export(module, args, tmp, inputs, outputs, dynamic, opset)
         if quantize:
-            qtmp = tmp.with_name(tmp.name + ".q.onnx")
+            qtmp = _tmp_path(path, "q")
             try:
                 quantize_model(tmp, qtmp)
                 os.replace(qtmp, tmp)

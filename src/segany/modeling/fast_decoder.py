@@ -1,10 +1,11 @@
 """SAM's mask decoder re-associated for one image and many prompts without a mask input.
 
 Same function as :class:`~segany.modeling.mask_decoder.MaskDecoder` (outputs equal up to float rounding),
-with the work ordered for the CPU: the prompt-independent image side of the first block is computed once
-per image, attention between the 4096 image tokens and the few prompt tokens goes through the small side,
-and prompts are decoded a couple at a time by one-core worker threads. The automatic mask generator uses
-it for its point grid, and ``MaskDecoder`` itself for prompts without a mask input at inference.
+with the work ordered for the CPU: the prompt-independent image side is computed once per image, the
+image tokens of each prompt are kept in factored form (a per-image part plus a small per-prompt part,
+:mod:`segany.modeling.factored`), and prompts are decoded a few at a time by one-core worker threads. The
+automatic mask generator uses it for its point grid, and ``MaskDecoder`` itself for prompts without a
+mask input at inference.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.common import LayerNorm2d, activate_, linear_act
+from segany.modeling.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
 from segany.modeling.transformer import TwoWayTransformer
 from segany.modeling.workers import available_workers, map_on_workers, worker_pool
 
-# Prompts decoded together: a couple at a time keeps their 64 x 64 x 256 image tokens (4 MB each) in the
-# CPU caches through the transformer and the upscaling: measured 1.7x faster than batches of 64 (vit_b).
-DECODE_CHUNK = 2
+# Prompts decoded together: their products with the per-image matrices share one read of those (2 MB
+# each), while their per-prompt coefficients (about 2 MB each) still mostly stay in the CPU caches;
+# "segment everything" (vit_b) measured 10% faster with 4 than with 2 or 8.
+DECODE_CHUNK = 4
 # Most threads that decode prompts side by side (each on one core; see ReassociatedDecoder.decode).
 DECODE_WORKERS = 8
 
@@ -38,27 +41,6 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def _split_weight(lin: nn.Linear, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A projection ``C -> H*d`` as per-head ``H x d x C`` weights and ``H x d`` biases."""
-    out, c = lin.weight.shape
-    return lin.weight.view(n_heads, out // n_heads, c), lin.bias.view(n_heads, out // n_heads)
-
-
-def _values_out(attn: nn.Module, v_tokens: torch.Tensor) -> torch.Tensor:
-    """``out_proj`` applied to each head's value of each token: ``B x T x C`` -> ``B x (H*T) x C``.
-
-    Image-to-token attention gives each image token a mix of the few token values per head; its output
-    projection is linear, so projecting the values first and mixing after is the same sum. The output
-    bias is folded in: each head's weights sum to one, so adding ``bias / H`` to every row adds ``bias``.
-    """
-    n_heads = attn.num_heads
-    v = _heads(attn.v_proj(v_tokens), n_heads)  # B x H x T x d
-    b, h, t, d = v.shape
-    w_o = attn.out_proj.weight.view(-1, h, d)  # C x H x d
-    u = torch.einsum("bhtd,chd->bhtc", v, w_o) + attn.out_proj.bias / h
-    return u.reshape(b, h * t, -1)
-
-
 class ReassociatedDecoder:
     """SAM's mask decoder for one image embedding and many prompts without a mask input, re-associated.
 
@@ -67,13 +49,14 @@ class ReassociatedDecoder:
 
     * The first block's image side does not depend on the prompt (the image embedding plus the
       no-mask embedding): its projections are computed once per image, not once per prompt.
-    * Attention between the ``N = 64*64`` image tokens and the ``T = 7`` prompt tokens goes through the
-      small side. A projection ``W`` of every image token is replaced by ``W^T`` applied to the few
-      head/token vectors: scores ``q . (W k + b) = (W^T q) . k + q . b``, and weighted sums
-      ``sum_n a_n (W v_n + b) = W (sum_n a_n v_n) + b`` (the weights sum to one). With SAM's sizes that
-      is ``heads x tokens = 56`` multiply-adds per image-token channel instead of 128 per projection.
-    * Prompts go through a couple at a time (:data:`DECODE_CHUNK`), so that their image tokens stay in
-      the CPU caches from the transformer to the upscaling.
+    * After it, a prompt changes the ``N = 64*64`` image tokens only by low-rank updates (attention
+      weights over the ``T = 7`` prompt tokens times their values) and LayerNorms: the tokens are kept
+      as ``diag(s) K M + L^T R`` (:class:`~segany.modeling.factored.FactoredTokens`), and every projection
+      of them is a per-image product plus ``N x r`` coefficients times a small matrix. No ``N x C`` tensor
+      is made per prompt in the transformer, and the upscaling's first product is the same
+      factored sum (its per-image part computed once).
+    * Prompts go through a few at a time (:data:`DECODE_CHUNK`), sharing the reads of the per-image
+      products.
     * The IoU head runs before the upscaling: prompts none of whose masks pass ``iou_thresh`` are not
       upscaled at all.
     * The upscaling runs channels-last (each stride-2 transposed convolution is one matmul, the layer
@@ -110,6 +93,12 @@ class ReassociatedDecoder:
         self.k0 = _heads(t2i.k_proj(k), t2i.num_heads)[0]  # H x N x d
         self.v0 = _heads(t2i.v_proj(self.keys0), t2i.num_heads)[0]
         self.q0 = _heads(i2t.q_proj(k), i2t.num_heads)[0]
+        # The later blocks see the image tokens in factored form (modeling/factored.py), from the tokens
+        # plus the first image-to-token attention's output bias (the same for every prompt), centered (the
+        # LayerNorm after it removes each token's mean).
+        keys = self.keys0[0] + i2t.out_proj.bias
+        self.side = FactoredDecoderSide(tr, keys - keys.mean(-1, keepdim=True), self.key_pe[0])
+        self._up_weights: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, features: torch.Tensor) -> ReassociatedDecoder:
@@ -149,7 +138,7 @@ class ReassociatedDecoder:
         cols = low_res_rows(input_size[1], 4 * self.hw[1], self.image_size)
         return -(-rows // 4), -(-cols // 4)  # 4 low-res pixels per image token
 
-    # -- attention, token side: tokens attend to the image ----------------------------------------------
+    # -- attention ------------------------------------------------------------------------------------
 
     def _t2i_shared(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
         """Tokens (``B x T x C``) attend to the first block's prompt-independent image keys/values."""
@@ -161,67 +150,46 @@ class ReassociatedDecoder:
         out = torch.bmm(a, self.v0).view(h, b, t, d).transpose(0, 1)  # B x H x T x d
         return attn.out_proj(_merge(out))
 
-    @staticmethod
-    def _t2i(attn: nn.Module, q: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor) -> torch.Tensor:
-        """Tokens (``B x T x C``) attend to per-prompt image tokens (``B x N x C``), through the token side."""
-        b, t, c = q.shape
-        qh = _heads(attn.q_proj(q), attn.num_heads)  # B x H x T x d
-        h, d = qh.shape[1], qh.shape[3]
-        w_k, b_k = _split_weight(attn.k_proj, h)
-        qh = qh * d**-0.5  # the softmax scale, on the small side
-        q_back = torch.einsum("bhtd,hdc->bhtc", qh, w_k).reshape(b, h * t, c)
-        q_bias = (qh * b_k[None, :, None, :]).sum(-1).reshape(b, h * t, 1)
-        a = torch.baddbmm(q_bias, q_back, k_img.transpose(1, 2)).softmax(-1)  # B x HT x N
-        mixed = torch.bmm(a, v_img).view(b, h, t, c)  # attention-weighted image tokens, per head
-        w_v, b_v = _split_weight(attn.v_proj, h)
-        out = torch.einsum("bhtc,hdc->bhtd", mixed, w_v) + b_v[None, :, None, :]
-        return attn.out_proj(_merge(out))
+    def _t2i(self, attn: nn.Module, x: FactoredTokens, q: torch.Tensor) -> torch.Tensor:
+        """Tokens (``B x T x C``) attend to the factored image tokens ``x``."""
+        qh = _heads(attn.q_proj(q), attn.num_heads)
+        qh = qh * qh.shape[-1] ** -0.5  # the softmax scale, on the small side
+        a = self.side.scores(x, attn.k_proj, qh).softmax(-1)  # B x H x T x N
+        return attn.out_proj(_merge(self.side.mixed(x, attn.v_proj, a)))
 
-    # -- attention, image side: image tokens attend to the tokens ----------------------------------------
-
-    def _i2t_shared(self, attn: nn.Module, k_tok: torch.Tensor, v_tok: torch.Tensor) -> torch.Tensor:
-        """The first block's image tokens attend to the tokens: ``keys0 + attention`` (``B x N x C``)."""
+    def _i2t_shared(
+        self, attn: nn.Module, k_tok: torch.Tensor, v_tok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first block's image tokens attend to the tokens: scores ``B x H x T x N`` (softmax over T
+        to come) and the tokens' values per head ``B x H x T x d`` (the update, see
+        :meth:`FactoredDecoderSide.add_attention`)."""
         kh = _heads(attn.k_proj(k_tok), attn.num_heads)  # B x H x T x d
         b, h, t, d = kh.shape
         n = self.q0.shape[1]
         kh = kh.transpose(0, 1).reshape(h, b * t, d) * d**-0.5  # the softmax scale, on the small side
         s = torch.bmm(kh, self.q0.transpose(1, 2))  # H x BT x N
-        # Softmax over the T tokens of each head; N innermost keeps the kernel vectorised.
-        a = s.view(h, b, t, n).softmax(2).transpose(0, 1).reshape(b, h * t, n)
-        return torch.baddbmm(self.keys0.expand(b, -1, -1), a.transpose(1, 2), _values_out(attn, v_tok))
+        return s.view(h, b, t, n).transpose(0, 1), _heads(attn.v_proj(v_tok), h)
 
-    @staticmethod
     def _i2t(
-        attn: nn.Module, keys: torch.Tensor, k_img: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-prompt image tokens (``B x N x C``, ``k_img`` with the positional encoding) attend to the
-        tokens, through the token side: ``keys + attention`` (in place in ``keys`` without autograd: it
-        is the caller's own tensor, and the update then costs one pass over it instead of two)."""
-        kh = _heads(attn.k_proj(k_tok), attn.num_heads)  # B x H x T x d
-        b, h, t, d = kh.shape
-        n, c = k_img.shape[1], k_img.shape[2]
-        kh = kh * d**-0.5  # the softmax scale, on the small side
-        w_q, b_q = _split_weight(attn.q_proj, h)
-        k_back = torch.einsum("bhtd,hdc->bhtc", kh, w_q).reshape(b, h * t, c)
-        k_bias = (kh * b_q[None, :, None, :]).sum(-1).reshape(b, h * t, 1)
-        s = torch.baddbmm(k_bias, k_back, k_img.transpose(1, 2))  # B x HT x N
-        a = s.view(b, h, t, n).softmax(2).view(b, h * t, n)
-        if torch.is_grad_enabled():
-            return torch.baddbmm(keys, a.transpose(1, 2), _values_out(attn, v_tok))
-        return keys.baddbmm_(a.transpose(1, 2), _values_out(attn, v_tok))
+        self, attn: nn.Module, x: FactoredTokens, k_tok: torch.Tensor, v_tok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factored image tokens attend to the tokens: as :meth:`_i2t_shared`."""
+        kh = _heads(attn.k_proj(k_tok), attn.num_heads)
+        kh = kh * kh.shape[-1] ** -0.5
+        return self.side.scores(x, attn.q_proj, kh), _heads(attn.v_proj(v_tok), attn.num_heads)
 
     # -- the decoder ------------------------------------------------------------------------------------
 
-    def tokens(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tokens(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
         """Sparse prompt embeddings ``B x T' x C`` -> IoU predictions ``B x M``, mask tokens ``B x M x C``,
-        and the image tokens ``B x N x C`` after the transformer."""
-        md, tr = self.md, self.tr
+        and the image tokens after the transformer, in factored form."""
+        md, tr, side = self.md, self.tr, self.side
         b = sparse.shape[0]
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         qpe = torch.cat([out_tokens[None].expand(b, -1, -1), sparse.to(out_tokens.dtype)], dim=1)
         queries = qpe
-        keys: torch.Tensor | None = None  # None while the image tokens are still the shared ones
-        for layer in tr.layers:
+        x: FactoredTokens | None = None  # None while the image tokens are still the shared ones
+        for j, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
@@ -229,68 +197,81 @@ class ReassociatedDecoder:
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             q = queries + qpe
-            if keys is None:
-                queries = layer.norm2(queries + self._t2i_shared(layer.cross_attn_token_to_image, q))
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            if x is None:
+                queries = layer.norm2(queries + self._t2i_shared(t2i, q))
             else:
-                k = keys + self.key_pe
-                queries = layer.norm2(queries + self._t2i(layer.cross_attn_token_to_image, q, k, keys))
+                queries = layer.norm2(queries + self._t2i(t2i, x, q))
             queries = layer.norm3(queries + layer.mlp(queries))
             q = queries + qpe
-            if keys is None:
-                keys = layer.norm4(self._i2t_shared(layer.cross_attn_image_to_token, q, queries))
-            else:
-                keys = layer.norm4(self._i2t(layer.cross_attn_image_to_token, keys, k, q, queries))
+            a, v = self._i2t_shared(i2t, q, queries) if x is None else self._i2t(i2t, x, q, queries)
+            x = side.layer_norm(side.add_attention(x, j, a, v), layer.norm4)
         q = queries + qpe
-        k = keys + self.key_pe
-        queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, q, k, keys))
+        queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, x, q))
         iou = md.iou_prediction_head(queries[:, 0])
-        return iou, queries[:, 1 : 1 + md.num_mask_tokens], keys
+        return iou, queries[:, 1 : 1 + md.num_mask_tokens], x
 
     def masks(
-        self, keys: torch.Tensor, mask_tokens: torch.Tensor, which: list[int], region: tuple[int, int] | None = None
+        self, x: FactoredTokens, mask_tokens: torch.Tensor, which: list[int], region: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """Low-res mask logits ``B x len(which) x 4h x 4w`` of mask outputs ``which`` (image tokens ``keys``
-        ``B x N x C`` and mask tokens ``B x M x C`` from :meth:`tokens`).
+        """Low-res mask logits ``B x len(which) x 4h x 4w`` of mask outputs ``which`` (image tokens ``x`` and
+        mask tokens ``B x M x C`` from :meth:`tokens`).
 
         ``region=(h, w)``: only the top-left ``h x w`` image tokens (the upscaling works pixel by pixel, so
         the logits there are the same), giving ``4h x 4w`` logits.
         """
         md = self.md
-        b = keys.shape[0]
+        b = x.batch
         h, w = region or self.hw
-        grid = keys.view(b, self.hw[0], self.hw[1], -1)
         hyper = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens[:, i]) for i in which], dim=1)
-        workers = min(available_workers(keys.device), h)
-        if workers <= 1:
-            return self._upscale(grid[:, :h, :w], hyper)
-        # Rows of image tokens on one-core workers: the upscaling works pixel by pixel.
-        out = keys.new_empty(b, len(which), 4 * h, 4 * w)
-        step = -(-h // workers)
+        out = hyper.new_empty(b, len(which), 4 * h, 4 * w)
+        workers = min(available_workers(hyper.device), h)
+        w1, b1, _w2, _b2 = self._upscaling_weights()
+        for i in range(b):
+            first = self.side.linear_tokens(x if b == 1 else x.select(i), "upscaling", w1, b1, self.hw)
+            if workers <= 1:
+                out[i] = self._upscale(first, hyper[i], (0, h), w)
+                continue
+            # Rows of image tokens on one-core workers: the upscaling works pixel by pixel.
+            step = -(-h // workers)
 
-        def part(r0: int) -> None:
-            out[:, :, 4 * r0 : 4 * (r0 + step)] = self._upscale(grid[:, r0 : min(r0 + step, h), :w], hyper)
+            def part(r0: int, first=first, i=i, step=step) -> None:
+                r1 = min(r0 + step, h)
+                out[i, :, 4 * r0 : 4 * r1] = self._upscale(first, hyper[i], (r0, r1), w)
 
-        map_on_workers(part, range(0, h, step), keys.device)
+            map_on_workers(part, range(0, h, step), hyper.device)
         return out
 
-    def _upscale(self, tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-        """Image tokens ``B x h x w x C`` and hypernetwork outputs ``B x K x C/8`` -> logits ``B x K x 4h x 4w``.
+    def _upscaling_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two stride-2 2x2 transposed convolutions as matrices ``in x (dy, dx, out)`` and biases (every
+        input pixel gives a 2x2 block), made once per image."""
+        if self._up_weights is None:
+            up1, up2 = self.md.output_upscaling[0], self.md.output_upscaling[3]
+            self._up_weights = tuple(
+                t
+                for up in (up1, up2)
+                for t in (up.weight.permute(0, 2, 3, 1).reshape(up.in_channels, 4 * up.out_channels), up.bias.repeat(4))
+            )
+        return self._up_weights
 
-        The upscaling runs channels-last: each stride-2 transposed convolution is one matmul (bias and
-        GELU fused at inference), the layer norm is the fused kernel."""
-        up1, norm, act1, up2, act2 = self.md.output_upscaling
-        b, h, w, _ = tokens.shape
-        n, k = h * w, hyper.shape[1]
-        c1, c2 = up1.out_channels, up2.out_channels
-        # Stride-2 2x2 transposed convolutions: every input pixel gives a 2x2 block, (dy, dx, channel) last.
-        w1 = up1.weight.permute(0, 2, 3, 1).reshape(up1.in_channels, 4 * c1)
-        x = linear_act(tokens.reshape(b * n, -1), w1, up1.bias.repeat(4), None).view(b, n, 4, c1)
-        x = activate_(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps), act1)
-        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = linear_act(x.view(b * n * 4, c1), w2, up2.bias.repeat(4), act2)
-        m = torch.bmm(x.view(b, n * 16, c2), hyper.transpose(1, 2))  # B x (y x dy dx ey ex) x K
-        m = m.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return m.reshape(b, k, 4 * h, 4 * w)
+    def _upscale(self, first: TokenProduct, hyper: torch.Tensor, rows: tuple[int, int], w: int) -> torch.Tensor:
+        """The first transposed convolution's product ``first``, image-token rows ``rows``, the first ``w``
+        columns, and hypernetwork outputs ``K x C/8`` -> logits ``K x 4h x 4w``.
+
+        The upscaling runs channels-last: each transposed convolution is one matmul (the first on the
+        factored tokens, the second with bias and GELU fused at inference), the layer norm is the fused
+        kernel."""
+        _up1, norm, act1, up2, act2 = self.md.output_upscaling
+        _w1, _b1, w2, b2 = self._upscaling_weights()
+        h = rows[1] - rows[0]
+        n, k = h * w, hyper.shape[0]
+        c1, c2 = up2.in_channels, up2.out_channels
+        x1 = first.block(rows[0], rows[1], w).view(n, 4, c1)
+        x1 = activate_(F.layer_norm(x1, (c1,), norm.weight, norm.bias, norm.eps), act1)
+        x2 = linear_act(x1.view(n * 4, c1), w2, b2, act2)
+        m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
+        m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+        return m.reshape(k, 4 * h, 4 * w)
 
     def decode(
         self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None = None
@@ -314,9 +295,14 @@ class ReassociatedDecoder:
         step = -(-n // workers)
         step = -(-step // DECODE_CHUNK) * DECODE_CHUNK  # whole chunks per worker
         grad = torch.is_grad_enabled()
+        autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")  # thread-local
 
         def part(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with torch.inference_mode(), torch.set_grad_enabled(grad):
+            with (
+                torch.inference_mode(),
+                torch.set_grad_enabled(grad),
+                torch.autocast("cpu", dtype=dtype, enabled=autocast),
+            ):
                 return self._decode(sparse[start : start + step], which, iou_thresh, region)
 
         threads = torch.get_num_threads()
@@ -339,7 +325,8 @@ class ReassociatedDecoder:
             for j, row in enumerate(keep.tolist()):
                 sel = [k for k, ok in zip(which, row) if ok]
                 if sel:
-                    lows.append(self.masks(keys[j : j + 1], mask_tokens[j : j + 1], sel, region)[0])
+                    x = keys if keys.batch == 1 else keys.select(j)
+                    lows.append(self.masks(x, mask_tokens[j : j + 1], sel, region)[0])
         h, w = region or self.hw
         low = torch.cat(lows) if lows else sparse.new_zeros((0, 4 * h, 4 * w))
         return torch.cat(ious), torch.cat(keeps), low

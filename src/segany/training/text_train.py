@@ -48,7 +48,7 @@ class TextTrainConfig:
     num_tokens: int = 4
     hidden_dim: int = 256
     dense_bias: bool = True
-    pixel_width: int = 32
+    pixel_width: int = 16
     train_data: list[dict] = field(default_factory=list)
     data_weights: list[float] = field(default_factory=list)  #: sampling weight per train_data entry
     max_queries: int = 32
@@ -232,7 +232,7 @@ def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
                 lab = torch.ones(len(idx), 1, dtype=torch.int, device=device)
                 sparse, dense = model.prompt_encoder((c, lab), None, None)
             rows = owner_t[idx]
-            feats = None if pixel is None else (pixel[0][rows], pixel[1][rows])
+            feats = None if pixel is None else tuple(p[rows] for p in pixel)
             lo, io_ = head.decode(text[idx], emb[rows], pe, sparse, dense, feats)
             logits = torch.cat([logits, lo]) if logits.numel() else lo
             ious = torch.cat([ious, io_]) if ious.numel() else io_

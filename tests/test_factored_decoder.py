@@ -1,0 +1,159 @@
+"""The re-associated decoder's factored image tokens (``modeling/factored.py``) are the plain transformer's
+tokens, block by block; the thresholded matrix post-processing and the NumPy stability score are the plain
+computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segany.modeling import build_sam, get_config
+from segany.modeling.factored import FactoredDecoderSide, FactoredTokens
+from segany.modeling.fast_decoder import ReassociatedDecoder
+from segany.modeling.postprocess import is_one_resize, postprocess_masks
+from segany.utils.masks import calculate_stability_score
+
+
+def _model(depth: int) -> torch.nn.Module:
+    """The tiny test model with ``depth`` decoder blocks and random values everywhere (the default
+    LayerNorm weights of one and biases of zero would hide mistakes in the LayerNorm algebra)."""
+    torch.manual_seed(depth)
+    cfg = get_config("tiny_test")
+    cfg.decoder_depth = depth
+    model = build_sam(cfg).eval()
+    g = torch.Generator().manual_seed(depth)
+    with torch.no_grad():
+        for name, p in model.mask_decoder.named_parameters():
+            scale = 0.5 if "norm" in name and name.endswith("weight") else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm4.weight") else 0.0))
+    return model
+
+
+def _materialize(side: FactoredDecoderSide, x: FactoredTokens) -> torch.Tensor:
+    """``diag(s) K M + coef^T R``: ``B x N x C``."""
+    base = side.image.tokens(x.level)[None]
+    if x.s is not None:
+        base = base * x.s[..., None]
+    return base + x.coef.transpose(1, 2) @ x.rows(side.plan)
+
+
+def _prompts(model: torch.nn.Module, kind: str) -> torch.Tensor:
+    pe = model.prompt_encoder
+    g = torch.Generator().manual_seed(1)
+    pts = torch.rand(3, 2, 2, generator=g) * model.image_size
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1]])
+    box = torch.tensor([[10.0, 20.0, 90.0, 100.0]] * 3)
+    with torch.inference_mode():
+        if kind == "points":
+            return pe(points=(pts, labels), boxes=None, masks=None)[0]
+        return pe(points=(pts[:, :1], labels[:, :1]), boxes=box, masks=None)[0]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("kind", ["points", "box"])
+def test_factored_tokens_are_the_plain_transformers(depth, kind):
+    model = _model(depth)
+    md, tr = model.mask_decoder, model.mask_decoder.transformer
+    sparse = _prompts(model, kind)
+    features = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(2))
+    pe = model.prompt_encoder
+    with torch.inference_mode():
+        dense_pe = pe.get_dense_pe()
+        dec = ReassociatedDecoder.for_model(model, features)
+        side = dec.side
+        # The plain transformer, block by block, next to the factored one.
+        b = sparse.shape[0]
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+        qpe = torch.cat([out_tokens[None].expand(b, -1, -1), sparse], 1)
+        keys = (features + pe.no_mask_embed.weight.view(1, -1, 1, 1)).flatten(2).transpose(1, 2).expand(b, -1, -1)
+        key_pe = dense_pe.flatten(2).transpose(1, 2)
+        queries, x_queries, x = qpe, qpe, None
+        for j, layer in enumerate(tr.layers):
+            queries, keys = layer(queries, keys, qpe, key_pe)
+            # The same block with the image tokens factored (the token side is the plain code's).
+            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+            if layer.skip_first_layer_pe:
+                x_queries = layer.self_attn(q=x_queries, k=x_queries, v=x_queries)
+            else:
+                q = x_queries + qpe
+                x_queries = x_queries + layer.self_attn(q=q, k=q, v=x_queries)
+            x_queries = layer.norm1(x_queries)
+            q = x_queries + qpe
+            if x is None:
+                x_queries = layer.norm2(x_queries + dec._t2i_shared(t2i, q))
+            else:
+                x_queries = layer.norm2(x_queries + dec._t2i(t2i, x, q))
+            x_queries = layer.norm3(x_queries + layer.mlp(x_queries))
+            q = x_queries + qpe
+            scores, v = dec._i2t_shared(i2t, q, x_queries) if x is None else dec._i2t(i2t, x, q, x_queries)
+            x = side.layer_norm(side.add_attention(x, j, scores, v), layer.norm4)
+            assert x.level == j + 1
+            assert float((x_queries - queries).abs().max()) < 1e-4
+            assert float((_materialize(side, x) - keys).abs().max()) < 1e-4 * float(keys.abs().max())
+        # The whole decoder: tokens, IoUs and masks.
+        iou, _mask_tokens, x = dec.tokens(sparse)
+        want_masks, want_iou = md.predict_masks(features, dense_pe, sparse, pe.no_mask_embed.weight.view(1, -1, 1, 1))
+        got = dec.masks(x, _mask_tokens, list(range(md.num_mask_tokens)))
+        assert float((_materialize(side, x) - keys).abs().max()) < 1e-4 * float(keys.abs().max())
+    assert torch.allclose(iou, want_iou, atol=1e-5)
+    assert float((got - want_masks).abs().max()) <= 1e-5 * float(want_masks.abs().max())
+
+
+def test_factored_tokens_of_one_prompt_of_a_batch():
+    model = _model(2)
+    sparse = _prompts(model, "points")
+    features = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        dec = ReassociatedDecoder.for_model(model, features)
+        iou, mask_tokens, x = dec.tokens(sparse)
+        batch = dec.masks(x, mask_tokens, [1, 2, 3], region=(5, 7))
+        for i in range(sparse.shape[0]):
+            alone = ReassociatedDecoder.for_model(model, features)
+            iou_i, mask_tokens_i, x_i = alone.tokens(sparse[i : i + 1])
+            assert torch.allclose(iou_i, iou[i : i + 1], atol=1e-6)
+            one = dec.masks(x.select(i), mask_tokens[i : i + 1], [1, 2, 3], region=(5, 7))
+            assert torch.allclose(one, batch[i : i + 1], atol=1e-5)
+            assert torch.allclose(alone.masks(x_i, mask_tokens_i, [1, 2, 3], region=(5, 7)), one, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("low", "image_size", "input_size", "original_size", "one_resize_width"),
+    [
+        (256, 1024, (683, 1024), (681, 1024), True),
+        (256, 1024, (683, 1024), (341, 512), True),  # 4x up then 2x down: each pair within one cell
+        (256, 1024, (1024, 683), (1024, 681), False),
+        (32, 128, (96, 128), (96, 128), True),
+        (64, 256, (171, 256), (100, 150), False),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thresholded_matrix_postprocessing(low, image_size, input_size, original_size, one_resize_width, threads):
+    masks = torch.randn(1, 3, low, low, generator=torch.Generator().manual_seed(4)) * 5
+    x = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    want = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+    assert is_one_resize(low, image_size, input_size[1], original_size[1]) == one_resize_width
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # two: bands of rows on two workers
+    try:
+        with torch.inference_mode():
+            logits = postprocess_masks(masks, image_size, input_size, original_size)
+            binary = postprocess_masks(masks, image_size, input_size, original_size, threshold=0.0)
+    finally:
+        torch.set_num_threads(before)
+    assert float((logits - want).abs().max()) < 1e-4
+    assert binary.dtype == torch.bool and binary.shape == want.shape
+    sure = want.abs() > 1e-4
+    assert torch.equal(binary[sure], (want > 0)[sure])
+    assert torch.equal(binary, logits > 0)
+
+
+def test_numpy_stability_score_is_the_torch_one():
+    logits = torch.randn(5, 37, 53, generator=torch.Generator().manual_seed(5)) * 3
+    logits[2] = -10.0  # all background: NaN, as the official code
+    got = calculate_stability_score(logits, 0.0, 1.0)
+    want = calculate_stability_score(logits.double(), 0.0, 1.0)  # float64 takes the torch path
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan()[2])
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
