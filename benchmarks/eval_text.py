@@ -38,13 +38,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     predictor = SamPredictor(load_model(args.model, text_head=args.text_head))
     results = {}
-    if args.no_coco:
-        pass
-    elif (DATA / "coco_panoptic200").is_dir():
+    if not args.no_coco and (DATA / "coco_panoptic200").is_dir():
         results["coco_panoptic_val2017"] = eval_categories(
             predictor, str(DATA / "coco_panoptic200"), "val2017", max_images=args.max_images
         )
-    else:
+    elif not args.no_coco:
         print(f"{DATA / 'coco_panoptic200'} not found: COCO part skipped")
     if args.scenes:
         results["synthetic_heldout"] = eval_synthetic(predictor, n=args.scenes)

@@ -72,22 +72,7 @@ def test_factored_tokens_are_the_plain_transformers(depth, kind):
         for j, layer in enumerate(tr.layers):
             queries, keys = layer(queries, keys, qpe, key_pe)
             # The same block with the image tokens factored (the token side is the plain code's).
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            if layer.skip_first_layer_pe:
-                x_queries = layer.self_attn(q=x_queries, k=x_queries, v=x_queries)
-            else:
-                q = x_queries + qpe
-                x_queries = x_queries + layer.self_attn(q=q, k=q, v=x_queries)
-            x_queries = layer.norm1(x_queries)
-            q = x_queries + qpe
-            if x is None:
-                x_queries = layer.norm2(x_queries + dec._t2i_shared(t2i, q))
-            else:
-                x_queries = layer.norm2(x_queries + dec._t2i(t2i, x, q))
-            x_queries = layer.norm3(x_queries + layer.mlp(x_queries))
-            q = x_queries + qpe
-            scores, v = dec._i2t_shared(i2t, q, x_queries) if x is None else dec._i2t(i2t, x, q, x_queries)
-            x = side.layer_norm(side.add_attention(x, j, scores, v), layer.norm4)
+            x_queries, x = dec.block(j, layer, x_queries, qpe, x)
             assert x.level == j + 1
             assert float((x_queries - queries).abs().max()) < 1e-4
             assert float((_materialize(side, x) - keys).abs().max()) < 1e-4 * float(keys.abs().max())

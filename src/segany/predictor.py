@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from segany.errors import SegAnyError
-from segany.modeling import postprocess
 from segany.modeling.sam import Sam
 from segany.transforms import ResizeLongestSide, get_preprocess_shape
 
@@ -245,16 +244,8 @@ class SamPredictor:
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings
         )
-        model = self.model
-        if not return_logits and postprocess.use_matrix_path(low_res, model.image_size, self.original_size):
-            # Thresholded as the upsampled rows are made (no full-size logits kept).
-            masks = postprocess.postprocess_masks(
-                low_res, model.image_size, self.input_size, self.original_size, threshold=model.mask_threshold
-            )
-            return masks, iou, low_res
-        masks = model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > model.mask_threshold
+        threshold = None if return_logits else self.model.mask_threshold
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         return masks, iou, low_res
 
     @torch.inference_mode()

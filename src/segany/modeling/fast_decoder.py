@@ -180,32 +180,40 @@ class ReassociatedDecoder:
 
     # -- the decoder ------------------------------------------------------------------------------------
 
+    def block(
+        self, j: int, layer: nn.Module, queries: torch.Tensor, qpe: torch.Tensor, x: FactoredTokens | None
+    ) -> tuple[torch.Tensor, FactoredTokens]:
+        """Two-way block ``j`` (``layer``) on prompt tokens ``queries`` (``B x T x C``, positional part
+        ``qpe``) and image tokens ``x`` (None: still the shared, per-image ones): the block's token side
+        as the plain code, its image side in factored form."""
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + qpe
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        q = queries + qpe
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        if x is None:
+            queries = layer.norm2(queries + self._t2i_shared(t2i, q))
+        else:
+            queries = layer.norm2(queries + self._t2i(t2i, x, q))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + qpe
+        a, v = self._i2t_shared(i2t, q, queries) if x is None else self._i2t(i2t, x, q, queries)
+        return queries, self.side.layer_norm(self.side.add_attention(x, j, a, v), layer.norm4)
+
     def tokens(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
         """Sparse prompt embeddings ``B x T' x C`` -> IoU predictions ``B x M``, mask tokens ``B x M x C``,
         and the image tokens after the transformer, in factored form."""
-        md, tr, side = self.md, self.tr, self.side
+        md, tr = self.md, self.tr
         b = sparse.shape[0]
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         qpe = torch.cat([out_tokens[None].expand(b, -1, -1), sparse.to(out_tokens.dtype)], dim=1)
         queries = qpe
         x: FactoredTokens | None = None  # None while the image tokens are still the shared ones
         for j, layer in enumerate(tr.layers):
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + qpe
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
-            q = queries + qpe
-            t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-            if x is None:
-                queries = layer.norm2(queries + self._t2i_shared(t2i, q))
-            else:
-                queries = layer.norm2(queries + self._t2i(t2i, x, q))
-            queries = layer.norm3(queries + layer.mlp(queries))
-            q = queries + qpe
-            a, v = self._i2t_shared(i2t, q, queries) if x is None else self._i2t(i2t, x, q, queries)
-            x = side.layer_norm(side.add_attention(x, j, a, v), layer.norm4)
+            queries, x = self.block(j, layer, queries, qpe, x)
         q = queries + qpe
         queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, x, q))
         iou = md.iou_prediction_head(queries[:, 0])

@@ -51,18 +51,25 @@ class Sam(nn.Module):
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
 
     def postprocess_masks(
-        self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+        self,
+        masks: torch.Tensor,
+        input_size: tuple[int, ...],
+        original_size: tuple[int, ...],
+        threshold: float | None = None,
     ) -> torch.Tensor:
-        """Low-res logits ``B x M x 4h x 4w`` -> ``B x M x H x W`` logits in the original frame.
+        """Low-res logits ``B x M x 4h x 4w`` -> ``B x M x H x W`` logits in the original frame, or with
+        ``threshold`` the boolean masks ``logits > threshold``.
 
         Upsample to the padded input size, drop the padding, then resize to the original size. On a CPU
-        at inference this runs as two matrix products (same function; see :mod:`segany.modeling.postprocess`).
+        at inference this runs as two matrix products (same function; see :mod:`segany.modeling.postprocess`),
+        thresholded as the rows are made (no full-size logits kept).
         """
         if postprocess.use_matrix_path(masks, self.image_size, original_size):
-            return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size)
+            return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size, threshold=threshold)
         masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return masks if threshold is None else masks > threshold
 
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """The official batched interface: a list of per-image dicts with ``image`` (3xHxW, already
@@ -77,6 +84,8 @@ class Sam(nn.Module):
             low_res, iou = self.mask_decoder(
                 emb.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
             )
-            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
-            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
+            masks = self.postprocess_masks(
+                low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold
+            )
+            outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
