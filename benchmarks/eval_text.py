@@ -1,6 +1,7 @@
 """Quality of text prompts: held-out COCO categories (vs prompt-blind references) and synthetic phrases.
 
     python benchmarks/eval_text.py [--model default] [--text-head PATH] [--max-images N] [--scenes 200] [--no-coco]
+        [--no-blind]
 
 * coco_panoptic200 val2017: for each image and each category present (things and stuff), the category's
   clean name as the text -> one mask; mIoU against the union of that category's segments. References on
@@ -32,6 +33,10 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None, help="COCO val images (default: all 100)")
     ap.add_argument("--scenes", type=int, default=200, help="held-out synthetic scenes (0: none)")
     ap.add_argument("--no-coco", action="store_true", help="synthetic scenes only")
+    ap.add_argument(
+        "--no-blind", action="store_true", help="COCO: text mIoU only (the prompt-blind references do not depend "
+        "on the text head: compare a new head with the last full run's)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the JSON here too")
     args = ap.parse_args()
@@ -40,14 +45,14 @@ def main() -> None:
     results = {}
     if not args.no_coco and (DATA / "coco_panoptic200").is_dir():
         results["coco_panoptic_val2017"] = eval_categories(
-            predictor, str(DATA / "coco_panoptic200"), "val2017", max_images=args.max_images
+            predictor, str(DATA / "coco_panoptic200"), "val2017", max_images=args.max_images, blind=not args.no_blind
         )
     elif not args.no_coco:
         print(f"{DATA / 'coco_panoptic200'} not found: COCO part skipped")
     if args.scenes:
         results["synthetic_heldout"] = eval_synthetic(predictor, n=args.scenes)
     print(json.dumps(results, indent=2))
-    if "coco_panoptic_val2017" in results:
+    if "coco_panoptic_val2017" in results and not args.no_blind:
         c = results["coco_panoptic_val2017"]
         print(
             "\n| set | queries | text mIoU | blind: top-ranked | blind: largest | text / stronger blind "

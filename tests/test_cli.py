@@ -140,3 +140,13 @@ def test_console_script_runs_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("segany segment: error:") and "Traceback" not in proc.stderr
+
+
+def test_unwritable_output_is_a_clear_error(capsys, tmp_path, image_file, tiny_checkpoint):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "masks"  # its parent is a file: the folder cannot be made
+    code, _, err = run_cli(capsys, "segment", image_file, "--point", "5,5", "--model", tiny_checkpoint, "-o", out)
+    assert code == 1, err
+    assert err.startswith("segany segment: error: ") and "internal error" not in err
+    assert str(blocker) in err and err.count("\n") == 1

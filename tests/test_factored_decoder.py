@@ -102,6 +102,36 @@ def test_factored_tokens_of_one_prompt_of_a_batch():
             assert torch.allclose(alone.masks(x_i, mask_tokens_i, [1, 2, 3], region=(5, 7)), one, atol=1e-5)
 
 
+def test_positional_encoding_products_are_shared_by_images_and_renewed_with_the_weights():
+    model = _model(2)
+    md, pe = model.mask_decoder, model.prompt_encoder
+    sparse = _prompts(model, "points")
+    dense = pe.no_mask_embed.weight.view(1, -1, 1, 1)
+    g = torch.Generator().manual_seed(4)
+
+    def decode_new_image() -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.randn(1, 32, 8, 8, generator=g)
+        with torch.inference_mode():
+            dec = ReassociatedDecoder.for_model(model, features)
+            iou, mask_tokens, x = dec.tokens(sparse)
+            got = dec.masks(x, mask_tokens, list(range(md.num_mask_tokens)))
+            want, want_iou = md.predict_masks(features, pe.get_dense_pe(), sparse, dense)
+        assert torch.allclose(iou, want_iou, atol=1e-5)
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        return got
+
+    decode_new_image()
+    products = {k: v[2] for k, v in md._pe_products[1].items()}
+    assert products  # the blocks after the first read the encoding through its products
+    decode_new_image()  # another image: the same product tensors
+    assert all(md._pe_products[1][k][2] is v for k, v in products.items())
+    with torch.no_grad():  # new weights (as a fine-tune or load_state_dict would write them in place)
+        for layer in md.transformer.layers[1:]:
+            layer.cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+    decode_new_image()  # matches the plain decoder with the new weights
+    assert any(md._pe_products[1][k][2] is not v for k, v in products.items())
+
+
 @pytest.mark.parametrize(
     ("low", "image_size", "input_size", "original_size", "one_resize_width"),
     [

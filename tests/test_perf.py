@@ -72,18 +72,30 @@ def test_vit_block_call_does_not_modify_its_input():
     assert torch.equal(x, before) and not torch.equal(out, x)
 
 
-def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch):
+@pytest.mark.parametrize("size", [(6, 6), (4, 9)])
+def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch, size):
     import segany.modeling.image_encoder as ie
 
-    q, k, v = (torch.randn(2, 3, 36, 8) for _ in range(3))
-    rel_h, rel_w = torch.randn(11, 8), torch.randn(11, 8)
-    with torch.no_grad():
-        whole = ie.rel_pos_attention(q, k, v, rel_h, rel_w, (6, 6))
-        monkeypatch.setattr(ie, "REL_BIAS_CHUNK_BYTES", 1)  # one query row at a time
-        rows = ie.rel_pos_attention(q, k, v, rel_h, rel_w, (6, 6))
-    bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, (6, 6))
+    h, w = size
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, h * w, 8) for _ in range(3))
+    rel_h, rel_w = torch.randn(2 * h - 1, 8), torch.randn(2 * w - 1, 8)
+    bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, size)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
-    assert torch.allclose(whole, want, atol=1e-5) and torch.allclose(rows, want, atol=1e-5)
+    got = {}
+    with torch.no_grad():
+        monkeypatch.setattr(ie, "QUERY_BLOCK", 10**6)  # the fused kernel with the bias as its mask
+        got["whole"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        monkeypatch.setattr(ie, "REL_BIAS_CHUNK_BYTES", 1)  # one query row at a time
+        got["bias rows"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        for block in (10, 36):  # query blocks by two matmuls (a partial last block; one block)
+            monkeypatch.setattr(ie, "QUERY_BLOCK", block)
+            got[f"query blocks of {block}"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 keeps the fused kernel
+            got["bf16"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size).float()
+    for name, out in got.items():
+        tol = 1e-5 if name != "bf16" else 0.1  # bf16 keeps about 3 digits
+        assert out.shape == want.shape and torch.allclose(out, want, atol=tol, rtol=tol), name
 
 
 @pytest.mark.parametrize(

@@ -200,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print(f"segany {args.command}: error: out of memory", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system said no (missing folder, permissions, disk full): not a bug
+        where = f": {e.filename}" if e.filename else ""
+        print(f"segany {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - the last line of defence: no tracebacks for users
         if os.environ.get("SEGANY_DEBUG"):
             raise

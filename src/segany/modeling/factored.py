@@ -29,6 +29,7 @@ rounding (the algebra is exact).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -190,11 +191,15 @@ class FactoredDecoderSide:
     """What the re-associated decoder does with the factored image tokens of one image: projections
     through attention heads, attention-weighted sums, LayerNorms and the upscaling's first product."""
 
-    def __init__(self, transformer: nn.Module, k: torch.Tensor, key_pe: torch.Tensor) -> None:
-        """``k``: the image's tokens at level 0, ``N x C``, centered; ``key_pe`` their positional encoding."""
+    def __init__(
+        self, transformer: nn.Module, k: torch.Tensor, key_pe: torch.Tensor, pe_cache: dict | None = None
+    ) -> None:
+        """``k``: the image's tokens at level 0, ``N x C``, centered; ``key_pe`` their positional encoding;
+        ``pe_cache``: where the products of ``key_pe`` are kept (shared by the images of one model)."""
         self.plan = Plan(transformer)
         self.image = ImageSide(k, [layer.norm4.weight for layer in transformer.layers])
         self.key_pe = key_pe
+        self.pe_cache = {} if pe_cache is None else pe_cache
 
     # -- per-image products ---------------------------------------------------------------------------
 
@@ -203,8 +208,14 @@ class FactoredDecoderSide:
         return self.image.get(("proj", level, id(lin)), lambda: lin.weight @ self.image.tokens(level).t())
 
     def _pe_proj(self, lin: nn.Linear) -> torch.Tensor:
-        """``(PE W^T)^T``: ``D x N``."""
-        return self.image.get(("pe", id(lin)), lambda: lin.weight @ self.key_pe.t())
+        """``(PE W^T)^T``: ``D x N`` (the same for every image: kept in ``pe_cache`` while the weights are
+        unchanged)."""
+        w = lin.weight
+        version = None if w.is_inference() else w._version
+        hit = self.pe_cache.get(id(lin))
+        if hit is None or hit[0]() is not w or hit[1] != version:
+            hit = self.pe_cache[id(lin)] = (weakref.ref(w), version, w @ self.key_pe.t())
+        return hit[2]
 
     # -- attention ------------------------------------------------------------------------------------
 

@@ -63,6 +63,8 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
         # (weak ref to the image embedding, its version, image_pe, dense vector, decoder): see _reassociated.
         self._reassociated_cache: tuple | None = None
+        # (weak ref to the positional encoding, {key: product}): see ReassociatedDecoder.pe_products.
+        self._pe_products: tuple | None = None
 
     def forward(
         self,
@@ -95,6 +97,7 @@ class MaskDecoder(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reassociated_cache"] = None  # a weak reference does not pickle; it is only a cache
+        state["_pe_products"] = None
         return state
 
     def _reassociated(

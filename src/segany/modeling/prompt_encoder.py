@@ -100,7 +100,9 @@ class PromptEncoder(nn.Module):
         key += (torch.is_inference_mode_enabled(),)
         cached = self._dense_pe
         if cached is None or cached[0] != key:
-            cached = self._dense_pe = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            # Contiguous: the encoding is made channels-last and permuted; every image's decoder reads it.
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0).contiguous()
+            cached = self._dense_pe = (key, pe)
         return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
