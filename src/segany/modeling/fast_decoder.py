@@ -104,8 +104,8 @@ class ReassociatedDecoder:
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         self.k0 = _projected(t2i.k_proj, k).view(t2i.num_heads, -1, k.shape[1])  # H x d x N
         self.q0 = _projected(i2t.q_proj, k).view(i2t.num_heads, -1, k.shape[1])
-        v = torch.addmm(t2i.v_proj.bias, src.t(), t2i.v_proj.weight.t())  # N x (H*d)
-        self.v0 = v.view(-1, t2i.num_heads, v.shape[1] // t2i.num_heads).transpose(0, 1).contiguous()  # H x N x d
+        v = _projected(t2i.v_proj, src).view(t2i.num_heads, -1, k.shape[1])
+        self.v0 = v.transpose(1, 2).contiguous()  # H x N x d
         # The later blocks see the image tokens in factored form (modeling/factored.py), from the tokens
         # plus the first image-to-token attention's output bias (the same for every prompt), centered (the
         # LayerNorm after it removes each token's mean).
@@ -213,12 +213,7 @@ class ReassociatedDecoder:
         """Two-way block ``j`` (``layer``) on prompt tokens ``queries`` (``B x T x C``, positional part
         ``qpe``) and image tokens ``x`` (None: still the shared, per-image ones): the block's token side
         as the plain code, its image side in factored form."""
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + qpe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = layer.attend_tokens(queries, qpe)
         q = queries + qpe
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if x is None:

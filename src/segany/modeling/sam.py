@@ -69,7 +69,7 @@ class Sam(nn.Module):
         masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
-        return masks if threshold is None else masks > threshold
+        return masks if threshold is None else postprocess.greater(masks, threshold)
 
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """The official batched interface: a list of per-image dicts with ``image`` (3xHxW, already
