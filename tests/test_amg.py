@@ -313,6 +313,12 @@ def test_decode_workers_same_results_and_settings_kept(models):
             region = dec.region(pred.input_size)
             shared = dec.decode(sparse, [1, 2, 3], 0.8, region)
             alone = dec._decode(sparse, [1, 2, 3], 0.8, region)
+            # The caller's work on each part runs in the worker, on that part's outputs.
+            def then(start, out):
+                return start, threading.current_thread().name, out
+
+            parts = dec.decode(sparse, [1, 2, 3], 0.8, region, then=then)
+            tasks = dec.decode(sparse, [1, 2, 3], 0.8, region, then=then, part=7)  # rounded up to chunks of 4
         assert torch.get_num_threads() == 2
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -323,6 +329,15 @@ def test_decode_workers_same_results_and_settings_kept(models):
         torch.set_num_threads(1)
     assert all(torch.equal(a, b) for a, b in zip(shared, alone))
     assert 0 < len(shared[2]) < 63
+    assert len(parts) == 2 and [p[0] for p in parts] == [0, parts[0][2][0].shape[0]]
+    assert all(name.startswith("segany-worker") for _, name, _ in parts)
+    assert all(torch.equal(torch.cat([p[2][i] for p in parts]), alone[i]) for i in range(3))
+    assert [t[0] for t in tasks] == [0, 8, 16]
+    assert all(torch.equal(torch.cat([t[2][i] for t in tasks]), alone[i]) for i in range(3))
+    with torch.inference_mode():  # one thread: the same tasks, in the calling thread
+        one = dec.decode(sparse, [1, 2, 3], 0.8, region, then=then, part=7)
+    assert [(t[0], t[1]) for t in one] == [(0, "MainThread"), (8, "MainThread"), (16, "MainThread")]
+    assert all(torch.equal(torch.cat([t[2][i] for t in one]), alone[i]) for i in range(3))
 
 
 def test_fast_decoder_same_records_as_the_model_decoder(models):

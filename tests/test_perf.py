@@ -62,6 +62,25 @@ def test_encoder_inference_path_matches_the_plain_one(cfg):
     assert torch.allclose(got, want.detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_vit_blocks_get_token_major_tensors(monkeypatch):
+    """The patch embedding's channels-first layout does not reach the blocks (their LayerNorms and
+    copies would all be strided)."""
+    from segany.modeling import image_encoder
+
+    seen = []
+    forward_inplace = image_encoder.Block.forward_inplace
+
+    def recording(self, x):
+        seen.append(x.is_contiguous())
+        return forward_inplace(self, x)
+
+    monkeypatch.setattr(image_encoder.Block, "forward_inplace", recording)
+    model = _randomize(build_sam(VIT))
+    with torch.inference_mode():
+        model.image_encoder(torch.randn(1, 3, VIT.image_size, VIT.image_size))
+    assert seen == [True] * len(model.image_encoder.blocks)
+
+
 def test_vit_block_call_does_not_modify_its_input():
     model = _randomize(build_sam(VIT))
     block = model.image_encoder.blocks[0]
@@ -116,6 +135,26 @@ def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input
     got = postprocess_masks(masks, image_size, input_size, original_size)
     assert got.shape == want.shape
     assert float((got - want).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("masks_per_call", [3, 24])
+def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(masks_per_call):
+    """A few masks are post-processed on the calling thread, many on one-core workers: same results."""
+    from segany.modeling import postprocess
+
+    assert (masks_per_call >= postprocess.MIN_MASKS_FOR_WORKERS) == (masks_per_call == 24)
+    masks = torch.randn(masks_per_call // 3, 3, 64, 64) * 5
+    x = F.interpolate(masks, (256, 256), mode="bilinear", align_corners=False)[..., :171, :]
+    want = F.interpolate(x, (100, 150), mode="bilinear", align_corners=False)
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = postprocess_masks(masks, 256, (171, 256), (100, 150))
+            binary = postprocess_masks(masks, 256, (171, 256), (100, 150), threshold=0.0)
+    finally:
+        torch.set_num_threads(1)
+    assert float((got - want).abs().max()) < 1e-5
+    assert torch.equal(binary, got > 0.0)
 
 
 def test_predictor_fast_decoder_and_its_cache(tiny_model):

@@ -292,11 +292,18 @@ class SamAutomaticMaskGenerator:
         points_scale = np.array(cropped_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         acc = _Masks()
-        for (points,) in batch_iterator(self.points_per_batch, points_for_image):
-            batch = self._process_batch(points, cropped_size, crop_box, orig_size, decoder)
-            acc.rles += batch["rles"]
-            for name in ("boxes", "iou_preds", "stability", "points"):
-                getattr(acc, name).append(batch[name])
+        # The re-associated decoder takes all the crop's points in one call (its workers take parts of
+        # points_per_batch prompts as they become free, with no wait for the slowest at the end of every
+        # batch); the model's decoder takes them a batch at a time.
+        if decoder is not None:
+            batches = [points_for_image]
+        else:
+            batches = [points for (points,) in batch_iterator(self.points_per_batch, points_for_image)]
+        for points in batches:
+            for part in self._process_batch(points, cropped_size, crop_box, orig_size, decoder):
+                acc.rles += part["rles"]
+                for name in ("boxes", "iou_preds", "stability", "points"):
+                    getattr(acc, name).append(part[name])
         self.predictor.reset_image()
         data = acc.cat()
         del data["crop_boxes"]  # set below, once the crop's masks are known
@@ -319,8 +326,8 @@ class SamAutomaticMaskGenerator:
         crop_box: list[int],
         orig_size: tuple[int, int],
         decoder: ReassociatedDecoder | None = None,
-    ) -> dict[str, Any]:
-        orig_h, orig_w = orig_size
+    ) -> list[dict[str, Any]]:
+        """The kept masks of point prompts ``points``, in parts (in prompt order)."""
         p = self.predictor
         in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), dtype=torch.float, device=p.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=p.device)
@@ -329,22 +336,41 @@ class SamAutomaticMaskGenerator:
         sparse, dense = p.model.prompt_encoder(points=prompt, boxes=None, masks=None)
         if decoder is not None:
             which = list(range(1, decoder.md.num_mask_tokens))  # the multimask outputs
+
+            # Each decoding worker also filters, upsamples and encodes its own prompts' candidates (that
+            # work then runs in parallel too, not on one thread after the decoding).
+            def candidates(start: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+                return self._candidates(points[start : start + out[0].shape[0]], *out, crop_box, orig_size)
+
             region = decoder.region(p.input_size)
-            iou_preds, keep, low_res = decoder.decode(sparse, which, self.pred_iou_thresh, region)
-        else:
-            low_res, iou_preds = p.model.mask_decoder(
-                p.features, p.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
-            )
+            return decoder.decode(sparse, which, self.pred_iou_thresh, region, candidates, self.points_per_batch)
+        low_res, iou_preds = p.model.mask_decoder(
+            p.features, p.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
+        )
+        iou_preds = iou_preds.float()
+        keep = iou_preds > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou_preds).bool()
+        low_res = low_res.flatten(0, 1)[torch.nonzero(keep.flatten()).flatten()]
+        return [self._candidates(points, iou_preds, keep, low_res, crop_box, orig_size)]
+
+    def _candidates(
+        self,
+        points: np.ndarray,
+        iou_preds: torch.Tensor,
+        keep: torch.Tensor,
+        low_res: torch.Tensor,
+        crop_box: list[int],
+        orig_size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """The candidates of prompts ``points`` (IoU predictions ``B x K``, ``keep`` ``B x K`` the ones past
+        the IoU filter, ``low_res`` their low-res logits ``kept x h x w``) that pass the stability and the
+        crop-edge filters: RLEs, boxes, IoUs, stability scores and points."""
+        orig_h, orig_w = orig_size
+        p = self.predictor
         n_out = iou_preds.shape[1]
         iou_preds = iou_preds.flatten(0, 1).float()
         # float64 points, as the official generator (the records carry these exact values).
         pts = torch.as_tensor(points, dtype=torch.float64).repeat_interleave(n_out, dim=0)
-        if decoder is None:
-            keep = iou_preds > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou_preds).bool()
-            idx = torch.nonzero(keep).flatten()
-            low_res = low_res.flatten(0, 1)[idx]
-        else:
-            idx = torch.nonzero(keep.flatten()).flatten()
+        idx = torch.nonzero(keep.flatten()).flatten()
         rles: list[dict[str, Any]] = []
         boxes, ious, stabs, kept_pts = [], [], [], []
         thr = p.model.mask_threshold

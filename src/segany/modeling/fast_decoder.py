@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,9 @@ from torch import nn
 from segany.modeling.common import LayerNorm2d, activate_, linear_act
 from segany.modeling.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
 from segany.modeling.transformer import TwoWayTransformer
-from segany.modeling.workers import available_workers, map_on_workers, worker_pool
+from segany.modeling.workers import available_workers, worker_pool
+
+R = TypeVar("R")
 
 # Prompts decoded together: their products with the per-image matrices share one read of those (2 MB
 # each), while their per-prompt coefficients (about 2 MB each) still mostly stay in the CPU caches;
@@ -258,13 +262,13 @@ class ReassociatedDecoder:
         w1, b1, _w2, _b2 = self._upscaling_weights()
         for i in range(b):
             first = self.side.linear_tokens(x if b == 1 else x.select(i), "upscaling", w1, b1, self.hw)
-
-            # Bands of image-token rows (the upscaling works pixel by pixel), shared among one-core workers.
-            def part(r0: int, first=first, i=i) -> None:
+            # Bands of image-token rows (the upscaling works pixel by pixel). Not on one-core workers: this
+            # runs on the calling thread right after the prompt's transformer (torch's threads), whose
+            # OpenMP threads then spin-wait for a while on the cores the workers would need (one prompt,
+            # vit_b, 2 threads: 28 -> 21 ms without the workers here and in the post-processing).
+            for r0 in range(0, h, UPSCALE_ROWS):
                 r1 = min(r0 + UPSCALE_ROWS, h)
                 out[i, :, 4 * r0 : 4 * r1] = self._upscale(first, hyper[i], (r0, r1), w)
-
-            map_on_workers(part, range(0, h, UPSCALE_ROWS), hyper.device)
         return out
 
     def _upscaling_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,8 +303,14 @@ class ReassociatedDecoder:
         return m.reshape(k, 4 * h, 4 * w)
 
     def decode(
-        self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        sparse: torch.Tensor,
+        which: list[int],
+        iou_thresh: float,
+        region: tuple[int, int] | None = None,
+        then: Callable[[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], R] | None = None,
+        part: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[R]:
         """Decode prompts a couple at a time (their image tokens then stay in the CPU caches, much faster
         than batches) and upscale only those with a mask output whose IoU is above ``iou_thresh``.
 
@@ -312,29 +322,46 @@ class ReassociatedDecoder:
         :data:`DECODE_WORKERS`), each running its operations on one core: the operations here are small,
         and with several threads per operation every one of them waits for the slowest thread, which on
         a busy machine (other processes on the cores) made decoding several times slower. Same results.
+
+        ``then(start, (iou, keep, low))``: run by each worker on its part (prompts ``start :``, the three
+        outputs as above for that part), so that the caller's own work on the outputs runs in parallel
+        too; ``decode`` then returns the list of its results, in prompt order. ``part``: prompts per worker
+        task (whole chunks of :data:`DECODE_CHUNK`), taken by the workers as they become free; by default
+        one equal share per worker.
         """
         n = sparse.shape[0]
         workers = min(available_workers(sparse.device, DECODE_WORKERS), -(-n // DECODE_CHUNK))
+        step = part or -(-n // max(workers, 1))
+        step = max(1, -(-step // DECODE_CHUNK)) * DECODE_CHUNK  # whole chunks per task
+        starts = range(0, max(n, 1), step)
+
+        def task(start: int):
+            out = self._decode(sparse[start : start + step], which, iou_thresh, region)
+            return out if then is None else then(start, out)
+
         if workers <= 1:
-            return self._decode(sparse, which, iou_thresh, region)
-        step = -(-n // workers)
-        step = -(-step // DECODE_CHUNK) * DECODE_CHUNK  # whole chunks per worker
-        grad = torch.is_grad_enabled()
-        autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")  # thread-local
+            parts = [task(start) for start in starts]
+        else:
+            grad = torch.is_grad_enabled()
+            autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")  # thread-local
 
-        def part(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with (
-                torch.inference_mode(),
-                torch.set_grad_enabled(grad),
-                torch.autocast("cpu", dtype=dtype, enabled=autocast),
-            ):
-                return self._decode(sparse[start : start + step], which, iou_thresh, region)
+            def in_worker(start: int):
+                with (
+                    torch.inference_mode(),
+                    torch.set_grad_enabled(grad),
+                    torch.autocast("cpu", dtype=dtype, enabled=autocast),
+                ):
+                    return task(start)
 
-        threads = torch.get_num_threads()
-        try:
-            parts = list(worker_pool(workers).map(part, range(0, n, step)))
-        finally:
-            torch.set_num_threads(threads)  # a new worker's setting also wrote torch's process-wide default
+            threads = torch.get_num_threads()
+            try:
+                parts = list(worker_pool(workers).map(in_worker, starts))
+            finally:
+                torch.set_num_threads(threads)  # a new worker's setting also wrote torch's process-wide default
+        if then is not None:
+            return parts
+        if len(parts) == 1:
+            return parts[0]
         return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def _decode(

@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from segany.modeling.common import eager_inference
 from segany.modeling.workers import available_workers, map_on_workers
 
+# Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks): at 8
+# prompts x 3 masks the two ways measured the same, below that the calling thread was faster.
+MIN_MASKS_FOR_WORKERS = 16
+
 
 @functools.lru_cache(maxsize=64)
 def resize_matrix(low_len: int, image_size: int, input_len: int, out_len: int) -> torch.Tensor:
@@ -42,14 +46,11 @@ def resize_matrix(low_len: int, image_size: int, input_len: int, out_len: int) -
 
 
 @functools.lru_cache(maxsize=64)
-def _sparse_rows(
-    low_len: int, image_size: int, input_len: int, out_len: int, start: int = 0, stop: int | None = None
-) -> torch.Tensor:
-    """Output rows ``start : stop`` of the transpose of :func:`resize_matrix` as a sparse ``(stop - start) x
-    rows`` matrix: each output row reads 2 or 3 low-res rows, so a sparse product does 1/50 of a dense
-    one's work."""
+def _sparse_rows(low_len: int, image_size: int, input_len: int, out_len: int) -> torch.Tensor:
+    """The transpose of :func:`resize_matrix` as a sparse ``out_len x rows`` matrix: each output row reads 2
+    or 3 low-res rows, so a sparse product does 1/50 of a dense one's work."""
     m = resize_matrix(low_len, image_size, input_len, out_len)
-    return m[:, start:stop].T.contiguous().to_sparse()
+    return m.T.contiguous().to_sparse()
 
 
 def use_matrix_path(masks: torch.Tensor, image_size: int, original_size: tuple[int, ...]) -> bool:
@@ -115,23 +116,25 @@ def postprocess_masks(
     else:
         out = torch.empty((b * m, oh, ow), dtype=torch.bool)
         out_np = out.numpy()
-    # Masks, and bands of output rows, are independent: shared among one-core workers (bands so that one
-    # or a few masks use every worker too).
-    bands = -(-available_workers(masks.device) // max(1, b * m))
-    step = -(-oh // bands)
-    pieces = [(i, r0, min(r0 + step, oh)) for i in range(b * m) for r0 in range(0, oh, step)]
+    # Masks are independent: many are shared among one-core workers. A few stay on the calling thread
+    # (torch's threads): it has just run the decoder, and its OpenMP threads spin-wait for a while on the
+    # cores the workers would need (one prompt, 3 masks, vit_b, 2 threads: 2-3 ms slower on the workers).
+    workers = available_workers(masks.device) if b * m >= MIN_MASKS_FOR_WORKERS else 1
+    rows = _sparse_rows(h, image_size, int(input_size[0]), oh)  # oh x rh, sparse
 
-    def one(piece: tuple[int, int, int]) -> None:
-        i, r0, r1 = piece
-        rows = _sparse_rows(h, image_size, int(input_size[0]), oh, r0, r1)  # (r1 - r0) x rh, sparse
+    def one(i: int) -> None:
         if a_w is None:  # along the height on the small side (sparse: 2 or 3 rows each), then the width
             y = F.interpolate(torch.sparse.mm(rows, x[i])[None], size=ow, mode="linear", align_corners=False)[0]
         else:  # along the width a dense product on the small side (rh x rw -> rh x W), then the sparse one
             y = torch.sparse.mm(rows, x[i] @ a_w)
         if threshold is None:
-            out[i, r0:r1] = y
+            out[i] = y
         else:  # NumPy's comparison writes the booleans (measured 4x faster than torch's here)
-            np.greater(y.float().numpy(), threshold, out=out_np[i, r0:r1])
+            np.greater(y.float().numpy(), threshold, out=out_np[i])
 
-    map_on_workers(one, pieces, masks.device)
+    if workers > 1:
+        map_on_workers(one, range(b * m), masks.device)
+    else:
+        for i in range(b * m):
+            one(i)
     return out.view(b, m, oh, ow)
