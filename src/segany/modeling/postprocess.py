@@ -9,7 +9,7 @@ the ``1024 x 1024`` intermediate map is never built: a dense product along the w
 side, then a sparse one along the height (each output row mixes 2 or 3 low-res rows). Where the two
 resizes along the width are one bilinear resize of the whole low-res width (the long side of a landscape
 image up to the model's size, or exactly half of it), the height goes first, on the low-res side, and the
-width is one interpolation pass. Binary masks are thresholded band by band as they are made. For larger
+width is one interpolation pass. Binary masks are thresholded as each one is made. For larger
 outputs the dense product's cost (``w x W`` per low-res row) stops paying and the interpolations
 are used.
 """
