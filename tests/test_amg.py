@@ -336,7 +336,8 @@ def test_decode_workers_same_results_and_settings_kept(models):
     assert all(torch.equal(torch.cat([t[2][i] for t in tasks]), alone[i]) for i in range(3))
     with torch.inference_mode():  # one thread: the same tasks, in the calling thread
         one = dec.decode(sparse, [1, 2, 3], 0.8, region, then=then, part=7)
-    assert [(t[0], t[1]) for t in one] == [(0, "MainThread"), (8, "MainThread"), (16, "MainThread")]
+    me = threading.current_thread().name
+    assert [(t[0], t[1]) for t in one] == [(0, me), (8, me), (16, me)]
     assert all(torch.equal(torch.cat([t[2][i] for t in one]), alone[i]) for i in range(3))
 
 

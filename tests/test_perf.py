@@ -138,11 +138,20 @@ def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input
 
 
 @pytest.mark.parametrize("masks_per_call", [3, 24])
-def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(masks_per_call):
+def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(monkeypatch, masks_per_call):
     """A few masks are post-processed on the calling thread, many on one-core workers: same results."""
+    import threading
+
     from segany.modeling import postprocess
 
-    assert (masks_per_call >= postprocess.MIN_MASKS_FOR_WORKERS) == (masks_per_call == 24)
+    threads = set()
+    sparse_mm = torch.sparse.mm
+
+    def recording(*args):
+        threads.add(threading.current_thread().name)
+        return sparse_mm(*args)
+
+    monkeypatch.setattr(torch.sparse, "mm", recording)
     masks = torch.randn(masks_per_call // 3, 3, 64, 64) * 5
     x = F.interpolate(masks, (256, 256), mode="bilinear", align_corners=False)[..., :171, :]
     want = F.interpolate(x, (100, 150), mode="bilinear", align_corners=False)
@@ -155,6 +164,12 @@ def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(masks_per_ca
         torch.set_num_threads(1)
     assert float((got - want).abs().max()) < 1e-5
     assert torch.equal(binary, got > 0.0)
+    on_workers = masks_per_call >= postprocess.MIN_MASKS_FOR_WORKERS
+    assert on_workers == (masks_per_call == 24)
+    if on_workers:
+        assert threads and all(t.startswith("segany-worker") for t in threads)
+    else:
+        assert threads == {threading.current_thread().name}
 
 
 def test_predictor_fast_decoder_and_its_cache(tiny_model):
