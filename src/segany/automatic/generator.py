@@ -292,18 +292,10 @@ class SamAutomaticMaskGenerator:
         points_scale = np.array(cropped_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         acc = _Masks()
-        # The re-associated decoder takes all the crop's points in one call (its workers take parts of
-        # points_per_batch prompts as they become free, with no wait for the slowest at the end of every
-        # batch); the model's decoder takes them a batch at a time.
-        if decoder is not None:
-            batches = [points_for_image]
-        else:
-            batches = [points for (points,) in batch_iterator(self.points_per_batch, points_for_image)]
-        for points in batches:
-            for part in self._process_batch(points, cropped_size, crop_box, orig_size, decoder):
-                acc.rles += part["rles"]
-                for name in ("boxes", "iou_preds", "stability", "points"):
-                    getattr(acc, name).append(part[name])
+        for part in self._process_points(points_for_image, cropped_size, crop_box, orig_size, decoder):
+            acc.rles += part["rles"]
+            for name in ("boxes", "iou_preds", "stability", "points"):
+                getattr(acc, name).append(part[name])
         self.predictor.reset_image()
         data = acc.cat()
         del data["crop_boxes"]  # set below, once the crop's masks are known
@@ -319,7 +311,7 @@ class SamAutomaticMaskGenerator:
         data["crop_boxes"] = torch.tensor([crop_box] * len(data["rles"]), dtype=torch.int64)
         return data
 
-    def _process_batch(
+    def _process_points(
         self,
         points: np.ndarray,
         im_size: tuple[int, int],
@@ -327,30 +319,45 @@ class SamAutomaticMaskGenerator:
         orig_size: tuple[int, int],
         decoder: ReassociatedDecoder | None = None,
     ) -> list[dict[str, Any]]:
-        """The kept masks of point prompts ``points``, in parts (in prompt order)."""
+        """The kept masks of a crop's point prompts, in parts (in prompt order).
+
+        The re-associated decoder takes all the points in one call: its workers take parts of
+        ``points_per_batch`` prompts as they become free (no wait for the slowest at the end of every
+        batch), and each also filters, upsamples and encodes its own part's candidates (that work then runs
+        in parallel too). The model's decoder takes a batch at a time."""
+        if decoder is None:
+            batches = batch_iterator(self.points_per_batch, points)
+            return [self._process_batch(batch, im_size, crop_box, orig_size) for (batch,) in batches]
+        which = list(range(1, decoder.md.num_mask_tokens))  # the multimask outputs
+
+        def candidates(start: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+            return self._candidates(points[start : start + out[0].shape[0]], *out, crop_box, orig_size)
+
+        sparse, _dense = self._embed_points(points, im_size)
+        region = decoder.region(self.predictor.input_size)
+        return decoder.decode(sparse, which, self.pred_iou_thresh, region, candidates, self.points_per_batch)
+
+    def _process_batch(
+        self, points: np.ndarray, im_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """One batch of point prompts through the model's own decoder: its kept masks."""
         p = self.predictor
-        in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), dtype=torch.float, device=p.device)
-        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=p.device)
-        # Decoder only: low-res logits, not yet upsampled, and only for candidates that pass the IoU filter.
-        prompt = (in_points[:, None, :], in_labels[:, None])
-        sparse, dense = p.model.prompt_encoder(points=prompt, boxes=None, masks=None)
-        if decoder is not None:
-            which = list(range(1, decoder.md.num_mask_tokens))  # the multimask outputs
-
-            # Each decoding worker also filters, upsamples and encodes its own prompts' candidates (that
-            # work then runs in parallel too, not on one thread after the decoding).
-            def candidates(start: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-                return self._candidates(points[start : start + out[0].shape[0]], *out, crop_box, orig_size)
-
-            region = decoder.region(p.input_size)
-            return decoder.decode(sparse, which, self.pred_iou_thresh, region, candidates, self.points_per_batch)
+        sparse, dense = self._embed_points(points, im_size)
         low_res, iou_preds = p.model.mask_decoder(
             p.features, p.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
         )
         iou_preds = iou_preds.float()
         keep = iou_preds > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou_preds).bool()
+        # Only candidates that pass the IoU filter are upsampled.
         low_res = low_res.flatten(0, 1)[torch.nonzero(keep.flatten()).flatten()]
-        return [self._candidates(points, iou_preds, keep, low_res, crop_box, orig_size)]
+        return self._candidates(points, iou_preds, keep, low_res, crop_box, orig_size)
+
+    def _embed_points(self, points: np.ndarray, im_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse and dense prompt embeddings of single positive points (``N x 2`` pixels of the crop)."""
+        p = self.predictor
+        in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), dtype=torch.float, device=p.device)
+        in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=p.device)
+        return p.model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
 
     def _candidates(
         self,

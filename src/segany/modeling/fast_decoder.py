@@ -22,7 +22,7 @@ from torch import nn
 from segany.modeling.common import LayerNorm2d, activate_, linear_act
 from segany.modeling.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
 from segany.modeling.transformer import TwoWayTransformer
-from segany.modeling.workers import available_workers, worker_pool
+from segany.modeling.workers import available_workers, map_on_workers
 
 R = TypeVar("R")
 
@@ -330,8 +330,7 @@ class ReassociatedDecoder:
         one equal share per worker.
         """
         n = sparse.shape[0]
-        workers = min(available_workers(sparse.device, DECODE_WORKERS), -(-n // DECODE_CHUNK))
-        step = part or -(-n // max(workers, 1))
+        step = part or -(-n // available_workers(sparse.device, DECODE_WORKERS))  # default: a share per worker
         step = max(1, -(-step // DECODE_CHUNK)) * DECODE_CHUNK  # whole chunks per task
         starts = range(0, max(n, 1), step)
 
@@ -339,25 +338,7 @@ class ReassociatedDecoder:
             out = self._decode(sparse[start : start + step], which, iou_thresh, region)
             return out if then is None else then(start, out)
 
-        if workers <= 1:
-            parts = [task(start) for start in starts]
-        else:
-            grad = torch.is_grad_enabled()
-            autocast, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")  # thread-local
-
-            def in_worker(start: int):
-                with (
-                    torch.inference_mode(),
-                    torch.set_grad_enabled(grad),
-                    torch.autocast("cpu", dtype=dtype, enabled=autocast),
-                ):
-                    return task(start)
-
-            threads = torch.get_num_threads()
-            try:
-                parts = list(worker_pool(workers).map(in_worker, starts))
-            finally:
-                torch.set_num_threads(threads)  # a new worker's setting also wrote torch's process-wide default
+        parts = map_on_workers(task, starts, sparse.device, DECODE_WORKERS)
         if then is not None:
             return parts
         if len(parts) == 1:

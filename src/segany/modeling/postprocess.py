@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from segany.modeling.common import eager_inference
-from segany.modeling.workers import available_workers, map_on_workers
+from segany.modeling.workers import map_on_workers
 
 # Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks): at 8
 # prompts x 3 masks the two ways measured the same, below that the calling thread was faster.
@@ -119,7 +119,6 @@ def postprocess_masks(
     # Masks are independent: many are shared among one-core workers. A few stay on the calling thread
     # (torch's threads): it has just run the decoder, and its OpenMP threads spin-wait for a while on the
     # cores the workers would need (one prompt, 3 masks, vit_b, 2 threads: 2-3 ms slower on the workers).
-    workers = available_workers(masks.device) if b * m >= MIN_MASKS_FOR_WORKERS else 1
     rows = _sparse_rows(h, image_size, int(input_size[0]), oh)  # oh x rh, sparse
 
     def one(i: int) -> None:
@@ -132,7 +131,7 @@ def postprocess_masks(
         else:  # NumPy's comparison writes the booleans (measured 4x faster than torch's here)
             np.greater(y.float().numpy(), threshold, out=out_np[i])
 
-    if workers > 1:
+    if b * m >= MIN_MASKS_FOR_WORKERS:
         map_on_workers(one, range(b * m), masks.device)
     else:
         for i in range(b * m):

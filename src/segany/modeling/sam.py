@@ -62,7 +62,7 @@ class Sam(nn.Module):
 
         Upsample to the padded input size, drop the padding, then resize to the original size. On a CPU
         at inference this runs as two matrix products (same function; see :mod:`segany.modeling.postprocess`),
-        thresholded as the rows are made (no full-size logits kept).
+        each mask thresholded as it is made (no full-size logits kept for the batch).
         """
         if postprocess.use_matrix_path(masks, self.image_size, original_size):
             return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size, threshold=threshold)

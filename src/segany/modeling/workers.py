@@ -66,14 +66,16 @@ def _with_callers_settings(fn: Callable[..., R]) -> Callable[..., R]:
     return run
 
 
-def map_on_workers(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
-    """``[fn(x) for x in items]``, the items shared dynamically among one-core worker threads (in the
-    calling thread when only one would be used).
+def map_on_workers(
+    fn: Callable[[T], R], items: Sequence[T], device: torch.device, max_workers: int | None = None
+) -> list[R]:
+    """``[fn(x) for x in items]``, the items shared dynamically among (at most ``max_workers``) one-core
+    worker threads (in the calling thread when only one would be used).
 
     The caller's autograd, inference-mode and CPU autocast settings are carried into the workers;
     torch's process-wide thread count is restored afterwards (a new worker's setting writes it).
     """
-    workers = min(available_workers(device), len(items))
+    workers = min(available_workers(device, max_workers), len(items))
     if workers <= 1:
         return [fn(x) for x in items]
     threads = torch.get_num_threads()
