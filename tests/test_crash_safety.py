@@ -56,7 +56,7 @@ def kill_inside_a_checkpoint_write(proc: subprocess.Popen, out: Path, min_step: 
 
 
 def train_records(out: Path) -> list[dict]:
-    from segany.training.trainer import MetricsLog
+    from segany.training.run_files import MetricsLog
 
     return [r for r in MetricsLog(out / "metrics.jsonl").read() if r["kind"] == "train"]
 
@@ -64,7 +64,10 @@ def train_records(out: Path) -> list[dict]:
 def test_train_sigkill_then_resume(tmp_path):
     from segany.checkpoint import load_model
     from segany.modeling import build_sam, get_config
-    from segany.training.trainer import RUN_FILES, config_from_args, load_training_state, train, weights_sha256
+    from segany.training.distributed import weights_sha256
+    from segany.training.run_files import RUN_FILES, load_training_state
+    from segany.training.train import config_from_args
+    from segany.training.trainer import train
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", ENTRY, "train", "--out-dir", str(out), *TRAIN_ARGS]
@@ -124,7 +127,7 @@ def test_train_sigkill_then_resume(tmp_path):
 #: The writes allowed outside segany/io/atomic.py: (file, function, call) -> why it is safe. (The
 #: annotation manifest is SQLite, whose transactions are atomic by themselves; it is not scanned for.)
 ALLOWED = {
-    ("training/trainer.py", "MetricsLog.append", "open"):
+    ("training/run_files.py", "MetricsLog.append", "open"):
         "metrics.jsonl is appended line by line; a kill can tear only the last line, which reading skips",
     ("engine/ray_backend.py", "_Annotator.__init__", "write_bytes"):
         "a scratch copy of the model inside a TemporaryDirectory, read straight back",

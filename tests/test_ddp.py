@@ -15,7 +15,7 @@ from PIL import Image
 
 from segany.checkpoint import load_model
 from segany.training.config import TrainConfig
-from segany.training.trainer import weights_sha256
+from segany.training.distributed import weights_sha256
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 

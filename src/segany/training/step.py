@@ -1,0 +1,192 @@
+"""One SAM training step as a module (so DDP sees a single forward and backward).
+
+A batch of images (:func:`segany.training.loader.collate_for_training`): every image is encoded once (or
+its cached embedding is used), all valid masks of all images form one decoder batch, prompts are
+simulated for ``num_iterations`` decoder iterations (:mod:`segany.training.prompts`) and the loss is
+``20 focal + 1 dice + 1 IoU-MSE`` (:mod:`segany.training.losses`) averaged over masks and iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from segany.training.config import TrainConfig
+from segany.training.embeddings_cache import encoder_input
+from segany.training.losses import LossConfig, downsample_targets, sam_mask_loss
+from segany.training.prompts import (
+    POINT,
+    PromptSet,
+    error_region_points,
+    initial_prompts,
+    iteration_schedule,
+    upsample_logits,
+)
+
+
+@dataclass
+class StepOptions:
+    num_iterations: int = 11
+    num_mask_only_iterations: int | None = None
+    box_prob: float = 0.5
+    box_noise_std: float = 0.1
+    box_noise_max: float = 20.0
+    loss_resolution: str = "low_res"
+    loss: LossConfig = field(default_factory=LossConfig)
+    autocast_dtype: torch.dtype | None = None  # bf16 autocast for encoder + decoder, None = fp32
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, autocast_dtype: torch.dtype | None) -> StepOptions:
+        return cls(
+            num_iterations=cfg.num_iterations,
+            num_mask_only_iterations=cfg.num_mask_only_iterations,
+            box_prob=cfg.box_prob,
+            box_noise_std=cfg.box_noise_std,
+            box_noise_max=cfg.box_noise_max,
+            loss_resolution=cfg.loss_resolution,
+            loss=LossConfig(
+                cfg.focal_weight, cfg.dice_weight, cfg.iou_weight, cfg.focal_alpha, cfg.focal_gamma, cfg.iou_loss_on
+            ),
+            autocast_dtype=autocast_dtype,
+            channels_last=cfg.channels_last,
+        )
+
+
+def content_masks(valid_hw: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """``B x S x S`` bool: True inside each image's content (top-left ``valid_hw``)."""
+    r = torch.arange(size, device=device)
+    vh = valid_hw[:, 0].to(device)
+    vw = valid_hw[:, 1].to(device)
+    return (r[None, :, None] < vh[:, None, None]) & (r[None, None, :] < vw[:, None, None])
+
+
+class SamTrainStep(nn.Module):
+    """``forward(batch) -> {"loss", "focal", "dice", "iou_mse", "iou_first", "iou_last"}`` (scalars).
+
+    ``batch`` is :func:`~segany.training.loader.collate_for_training`'s output on the device.
+    Randomness comes from torch's default generators (the trainer reseeds them per step from
+    ``(seed, rank, step)``); the host-side draws (which masks start from a box, the iteration schedule)
+    use the CPU generator, so a step needs no device -> host copy.
+    """
+
+    def __init__(self, model: nn.Module, options: StepOptions, freeze_image_encoder: bool = False):
+        super().__init__()
+        self.model = model
+        self.opt = options
+        self.freeze_image_encoder = freeze_image_encoder
+        self._touch = [p for p in model.prompt_encoder.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> SamTrainStep:
+        super().train(mode)
+        if self.freeze_image_encoder:
+            self.model.image_encoder.eval()  # frozen: no BN statistics updates, no drop path
+        return self
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.opt.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.opt.autocast_dtype)
+
+    def embed_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "embedding" in batch:
+            return batch["embedding"].float()
+        model = self.model
+        x = encoder_input(model, batch["image"], batch["valid_hw"])
+        if self.opt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        grad = torch.is_grad_enabled() and not self.freeze_image_encoder
+        with torch.set_grad_enabled(grad), self._autocast(x.device):
+            emb = model.image_encoder(x)
+        return emb.float()
+
+    def _encode_prompts(self, prompts: PromptSet, mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        pe = self.model.prompt_encoder
+        sparse, dense = [], []
+        # fp32: the Fourier features of coordinates lose their precision in bf16
+        with torch.autocast(device_type=prompts.points.device.type, enabled=False):
+            for rows, pts, boxes in prompts.encoder_args():
+                s, d = pe(points=pts, boxes=boxes, masks=mask_input[rows] if mask_input is not None else None)
+                sparse.append(s)
+                dense.append(d)
+        if len(sparse) == 1:
+            return sparse[0], dense[0]
+        return torch.cat(sparse), torch.cat(dense)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        opt = self.opt
+        model = self.model
+        gt_all = batch["gt_masks"]
+        dev = gt_all.device
+        n = gt_all.shape[0]
+        size = gt_all.shape[-1]
+
+        # host-side draws: which masks start from a box, and the iteration schedule
+        perm = torch.randperm(n)
+        num_box = int((torch.rand(n) < opt.box_prob).sum())
+        schedule = iteration_schedule(opt.num_iterations, opt.num_mask_only_iterations)
+        perm_d = perm.to(dev, non_blocking=True)
+        gt = gt_all.index_select(0, perm_d)
+        img_idx = batch["mask_image"].index_select(0, perm_d)
+        weight = batch["mask_weight"].index_select(0, perm_d).float()
+
+        emb = self.embed_images(batch)  # B x C x h x w
+        content = content_masks(batch["valid_hw"], size, dev)
+        valid = (content & ~batch["ignore"]).index_select(0, img_idx)  # N x S x S
+        content_hw = batch["valid_hw"].to(dev).index_select(0, img_idx)
+        emb_m = emb.index_select(0, img_idx)
+        image_pe = model.prompt_encoder.get_dense_pe()
+        low_hw = (4 * emb.shape[-2], 4 * emb.shape[-1])
+        if opt.loss_resolution == "low_res":
+            gt_l, valid_l = downsample_targets(gt, valid, low_hw)
+        else:
+            gt_l, valid_l = gt, valid
+
+        prompts = initial_prompts(gt, valid, content_hw, num_box, opt.box_noise_std, opt.box_noise_max)
+        mask_input: torch.Tensor | None = None
+        pred_full: torch.Tensor | None = None
+        sums = {k: torch.zeros((), device=dev) for k in ("loss", "focal", "dice", "iou_mse")}
+        ious = []
+        for k, kind in enumerate(schedule):
+            if kind == POINT:
+                assert pred_full is not None
+                coords, labels = error_region_points(pred_full, gt, valid)
+                prompts = prompts.add_points(coords, labels)
+            sparse, dense = self._encode_prompts(prompts, mask_input)
+            with self._autocast(dev):
+                if k == 0:
+                    # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
+                    # single-output token, which is what predict(box=..., multimask_output=False) uses.
+                    low_res, iou_pred = model.mask_decoder.predict_masks(emb_m, image_pe, sparse, dense)
+                    single, multi = low_res[:, :1], low_res[:, 1:]
+                    is_box = (torch.arange(n, device=dev) < prompts.num_box)[:, None]
+                    low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
+                    iou_pred = torch.where(is_box, iou_pred[:, :1].expand_as(iou_pred[:, 1:]), iou_pred[:, 1:])
+                else:
+                    low_res, iou_pred = model.mask_decoder(emb_m, image_pe, sparse, dense, multimask_output=False)
+            logits = (
+                low_res
+                if opt.loss_resolution == "low_res"
+                else upsample_logits(low_res.flatten(0, 1), size).view(*low_res.shape[:2], size, size)
+            )
+            out = sam_mask_loss(logits, iou_pred, gt_l, valid_l, opt.loss)
+            for key in sums:
+                sums[key] = sums[key] + (out[key] * weight).sum()
+            ious.append(out["iou"])
+            chosen = low_res.gather(1, out["best"][:, None, None, None].expand(-1, 1, *low_res.shape[-2:]))
+            mask_input = chosen.detach().float()  # N x 1 x h x w, fed back as the mask prompt
+            if k + 1 < len(schedule) and schedule[k + 1] == POINT:
+                with torch.no_grad():
+                    pred_full = upsample_logits(mask_input[:, 0], size) > 0
+        denom = weight.sum().clamp(min=1.0) * len(schedule)
+        res = {key: v / denom for key, v in sums.items()}
+        # every prompt-encoder parameter takes part in every step (DDP needs that; no-op numerically)
+        if self._touch:
+            res["loss"] = res["loss"] + 0.0 * sum(p.reshape(-1)[0] for p in self._touch)
+        wsum = weight.sum().clamp(min=1.0)
+        res["iou_first"] = (ious[0] * weight).sum() / wsum
+        res["iou_last"] = (ious[-1] * weight).sum() / wsum
+        return res
