@@ -10,6 +10,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev,train,serve,onnx,ray,text]"
+# Reference packages of the SAM 2 / SAM-HQ parity tests: their torchvision requirement is not installed
+# (the tests put stand-ins for the few transforms they use in place; see tests/reference/).
+.venv/bin/python -m pip install -q --no-deps "sam2==1.1.0" "segment-anything-hq==0.3"
 # Tests of the web tool: fastapi's TestClient needs httpx; the browser test drives Debian's Chromium with
 # Playwright (its own browser download is never used).
 .venv/bin/python -m pip install -q "httpx>=0.27" "playwright>=1.45"

@@ -119,6 +119,10 @@ def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
 
 def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) -> SamConfig:
     """Read a :class:`SamConfig` off the tensors of a SAM state dict (official key layout)."""
+    from segany.checkpoint_sam2 import infer_sam2_config, is_sam2_state_dict
+
+    if is_sam2_state_dict(sd):
+        return infer_sam2_config(sd, image_size)
     try:
         pe = "prompt_encoder."
         md = "mask_decoder."
@@ -200,6 +204,13 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
     )
 
 
+def _to_segany_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official layouts that name tensors differently (SAM 2's ``sam_mask_decoder.*``) -> segany's names."""
+    from segany.checkpoint_sam2 import image_state_dict, is_official_sam2
+
+    return image_state_dict(sd) if is_official_sam2(sd) else sd
+
+
 def _load_weights(model: Sam, sd: Mapping[str, torch.Tensor], source: str) -> None:
     sd = {k: v for k, v in sd.items() if not any(p.match(k) for p in _IGNORED_KEY_PATTERNS)}
     own = model.state_dict()
@@ -231,6 +242,10 @@ def _parse_config(text: str, where: str) -> SamConfig:
     if not isinstance(data, dict):
         raise SegAnyError(f"{where}: the model config must be a JSON object")
     try:
+        if data.get("family") == "sam2":
+            from segany.modeling.sam2_config import Sam2Config
+
+            return Sam2Config.from_dict(data)
         return SamConfig.from_dict(data)
     except SegAnyError as e:
         raise SegAnyError(f"{where}: {e}") from None
@@ -253,6 +268,7 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     sd, meta = _read_state_dict(path)
+    sd = _to_segany_names(sd)
     if config is None:
         sidecar = path.with_suffix(".json")
         if CONFIG_METADATA_KEY in meta:

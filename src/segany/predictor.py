@@ -11,7 +11,7 @@ import torch
 
 from segany.errors import SegAnyError
 from segany.modeling.sam import Sam
-from segany.transforms import ResizeLongestSide, get_preprocess_shape
+from segany.transforms import get_preprocess_shape, transform_for
 
 
 def _as_array(name: str, value, shape_desc: str, ndim: int, last: int | None) -> np.ndarray:
@@ -86,7 +86,7 @@ class SamPredictor:
         """``text_detector``: an optional :class:`segany.text.grounding.OpenVocabularyDetector`; when set,
         text prompts go text -> detector boxes -> masks instead of through the model's text head."""
         self.model = sam_model
-        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.transform = transform_for(sam_model)
         self.text_detector = text_detector
         self.reset_image()
 
@@ -122,7 +122,7 @@ class SamPredictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = self.model.image_encoder(x)
+        self.features, self.high_res_features = self.model.embed_image(x)
         if getattr(self.model, "text_head", None) is not None:
             self._text_input = x  # the text head's pixel path runs on first text prompt only
         self.is_image_set = True
@@ -133,6 +133,7 @@ class SamPredictor:
         original_size: tuple[int, int],
         input_size: tuple[int, int] | None = None,
         text_features: tuple[torch.Tensor, ...] | None = None,
+        high_res_features: list[torch.Tensor] | None = None,
     ) -> None:
         """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), and for text
         prompts the text head's pixel features (:meth:`get_text_features`) of the same image."""
@@ -140,6 +141,10 @@ class SamPredictor:
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
         self.features = embedding.to(self.device)
+        if high_res_features is not None:  # SAM 2: get_high_res_features() of the same image
+            self.high_res_features = [f.to(self.device) for f in high_res_features]
+        elif getattr(self.model, "resize_mode", None) == "stretch":
+            raise SegAnyError("a SAM 2 model needs the image's high_res_features with its embedding")
         if text_features is not None:
             self.text_features = tuple(t.to(self.device) for t in text_features)
         self.is_image_set = True
@@ -152,6 +157,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self.high_res_features = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
         self.input_size = None
@@ -246,6 +252,9 @@ class SamPredictor:
         )
         threshold = None if return_logits else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
+        bound = getattr(self.model, "low_res_logit_bound", None)
+        if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
+            low_res = low_res.clamp(-bound, bound)
         return masks, iou, low_res
 
     @torch.inference_mode()
@@ -267,13 +276,29 @@ class SamPredictor:
             return self._text_head().decode(
                 text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
             )
+        return self.decode(sparse, dense, multimask_output)
+
+    @torch.inference_mode()
+    def decode(
+        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's mask decoder on the current image for prompt embeddings (``B x T x C`` sparse,
+        ``B x C x h x w`` dense): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
+        extra = {} if self.high_res_features is None else {"high_res_features": self.high_res_features}
         return self.model.mask_decoder(
             image_embeddings=self.features,
-            image_pe=pe,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            **extra,
         )
+
+    def get_high_res_features(self) -> list[torch.Tensor] | None:
+        """SAM 2's high-resolution features of the current image (None for SAM): give them to
+        :meth:`set_embedding` with the embedding to reuse a cached image."""
+        self._require_image()
+        return self.high_res_features
 
     # -- text ----------------------------------------------------------------------------------------
 

@@ -59,3 +59,54 @@ class ResizeLongestSide:
 
     def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+
+class ResizeSquare:
+    """SAM 2's input frame: the image is stretched to ``size x size`` (no aspect ratio kept, no padding);
+    same interface as :class:`ResizeLongestSide`."""
+
+    def __init__(self, size: int) -> None:
+        self.target_length = size
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """``H x W x 3`` uint8 -> ``size x size x 3`` float32 in [0, 255] (bilinear, antialiased, on floats:
+        ``torchvision.transforms.Resize`` on the tensor image, as SAM 2)."""
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        return self.apply_image_torch(x)[0].permute(1, 2, 0).numpy()
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """``... x 2`` (x, y) in the original frame -> the stretched frame (float)."""
+        old_h, old_w = original_size
+        coords = np.array(coords, dtype=np.float64, copy=True)
+        coords[..., 0] = coords[..., 0] / old_w * self.target_length
+        coords[..., 1] = coords[..., 1] / old_h * self.target_length
+        return coords
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return self.apply_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` float -> ``B x 3 x size x size``."""
+        size = (self.target_length, self.target_length)
+        return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
+
+    def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        old_h, old_w = original_size
+        coords = coords.clone().to(torch.float)
+        coords[..., 0] = coords[..., 0] / old_w * self.target_length
+        coords[..., 1] = coords[..., 1] / old_h * self.target_length
+        return coords
+
+    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return self.target_length, self.target_length
+
+
+def transform_for(model) -> ResizeLongestSide | ResizeSquare:
+    """The input frame of ``model``: stretched to a square for SAM 2 (``resize_mode == "stretch"``),
+    longest side resized (then padded) otherwise."""
+    if getattr(model, "resize_mode", "longest_side") == "stretch":
+        return ResizeSquare(model.image_size)
+    return ResizeLongestSide(model.image_size)

@@ -15,12 +15,13 @@ from torch import nn
 from .shim import import_mobile_sam, import_reference
 
 
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
+def randomize_(model: nn.Module, seed: int, extra: dict[str, float] | None = None) -> nn.Module:
     """Overwrite EVERY floating parameter and buffer so that parity is non-trivial: no zero tables
     (rel-pos, TinyViT attention biases, ViT pos_embed), no unit norms, no default BN statistics.
 
     Scales keep activations O(1): weights N(0, 1/fan_in), biases N(0, 0.05), norm weights 1 + N(0, 0.1),
     embeddings N(0, 1), rel-pos N(0, 0.1), attention biases N(0, 0.5), BN running var U(0.5, 1.5).
+    ``extra``: scales for other named tensors (e.g. SAM 2's ``no_mem_embed``), drawn N(0, scale^2).
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -59,6 +60,8 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
                     if isinstance(module, nn.ConvTranspose2d):  # weight is in x out x k x k, stride k
                         fan_in = t.shape[0]
                     new = randn(t.shape) / math.sqrt(fan_in)
+                elif extra and name in extra:
+                    new = extra[name] * randn(t.shape)
                 else:
                     raise AssertionError(f"randomize_: no rule for {full} {tuple(t.shape)}")
                 t.copy_(new)

@@ -104,6 +104,8 @@ def _upsample(
     the full ``L x L`` low-res map (enough rows and columns for the input, see :func:`_low_res_rows`):
     the same exact-factor upsampling, the same crop, the same resize, without the padding's pixels.
     At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.postprocess`)."""
+    if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
+        return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
     full = tuple(model.prompt_encoder.mask_input_size)
     if postprocess.use_matrix_path(low[:, None], model.image_size, original_size):
         return postprocess.postprocess_masks(low[:, None], model.image_size, input_size, original_size, full)[:, 0]
@@ -343,9 +345,7 @@ class SamAutomaticMaskGenerator:
         """One batch of point prompts through the model's own decoder: its kept masks."""
         p = self.predictor
         sparse, dense = self._embed_points(points, im_size)
-        low_res, iou_preds = p.model.mask_decoder(
-            p.features, p.model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True
-        )
+        low_res, iou_preds = p.decode(sparse, dense, multimask_output=True)
         iou_preds = iou_preds.float()
         keep = iou_preds > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else torch.ones_like(iou_preds).bool()
         # Only candidates that pass the IoU filter are upsampled.

@@ -45,6 +45,12 @@ def build_image_encoder(cfg: SamConfig):
 
 def build_sam(cfg: SamConfig) -> Sam:
     """A randomly initialised :class:`Sam` for ``cfg`` (load weights with ``load_state_dict``)."""
+    from segany.modeling.sam2_config import Sam2Config
+
+    if isinstance(cfg, Sam2Config):
+        from segany.modeling.sam2 import build_sam2
+
+        return build_sam2(cfg)
     if cfg.image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size

@@ -174,3 +174,7 @@ def segany_default() -> SamConfig:
         decoder_mlp_dim=512,
         iou_head_hidden_dim=128,
     )
+
+
+# The SAM 2 configs register themselves (their module imports this one).
+from segany.modeling import sam2_config  # noqa: E402,F401

@@ -1,0 +1,180 @@
+"""SAM 2's mask decoder: SAM's two-way transformer and hypernetwork masks, plus high-resolution features
+in the upscaling, an object-score token and the stability fallback for single-mask output.
+
+Parameter names are those of ``sam2.modeling.sam.mask_decoder.MaskDecoder`` (loaded from the official
+``sam_mask_decoder.*`` keys).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segany.modeling.common import LayerNorm2d
+from segany.modeling.mask_decoder import MLP
+from segany.modeling.transformer import TwoWayTransformer
+
+
+class Sam2MaskDecoder(nn.Module):
+    """Predicts ``1 + num_multimask_outputs`` masks, their IoU and an object score per prompt set.
+
+    Args:
+        use_high_res_features: add projected stride-8 / stride-4 features (``conv_s1`` / ``conv_s0``, applied
+            once per image by :meth:`project_high_res`) inside the two upscaling steps.
+        iou_prediction_use_sigmoid: IoU head output through a sigmoid.
+        pred_obj_scores / pred_obj_scores_mlp: an object-score token read by a linear layer or a 3-layer MLP.
+        dynamic_multimask_via_stability: single-mask output falls back to the best multimask output when
+            the single mask's stability score (IoU of the masks at logit > delta and > -delta) is below
+            ``dynamic_multimask_stability_thresh`` (at inference only, as upstream).
+    """
+
+    def __init__(
+        self,
+        transformer_dim: int,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+        use_high_res_features: bool = True,
+        iou_prediction_use_sigmoid: bool = True,
+        pred_obj_scores: bool = True,
+        pred_obj_scores_mlp: bool = True,
+        dynamic_multimask_via_stability: bool = True,
+        dynamic_multimask_stability_delta: float = 0.05,
+        dynamic_multimask_stability_thresh: float = 0.98,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.pred_obj_scores = pred_obj_scores
+        if pred_obj_scores:
+            self.obj_score_token = nn.Embedding(1, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.use_high_res_features = use_high_res_features
+        if use_high_res_features:
+            self.conv_s0 = nn.Conv2d(transformer_dim, transformer_dim // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(transformer_dim, transformer_dim // 4, kernel_size=1)
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.iou_prediction_use_sigmoid = iou_prediction_use_sigmoid
+        if pred_obj_scores:
+            self.pred_obj_score_head = (
+                MLP(transformer_dim, transformer_dim, 1, 3) if pred_obj_scores_mlp else nn.Linear(transformer_dim, 1)
+            )
+        self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
+        self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
+        self.dynamic_multimask_stability_thresh = dynamic_multimask_stability_thresh
+
+    def project_high_res(self, feat_s0: torch.Tensor, feat_s1: torch.Tensor) -> list[torch.Tensor]:
+        """Neck maps at strides 4 and 8 (``B x C x 4h x 4w``, ``B x C x 2h x 2w``) -> the projected
+        ``B x C/8 x 4h x 4w`` and ``B x C/4 x 2h x 2w`` that :meth:`forward` takes (once per image)."""
+        return [self.conv_s0(feat_s0), self.conv_s1(feat_s1)]
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        high_res_features: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image_embeddings: ``1 x C x h x w`` (shared by all prompt sets) or ``B x C x h x w``.
+            image_pe: ``1 x C x h x w``; sparse: ``B x T x C``; dense: ``B x C x h x w``.
+            high_res_features: from :meth:`project_high_res` (required when ``use_high_res_features``).
+        Returns:
+            masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``, M = 3 or 1.
+        """
+        masks, iou, _tokens, _obj = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, high_res_features
+        )
+        if multimask_output:
+            return masks[:, 1:], iou[:, 1:]
+        if self.dynamic_multimask_via_stability and not self.training:
+            return self._dynamic_multimask_via_stability(masks, iou)
+        return masks[:, :1], iou[:, :1]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All masks ``B x M x 4h x 4w``, IoUs ``B x M``, mask tokens ``B x M x C`` (SAM 2's object
+        pointers are made from them) and object-score logits ``B x 1``."""
+        bs = sparse_prompt_embeddings.shape[0]
+        heads = [self.iou_token.weight, self.mask_tokens.weight]
+        if self.pred_obj_scores:
+            heads.insert(0, self.obj_score_token.weight)
+        s = int(self.pred_obj_scores)
+        output_tokens = torch.cat(heads, dim=0).unsqueeze(0).expand(bs, -1, -1)
+        tokens = torch.cat((output_tokens, sparse_prompt_embeddings.to(output_tokens.dtype)), dim=1)
+        src = image_embeddings + dense_prompt_embeddings
+        if src.shape[0] != bs:
+            src = src.expand(bs, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = self.transformer(src, image_pe.expand(bs, -1, -1, -1), tokens)
+        iou_token_out = hs[:, s, :]
+        mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        if self.use_high_res_features:
+            if high_res_features is None:
+                raise ValueError("this decoder needs the image's high-resolution features")
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            feat_s0, feat_s1 = high_res_features
+            upscaled = act1(ln1(dc1(src) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)
+        else:
+            upscaled = self.output_upscaling(src)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        if self.iou_prediction_use_sigmoid:
+            iou_pred = torch.sigmoid(iou_pred)
+        if self.pred_obj_scores:
+            obj = self.pred_obj_score_head(hs[:, 0, :])
+        else:  # "object present" (sigmoid(10) ~ 1), as upstream
+            obj = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)
+        return masks, iou_pred, mask_tokens_out, obj
+
+    def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``B x 1 x H x W`` logits -> ``B x 1``: area(> delta) / area(> -delta), 1 where both are empty."""
+        flat = mask_logits.flatten(-2)
+        delta = self.dynamic_multimask_stability_delta
+        inter = (flat > delta).sum(-1).float()
+        union = (flat > -delta).sum(-1).float()
+        return torch.where(union > 0, inter / union, 1.0)
+
+    def _dynamic_multimask_via_stability(
+        self, masks: torch.Tensor, iou: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token 0's mask where it is stable, else the multimask output with the highest IoU."""
+        best = torch.argmax(iou[:, 1:], dim=-1)
+        rows = torch.arange(iou.shape[0], device=iou.device)
+        best_masks = masks[:, 1:][rows, best].unsqueeze(1)
+        best_iou = iou[:, 1:][rows, best].unsqueeze(1)
+        single, single_iou = masks[:, :1], iou[:, :1]
+        stable = self.stability_scores(single) >= self.dynamic_multimask_stability_thresh
+        return (
+            torch.where(stable[..., None, None].expand_as(single), single, best_masks),
+            torch.where(stable.expand_as(single_iou), single_iou, best_iou),
+        )
