@@ -321,3 +321,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: boo
     model = load_model(src)
     save_model(model, dst, half=half)
     return model.config
+
+
+def load_weights(model: Sam, path: str | os.PathLike) -> Sam:
+    """Load the checkpoint file ``path`` (any format :func:`load_model` reads) into ``model``, whose
+    architecture must match it exactly (a clear error names the keys and shapes that differ)."""
+    p = resolve_model_path(path)
+    sd, _ = _read_state_dict(p)
+    _load_weights(model, sd, str(p))
+    return model

@@ -63,6 +63,7 @@ class SamOnnxDecoder(nn.Module):
         self.image_size = int(model.image_size)
         self.return_single_mask = return_single_mask
         self.use_stability_score = use_stability_score
+        self.stability_score_offset = 1.0
 
     def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         """``1 x 1 x 4h x 4w`` logits, ``1`` flag -> ``1 x C x h x w`` dense embedding."""
@@ -117,7 +118,7 @@ class SamOnnxDecoder(nn.Module):
             dense_prompt_embeddings=dense,
         )
         if self.use_stability_score:
-            iou = calculate_stability_score(low_res, self.model.mask_threshold, 1.0)
+            iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)
         if self.return_single_mask:
             low_res, iou = self._select_single(low_res, iou, point_coords.shape[1])
         return self._postprocess(low_res, orig_im_size), iou, low_res

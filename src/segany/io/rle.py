@@ -92,6 +92,12 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     return m.astype(bool)
 
 
+def compress_rle(rle: dict[str, Any]) -> dict[str, Any]:
+    """Any valid RLE (uncompressed ``counts`` list or compressed) -> compressed, ``counts`` a str."""
+    coco = _validate(rle)
+    return {"size": [int(s) for s in coco["size"]], "counts": coco["counts"].decode("utf-8")}
+
+
 def rle_area(rle: dict[str, Any]) -> int:
     """Foreground pixel count of an RLE."""
     return int(mask_utils.area(_validate(rle)))

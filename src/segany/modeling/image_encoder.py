@@ -16,6 +16,9 @@ worker threads (robust on a busy machine).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +36,8 @@ QUERY_BLOCK = 256
 # Tokens that go through the projection and the MLP at once (inference path): the hidden activations of
 # 1024 ViT-B tokens (12 MB) stay in the caches; matmuls of this height still run at full speed.
 MLP_CHUNK_TOKENS = 1024
+# The blocks' norm, as SAM's builders pass it (``partial(nn.LayerNorm, eps=1e-6)``).
+_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
 
 class PatchEmbed(nn.Module):
@@ -297,9 +302,11 @@ class Block(nn.Module):
         window_size: int = 0,
         input_size: tuple[int, int] | None = None,
         drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = _LAYER_NORM,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = norm_layer(dim)
         self.attn = Attention(
             dim,
             num_heads=num_heads,
@@ -307,8 +314,8 @@ class Block(nn.Module):
             use_rel_pos=use_rel_pos,
             input_size=input_size if window_size == 0 else (window_size, window_size),
         )
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
         self.drop_path = DropPath(drop_path)
 
@@ -382,9 +389,12 @@ class ImageEncoderViT(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = True,
         window_size: int = 14,
-        global_attn_indexes: tuple[int, ...] = (),
+        global_attn_indexes: Sequence[int] = (),
         drop_path_rate: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = _LAYER_NORM,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
+        """The official arguments (``norm_layer`` defaults to the LayerNorm SAM's builders pass, eps 1e-6)."""
         super().__init__()
         self.img_size = img_size
         grid = img_size // patch_size
@@ -402,6 +412,8 @@ class ImageEncoderViT(nn.Module):
                 window_size=0 if i in global_attn_indexes else window_size,
                 input_size=(grid, grid),
                 drop_path=dpr[i],
+                norm_layer=norm_layer,
+                act_layer=act_layer,
             )
             for i in range(depth)
         )

@@ -3,6 +3,7 @@ pre-processing (normalize, pad to a square) and post-processing (upsample, crop,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,12 +24,28 @@ class Sam(nn.Module):
         image_encoder: nn.Module,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        image_size: int,
-        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
-        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        image_size: int | None = None,
         config: Any = None,
     ) -> None:
+        """The official signature (``Sam(image_encoder, prompt_encoder, mask_decoder, pixel_mean,
+        pixel_std)``), plus ``image_size`` (the square input side) for encoders that do not fix it
+        themselves and ``config`` (the :class:`SamConfig` it was built from, saved with the weights).
+
+        ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
+        the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
+        """
         super().__init__()
+        enc_size = getattr(image_encoder, "img_size", None)
+        if image_size is None:
+            if enc_size is None:
+                raise ValueError(f"{type(image_encoder).__name__} has no img_size: pass image_size")
+            image_size = int(enc_size)
+        elif enc_size is None:
+            image_encoder.img_size = image_size
+        elif enc_size != image_size:
+            raise ValueError(f"image_size {image_size} differs from the encoder's img_size {enc_size}")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
