@@ -244,7 +244,7 @@ def test_parity_explicit_point_grid(models):
 
 def test_fast_decoder_matches_the_model(models):
     """The re-associated decoder of the generator gives the model's own logits and IoUs."""
-    from segany.modeling.fast_decoder import ReassociatedDecoder
+    from segany.modeling.fast.decoder import ReassociatedDecoder
 
     _ref, ours, image, _sa = models
     pred = segany.SamPredictor(ours)
@@ -269,19 +269,20 @@ def test_fast_decoder_matches_the_model(models):
     [((192, 256), (96, 128)), ((171, 256), (100, 150)), ((256, 256), (64, 64)), ((256, 13), (512, 26))],
 )
 def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_size):
-    from segany.automatic.generator import _low_res_rows, _upsample
+    from segany.automatic.generator import _upsample
+    from segany.modeling.fast.decoder import low_res_rows
 
     _ref, ours, _image, _sa = models
     low = torch.randn(5, 64, 64)
     want = ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
-    rows, cols = (_low_res_rows(n, 64, ours.image_size) for n in input_size)
+    rows, cols = (low_res_rows(n, 64, ours.image_size) for n in input_size)
     assert rows <= 64 and cols <= 64
     assert torch.equal(_upsample(low[:, :rows, :cols], ours, input_size, original_size), want)
     assert torch.equal(_upsample(low, ours, input_size, original_size), want)
 
 
 def test_decode_chunking_does_not_change_results(models, monkeypatch):
-    import segany.modeling.fast_decoder as fast_decoder
+    import segany.modeling.fast.decoder as fast_decoder
 
     _ref, ours, image, _sa = models
     kwargs = {**LOW_THRESHOLDS, "points_per_side": 8}
@@ -299,7 +300,7 @@ def test_decode_workers_same_results_and_settings_kept(models):
     """Prompts shared among one-core worker threads: same outputs; the caller's thread count is kept."""
     import threading
 
-    from segany.modeling.fast_decoder import ReassociatedDecoder
+    from segany.modeling.fast.decoder import ReassociatedDecoder
 
     _ref, ours, image, _sa = models
     pred = segany.SamPredictor(ours)
@@ -312,7 +313,6 @@ def test_decode_workers_same_results_and_settings_kept(models):
             dec = ReassociatedDecoder.for_model(ours, pred.features)
             region = dec.region(pred.input_size)
             shared = dec.decode(sparse, [1, 2, 3], 0.8, region)
-            alone = dec._decode(sparse, [1, 2, 3], 0.8, region)
             # The caller's work on each part runs in the worker, on that part's outputs.
             def then(start, out):
                 return start, threading.current_thread().name, out
@@ -327,6 +327,8 @@ def test_decode_workers_same_results_and_settings_kept(models):
         assert seen == [2]  # a new thread still gets the process-wide default
     finally:
         torch.set_num_threads(1)
+    with torch.inference_mode():  # on one thread, as each worker (two threads may sum in another order)
+        alone = dec._decode(sparse, [1, 2, 3], 0.8, region)
     assert all(torch.equal(a, b) for a, b in zip(shared, alone))
     assert 0 < len(shared[2]) < 63
     assert len(parts) == 2 and [p[0] for p in parts] == [0, parts[0][2][0].shape[0]]

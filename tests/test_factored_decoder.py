@@ -1,4 +1,4 @@
-"""The re-associated decoder's factored image tokens (``modeling/factored.py``) are the plain transformer's
+"""The re-associated decoder's factored image tokens (``modeling/fast/factored.py``) are the plain transformer's
 tokens, block by block; the thresholded matrix post-processing and the NumPy stability score are the plain
 computations."""
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from segany.modeling import build_sam, get_config
-from segany.modeling.factored import FactoredDecoderSide, FactoredTokens
-from segany.modeling.fast_decoder import ReassociatedDecoder
-from segany.modeling.postprocess import is_one_resize, postprocess_masks
+from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens
+from segany.modeling.fast.postprocess import is_one_resize, postprocess_masks
 from segany.utils.masks import calculate_stability_score
 
 

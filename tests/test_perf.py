@@ -1,6 +1,6 @@
-"""The speed work keeps the outputs: the eager inference paths (in-place encoder blocks, chunked
-relative-position attention, folded batch norms, the cached re-associated decoder, the matrix
-post-processing) against the plain code, and the opt-in modes of ``segany.perf`` against fp32."""
+"""The speed work keeps the outputs: the inference fast paths of ``segany.modeling.fast`` (in-place encoder
+blocks, chunked relative-position attention, folded batch norms, the cached re-associated decoder, the
+matrix post-processing) against the plain modules, and the opt-in modes of ``segany.perf`` against fp32."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from segany import perf
 from segany.errors import SegAnyError
 from segany.modeling import build_sam, get_config
 from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
-from segany.modeling.postprocess import postprocess_masks
+from segany.modeling.fast.postprocess import postprocess_masks
 from tests.conftest import synthetic_image
 
 
@@ -58,41 +58,61 @@ def test_encoder_inference_path_matches_the_plain_one(cfg):
     before = x.clone()
     with torch.inference_mode():
         got = model.image_encoder(x)
+        plain = _randomize(build_sam(cfg, fast=False)).image_encoder(x)  # no fast paths at all
     assert torch.equal(x, before)
     assert torch.allclose(got, want.detach(), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(plain, want.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_builder_chooses_the_fast_or_the_plain_modules():
+    from segany.modeling import fast
+    from segany.modeling.image_encoder import ImageEncoderViT
+    from segany.modeling.mask_decoder import MaskDecoder
+
+    model, plain = build_sam(VIT), build_sam(VIT, fast=False)
+    assert isinstance(model, fast.FastSam) and isinstance(model.mask_decoder, fast.FastMaskDecoder)
+    assert isinstance(model.image_encoder, fast.FastImageEncoderViT)
+    assert isinstance(model.prompt_encoder, fast.FastPromptEncoder)
+    assert isinstance(build_sam(TINY).image_encoder, fast.FastTinyViT)
+    assert type(plain.image_encoder) is ImageEncoderViT and type(plain.mask_decoder) is MaskDecoder
+    assert not any(type(m).__module__.startswith("segany.modeling.fast") for m in plain.modules())
+    assert model.state_dict().keys() == plain.state_dict().keys()
 
 
 def test_vit_blocks_get_token_major_tensors(monkeypatch):
     """The patch embedding's channels-first layout does not reach the blocks (their LayerNorms and
     copies would all be strided)."""
-    from segany.modeling import image_encoder
+    from segany.modeling.fast import image_encoder
 
     seen = []
-    forward_inplace = image_encoder.Block.forward_inplace
+    block_inplace = image_encoder.block_inplace
 
-    def recording(self, x):
+    def recording(block, x):
         seen.append(x.is_contiguous())
-        return forward_inplace(self, x)
+        return block_inplace(block, x)
 
-    monkeypatch.setattr(image_encoder.Block, "forward_inplace", recording)
+    monkeypatch.setattr(image_encoder, "block_inplace", recording)
     model = _randomize(build_sam(VIT))
     with torch.inference_mode():
         model.image_encoder(torch.randn(1, 3, VIT.image_size, VIT.image_size))
     assert seen == [True] * len(model.image_encoder.blocks)
 
 
-def test_vit_block_call_does_not_modify_its_input():
+def test_in_place_vit_block_is_the_plain_block():
+    from segany.modeling.fast.image_encoder import block_inplace
+
     model = _randomize(build_sam(VIT))
-    block = model.image_encoder.blocks[0]
-    x = torch.randn(1, 5, 5, 32)
-    before = x.clone()
-    with torch.no_grad():
-        out = block(x)
-    assert torch.equal(x, before) and not torch.equal(out, x)
+    for block in model.image_encoder.blocks:  # windowed with padding, global
+        x = torch.randn(1, 5, 5, 32)
+        with torch.no_grad():
+            want = block(x)
+            got = block_inplace(block, x.clone())
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [(6, 6), (4, 9)])
 def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch, size):
+    import segany.modeling.fast.image_encoder as fie
     import segany.modeling.image_encoder as ie
 
     h, w = size
@@ -103,15 +123,16 @@ def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch, size):
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
     got = {}
     with torch.no_grad():
-        monkeypatch.setattr(ie, "QUERY_BLOCK", 10**6)  # the fused kernel with the bias as its mask
-        got["whole"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
-        monkeypatch.setattr(ie, "REL_BIAS_CHUNK_BYTES", 1)  # one query row at a time
-        got["bias rows"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        got["plain"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        monkeypatch.setattr(fie, "QUERY_BLOCK", 10**6)  # the fused kernel with the bias as its mask
+        got["whole"] = fie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+        monkeypatch.setattr(fie, "REL_BIAS_CHUNK_BYTES", 1)  # one query row at a time
+        got["bias rows"] = fie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
         for block in (10, 36):  # query blocks by two matmuls (a partial last block; one block)
-            monkeypatch.setattr(ie, "QUERY_BLOCK", block)
-            got[f"query blocks of {block}"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
+            monkeypatch.setattr(fie, "QUERY_BLOCK", block)
+            got[f"query blocks of {block}"] = fie.rel_pos_attention(q, k, v, rel_h, rel_w, size)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 keeps the fused kernel
-            got["bf16"] = ie.rel_pos_attention(q, k, v, rel_h, rel_w, size).float()
+            got["bf16"] = fie.rel_pos_attention(q, k, v, rel_h, rel_w, size).float()
     for name, out in got.items():
         tol = 1e-5 if name != "bf16" else 0.1  # bf16 keeps about 3 digits
         assert out.shape == want.shape and torch.allclose(out, want, atol=tol, rtol=tol), name
@@ -142,7 +163,7 @@ def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(monkeypatch,
     """A few masks are post-processed on the calling thread, many on one-core workers: same results."""
     import threading
 
-    from segany.modeling import postprocess
+    from segany.modeling.fast import postprocess
 
     threads = set()
     sparse_mm = torch.sparse.mm

@@ -116,7 +116,7 @@ def test_fresh_pixel_path_leaves_the_decoder_output_unchanged(tiny_model) -> Non
     import copy
 
     from segany.modeling.text_prompt import TextHeadConfig
-    from segany.text.head import new_text_head
+    from segany.checkpoint_text import new_text_head
 
     torch.manual_seed(0)
     head = new_text_head(tiny_model, TextHeadConfig(text_dim=16, pixel_width=8)).eval()
@@ -208,7 +208,7 @@ def test_head_attaches_and_answers_text(trained_tiny, tiny_checkpoint) -> None:
 def test_head_file_is_tied_to_its_base_model(trained_tiny, tmp_path) -> None:
     from segany.checkpoint import save_model
     from segany.modeling import build_sam, get_config
-    from segany.text.head import load_text_head
+    from segany.checkpoint_text import load_text_head
 
     _, _, head_path = trained_tiny
     torch.manual_seed(123)

@@ -280,7 +280,7 @@ def load_model(
     model = build_sam(config)
     _load_weights(model, sd, str(path))
     if text_head is not None:
-        from segany.text.head import attach_text_head, text_head_path
+        from segany.checkpoint_text import attach_text_head, text_head_path
 
         head_file = text_head_path(path) if str(text_head) == "auto" else Path(text_head)
         if str(text_head) != "auto" or head_file.is_file():
@@ -306,7 +306,7 @@ def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
         raise ValueError("the model has no config; build it with build_sam(config)")
     sd = {}
     for k, v in model.state_dict().items():
-        if k.startswith("text_head."):  # the text head has its own file (segany.text.head)
+        if k.startswith("text_head."):  # the text head has its own file (segany.checkpoint_text)
             continue
         v = v.detach().cpu().contiguous()
         if half and v.is_floating_point():

@@ -11,80 +11,21 @@ import torch
 
 from segany.errors import SegAnyError
 from segany.modeling.sam import Sam
+from segany.prompts import check_fits_float32, check_image, check_prompts
 from segany.transforms import get_preprocess_shape, transform_for
+from segany.utils.masks import mask_instances
 
-
-def _as_array(name: str, value, shape_desc: str, ndim: int, last: int | None) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SegAnyError(f"{name} must be numeric, shape {shape_desc}") from None
-    if arr.ndim != ndim or (last is not None and arr.shape[-1] != last):
-        raise SegAnyError(f"{name} must have shape {shape_desc}, got {tuple(arr.shape)}")
-    if not np.isfinite(arr).all():
-        raise SegAnyError(f"{name} holds NaN or infinite values")
-    return arr
-
-
-def _check_fits_float32(name: str, arr: np.ndarray) -> None:
-    # Finite but enormous values (e.g. 1e300) overflow to inf in the model's float32 frame and give NaN masks.
-    with np.errstate(over="ignore"):
-        fits = np.isfinite(arr.astype(np.float32)).all()
-    if not fits:
-        raise SegAnyError(f"{name} holds values too large for the model (beyond float32 range)")
-
-
-def check_prompts(
-    point_coords: np.ndarray | None,
-    point_labels: np.ndarray | None,
-    box: np.ndarray | None,
-    mask_input: np.ndarray | None,
-    mask_side: tuple[int, int],
-) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """Validate one prompt set (shared by every predictor): ``(coords N x 2, labels N, box 4, mask 1 x h x w)``.
-
-    Raises:
-        SegAnyError: wrong shapes, NaN/inf, labels other than 1/0/2/3/-1, labels without points.
-    """
-    coords = labels = b = m = None
-    if point_coords is not None:
-        if point_labels is None:
-            raise SegAnyError("point_labels must be supplied with point_coords")
-        coords = _as_array("point_coords", point_coords, "N x 2", 2, 2)
-        labels = _as_array("point_labels", point_labels, "N", 1, None)
-        if len(labels) != len(coords):
-            raise SegAnyError(f"{len(coords)} points but {len(labels)} labels")
-        if not np.isin(labels, (0, 1, 2, 3, -1)).all():
-            raise SegAnyError("point_labels must be 1 (positive), 0 (negative), 2/3 (box corners) or -1")
-    elif point_labels is not None:
-        raise SegAnyError("point_labels given without point_coords")
-    if box is not None:
-        b = _as_array("box", np.asarray(box).reshape(-1) if np.size(box) == 4 else box, "4 (x0, y0, x1, y1)", 1, 4)
-    if mask_input is not None:
-        h, w = mask_side
-        m = _as_array("mask_input", mask_input, f"1 x {h} x {w}", 3, None)
-        if m.shape != (1, h, w):
-            raise SegAnyError(f"mask_input must have shape 1 x {h} x {w}, got {m.shape}")
-    return coords, labels, b, m
-
-
-def check_image(image: np.ndarray) -> None:
-    """An image for the model must be an ``H x W x 3`` uint8 array with pixels; else SegAnyError."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        raise SegAnyError(f"image must be an H x W x 3 array, got shape {shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise SegAnyError(f"image has no pixels: shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise SegAnyError(f"image must be uint8, got {image.dtype}")
+# Instances of a text smaller than this fraction of the image (or 16 pixels) are dropped as noise.
+MIN_INSTANCE_AREA_FRACTION = 0.002
 
 
 class SamPredictor:
     """Efficient repeated prompting of one image with a :class:`Sam` model."""
 
     def __init__(self, sam_model: Sam, text_detector=None) -> None:
-        """``text_detector``: an optional :class:`segany.text.grounding.OpenVocabularyDetector`; when set,
-        text prompts go text -> detector boxes -> masks instead of through the model's text head."""
+        """``text_detector``: an optional open-vocabulary detector
+        (:class:`segany.text.grounding.OpenVocabularyDetector`); when set, text prompts go text -> detector
+        boxes -> masks (its ``text_masks`` and ``instance_masks``) instead of through the model's text head."""
         self.model = sam_model
         self.transform = transform_for(sam_model)
         self.text_detector = text_detector
@@ -201,21 +142,19 @@ class SamPredictor:
         """
         self._require_image()
         if text is not None and self.text_detector is not None:
-            from segany.text.instances import predict_with_detector
-
-            return predict_with_detector(self, text, point_coords, point_labels, box, mask_input, return_logits)
+            return self.text_detector.text_masks(self, text, point_coords, point_labels, box, mask_input, return_logits)
         coords, labels, b, m = check_prompts(
             point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size
         )
         coords_t = labels_t = box_t = mask_t = None
         if coords is not None:
             coords = self.transform.apply_coords(coords, self.original_size)
-            _check_fits_float32("point_coords", coords)
+            check_fits_float32("point_coords", coords)
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         if b is not None:
             b = self.transform.apply_boxes(b, self.original_size)
-            _check_fits_float32("box", b)
+            check_fits_float32("box", b)
             box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
         if m is not None:
             mask_t = torch.as_tensor(m, dtype=torch.float, device=self.device)[None]
@@ -334,14 +273,26 @@ class SamPredictor:
 
         return load_sentence_encoder(self._text_head().config.sentence_encoder).encode(texts).to(self.device)
 
+    @torch.inference_mode()
     def predict_instances(
         self, text: str, max_instances: int = 5, min_score: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """One mask per object that ``text`` names ("the people"), best first.
 
+        The text head answers a phrase with one mask, the union of everything the phrase names: the
+        instances are its connected parts, each scored by its mean text probability times the head's
+        predicted IoU (:func:`segany.utils.masks.mask_instances`). Objects that touch come out as one
+        instance. With a ``text_detector``, the instances are the detector's boxes turned into masks.
+
         Returns:
             masks ``K x H x W`` bool and scores ``K`` (K <= ``max_instances``), sorted by score.
         """
-        from segany.text.instances import predict_instances
-
-        return predict_instances(self, text, max_instances=max_instances, min_score=min_score)
+        if not isinstance(max_instances, int) or isinstance(max_instances, bool) or max_instances < 1:
+            raise SegAnyError(f"max_instances must be a positive integer, got {max_instances!r}")
+        self._require_image()
+        if self.text_detector is not None:
+            return self.text_detector.instance_masks(self, text, max_instances, min_score)
+        logits, iou, _ = self.predict(text=text, return_logits=True)
+        h, w = self.original_size
+        min_area = max(16, MIN_INSTANCE_AREA_FRACTION * h * w)
+        return mask_instances(logits[0], float(iou[0]), self.model.mask_threshold, min_area, max_instances, min_score)

@@ -4,7 +4,7 @@ Same arguments, defaults, records and results as the official generator. It is f
 work is ordered differently, not approximated:
 
 * the mask decoder is re-associated for "one image, many one-point prompts"
-  (:class:`~segany.modeling.fast_decoder.ReassociatedDecoder`):
+  (:class:`~segany.modeling.fast.decoder.ReassociatedDecoder`):
   the prompt-independent image side is computed once per image, each prompt's 4096 image tokens are
   kept in factored form (per-image products plus a low-rank per-prompt part: no 4096 x 256 tensor per
   prompt in the transformer), and prompts are decoded a few at a time by worker threads that run on one
@@ -16,7 +16,8 @@ work is ordered differently, not approximated:
   (the official post-processing crops it away), e.g. a third of the work for a 3:2 image;
 * masks are kept as compressed COCO RLE (pycocotools, C) rather than Python run lists.
 
-The model's own decoder (``fast_decoder = False``) is used for decoders of another layout.
+The model's own decoder (``fast_decoder = False``) is used for decoders of another layout, and for models
+built without the fast paths (``build_sam(config, fast=False)``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from segany.errors import SegAnyError
-from segany.modeling import postprocess
-from segany.modeling.fast_decoder import ReassociatedDecoder
-from segany.modeling.fast_decoder import low_res_rows as _low_res_rows  # noqa: F401  (tests use the old name)
+from segany.modeling.fast import postprocess
+from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.mask_decoder import FastMaskDecoder
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.utils.masks import (
@@ -101,9 +102,10 @@ def _upsample(
     low: torch.Tensor, model: Sam, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
     """``model.postprocess_masks`` for ``K x h x w`` low-res logits that may be only the top-left part of
-    the full ``L x L`` low-res map (enough rows and columns for the input, see :func:`_low_res_rows`):
+    the full ``L x L`` low-res map (enough rows and columns for the input, see
+    :func:`~segany.modeling.fast.decoder.low_res_rows`):
     the same exact-factor upsampling, the same crop, the same resize, without the padding's pixels.
-    At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.postprocess`)."""
+    At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.fast.postprocess`)."""
     if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
         return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
     full = tuple(model.prompt_encoder.mask_input_size)
@@ -210,8 +212,9 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.max_mask_region_fraction = max_mask_region_fraction
-        # The re-associated decoder (same results, less work); the model's own decoder otherwise.
-        self.fast_decoder = ReassociatedDecoder.supports(model)
+        # The re-associated decoder (same results, less work) for a model built with the fast paths; the
+        # model's own decoder otherwise.
+        self.fast_decoder = isinstance(model.mask_decoder, FastMaskDecoder) and ReassociatedDecoder.supports(model)
 
     @torch.inference_mode()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:

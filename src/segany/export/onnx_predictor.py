@@ -15,7 +15,7 @@ import numpy as np
 
 from segany.errors import SegAnyError
 from segany.export.onnx import DECODER_INPUTS, ENCODER_INPUT, read_metadata
-from segany.predictor import check_prompts
+from segany.prompts import check_prompts
 from segany.transforms import ResizeLongestSide, get_preprocess_shape
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.fast import fast_class
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
@@ -11,10 +12,10 @@ from segany.modeling.tiny_vit import TinyViT
 from segany.modeling.transformer import TwoWayTransformer
 
 
-def build_image_encoder(cfg: SamConfig):
+def build_image_encoder(cfg: SamConfig, fast: bool = True):
     enc = cfg.encoder
     if isinstance(enc, ViTConfig):
-        return ImageEncoderViT(
+        return fast_class(ImageEncoderViT, fast)(
             img_size=cfg.image_size,
             patch_size=enc.patch_size,
             embed_dim=enc.embed_dim,
@@ -29,7 +30,7 @@ def build_image_encoder(cfg: SamConfig):
             drop_path_rate=enc.drop_path_rate,
         )
     if isinstance(enc, TinyViTConfig):
-        return TinyViT(
+        return fast_class(TinyViT, fast)(
             embed_dims=tuple(enc.embed_dims),
             depths=tuple(enc.depths),
             num_heads=tuple(enc.num_heads),
@@ -43,8 +44,12 @@ def build_image_encoder(cfg: SamConfig):
     raise TypeError(f"unknown encoder config {type(enc).__name__}")
 
 
-def build_sam(cfg: SamConfig) -> Sam:
-    """A randomly initialised :class:`Sam` for ``cfg`` (load weights with ``load_state_dict``)."""
+def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
+    """A randomly initialised :class:`Sam` for ``cfg`` (load weights with ``load_state_dict``).
+
+    ``fast``: the modules with inference fast paths (:mod:`segany.modeling.fast`: same weights, same
+    outputs); False: the plain modules only.
+    """
     from segany.modeling.sam2_config import Sam2Config
 
     if isinstance(cfg, Sam2Config):
@@ -55,10 +60,12 @@ def build_sam(cfg: SamConfig) -> Sam:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size
     d = cfg.prompt_embed_dim
-    return Sam(
-        image_encoder=build_image_encoder(cfg),
-        prompt_encoder=PromptEncoder(d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans),
-        mask_decoder=MaskDecoder(
+    return fast_class(Sam, fast)(
+        image_encoder=build_image_encoder(cfg, fast),
+        prompt_encoder=fast_class(PromptEncoder, fast)(
+            d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
+        ),
+        mask_decoder=fast_class(MaskDecoder, fast)(
             d,
             TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
             num_multimask_outputs=cfg.num_multimask_outputs,

@@ -4,14 +4,8 @@ State-dict keys follow the official ``ImageEncoderViT`` so official checkpoints 
 Attention runs through ``scaled_dot_product_attention`` with the relative-position bias as its mask,
 which is the same maths as the official code (softmax(q k^T * scale + bias) v) with a fused kernel.
 
-Inference (no autograd, eval mode) takes a blocked path with the same maths: the official code
-materialises a ``heads x 4096 x 4096`` bias (800 MB for ViT-B) in each global block and a dozen other
-full-size temporaries per block; fresh large allocations are page-faulted in by the kernel every time,
-which on a 2-core CPU cost as much as the matmuls. Here windowed blocks attend half a row of windows at
-a time, global blocks attend a block of query rows at a time (two matmuls, the bias added to the scores
-in place), the projection and the MLP run on chunks of rows, and the residual adds are in place: the
-working set stays in the CPU caches and allocations stay small. The pieces are shared among one-core
-worker threads (robust on a busy machine).
+At inference, :class:`segany.modeling.fast.image_encoder.FastImageEncoderViT` (what ``build_sam`` builds)
+runs the same function in place and in pieces.
 """
 
 from __future__ import annotations
@@ -23,19 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling.common import DropPath, LayerNorm2d, MLPBlock, eager_inference
-from segany.modeling.workers import available_workers, map_on_workers
+from segany.modeling.common import DropPath, LayerNorm2d, MLPBlock
 
-# Most bytes of relative-position bias built at once (inference path): a slab of query rows of a global
-# block (windowed blocks need far less). The whole bias of a ViT-B global block is 800 MB; CPU flash attention
-# slows down with fewer than ~1000 queries per call (measured: 64 queries per call took 1.6x as long).
-REL_BIAS_CHUNK_BYTES = 256 << 20
-# Query rows per block in global attention (inference path, fp32): the scores of 256 rows (4 MB for
-# 4096 keys) with matmuls large enough to run near the CPU's peak.
-QUERY_BLOCK = 256
-# Tokens that go through the projection and the MLP at once (inference path): the hidden activations of
-# 1024 ViT-B tokens (12 MB) stay in the caches; matmuls of this height still run at full speed.
-MLP_CHUNK_TOKENS = 1024
 # The blocks' norm, as SAM's builders pass it (``partial(nn.LayerNorm, eps=1e-6)``).
 _LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
@@ -117,88 +100,8 @@ def rel_pos_attention(
     Returns:
         ``B x (H*W) x heads x d``.
     """
-    b, nh, n, d = q.shape
-    if not eager_inference():  # the out= buffers below are for eager inference only
-        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
-    # Global attention in fp32: blocks of query rows by two plain matmuls, the bias added to the scores in
-    # place (no bias tensor, no masked kernel: ViT-B's global attention on one core measured 0.49 -> 0.34 s
-    # per 6 heads). Windows (196 tokens) keep the fused kernel, as fast there; bf16 keeps it too.
-    blocked = n >= QUERY_BLOCK and q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    attend = _rel_pos_attention_rows if blocked else _rel_pos_attention_slabs
-    workers = min(available_workers(q.device), nh)
-    if workers <= 1:
-        return attend(q, k, v, rel_pos_h, rel_pos_w, size)
-    # Groups of heads on one-core workers (each with its own bias buffer).
-    out = q.new_empty(b, n, nh, d)
-    step = -(-nh // workers)
-
-    def part(h0: int) -> None:
-        hs = slice(h0, h0 + step)
-        out[:, :, hs] = attend(q[:, hs], k[:, hs], v[:, hs], rel_pos_h, rel_pos_w, size)
-
-    map_on_workers(part, range(0, nh, step), q.device)
-    return out
-
-
-def _rel_pos_attention_slabs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    size: tuple[int, int],
-) -> torch.Tensor:
-    """:func:`rel_pos_attention` a slab of query rows at a time (eager inference)."""
-    b, nh, n, d = q.shape
-    h, w = size
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
-    rows = max(1, min(h, REL_BIAS_CHUNK_BYTES // (b * nh * w * n * q.element_size())))
-    rows = -(-h // -(-h // rows))  # equal slabs: 64 rows in 4 x 16, not 3 x 20 + 4
-    buf = q.new_empty(b, nh, rows, w, h, w)
-    out = None
-    for r0 in range(0, h, rows):
-        r = min(rows, h - r0)
-        bias = buf[:, :, :r]
-        torch.add(rel_h[:, :, r0 : r0 + r, :, :, None], rel_w[:, :, r0 : r0 + r, :, None, :], out=bias)
-        o = F.scaled_dot_product_attention(q[:, :, r0 * w : (r0 + r) * w], k, v, attn_mask=bias.view(b, nh, r * w, n))
-        if r == h:
-            return o.transpose(1, 2)
-        if out is None:
-            out = q.new_empty(b, n, nh, d)
-        out[:, r0 * w : (r0 + r) * w] = o.transpose(1, 2)
-    return out
-
-
-def _rel_pos_attention_rows(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    size: tuple[int, int],
-) -> torch.Tensor:
-    """:func:`rel_pos_attention` head by head, :data:`QUERY_BLOCK` query rows at a time (eager inference):
-    the scores of a block (one matmul), plus the two bias factors broadcast in place, softmax in place,
-    times the values (one matmul). The matmuls run near the CPU's peak; CPU flash attention with a mask
-    also reads a materialised bias and runs smaller matmuls."""
-    b, nh, n, d = q.shape
-    h, w = size
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
-    out = q.new_empty(b, n, nh, d)
-    scores = q.new_empty(QUERY_BLOCK, n)
-    for i in range(b):
-        for j in range(nh):
-            kt = k[i, j].t() * d**-0.5  # d x n with the softmax scale (the bias is unscaled)
-            rh, rw = rel_h[i, j].reshape(n, h), rel_w[i, j].reshape(n, w)
-            for r0 in range(0, n, QUERY_BLOCK):
-                r1 = min(r0 + QUERY_BLOCK, n)
-                s = scores[: r1 - r0]
-                torch.mm(q[i, j, r0:r1], kt, out=s)
-                s.view(-1, h, w).add_(rh[r0:r1, :, None]).add_(rw[r0:r1, None, :])
-                torch.softmax(s, -1, out=s)
-                out[i, r0:r1, j] = torch.mm(s, v[i, j])
-    return out
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -224,20 +127,20 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """``B x H x W x C`` -> the attention output before ``proj``, ``B x H x W x C``."""
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``B x H x W x C`` -> queries, keys and values, each ``B x heads x (H*W) x head_dim``."""
         b, h, w, _ = x.shape
-        n = h * w
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each B x heads x N x head_dim
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = self.heads(x)
         if self.use_rel_pos:
             x = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
         else:
             x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return x.reshape(b, h, w, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attend(x))
+        return self.proj(x.reshape(b, h, w, -1))
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -251,28 +154,6 @@ def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, t
     x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
     return windows, (hp, wp)
-
-
-def window_row(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """One row of windows: ``B x r x W x C`` (``r <= ws``) -> ``(B*nW) x ws x ws x C``, zero-padded."""
-    b, r, w, c = x.shape
-    ws = window_size
-    nw = -(-w // ws)
-    if r != ws or w != nw * ws:
-        padded = x.new_zeros(b, ws, nw * ws, c)
-        padded[:, :r, :w] = x
-        x = padded
-    # Contiguous: with B = 1 the reshape is a strided view, and a linear layer on a strided 4-D input
-    # can fall back to a batched matmul over copies of its weight (it did under bf16 autocast).
-    return x.view(b, ws, nw, ws, c).transpose(1, 2).reshape(b * nw, ws, ws, c).contiguous()
-
-
-def window_row_inverse(windows: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`window_row`: ``(B*nW) x ws x ws x C`` -> ``B x rows x width x C``."""
-    bn, ws, _, c = windows.shape
-    nw = -(-width // ws)
-    x = windows.view(bn // nw, nw, ws, ws, c).transpose(1, 2).reshape(bn // nw, ws, nw * ws, c)
-    return x[:, :rows, :width].contiguous()
 
 
 def window_unpartition(
@@ -320,8 +201,6 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if eager_inference(self):
-            return self.forward_inplace(x.clone())
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
@@ -333,44 +212,6 @@ class Block(nn.Module):
             x = self.attn(x)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference only (no autograd, no drop path): the same function, computed in place in ``x``
-        (``B x H x W x C``) in pieces whose working sets stay in the caches, shared among one-core worker
-        threads (:mod:`segany.modeling.workers`) when torch has several threads.
-
-        Attention: a windowed block takes half a row of windows at a time (windows are independent); a
-        global block splits its heads among the workers (and builds its bias a slab of query rows at a
-        time). The attention projection and the MLP are per token: they run on chunks of rows, and skip
-        the windows' zero padding (the official code projects it too).
-        """
-        b, h, w, c = x.shape
-        a = None
-        if self.window_size > 0:
-            ws = self.window_size
-            nw = -(-w // ws)
-            cols = -(-nw // 2) * ws  # two pieces per row of windows: more, evener work for the workers
-            pieces = [(r0, c0) for r0 in range(0, h, ws) for c0 in range(0, w, cols)]
-
-            def attention(piece: tuple[int, int]) -> None:
-                r0, c0 = piece
-                xs = x[:, r0 : r0 + ws, c0 : c0 + cols]
-                out = self.attn.attend(window_row(self.norm1(xs), ws))
-                xs += self.attn.proj(window_row_inverse(out, xs.shape[1], xs.shape[2]))
-
-            map_on_workers(attention, pieces, x.device)
-        else:
-            a = self.attn.attend(self.norm1(x))
-        rows = max(1, MLP_CHUNK_TOKENS // (b * w))
-
-        def mlp(r0: int) -> None:
-            xs = x[:, r0 : r0 + rows]
-            if a is not None:
-                xs += self.attn.proj(a[:, r0 : r0 + rows])
-            xs += self.mlp(self.norm2(xs))
-
-        map_on_workers(mlp, range(0, h, rows), x.device)
-        return x
 
 
 class ImageEncoderViT(nn.Module):
@@ -426,11 +267,8 @@ class ImageEncoderViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Token-major memory (C innermost): the sum would keep the convolution's channels-first layout,
-        # and every block after it (the in-place ones included) with it, making each LayerNorm and copy
-        # strided (a ViT-B windowed block on one core: 0.61 -> 0.54 s contiguous).
+        # and every block after it with it, making each LayerNorm and copy strided.
         x = (self.patch_embed(x) + self.pos_embed).contiguous()
-        inference = eager_inference(self)
         for blk in self.blocks:
-            # x is this loop's own tensor: the blocks may update it in place.
-            x = blk.forward_inplace(x) if inference else blk(x)
+            x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2))

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling.common import LayerNorm2d, eager_inference
-from segany.modeling.fast_decoder import ReassociatedDecoder
+from segany.modeling.common import LayerNorm2d
 from segany.modeling.transformer import TwoWayTransformer
 
 
@@ -61,10 +58,6 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
-        # (weak ref to the image embedding, its version, image_pe, dense vector, decoder): see _reassociated.
-        self._reassociated_cache: tuple | None = None
-        # (weak ref to the positional encoding, {key: product}): see ReassociatedDecoder.pe_products.
-        self._pe_products: tuple | None = None
 
     def forward(
         self,
@@ -83,54 +76,11 @@ class MaskDecoder(nn.Module):
         Returns:
             masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``, M = 3 or 1.
         """
-        dec = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
-        if dec is not None:
-            which = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
-            iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0)
-            return low.view(iou.shape[0], len(which), *low.shape[-2:]), iou
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_reassociated_cache"] = None  # a weak reference does not pickle; it is only a cache
-        state["_pe_products"] = None
-        return state
-
-    def _reassociated(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
-    ) -> ReassociatedDecoder | None:
-        """The re-associated decoder (same outputs, a fraction of the work; see
-        :mod:`segany.modeling.fast_decoder`) when it applies: inference, one image embedding, and one
-        dense embedding for every pixel and prompt (no mask input). Its per-image part is kept for the
-        next call with the same embedding tensor (unchanged since: same version; inference-mode tensors
-        have no version counter, and the predictor never writes into its embedding) and positional encoding.
-        """
-        if not eager_inference(self):
-            return None
-        if image_embeddings.shape[0] != 1 or dense.ndim != 4 or dense.stride(-1) or dense.stride(-2):
-            return None
-        if dense.shape[0] > 1 and dense.stride(0):
-            return None  # a different dense embedding per prompt
-        if not ReassociatedDecoder.supports(self):
-            return None
-        vec = dense[0, :, 0, 0]
-        version = None if image_embeddings.is_inference() else image_embeddings._version
-        c = self._reassociated_cache
-        if (
-            c is not None
-            and c[0]() is image_embeddings
-            and c[1] == version
-            and (c[2] is image_pe or torch.equal(c[2], image_pe))
-            and torch.equal(c[3], vec)
-        ):
-            return c[4]
-        dec = ReassociatedDecoder(self, image_embeddings, vec, image_pe)
-        self._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
-        return dec
 
     def predict_masks(
         self,

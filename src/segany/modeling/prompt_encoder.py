@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from segany.modeling.common import LayerNorm2d, eager_inference
+from segany.modeling.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -79,31 +79,10 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
-        self._dense_pe: tuple[tuple, torch.Tensor] | None = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_dense_pe"] = None  # only a cache
-        return state
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid: ``1 x C x h x w``.
-
-        At inference the tensor is kept and returned again while the Gaussian matrix is unchanged: it is
-        the same for every prompt (1.7 ms on a CPU for a 64 x 64 grid), and the decoder recognises it.
-        """
-        if not eager_inference():
-            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        m = self.pe_layer.positional_encoding_gaussian_matrix
-        version = None if m.is_inference() else m._version
-        key = (m.data_ptr(), version, m.device, m.dtype, tuple(self.image_embedding_size))
-        key += (torch.is_inference_mode_enabled(),)
-        cached = self._dense_pe
-        if cached is None or cached[0] != key:
-            # Contiguous: the encoding is made channels-last and permuted; every image's decoder reads it.
-            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0).contiguous()
-            cached = self._dense_pe = (key, pe)
-        return cached[1]
+        """Positional encoding of the image embedding grid: ``1 x C x h x w``."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # to the pixel centre

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling import postprocess
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 
@@ -82,16 +81,12 @@ class Sam(nn.Module):
         """Low-res logits ``B x M x 4h x 4w`` -> ``B x M x H x W`` logits in the original frame, or with
         ``threshold`` the boolean masks ``logits > threshold``.
 
-        Upsample to the padded input size, drop the padding, then resize to the original size. On a CPU
-        at inference this runs as two matrix products (same function; see :mod:`segany.modeling.postprocess`),
-        each mask thresholded as it is made (no full-size logits kept for the batch).
+        Upsample to the padded input size, drop the padding, then resize to the original size.
         """
-        if postprocess.use_matrix_path(masks, self.image_size, original_size):
-            return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size, threshold=threshold)
         masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
-        return masks if threshold is None else postprocess.greater(masks, threshold)
+        return masks if threshold is None else masks > threshold
 
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """The official batched interface: a list of per-image dicts with ``image`` (3xHxW, already

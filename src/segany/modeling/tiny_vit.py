@@ -6,40 +6,24 @@ resolution so the embedding has SAM's stride of 16. State-dict keys follow Mobil
 ``tiny_vit_sam.py`` (Conv2d_BN as ``c`` + ``bn``) so ``mobile_sam.pt`` loads unchanged; unlike it,
 resolutions are read from the input at run time, so any input size that is a multiple of 16 works.
 
-Inference (no autograd, eval mode) is the same function computed with less memory traffic: each batch
-norm is folded into its convolution, the convolutions run channels-last (the layout the attention stages
-use anyway, so the hand-overs between them are views), activations are applied in place, and the window
-attention and the MLPs run in pieces on one-core worker threads (robust on a busy machine).
+At inference, :class:`segany.modeling.fast.tiny_vit.FastTinyViT` (what ``build_sam`` builds) computes the
+same function with folded batch norms, channels-last convolutions and work on one-core worker threads.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling.common import DropPath, LayerNorm2d, activate_, eager_inference
-from segany.modeling.workers import available_workers, map_on_workers
-
-# Tokens that go through an MLP at once at inference (one piece of work for a worker thread).
-MLP_CHUNK_TOKENS = 2048
-# Stages with fewer activations than this stay in the calling thread: handing small work to worker
-# threads cost more than it saved (the default model's embedding: 37 ms instead of 22).
-WORKER_MIN_ELEMENTS = 1 << 20
-
-
-def _gelu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
-    # In place at inference: the first stage's activations are 64 MB each at 1024 pixels.
-    return torch.ops.aten.gelu_(x) if inplace else F.gelu(x)
+from segany.modeling.common import DropPath, LayerNorm2d
 
 
 class Conv2dBN(nn.Sequential):
-    """Convolution (no bias) followed by batch norm; the keys are ``c.*`` and ``bn.*``.
-
-    At inference the batch norm is folded into the convolution (one pass over the output, not two).
-    """
+    """Convolution (no bias) followed by batch norm; the keys are ``c.*`` and ``bn.*``."""
 
     def __init__(
         self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0
@@ -51,13 +35,6 @@ class Conv2dBN(nn.Sequential):
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not eager_inference(self):
-            return self.bn(self.c(x))
-        c, bn = self.c, self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = c.weight * scale.view(-1, 1, 1, 1)
-        return F.conv2d(x, weight, bn.bias - bn.running_mean * scale, c.stride, c.padding, c.dilation, c.groups)
 
 
 class PatchEmbed(nn.Module):
@@ -88,11 +65,8 @@ class MBConv(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not eager_inference(self):
-            y = self.act2(self.conv2(self.act1(self.conv1(x))))
-            return self.act3(x + self.drop_path(self.conv3(y)))
-        y = _gelu(self.conv2(_gelu(self.conv1(x), True)), True)
-        return _gelu(self.conv3(y).add_(x), True)
+        y = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.act3(x + self.drop_path(self.conv3(y)))
 
 
 class PatchMerging(nn.Module):
@@ -106,8 +80,7 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2dBN(out_dim, out_dim, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = eager_inference(self)
-        return self.conv3(_gelu(self.conv2(_gelu(self.conv1(x), inplace)), inplace))
+        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
 
 
 class ConvLayer(nn.Module):
@@ -133,8 +106,6 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if eager_inference(self):
-            return self.fc2(activate_(self.fc1(self.norm(x)), self.act))  # the hidden activations are ours
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
@@ -188,55 +159,32 @@ class TinyViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         h, w = hw
         b, n, c = x.shape
-        ws = self.window_size
-        inference = eager_inference(self)
-        res = x
-        if h == ws and w == ws:
-            x = self._attend(x, inference)
-        else:
-            x = x.view(b, h, w, c)
-            pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-            if pad_b or pad_r:
-                x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-            ph, pw = h + pad_b, w + pad_r
-            nh, nw = ph // ws, pw // ws
-            x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-            x = self._attend(x, inference)
-            x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
-            if pad_b or pad_r:
-                x = x[:, :h, :w].contiguous()
-            x = x.view(b, n, c)
-        x = res + self.drop_path(x)
+        x = x + self.drop_path(window_attention(x, hw, self.window_size, self.attn))
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
-        if not inference or n * c < WORKER_MIN_ELEMENTS:
-            return x + self.drop_path(self.mlp(x))
-        # The MLP is per token: chunks of tokens on one-core workers, added in place (x is the local
-        # convolution's fresh output).
-        x = x.contiguous()
+        return x + self.drop_path(self.mlp(x))
 
-        def mlp(t0: int) -> None:
-            xs = x[:, t0 : t0 + MLP_CHUNK_TOKENS]
-            xs += self.mlp(xs)
 
-        map_on_workers(mlp, range(0, n, MLP_CHUNK_TOKENS), x.device)
-        return x
-
-    def _attend(self, windows: torch.Tensor, inference: bool) -> torch.Tensor:
-        """Attention within each of the ``nW x ws*ws x C`` windows; at inference, groups of windows on
-        one-core workers (windows are independent)."""
-        big = windows.numel() >= WORKER_MIN_ELEMENTS
-        pieces = 2 * available_workers(windows.device) if inference and big else 1
-        if pieces <= 2 or windows.shape[0] < pieces:
-            return self.attn(windows)
-        out = torch.empty_like(windows)
-        step = -(-windows.shape[0] // pieces)
-
-        def part(i: int) -> None:
-            out[i : i + step] = self.attn(windows[i : i + step])
-
-        map_on_workers(part, range(0, windows.shape[0], step), windows.device)
-        return out
-
+def window_attention(
+    x: torch.Tensor, hw: tuple[int, int], ws: int, attend: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``attend`` (``nW x ws*ws x C`` -> same) within each ``ws x ws`` window of ``B x (H*W) x C`` tokens
+    on an ``H x W`` grid (zero-padded to whole windows), back in token order."""
+    h, w = hw
+    b, n, c = x.shape
+    if h == ws and w == ws:
+        return attend(x)
+    x = x.view(b, h, w, c)
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    if pad_b or pad_r:
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    ph, pw = h + pad_b, w + pad_r
+    nh, nw = ph // ws, pw // ws
+    x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+    x = attend(x)
+    x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+    if pad_b or pad_r:
+        x = x[:, :h, :w].contiguous()
+    return x.view(b, n, c)
 
 class BasicLayer(nn.Module):
     """An attention stage: blocks, then (except for the last stage) patch merging."""
@@ -319,10 +267,6 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if eager_inference(self):
-            # Channels-last from the start: the convolutions run faster so, and the stages' token
-            # layout (B x HW x C) is then a view of their feature maps.
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.layers[0](self.patch_embed(x))
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)

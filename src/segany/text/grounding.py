@@ -3,7 +3,9 @@
 Where the user has the weights of an open-vocabulary detector on disk (OWLv2, OWL-ViT or Grounding DINO
 as saved by the ``transformers`` library), :class:`OpenVocabularyDetector` turns one text query into
 boxes in the original image frame, and :func:`masks_from_detections` turns those boxes into SAM masks
-with a :class:`segany.predictor.SamPredictor`.
+with a :class:`segany.predictor.SamPredictor`. Given to a predictor (``SamPredictor(model,
+text_detector=detector)``), it answers the predictor's text prompts (:meth:`OpenVocabularyDetector.text_masks`,
+:meth:`OpenVocabularyDetector.instance_masks`).
 
 Loading is strictly local (``local_files_only=True``): nothing is ever downloaded. ``transformers`` is
 an optional dependency (``pip install "segany[text]"``) imported only when a detector is loaded.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from segany.errors import SegAnyError
-from segany.predictor import check_image
+from segany.prompts import check_image
 from segany.utils.masks import box_nms
 
 # config.json ``model_type`` -> the kind of detector (which pre/post-processing applies).
@@ -194,6 +196,35 @@ class OpenVocabularyDetector:
             labels=[labels[i] for i in idx.tolist()],
             image_size=(h, w),
         )
+
+    def text_masks(
+        self, predictor: Any, text: str, point_coords, point_labels, box, mask_input, return_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``predictor.predict(text=...)`` through this detector: its best box (with any points) -> one mask.
+
+        With no detection the answer is one empty mask with a predicted IoU of 0.
+        """
+        if box is not None:
+            raise SegAnyError("with a text detector, text replaces the box prompt: give text or a box, not both")
+        dets = self.detect(predictor.image_rgb, text, max_detections=1)
+        if len(dets.scores) == 0:
+            h, w = predictor.original_size
+            side = predictor.model.prompt_encoder.mask_input_size
+            empty = np.full((1, h, w), -np.inf if return_logits else False, np.float32 if return_logits else bool)
+            return empty, np.zeros((1,), np.float32), np.full((1, *side), -1e4, np.float32)
+        return predictor.predict(
+            point_coords, point_labels, dets.boxes[0], mask_input, multimask_output=False, return_logits=return_logits
+        )
+
+    def instance_masks(
+        self, predictor: Any, text: str, max_instances: int, min_score: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``predictor.predict_instances(text)`` through this detector: one mask per detected box, best
+        first (masks ``K x H x W`` bool, scores ``K``)."""
+        dets = self.detect(predictor.image_rgb, text, max_detections=max_instances)
+        masks, scores = masks_from_detections(predictor, dets)
+        keep = scores >= min_score
+        return masks[keep][:max_instances], scores[keep][:max_instances]
 
     def _box_frame(self, h: int, w: int) -> tuple[int, int]:
         """``(height, width)`` in original pixels that the detector's normalised box coordinates span.

@@ -311,6 +311,35 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
 # -- uncompressed RLE (the generator's "uncompressed_rle" output) ------------------------------------
 
 
+def mask_instances(
+    logits: np.ndarray, iou: float, threshold: float, min_area: float, max_instances: int, min_score: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The connected parts (8-connected) of ``logits > threshold`` (``H x W``) as instances, best first.
+
+    Each part is scored by its mean probability (the logits' sigmoid) times ``iou`` (clipped to [0, 1]);
+    parts under ``min_area`` pixels or ``min_score`` are dropped.
+
+    Returns:
+        masks ``K x H x W`` bool and scores ``K`` float32 (K <= ``max_instances``), sorted by score.
+    """
+    h, w = logits.shape
+    prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((logits > threshold).astype(np.uint8), connectivity=8)
+    masks, scores = [], []
+    for k in range(1, n):
+        if stats[k, cv2.CC_STAT_AREA] < min_area:
+            continue
+        part = labels == k
+        score = float(prob[part].mean() * np.clip(iou, 0, 1))
+        if score >= min_score:
+            masks.append(part)
+            scores.append(score)
+    order = np.argsort(-np.asarray(scores, np.float32))[:max_instances]
+    if len(order) == 0:
+        return np.zeros((0, h, w), bool), np.zeros((0,), np.float32)
+    return np.stack([masks[i] for i in order]), np.asarray(scores, np.float32)[order]
+
+
 def mask_to_rle_pytorch(tensor: torch.Tensor) -> list[dict[str, Any]]:
     """Encode ``B x H x W`` bool masks as uncompressed COCO RLE ``{"size": [H, W], "counts": [int]}``.
 

@@ -120,7 +120,7 @@ class Plan:
 
 
 @dataclass
-class Block:
+class CoefficientRows:
     """Rows ``start : start + size`` of a :class:`FactoredTokens`' coefficients: an attention update of
     block ``layer`` (``values`` ``B x H x T x d``: its tokens' values per head) or the constant of
     ``epoch`` (``values`` None)."""
@@ -145,7 +145,7 @@ class FactoredTokens:
     s: torch.Tensor | None  # B x N (None: ones)
     buf: torch.Tensor
     r: int
-    blocks: list[Block]
+    blocks: list[CoefficientRows]
     _rows: torch.Tensor | None = None
 
     @property
@@ -164,7 +164,9 @@ class FactoredTokens:
     def select(self, i: int) -> FactoredTokens:
         """Prompt ``i`` alone."""
         blocks = [
-            Block(b.start, b.size, b.layer, b.epoch, None if b.values is None else b.values[i : i + 1], b.biased)
+            CoefficientRows(
+                b.start, b.size, b.layer, b.epoch, None if b.values is None else b.values[i : i + 1], b.biased
+            )
             for b in self.blocks
         ]
         s = None if self.s is None else self.s[i : i + 1]
@@ -262,11 +264,13 @@ class FactoredDecoderSide:
             depth = self.plan.depth  # rows: every block's attention weights, one constant per LayerNorm
             x = FactoredTokens(0, None, scores.new_empty(b, depth * (h * t + 1), n), 0, [])
         # Softmax over the tokens with N innermost (vectorised over the image tokens); copied into the
-        # buffer (softmax's out= variant measured 2x slower).
+        # buffer (softmax's out= variant was slower).
         x.buf[:, x.r : x.r + h * t] = scores.softmax(2).view(b, h * t, n)
         # The constant of this epoch (all-ones coefficients since the last LayerNorm) takes the output bias.
-        blocks = [Block(k.start, k.size, epoch=k.epoch, biased=True) if k.epoch == layer else k for k in x.blocks]
-        blocks.append(Block(x.r, h * t, layer=layer, values=v))
+        blocks = [
+            CoefficientRows(k.start, k.size, epoch=k.epoch, biased=True) if k.epoch == layer else k for k in x.blocks
+        ]
+        blocks.append(CoefficientRows(x.r, h * t, layer=layer, values=v))
         return FactoredTokens(x.level, x.s, x.buf, x.r + h * t, blocks)
 
     def layer_norm(self, x: FactoredTokens, norm: nn.LayerNorm) -> FactoredTokens:
@@ -310,7 +314,7 @@ class FactoredDecoderSide:
         s = rstd if x.s is None else x.s * rstd
         coef.mul_(rstd[:, None, :])
         x.buf[:, r].fill_(1.0)
-        return FactoredTokens(level + 1, s, x.buf, r + 1, x.blocks + [Block(r, 1, epoch=level + 1)])
+        return FactoredTokens(level + 1, s, x.buf, r + 1, x.blocks + [CoefficientRows(r, 1, epoch=level + 1)])
 
     def _norm(self, level: int) -> torch.Tensor:
         """``|K M P|^2`` per token: ``N``."""

@@ -3,9 +3,9 @@
 Same function as :class:`~segany.modeling.mask_decoder.MaskDecoder` (outputs equal up to float rounding),
 with the work ordered for the CPU: the prompt-independent image side is computed once per image, the
 image tokens of each prompt are kept in factored form (a per-image part plus a small per-prompt part,
-:mod:`segany.modeling.factored`), and prompts are decoded a few at a time by one-core worker threads. The
-automatic mask generator uses it for its point grid, and ``MaskDecoder`` itself for prompts without a
-mask input at inference.
+:mod:`segany.modeling.fast.factored`), and prompts are decoded a few at a time by one-core worker threads.
+The automatic mask generator uses it for its point grid, and
+:class:`~segany.modeling.fast.mask_decoder.FastMaskDecoder` for prompts without a mask input.
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling.common import LayerNorm2d, activate_, linear_act
-from segany.modeling.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
+from segany.modeling.common import LayerNorm2d
+from segany.modeling.fast.common import activate_, linear_act, mlp_inplace
+from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
+from segany.modeling.fast.workers import available_workers, map_on_workers
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.transformer import TwoWayTransformer
-from segany.modeling.workers import available_workers, map_on_workers
 
 R = TypeVar("R")
 
 # Prompts decoded together: their products with the per-image matrices share one read of those (2 MB
-# each), while their per-prompt coefficients (about 2 MB each) still mostly stay in the CPU caches;
-# "segment everything" (vit_b) measured 10% faster with 4 than with 2 or 8.
+# each), while their per-prompt coefficients (about 2 MB each) still mostly stay in the CPU caches
+# (benchmarks/README.md: the sizes tried).
 DECODE_CHUNK = 4
 # Most threads that decode prompts side by side (each on one core; see ReassociatedDecoder.decode).
 DECODE_WORKERS = 8
 # Image-token rows upscaled together: a band's intermediate maps (about 1 MB per row of 64 tokens) then
-# stay in the CPU caches between the layer norm, the second convolution and the masks' product; one
-# prompt's upscaling (vit_b, 1 thread) measured 11.1 ms in one piece, 9.5 ms in bands of 16 rows.
+# stay in the CPU caches between the layer norm, the second convolution and the masks' product.
 UPSCALE_ROWS = 16
 
 
@@ -65,7 +66,7 @@ class ReassociatedDecoder:
       no-mask embedding): its projections are computed once per image, not once per prompt.
     * After it, a prompt changes the ``N = 64*64`` image tokens only by low-rank updates (attention
       weights over the ``T = 7`` prompt tokens times their values) and LayerNorms: the tokens are kept
-      as ``diag(s) K M + L^T R`` (:class:`~segany.modeling.factored.FactoredTokens`), and every projection
+      as ``diag(s) K M + L^T R`` (:class:`~segany.modeling.fast.factored.FactoredTokens`), and every projection
       of them is a per-image product plus ``N x r`` coefficients times a small matrix. No ``N x C`` tensor
       is made per prompt in the transformer, and the upscaling's first product is the same
       factored sum (its per-image part computed once).
@@ -141,8 +142,6 @@ class ReassociatedDecoder:
     def supports(decoder: nn.Module) -> bool:
         """True for the standard SAM decoder (the layout this class re-associates); ``decoder`` is a
         ``MaskDecoder`` or a model that has one."""
-        from segany.modeling.mask_decoder import MaskDecoder  # mask_decoder imports this module
-
         md = getattr(decoder, "mask_decoder", decoder)
         if not isinstance(md, MaskDecoder) or not isinstance(md.transformer, TwoWayTransformer):
             return False
@@ -224,7 +223,7 @@ class ReassociatedDecoder:
             queries = layer.norm2(queries + self._t2i_shared(t2i, q))
         else:
             queries = layer.norm2(queries + self._t2i(t2i, x, q))
-        queries = layer.norm3(queries + layer.mlp(queries))
+        queries = layer.norm3(queries + mlp_inplace(layer.mlp, queries))
         q = queries + qpe
         a, v = self._i2t_shared(i2t, q, queries) if x is None else self._i2t(i2t, x, q, queries)
         return queries, self.side.layer_norm(self.side.add_attention(x, j, a, v), layer.norm4)
@@ -264,8 +263,7 @@ class ReassociatedDecoder:
             first = self.side.linear_tokens(x if b == 1 else x.select(i), "upscaling", w1, b1, self.hw)
             # Bands of image-token rows (the upscaling works pixel by pixel). Not on one-core workers: this
             # runs on the calling thread right after the prompt's transformer (torch's threads), whose
-            # OpenMP threads then spin-wait for a while on the cores the workers would need (one prompt,
-            # vit_b, 2 threads: 28 -> 21 ms without the workers here and in the post-processing).
+            # OpenMP threads then spin-wait for a while on the cores the workers would need.
             for r0 in range(0, h, UPSCALE_ROWS):
                 r1 = min(r0 + UPSCALE_ROWS, h)
                 out[i, :, 4 * r0 : 4 * r1] = self._upscale(first, hyper[i], (r0, r1), w)

@@ -4,7 +4,7 @@ size) as two small matrix products, for the CPU.
 Both bilinear resizes are linear and separable, so their composition is ``A_h @ X @ A_w^T`` with
 ``A_h`` (``H x h``) and ``A_w`` (``W x w``) built by running the same two resizes on an identity
 matrix. Same function as ``Sam.postprocess_masks`` (differences are float rounding, ~1e-6 of the
-logits' scale); on a CPU it is about 5x faster for output sizes up to the model's input size, because
+logits' scale); on a CPU it is several times faster for output sizes up to the model's input size, because
 the ``1024 x 1024`` intermediate map is never built: a dense product along the width on the low-res
 side, then a sparse one along the height (each output row mixes 2 or 3 low-res rows). Where the two
 resizes along the width are one bilinear resize of the whole low-res width (the long side of a landscape
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segany.modeling.common import eager_inference
-from segany.modeling.workers import map_on_workers
+from segany.modeling.fast.common import active
+from segany.modeling.fast.workers import map_on_workers
 
-# Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks): at 8
-# prompts x 3 masks the two ways measured the same, below that the calling thread was faster.
+# Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks); below it
+# the calling thread was faster.
 MIN_MASKS_FOR_WORKERS = 16
 
 
@@ -59,7 +59,7 @@ def use_matrix_path(masks: torch.Tensor, image_size: int, original_size: tuple[i
     return (
         masks.device.type == "cpu"
         and masks.ndim == 4
-        and eager_inference()
+        and active()
         and int(original_size[0]) * int(original_size[1]) <= image_size * image_size
     )
 
@@ -78,8 +78,8 @@ def is_one_resize(low_len: int, image_size: int, input_len: int, out_len: int) -
 
 
 def greater(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``x > threshold`` as booleans; on a CPU through NumPy (its comparison measured 4x faster here than
-    torch's comparison to bool)."""
+    """``x > threshold`` as booleans; on a CPU through NumPy (its comparison was faster here than torch's
+    comparison to bool)."""
     if x.device.type != "cpu" or x.requires_grad or x.dtype != torch.float32:
         return x > threshold
     return torch.from_numpy(np.greater(x.contiguous().numpy(), threshold))
@@ -118,7 +118,7 @@ def postprocess_masks(
         out_np = out.numpy()
     # Masks are independent: many are shared among one-core workers. A few stay on the calling thread
     # (torch's threads): it has just run the decoder, and its OpenMP threads spin-wait for a while on the
-    # cores the workers would need (one prompt, 3 masks, vit_b, 2 threads: 2-3 ms slower on the workers).
+    # cores the workers would need.
     rows = _sparse_rows(h, image_size, int(input_size[0]), oh)  # oh x rh, sparse
 
     def one(i: int) -> None:
@@ -128,7 +128,7 @@ def postprocess_masks(
             y = torch.sparse.mm(rows, x[i] @ a_w)
         if threshold is None:
             out[i] = y
-        else:  # NumPy's comparison writes the booleans (measured 4x faster than torch's here)
+        else:  # NumPy's comparison writes the booleans (see greater)
             np.greater(y.float().numpy(), threshold, out=out_np[i])
 
     if b * m >= MIN_MASKS_FOR_WORKERS:

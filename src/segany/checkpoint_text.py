@@ -3,7 +3,8 @@
 A text head lives in its own ``.safetensors`` file (config in the metadata, no pickles) next to the
 model it was trained for: ``<model stem>_text.safetensors``. :func:`segany.load_model` attaches that
 file when it is there, so ``load_model("default")`` answers text prompts out of the box, while the
-model file itself and everything that reads it (ONNX export, parity tests) stay unchanged.
+model file itself and everything that reads it (ONNX export, parity tests) stay unchanged. It sits
+beside :mod:`segany.checkpoint` (below the predictor and the text package) for that reason.
 """
 
 from __future__ import annotations

@@ -1,0 +1,66 @@
+"""Inference-only fast paths: the same functions as the plain networks, computed with less work and memory
+traffic on a CPU.
+
+The plain modules (``segany.modeling.*``) keep the official shape: they are what training, tracing,
+export and the parity tests read. Each fast class here is a subclass of one of them with the same
+weights and state-dict keys, whose forward takes its fast path only where :func:`active` holds (no
+autograd, eval mode, not traced, compiled or exported) and the plain forward everywhere else:
+
+* :class:`FastImageEncoderViT` (``image_encoder.py``): blocks computed in place, in pieces that stay in
+  the caches; global attention by blocks of query rows.
+* :class:`FastTinyViT` (``tiny_vit.py``): folded batch norms, channels-last convolutions, in-place GELU.
+* :class:`FastPromptEncoder` (``prompt_encoder.py``): the positional encoding kept between calls.
+* :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
+  decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
+* :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
+
+Independent pieces of work run on one-core worker threads (``workers.py``). The choice is made once,
+by the builder: ``build_sam(config)`` builds the fast classes, ``build_sam(config, fast=False)`` the
+plain ones (:func:`fast_class` maps one to the other).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+
+from segany.modeling.fast.common import active
+from segany.modeling.fast.image_encoder import FastImageEncoderViT
+from segany.modeling.fast.mask_decoder import FastMaskDecoder
+from segany.modeling.fast.prompt_encoder import FastPromptEncoder
+from segany.modeling.fast.sam import FastSam
+from segany.modeling.fast.tiny_vit import FastTinyViT
+from segany.modeling.image_encoder import ImageEncoderViT
+from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.sam import Sam
+from segany.modeling.tiny_vit import TinyViT
+
+M = TypeVar("M", bound=nn.Module)
+
+FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    ImageEncoderViT: FastImageEncoderViT,
+    TinyViT: FastTinyViT,
+    PromptEncoder: FastPromptEncoder,
+    MaskDecoder: FastMaskDecoder,
+    Sam: FastSam,
+}
+
+
+def fast_class(cls: type[M], fast: bool = True) -> type[M]:
+    """The class to build for the plain module class ``cls``: its fast subclass (``fast``, where it has
+    one), else ``cls`` itself."""
+    return FAST_CLASSES.get(cls, cls) if fast else cls  # type: ignore[return-value]
+
+
+__all__ = [
+    "FAST_CLASSES",
+    "FastImageEncoderViT",
+    "FastMaskDecoder",
+    "FastPromptEncoder",
+    "FastSam",
+    "FastTinyViT",
+    "active",
+    "fast_class",
+]
