@@ -180,6 +180,19 @@ def assert_same_records(ref: list[dict], ours: list[dict], mode: str) -> None:
             assert o["segmentation"] == r["segmentation"]
 
 
+def assert_same_decode(got, want, iou_thresh: float = 0.8) -> None:
+    """Decoder outputs ``(IoUs, kept, low-res logits)`` equal up to summation order: another thread split or
+    batch size may sum in another order, which is not a failure (measured: IoUs 1.2e-7 apart, logits 5.5e-5,
+    on logits of magnitude ~10). A real change moves them by far more than these tolerances."""
+    iou, keep, low = got
+    iou0, keep0, low0 = want
+    torch.testing.assert_close(iou, iou0, rtol=0, atol=1e-5)
+    at_threshold = (iou0 - iou_thresh).abs() <= 1e-5  # only these may be kept by one and not the other
+    assert torch.equal(keep | at_threshold, keep0 | at_threshold)
+    if torch.equal(keep, keep0):
+        torch.testing.assert_close(low, low0, rtol=1e-5, atol=1e-3)
+
+
 # -- fixtures --------------------------------------------------------------------------------------
 
 
@@ -329,18 +342,18 @@ def test_decode_workers_same_results_and_settings_kept(models):
         torch.set_num_threads(1)
     with torch.inference_mode():  # on one thread, as each worker (two threads may sum in another order)
         alone = dec._decode(sparse, [1, 2, 3], 0.8, region)
-    assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+    assert_same_decode(shared, alone)
     assert 0 < len(shared[2]) < 63
     assert len(parts) == 2 and [p[0] for p in parts] == [0, parts[0][2][0].shape[0]]
     assert all(name.startswith("segany-worker") for _, name, _ in parts)
-    assert all(torch.equal(torch.cat([p[2][i] for p in parts]), alone[i]) for i in range(3))
+    assert_same_decode([torch.cat([p[2][i] for p in parts]) for i in range(3)], alone)
     assert [t[0] for t in tasks] == [0, 8, 16]
-    assert all(torch.equal(torch.cat([t[2][i] for t in tasks]), alone[i]) for i in range(3))
+    assert_same_decode([torch.cat([t[2][i] for t in tasks]) for i in range(3)], alone)
     with torch.inference_mode():  # one thread: the same tasks, in the calling thread
         one = dec.decode(sparse, [1, 2, 3], 0.8, region, then=then, part=7)
     me = threading.current_thread().name
     assert [(t[0], t[1]) for t in one] == [(0, me), (8, me), (16, me)]
-    assert all(torch.equal(torch.cat([t[2][i] for t in one]), alone[i]) for i in range(3))
+    assert_same_decode([torch.cat([t[2][i] for t in one]) for i in range(3)], alone)
 
 
 def test_fast_decoder_same_records_as_the_model_decoder(models):

@@ -246,28 +246,37 @@ def test_models_with_caches_still_pickle(tiny_model):
 # -- opt-in modes ---------------------------------------------------------------------------------------
 
 
-def _masks(model, image, points):
+def _logits(model, image, points):
     pred = segany.SamPredictor(model)
     pred.set_image(image)
-    return [pred.predict(np.array([p]), np.array([1]), multimask_output=False)[0][0] for p in points]
+    return [
+        pred.predict(np.array([p]), np.array([1]), multimask_output=False, return_logits=True)[0][0] for p in points
+    ]
 
 
 def _iou(a, b):
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-@pytest.mark.parametrize(("precision", "min_iou"), [("bf16", 0.97), ("int8", 0.85)])
-def test_precision_modes_keep_the_default_models_masks(precision, min_iou):
+# Tolerances about 3x what was measured (bf16: logits within 0.14, masks differing where the fp32 logit is
+# within 0.06 of the threshold, IoU 0.958 on the small rectangle; int8: 0.49, 0.17, 0.876): a reduced
+# precision moves the logits a little, so the pixels right at a mask's edge may flip, and on a small mask
+# a few edge pixels weigh in the IoU. A broken mode moves logits by whole units (their range is ~15).
+@pytest.mark.parametrize(("precision", "logit_tol", "min_iou"), [("bf16", 0.5, 0.9), ("int8", 1.5, 0.8)])
+def test_precision_modes_keep_the_default_models_masks(precision, logit_tol, min_iou):
     if precision == "bf16" and not perf.bf16_supported("cpu"):
         pytest.skip("no native bf16 on this CPU")
     image = synthetic_image(192, 256)
     points = [(90.0, 70.0), (192.0, 144.0)]  # the rectangle and the disc
-    want = _masks(segany.load_model("default"), image, points)
+    want = _logits(segany.load_model("default"), image, points)
     model = perf.optimize(segany.load_model("default"), precision)
-    got = _masks(model, image, points)
+    got = _logits(model, image, points)
     assert model.speed_mode == (precision, False)
     for a, b in zip(want, got):
-        assert a.sum() > 100 and _iou(a, b) >= min_iou
+        assert np.abs(a - b).max() <= logit_tol
+        flipped = (a > 0) != (b > 0)
+        assert np.all(np.abs(a[flipped]) <= logit_tol), "a pixel far from the mask's edge changed"
+        assert (a > 0).sum() > 100 and _iou(a > 0, b > 0) >= min_iou
 
 
 def test_compile_mode_gives_the_same_embedding():
