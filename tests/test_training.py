@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,16 @@ from segany.modeling import build_sam, get_config
 from segany.training.config import TrainConfig
 from segany.training.distributed import weights_sha256
 from segany.training.loader import InfiniteDistributedSampler, collate_for_training
+from segany.training.loop import Every, TrainLoop
 from segany.training.optim import (
+    build_cosine_scheduler,
     build_optimizer,
     build_scheduler,
     encoder_layer_id,
     lr_factor,
     no_weight_decay_names,
     param_groups,
+    warmup_cosine_factor,
 )
 from segany.training.train import train_main
 from segany.training.trainer import train
@@ -110,6 +114,26 @@ def test_example_configs_load(name):
     assert cfg.max_steps > 0
 
 
+def test_text_options_load_like_training_options(tmp_path):
+    """The text head's options go through the same loader: numbers from strings, typos and bad lists named."""
+    from segany.training.text_train import TextTrainConfig
+
+    cfg = TextTrainConfig.from_yaml(REPO / "configs" / "text_default.yaml", {"steps": "7"})
+    assert cfg.steps == 7 and isinstance(cfg.lr, float) and len(cfg.data_weights) == len(cfg.train_data)
+    p = tmp_path / "t.yaml"
+    p.write_text("train_data: [{type: synthetic, n: 2}]\nlr: 1e-3\n")
+    assert TextTrainConfig.from_yaml(p).lr == 1e-3  # YAML reads 1e-3 as a string
+    p.write_text("train_data: [{type: synthetic, n: 2}]\nstesp: 3\n")
+    with pytest.raises(SegAnyError, match=r"t\.yaml: unknown training options: stesp"):
+        TextTrainConfig.from_yaml(p)
+    p.write_text("train_data: [{type: synthetic, n: 2}]\ndata_weights: [1, 2]\n")
+    with pytest.raises(SegAnyError, match="data_weights needs one weight per train_data entry"):
+        TextTrainConfig.from_yaml(p)
+    p.write_text("steps: 3\n")
+    with pytest.raises(SegAnyError, match="train_data is empty"):
+        TextTrainConfig.from_yaml(p)
+
+
 # -- optimiser ---------------------------------------------------------------------------------------
 
 
@@ -173,6 +197,63 @@ def test_schedule_warmup_then_step_decay():
         opt.step()
         sched.step()
     assert lrs == pytest.approx(f)
+
+
+def test_cosine_schedule_restarts_at_a_step_without_saved_state():
+    total, warmup = 20, 4
+    f = [warmup_cosine_factor(s, total, warmup) for s in range(total)]
+    assert f[0] == pytest.approx(0.25) and f[3] == 1.0 and f[4] == 1.0
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(a > b for a, b in zip(f[4:], f[5:]))
+
+    def lrs(start: int, opt_state=None) -> list[float]:
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=2.0)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)  # holds the last lr it used, not the base lr
+        sched = build_cosine_scheduler(opt, 2.0, total, warmup, start_step=start)
+        out = []
+        for _ in range(start, total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    straight = lrs(0)
+    assert straight == pytest.approx([2.0 * v for v in f])
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.123)
+    assert lrs(7, opt.state_dict()) == straight[7:]
+
+
+def test_train_loop_logs_windows_and_runs_actions_between_steps():
+    """The shared loop: log windows (means, last step, lr), periodic actions except on the last step, resume."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+    model = torch.nn.Linear(3, 1)
+
+    def forward(batch, step):
+        loss = ((model(batch[0])[:, 0] - batch[1]) ** 2).mean()
+        return {"loss": loss, "step": torch.tensor(float(step))}
+
+    def run(start: int, max_steps: int) -> tuple[int, list, list]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        windows, actions = [], []
+        end = TrainLoop(
+            next_batch=lambda step: (x, y), forward=forward, optimizer=opt,
+            scheduler=torch.optim.lr_scheduler.StepLR(opt, 4, 0.5), params=list(model.parameters()),
+            max_steps=max_steps, log_every=3, on_log=windows.append, grad_clip=10.0,
+            actions=[Every(2, actions.append), Every(0, actions.append)],
+        ).run(start)
+        return end, windows, actions
+
+    end, windows, actions = run(0, 7)
+    assert end == 7 and actions == [2, 4, 6]
+    assert [(w.step, w.steps) for w in windows] == [(3, 3), (6, 3), (7, 1)]
+    assert windows[0].means["step"] == 1.0 and float(windows[1].last["step"]) == 5.0  # 0-based step indices
+    assert [w.lr for w in windows] == [0.1, 0.05, 0.05] and "grad_norm" in windows[0].means
+    assert windows[-1].means["loss"] < windows[0].means["loss"]
+    end, windows, actions = run(5, 7)  # resumed: steps 6 and 7 only
+    assert end == 7 and actions == [6] and [(w.step, w.steps) for w in windows] == [(6, 1), (7, 1)]
 
 
 # -- data plumbing -----------------------------------------------------------------------------------

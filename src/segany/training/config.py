@@ -1,4 +1,5 @@
-"""Training configuration: one flat :class:`TrainConfig` dataclass, loadable from YAML.
+"""Training configuration: one flat :class:`TrainConfig` dataclass, loadable from YAML. Its loading
+(:class:`Options`: dict / YAML, unknown keys, numeric strings) also serves the text head's options.
 
 Every option of :func:`segany.training.trainer.train` is a field here (the YAML keys are the field
 names; ``segany train`` also accepts each one as ``--field-name VALUE``). Unknown keys are an error so
@@ -19,12 +20,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from segany.errors import SegAnyError
 
 DATASET_TYPES = ("synthetic", "labelmap", "sa1b", "coco")
 BEST_METRICS = ("mean_miou", "click_miou1", "box_miou", "val_loss")
+_O = TypeVar("_O", bound="Options")
 
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
@@ -43,8 +45,76 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+class Options:
+    """Base of the flat dataclasses of options (:class:`TrainConfig`, the text head's
+    ``TextTrainConfig``): built from a dict or a YAML mapping, unknown keys an error so typos do not
+    pass silently, numeric strings read as numbers, :meth:`validate` run on construction."""
+
+    def __post_init__(self) -> None:
+        self._coerce_numbers()
+        self.validate()
+
+    def _coerce_numbers(self) -> None:
+        """YAML reads ``1e-3`` (no dot) as a string: accept numeric strings for number options."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            kind = str(f.type).replace(" | None", "")
+            if kind not in ("float", "int") or v is None or isinstance(v, bool):
+                continue
+            try:
+                if kind == "float" and isinstance(v, (str, int)):
+                    setattr(self, f.name, float(v))
+                elif kind == "int" and isinstance(v, str):
+                    setattr(self, f.name, int(v))
+            except ValueError:
+                raise SegAnyError(f"training option {f.name}={v!r}: must be a number") from None
+
+    def validate(self) -> None:
+        """Raise :class:`SegAnyError` naming the first bad option."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[_O], d: dict[str, Any]) -> _O:
+        """Build from a dict; unknown keys raise :class:`SegAnyError` (``-`` in keys counts as ``_``)."""
+        if not isinstance(d, dict):
+            raise SegAnyError(f"a training config must be a mapping, got {type(d).__name__}")
+        d = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise SegAnyError(f"unknown training options: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise SegAnyError(f"invalid training config: {e}") from None
+
+    @classmethod
+    def from_yaml(cls: type[_O], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> _O:
+        """Load a YAML file (a mapping of option -> value), then apply ``overrides``."""
+        p = Path(path)
+        data = load_yaml_mapping(p)
+        data.update(overrides or {})
+        try:
+            return cls.from_dict(data)
+        except SegAnyError as e:
+            raise SegAnyError(f"{p}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self: _O, **changes: Any) -> _O:
+        return self.from_dict({**self.to_dict(), **changes})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """All training options (defaults follow the SAM paper where it gives one)."""
 
     # -- run ---------------------------------------------------------------------------------------
@@ -126,24 +196,8 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------------------
 
-    def __post_init__(self) -> None:
-        self._coerce_numbers()
-        self.validate()
-
     def _coerce_numbers(self) -> None:
-        """YAML reads ``1e-3`` (no dot) as a string: accept numeric strings for number options."""
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kind = str(f.type).replace(" | None", "")
-            if kind not in ("float", "int") or v is None or isinstance(v, bool):
-                continue
-            try:
-                if kind == "float" and isinstance(v, (str, int)):
-                    setattr(self, f.name, float(v))
-                elif kind == "int" and isinstance(v, str):
-                    setattr(self, f.name, int(v))
-            except ValueError:
-                raise SegAnyError(f"training option {f.name}={v!r}: must be a number") from None
+        super()._coerce_numbers()
         for key in ("betas", "lr_decay_at"):
             v = getattr(self, key)
             if isinstance(v, (list, tuple)):
@@ -230,45 +284,3 @@ class TrainConfig:
                     )
         if not self.train_data:
             raise bad("train_data", "needs at least one dataset")
-
-    # -- (de)serialisation ---------------------------------------------------------------------------
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; unknown keys raise :class:`SegAnyError` (``-`` in keys counts as ``_``)."""
-        if not isinstance(d, dict):
-            raise SegAnyError(f"a training config must be a mapping, got {type(d).__name__}")
-        d = {str(k).replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - set(cls.field_names()))
-        if unknown:
-            raise SegAnyError(f"unknown training options: {', '.join(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise SegAnyError(f"invalid training config: {e}") from None
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Load a YAML file (a mapping of option -> value), then apply ``overrides``."""
-        p = Path(path)
-        data = load_yaml_mapping(p)
-        data.update(overrides or {})
-        try:
-            return cls.from_dict(data)
-        except SegAnyError as e:
-            raise SegAnyError(f"{p}: {e}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return self.from_dict({**self.to_dict(), **changes})

@@ -8,11 +8,13 @@
   is layer ``k + 1`` (TinyViT: blocks numbered across stages, a stage's downsampling belongs to its
   last block), the neck is layer ``L + 1`` (and gets the full lr, like the prompt encoder and decoder).
 * Schedule: linear warm-up from ~0 over ``warmup_steps``, then the lr is multiplied by ``decay_factor``
-  at each of the given fractions of the run (SAM: x0.1 at 60k and 86.7k of 90k steps).
+  at each of the given fractions of the run (SAM: x0.1 at 60k and 86.7k of 90k steps). The text head
+  trains with warm-up then a half cosine down to 0 (:func:`build_cosine_scheduler`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +46,10 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def encoder_num_layers(image_encoder: nn.Module) -> int:
-    """``L``: the number of blocks of a ViT (``blocks``) or TinyViT (``layers[*].blocks``) encoder."""
+    """``L``: the number of blocks of a ViT (``blocks``) or TinyViT (``layers[*].blocks``) encoder, or of
+    stages of a convolutional one (``stages``)."""
+    if hasattr(image_encoder, "stages"):
+        return len(image_encoder.stages)
     if hasattr(image_encoder, "blocks"):
         return len(image_encoder.blocks)
     if hasattr(image_encoder, "layers"):
@@ -55,8 +60,11 @@ def encoder_num_layers(image_encoder: nn.Module) -> int:
 def encoder_layer_id(name: str, image_encoder: nn.Module) -> int:
     """Layer index (0 .. L + 1) of an image-encoder parameter name (relative to the encoder)."""
     n_layers = encoder_num_layers(image_encoder)
-    if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+    if name.startswith(("patch_embed", "pos_embed", "cls_token", "stem.")):
         return 0
+    m = re.match(r"stages\.(\d+)\.", name)
+    if m and hasattr(image_encoder, "stages"):
+        return int(m.group(1)) + 1
     m = re.match(r"blocks\.(\d+)\.", name)
     if m:
         return int(m.group(1)) + 1
@@ -149,3 +157,28 @@ def build_scheduler(
         return lr_factor(step, total_steps, warmup_steps, decay_at, decay_factor)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warm-up, then a half cosine from 1 down to
+    0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepping :func:`warmup_cosine_factor` of ``base_lr``, positioned at ``start_step``.
+
+    The lr is a function of the step alone, so a resumed run rebuilds it rather than saving its state.
+    """
+    for g in optimizer.param_groups:
+        g["initial_lr"] = base_lr  # what LambdaLR scales; a resumed optimizer holds its last lr in "lr"
+
+    def fn(step: int) -> float:
+        return warmup_cosine_factor(step, total_steps, warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start_step - 1)

@@ -7,18 +7,16 @@ Each step draws ``batch_size`` images, up to ``queries_per_image`` of their quer
 each (synonyms and templates for categories, attribute phrases for synthetic shapes), and trains the
 single-mask output against the union of what the query names with SAM's focal + dice + IoU-MSE loss. A
 share of the queries (``point_prob``) also gets one positive click inside the target, so text and points
-combine. Checkpoints (``out_dir/last.pt``: head, optimizer, step, RNG) are written atomically; a rerun
-resumes from the last one.
+combine. The loop, the run folder and the option loading are SAM training's
+(:class:`~segany.training.loop.TrainLoop`, :class:`~segany.training.run_files.RunFolder`,
+:class:`~segany.training.config.Options`). Checkpoints (``out_dir/last.pt``: head, optimizer, step,
+RNG) are written atomically; a rerun resumes from the last one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,21 +25,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from segany.checkpoint_text import new_text_head, save_text_head
 from segany.errors import SegAnyError
-from segany.io.atomic import atomic_write_bytes, atomic_write_json
+from segany.io.atomic import atomic_write_json
 from segany.modeling.text_encoder import load_sentence_encoder
 from segany.modeling.text_prompt import TextHeadConfig
-from segany.checkpoint_text import new_text_head, save_text_head
 from segany.text.phrases import attribute_phrase, category_phrase, wordings
-from segany.training.config import load_yaml_mapping
+from segany.training.config import Options
 from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
+from segany.training.loop import Every, LogWindow, TrainLoop
 from segany.training.losses import LossConfig, sam_mask_loss
+from segany.training.optim import build_cosine_scheduler
+from segany.training.run_files import RunFolder
 from segany.training.text_data import TextItemDataset, build_source
-from segany.training.run_files import MetricsLog
+
+#: What a text-head run writes directly in ``out_dir``.
+TEXT_RUN_FILES = ("last.pt", "metrics.jsonl", "config.json", "text_head.safetensors")
 
 
 @dataclass
-class TextTrainConfig:
+class TextTrainConfig(Options):
+    """The text head's training options (``configs/text_default.yaml``)."""
+
     out_dir: str = "runs/text"
     base_model: str = "default"
     sentence_encoder: str = "all-MiniLM-L6-v2"
@@ -68,31 +73,15 @@ class TextTrainConfig:
     num_threads: int | None = None
     cache_dir: str | None = None  #: image embeddings (default: out_dir/embeddings)
 
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TextTrainConfig:
-        p = Path(path)
-        data = load_yaml_mapping(p)
-        data.update(overrides or {})
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SegAnyError(f"{p}: unknown options: {', '.join(unknown)}")
-        cfg = cls(**data)
-        if not cfg.train_data:
-            raise SegAnyError(f"{p}: train_data is empty")
-        if cfg.data_weights and len(cfg.data_weights) != len(cfg.train_data):
-            raise SegAnyError(f"{p}: data_weights needs one weight per train_data entry")
-        return cfg
-
-
-# ---------------------------------------------------------------------------------------------------
-# phrases: every wording a query can take, so all sentence vectors are computed once up front
+    def validate(self) -> None:
+        if not self.train_data:
+            raise SegAnyError("train_data is empty")
+        if self.data_weights and len(self.data_weights) != len(self.train_data):
+            raise SegAnyError("data_weights needs one weight per train_data entry")
 
 
 def _wording(query: str | dict, rng: np.random.Generator) -> str:
     return attribute_phrase(query, rng) if isinstance(query, dict) else category_phrase(query, rng)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 class _Data:
@@ -129,35 +118,85 @@ class _Data:
         self.weights = w / w.sum()
 
 
-def _lr_at(step: int, cfg: TextTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def _sample_point(target: torch.Tensor, rng: np.random.Generator, scale: float) -> list[float]:
     ys, xs = torch.nonzero(target, as_tuple=True)
     j = int(rng.integers(len(ys)))
     return [(float(xs[j]) + 0.5) * scale, (float(ys[j]) + 0.5) * scale]
 
 
-def _save_checkpoint(path: Path, head, opt, step: int, rng: np.random.Generator) -> None:
-    buf = io.BytesIO()
-    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                "rng": json.dumps(rng.bit_generator.state)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+class _TextStep:
+    """A step's host-side draws (:meth:`batch`, from the run's ``rng``) and its loss (:meth:`forward`)."""
+
+    def __init__(self, cfg: TextTrainConfig, model, head, data: _Data, vectors: dict[str, torch.Tensor],
+                 rng: np.random.Generator, device: torch.device) -> None:
+        self.cfg, self.model, self.head, self.data = cfg, model, head, data
+        self.vectors, self.rng, self.device = vectors, rng, device
+        self.loss_cfg = LossConfig(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)
+        self.pe = model.prompt_encoder.get_dense_pe()
+        self.scale = model.image_size / (4 * model.prompt_encoder.image_embedding_size[0])
+
+    def batch(self, step: int) -> dict[str, Any]:
+        cfg, rng, data = self.cfg, self.rng, self.data
+        picked, owner, texts, gts, valids, points = [], [], [], [], [], []
+        for b in range(cfg.batch_size):
+            items = data.sets[int(rng.choice(len(data.sets), p=data.weights))]
+            it = items[int(rng.integers(len(items)))]
+            picked.append(it)
+            k = len(it["queries"])
+            for j in rng.choice(k, size=min(k, cfg.queries_per_image), replace=False):
+                owner.append(b)
+                texts.append(self.vectors[_wording(it["queries"][j], rng)])
+                gts.append(it["targets"][j])
+                valids.append(it["valid"])
+                points.append(
+                    _sample_point(it["targets"][j], rng, self.scale) if rng.random() < cfg.point_prob else None
+                )
+        return {"picked": picked, "owner": owner, "texts": texts, "gts": gts, "valids": valids, "points": points}
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        model, head, device = self.model, self.head, self.device
+        picked, points = batch["picked"], batch["points"]
+        emb = torch.stack([it["embedding"] for it in picked]).to(device, torch.float32)
+        x = encoder_input(model, torch.stack([it["image"] for it in picked]).to(device),
+                          torch.stack([it["valid_hw"] for it in picked]))
+        pixel = head.image_features(x)
+        text = torch.stack(batch["texts"]).to(device)
+        owner_t = torch.tensor(batch["owner"], device=device)
+        with_pt = [i for i, p in enumerate(points) if p is not None]
+        without = [i for i, p in enumerate(points) if p is None]
+        logits = torch.empty(0, device=device)
+        ious = torch.empty(0, device=device)
+        order = without + with_pt
+        for idx, pts in ((without, None), (with_pt, True)):
+            if not idx:
+                continue
+            if pts is None:
+                sparse, dense = model.prompt_encoder(None, None, None)
+            else:
+                c = torch.tensor([points[i] for i in idx], device=device)[:, None, :]
+                lab = torch.ones(len(idx), 1, dtype=torch.int, device=device)
+                sparse, dense = model.prompt_encoder((c, lab), None, None)
+            rows = owner_t[idx]
+            feats = None if pixel is None else tuple(p[rows] for p in pixel)
+            lo, io_ = head.decode(text[idx], emb[rows], self.pe, sparse, dense, feats)
+            logits = torch.cat([logits, lo]) if logits.numel() else lo
+            ious = torch.cat([ious, io_]) if ious.numel() else io_
+        gt = torch.stack([batch["gts"][i] for i in order]).to(device)
+        valid = torch.stack([batch["valids"][i] for i in order]).to(device)
+        losses = sam_mask_loss(logits, ious, gt, valid, self.loss_cfg)
+        return {"loss": losses["loss"].mean(), "iou": losses["iou"].mean().detach()}
 
 
 def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
     """Train; returns the path of the exported head (``out_dir/text_head.safetensors``)."""
     from segany.checkpoint import load_model
 
+    # -- setup --
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(cfg.out_dir, TEXT_RUN_FILES)
+    folder.prepare()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg.base_model, device=device, text_head=None).requires_grad_(False)
     encoder = load_sentence_encoder(cfg.sentence_encoder)
@@ -177,82 +216,50 @@ def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
     if progress:
         print(f"data: {[len(s) for s in data.sets]} images, {len(queries)} queries, {len(phrases)} wordings, "
               f"{time.time() - t0:.0f} s", flush=True)
-
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
+
+    # -- resume --
     step = 0
-    last = out / "last.pt"
-    if last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=True)
-        head.load_state_dict(ck["head"])
-        opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
-        rng.bit_generator.state = json.loads(ck["rng"])
+    state = folder.load_last()
+    if state is not None:
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        rng.bit_generator.state = json.loads(state["rng"])
         if progress:
-            print(f"resumed from {last} at step {step}", flush=True)
-    atomic_write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
-    loss_cfg = LossConfig(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)
-    pe = model.prompt_encoder.get_dense_pe()
-    scale = model.image_size / (4 * model.prompt_encoder.image_embedding_size[0])
-    log = MetricsLog(out / "metrics.jsonl")
-    log.truncate_after(step)
-    while step < cfg.steps:
-        picked, owner, texts, gts, valids, points = [], [], [], [], [], []
-        for b in range(cfg.batch_size):
-            items = data.sets[int(rng.choice(len(data.sets), p=data.weights))]
-            it = items[int(rng.integers(len(items)))]
-            picked.append(it)
-            k = len(it["queries"])
-            for j in rng.choice(k, size=min(k, cfg.queries_per_image), replace=False):
-                owner.append(b)
-                texts.append(vectors[_wording(it["queries"][j], rng)])
-                gts.append(it["targets"][j])
-                valids.append(it["valid"])
-                points.append(_sample_point(it["targets"][j], rng, scale) if rng.random() < cfg.point_prob else None)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        emb = torch.stack([it["embedding"] for it in picked]).to(device, torch.float32)
-        x = encoder_input(model, torch.stack([it["image"] for it in picked]).to(device),
-                          torch.stack([it["valid_hw"] for it in picked]))
-        pixel = head.image_features(x)
-        text = torch.stack(texts).to(device)
-        owner_t = torch.tensor(owner, device=device)
-        with_pt = [i for i, p in enumerate(points) if p is not None]
-        without = [i for i, p in enumerate(points) if p is None]
-        logits = torch.empty(0, device=device)
-        ious = torch.empty(0, device=device)
-        order = without + with_pt
-        for idx, pts in ((without, None), (with_pt, True)):
-            if not idx:
-                continue
-            if pts is None:
-                sparse, dense = model.prompt_encoder(None, None, None)
-            else:
-                c = torch.tensor([points[i] for i in idx], device=device)[:, None, :]
-                lab = torch.ones(len(idx), 1, dtype=torch.int, device=device)
-                sparse, dense = model.prompt_encoder((c, lab), None, None)
-            rows = owner_t[idx]
-            feats = None if pixel is None else tuple(p[rows] for p in pixel)
-            lo, io_ = head.decode(text[idx], emb[rows], pe, sparse, dense, feats)
-            logits = torch.cat([logits, lo]) if logits.numel() else lo
-            ious = torch.cat([ious, io_]) if ious.numel() else io_
-        gt = torch.stack([gts[i] for i in order]).to(device)
-        valid = torch.stack([valids[i] for i in order]).to(device)
-        losses = sam_mask_loss(logits, ious, gt, valid, loss_cfg)
-        loss = losses["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": float(loss.detach()), "iou": float(losses["iou"].mean()),
-                   "lr": _lr_at(step - 1, cfg), "time": round(time.time() - t0, 1)}
-            log.append(rec)
-            if progress:
-                print(rec, flush=True)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            _save_checkpoint(last, head, opt, step, rng)
-    final = out / "text_head.safetensors"
+            print(f"resumed from {folder.last} at step {step}", flush=True)
+    atomic_write_json(folder.path / "config.json", cfg.to_dict(), indent=2)
+    folder.log.truncate_after(step)
+
+    # -- loop --
+    def checkpoint(at: int) -> None:
+        folder.save_last({"head": head.state_dict(), "opt": opt.state_dict(), "step": at,
+                          "rng": json.dumps(rng.bit_generator.state)})
+
+    def log(window: LogWindow) -> None:
+        rec = {"step": window.step, "loss": float(window.last["loss"]), "iou": float(window.last["iou"]),
+               "lr": window.lr, "time": round(time.time() - t0, 1)}
+        folder.log.append(rec)
+        if progress:
+            print(rec, flush=True)
+
+    text_step = _TextStep(cfg, model, head, data, vectors, rng, device)
+    step = TrainLoop(
+        next_batch=text_step.batch,
+        forward=text_step.forward,
+        optimizer=opt,
+        scheduler=build_cosine_scheduler(opt, cfg.lr, cfg.steps, cfg.warmup_steps, start_step=step),
+        params=list(head.parameters()),
+        max_steps=cfg.steps,
+        log_every=cfg.log_every,
+        on_log=log,
+        grad_clip=1.0,
+        actions=[Every(cfg.ckpt_every, checkpoint)],
+    ).run(step)
+
+    # -- finish --
+    checkpoint(step)
+    final = folder.path / "text_head.safetensors"
     save_text_head(head.eval(), model, final)
     return final
