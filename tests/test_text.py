@@ -246,6 +246,28 @@ def test_save_model_leaves_the_head_out(trained_tiny, tiny_checkpoint, tmp_path)
     assert not any(k.startswith("text_head.") for k in load_file(str(tmp_path / "m.safetensors")))
 
 
+def test_text_prompts_through_the_head_import_nothing_from_the_text_package(trained_tiny, tiny_checkpoint) -> None:
+    """The text package sits above the predictor: loading a model with a head and answering text prompts
+    (one mask, instances) runs without importing it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, head_path = trained_tiny
+    code = (
+        "import sys, segany\n"
+        "from tests.conftest import synthetic_image\n"
+        f"p = segany.SamPredictor(segany.load_model({str(tiny_checkpoint)!r}, text_head={str(head_path)!r}))\n"
+        "p.set_image(synthetic_image(64, 64))\n"
+        "p.predict(text='the red square')\n"
+        "p.predict_instances('the red square')\n"
+        "print(sorted(m for m in sys.modules if m == 'segany.text' or m.startswith('segany.text.')))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"
+
+
 # -- the shipped head ---------------------------------------------------------------------------------
 
 

@@ -282,7 +282,9 @@ class SamPredictor:
         The text head answers a phrase with one mask, the union of everything the phrase names: the
         instances are its connected parts, each scored by its mean text probability times the head's
         predicted IoU (:func:`segany.utils.masks.mask_instances`). Objects that touch come out as one
-        instance. With a ``text_detector``, the instances are the detector's boxes turned into masks.
+        instance: the default model's single-point masks are too weak to split them reliably (on two
+        separate red circles, point-grid candidates covered under 20% of a circle each, components 98%).
+        With a ``text_detector``, the instances are the detector's boxes turned into masks.
 
         Returns:
             masks ``K x H x W`` bool and scores ``K`` (K <= ``max_instances``), sorted by score.
