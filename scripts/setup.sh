@@ -13,6 +13,9 @@ fi
 # Reference packages of the SAM 2 / SAM-HQ parity tests: their torchvision requirement is not installed
 # (the tests put stand-ins for the few transforms they use in place; see tests/reference/).
 .venv/bin/python -m pip install -q --no-deps "sam2==1.1.0" "segment-anything-hq==0.3"
+# Reference packages of the SAM 2 / SAM-HQ parity tests: their torchvision requirement is not installed
+# (the tests put stand-ins for the few transforms they use in place; see tests/reference/).
+.venv/bin/python -m pip install -q --no-deps "sam2==1.1.0" "segment-anything-hq==0.3"
 # Tests of the web tool: fastapi's TestClient needs httpx; the browser test drives Debian's Chromium with
 # Playwright (its own browser download is never used).
 .venv/bin/python -m pip install -q "httpx>=0.27" "playwright>=1.45"

@@ -243,3 +243,48 @@ def test_unknown_hiera_layout_is_a_clear_error(case, tmp_path):
     torch.save({"model": sd}, bad)
     with pytest.raises(SegAnyError, match="not an official layout"):
         load_model(bad)
+
+
+def _cli(*argv) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from segany import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_segment_everything_convert(case, tmp_path):
+    """``segany convert`` of an official SAM 2.1 file, then ``segment`` and ``everything`` with it (the
+    converted file at 256 pixels so the grid runs quickly): the masks are the reference's."""
+    import json
+
+    from PIL import Image
+
+    ref, path, ours = case
+    code, _, err = _cli("convert", path, tmp_path / "converted.safetensors")
+    assert code == 0, err
+    converted = load_model(tmp_path / "converted.safetensors")
+    assert isinstance(converted, Sam2) and converted.config.image_size == 1024
+    small = tmp_path / "sam2_256.safetensors"
+    save_model(ours, small)
+    image = _image(120, 160, seed=11)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    code, _, err = _cli("segment", tmp_path / "img.png", "--point", "40,50", "-o", tmp_path / "seg", "--model", small)
+    assert code == 0, err
+    got = np.asarray(Image.open(tmp_path / "seg" / "mask.png")) > 0
+    rp = reference_predictor(ref)
+    rp.set_image(image)
+    masks, _, _ = rp.predict(np.array([[40.0, 50.0]]), np.array([1]), multimask_output=False)
+    assert (got != masks[0]).mean() < 1e-3
+    low = ["--points-per-side", "4", "--pred-iou-thresh", "0.3", "--stability-score-thresh", "0.2"]
+    code, out, err = _cli("everything", tmp_path / "img.png", "-o", tmp_path / "all", "--model", small, *low)
+    assert code == 0, err
+    records = json.loads((tmp_path / "all" / "img.json").read_text())
+    assert records["annotations"], out

@@ -211,6 +211,13 @@ def _to_segany_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return image_state_dict(sd) if is_official_sam2(sd) else sd
 
 
+def _to_segany_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official layouts that name tensors differently (SAM 2's ``sam_mask_decoder.*``) -> segany's names."""
+    from segany.checkpoint_sam2 import image_state_dict, is_official_sam2
+
+    return image_state_dict(sd) if is_official_sam2(sd) else sd
+
+
 def _load_weights(model: Sam, sd: Mapping[str, torch.Tensor], source: str) -> None:
     sd = {k: v for k, v in sd.items() if not any(p.match(k) for p in _IGNORED_KEY_PATTERNS)}
     own = model.state_dict()
@@ -242,6 +249,10 @@ def _parse_config(text: str, where: str) -> SamConfig:
     if not isinstance(data, dict):
         raise SegAnyError(f"{where}: the model config must be a JSON object")
     try:
+        if data.get("family") == "sam2":
+            from segany.modeling.sam2_config import Sam2Config
+
+            return Sam2Config.from_dict(data)
         if data.get("family") == "sam2":
             from segany.modeling.sam2_config import Sam2Config
 

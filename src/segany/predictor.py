@@ -86,6 +86,10 @@ class SamPredictor:
             self.high_res_features = [f.to(self.device) for f in high_res_features]
         elif getattr(self.model, "resize_mode", None) == "stretch":
             raise SegAnyError("a SAM 2 model needs the image's high_res_features with its embedding")
+        if high_res_features is not None:  # SAM 2: get_high_res_features() of the same image
+            self.high_res_features = [f.to(self.device) for f in high_res_features]
+        elif getattr(self.model, "resize_mode", None) == "stretch":
+            raise SegAnyError("a SAM 2 model needs the image's high_res_features with its embedding")
         if text_features is not None:
             self.text_features = tuple(t.to(self.device) for t in text_features)
         self.is_image_set = True
@@ -98,6 +102,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self.high_res_features = None
         self.high_res_features = None
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
@@ -191,6 +196,9 @@ class SamPredictor:
         )
         threshold = None if return_logits else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
+        bound = getattr(self.model, "low_res_logit_bound", None)
+        if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
+            low_res = low_res.clamp(-bound, bound)
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
             low_res = low_res.clamp(-bound, bound)

@@ -71,7 +71,7 @@ class ResizeSquare:
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """``H x W x 3`` uint8 -> ``size x size x 3`` float32 in [0, 255] (bilinear, antialiased, on floats:
         ``torchvision.transforms.Resize`` on the tensor image, as SAM 2)."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
         return self.apply_image_torch(x)[0].permute(1, 2, 0).numpy()
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:

@@ -108,6 +108,8 @@ def _upsample(
     At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.fast.postprocess`)."""
     if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
         return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
+    if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
+        return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
     full = tuple(model.prompt_encoder.mask_input_size)
     if postprocess.use_matrix_path(low[:, None], model.image_size, original_size):
         return postprocess.postprocess_masks(low[:, None], model.image_size, input_size, original_size, full)[:, 0]

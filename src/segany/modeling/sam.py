@@ -65,6 +65,11 @@ class Sam(nn.Module):
         decoder takes (None for SAM; SAM 2's high-resolution features, see ``Sam2.embed_image``)."""
         return self.image_encoder(x), None
 
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the extra features the mask
+        decoder takes (None for SAM; SAM 2's high-resolution features, see ``Sam2.embed_image``)."""
+        return self.image_encoder(x), None
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize pixel values and pad bottom/right to ``image_size`` (``B x 3 x h x w``)."""
         x = (x - self.pixel_mean) / self.pixel_std
