@@ -27,6 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
 
 from segany.serve.app import ServerSettings, create_app, ort_web_dir, swagger_dir  # noqa: E402
+from segany.utils.masks import keep_parts_touching_box  # noqa: E402
 
 H, W = 240, 320
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -179,20 +180,32 @@ def test_page_segments_in_the_browser(browser, server, tmp_path, tmp_path_factor
     assert (info["width"], info["height"], len(anns)) == (W, H, 1)
     assert np.array_equal(decode_rle(anns[0]["segmentation"]), decode_rle(rle))
 
-    # Drag a box -> a box prompt; undo brings back the state before it.
+    # Drag a box -> a box prompt, one mask (the official guidance for a box), with no part wholly outside
+    # the box; undo brings back the state before it.
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.3, steps=5)
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=5)
     page.mouse.up()
-    page.wait_for_function("window.segany.box !== null && window.segany.candidates.length === 3", timeout=30_000)
+    page.wait_for_function("window.segany.box !== null && window.segany.candidates.length >= 1", timeout=30_000)
+    assert page.evaluate("window.segany.candidates.length") == 1
     x0, y0, x1, y1 = page.evaluate("window.segany.box")
     assert x0 == pytest.approx(0.2 * W, abs=2) and y1 == pytest.approx(0.5 * H, abs=2)
+    mask = np.array(page.evaluate("Array.from(window.segany.candidates[0].mask)"), dtype=bool).reshape(H, W)
+    assert np.array_equal(mask, keep_parts_touching_box(mask, [x0, y0, x1, y1]))
     page.click("#undo")
     assert page.evaluate("window.segany.box") is None
 
-    # Everything (server side), on a coarse grid to keep the test short.
+    # Everything (server side), on a coarse grid to keep the test short. With thresholds no mask passes,
+    # the status line says what each filter removed.
     page.select_option("#density", "16")
+    page.fill("#pred-iou-thresh", "1")
+    page.click("#everything")
+    page.wait_for_function("document.getElementById('status').classList.contains('error')", timeout=120_000)
+    assert "No masks: 0 of 768 candidates kept: pred_iou_thresh removed 768" in page.inner_text("#status")
+    assert page.evaluate("window.segany.everything") is None
+    page.fill("#pred-iou-thresh", "0.1")  # the README's thresholds for the default model
+    page.fill("#stability-thresh", "0.6")
     page.click("#everything")
     page.wait_for_function("window.segany.everything !== null || "
                            "document.getElementById('status').classList.contains('error')", timeout=120_000)

@@ -25,6 +25,7 @@ from segany.io.rle import decode_rle  # noqa: E402
 from segany.io.sa1b import read_sa1b  # noqa: E402
 from segany.predictor import SamPredictor  # noqa: E402
 from segany.serve.app import MB, ServerSettings, create_app, swagger_dir  # noqa: E402
+from segany.utils.masks import keep_parts_touching_box  # noqa: E402
 
 H, W = 96, 128
 
@@ -95,7 +96,8 @@ def test_predict_box_single_mask_and_png(client, image_id, tiny_model):
     png = Image.open(io.BytesIO(base64.b64decode(m["segmentation"]["png_base64"])))
     assert png.size == (W, H)
     ref, _, _ = reference(tiny_model, box=np.array([20, 20, 70, 50]), multimask_output=False)
-    assert np.array_equal(np.asarray(png) > 127, ref[0])
+    # The model's mask without the parts wholly outside the box (as `segany segment --box`).
+    assert np.array_equal(np.asarray(png) > 127, keep_parts_touching_box(ref[0], [20, 20, 70, 50]))
 
 
 def test_refine_with_previous_logits(client, image_id, tiny_model):
@@ -146,6 +148,17 @@ def test_everything(client, image_id):
     assert areas == sorted(areas, reverse=True)
     assert decode_rle(out["masks"][0]["segmentation"]).shape == (H, W)
     assert client.post(f"/api/images/{image_id}/everything", json={"points_per_side": 1000}).status_code == 422
+    counts = out["filters"]
+    assert counts["candidates"] == 4 * 4 * 3 and counts["kept"] == out["total"]
+    assert counts["pred_iou_thresh"] == counts["stability_score_thresh"] == 0  # both off
+
+
+def test_everything_says_why_no_mask_was_kept(client, image_id):
+    body = {"points_per_side": 4, "pred_iou_thresh": 1.0}
+    out = client.post(f"/api/images/{image_id}/everything", json=body).json()
+    assert out["masks"] == [] and out["total"] == 0
+    assert out["filters"]["pred_iou_thresh"] == out["filters"]["candidates"] == 48
+    assert out["summary"] == "0 of 48 candidates kept: pred_iou_thresh removed 48"
 
 
 @pytest.mark.parametrize("dtype, np_dtype", [("float32", "<f4"), ("float16", "<f2")])
@@ -337,3 +350,9 @@ def test_serve_command_checks_its_options(capsys):
 def test_model_left_in_eval_mode(client):
     assert not client.app.state.engine.model.training
     assert torch.is_tensor(client.app.state.engine.model.pixel_mean)
+
+
+def test_page_declares_its_icon(client):
+    """The page names its icon inline, so the browser asks for no /favicon.ico (a 404 otherwise)."""
+    html = client.get("/").text
+    assert 'rel="icon" href="data:image/svg+xml,' in html

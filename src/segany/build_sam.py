@@ -55,14 +55,16 @@ def build_sam_vit_t(checkpoint: Checkpoint = None) -> Sam:
     return _build_named("vit_t", checkpoint)
 
 
-def build_sam(config_or_checkpoint: SamConfig | Checkpoint = None, *, checkpoint: Checkpoint = None) -> Sam:
-    """``build_sam(config)``: segany's builder (random init, in training mode, as any new module).
-    ``build_sam(checkpoint=None)`` / ``build_sam("sam_vit_h_4b8939.pth")``: the official alias of
-    :func:`build_sam_vit_h`."""
+def build_sam(
+    config_or_checkpoint: SamConfig | Checkpoint = None, *, checkpoint: Checkpoint = None, fast: bool = True
+) -> Sam:
+    """``build_sam(config, fast=True)``: segany's builder (random init, in training mode, as any new module;
+    see :func:`segany.modeling.build_sam`). ``build_sam(checkpoint=None)`` /
+    ``build_sam("sam_vit_h_4b8939.pth")``: the official alias of :func:`build_sam_vit_h`."""
     if isinstance(config_or_checkpoint, SamConfig):
         if checkpoint is not None:
             raise TypeError("build_sam(config) takes no checkpoint; use segany.load_model or load_weights")
-        return _build.build_sam(config_or_checkpoint)
+        return _build.build_sam(config_or_checkpoint, fast=fast)
     if config_or_checkpoint is not None and checkpoint is not None:
         raise TypeError("build_sam got the checkpoint twice")
     return build_sam_vit_h(config_or_checkpoint if checkpoint is None else checkpoint)

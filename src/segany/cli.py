@@ -101,9 +101,11 @@ def _segment_run(args: argparse.Namespace) -> int:
         print(f"{args.image}: no mask matches the text {args.text!r} {took}")
         return 0
     best = result["masks"][0]
+    empty = [m["file"] for m in result["masks"] if m["empty"]]
     print(
-        f"{args.image}: {len(result['masks'])} mask(s), best score {best['predicted_iou']:.3f}, "
-        f"area {best['area']} px {took}"
+        f"{args.image}: {len(result['masks'])} mask(s)"
+        + (f" ({len(empty)} empty: {', '.join(empty)})" if empty else "")
+        + f", best score {best['predicted_iou']:.3f}, area {best['area']} px {took}"
     )
     return 0
 

@@ -135,7 +135,9 @@ class SamPredictor:
 
         Args:
             point_coords: ``N x 2`` (x, y) pixels; point_labels: ``N`` (1 positive, 0 negative).
-            box: ``4`` XYXY pixels. mask_input: ``1 x 256 x 256`` low-res logits from an earlier call.
+            box: ``4`` XYXY pixels. mask_input: ``1 x s x s`` low-res logits from an earlier call, where
+                ``s = 4 * embedding side = model.image_size // 4`` (256 for SAM's 1024 input, 64 for the
+                default model's 256: ``model.prompt_encoder.mask_input_size``).
             multimask_output: 3 masks for an ambiguous prompt (True) or 1 (False).
             return_logits: return logits instead of binary masks.
             text: a phrase ("the cat"), alone or with points/box. It goes through the model's text head
@@ -143,7 +145,7 @@ class SamPredictor:
                 used), or, with a ``text_detector``, to the detector's best box (see
                 :meth:`predict_instances` for one mask per matching object).
         Returns:
-            masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x 256 x 256``.
+            masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x s x s``.
         """
         self._require_image()
         if text is not None and self.text_detector is not None:
@@ -185,11 +187,11 @@ class SamPredictor:
 
         Args:
             point_coords: ``B x N x 2``; point_labels: ``B x N``; boxes: ``B x 4``;
-            mask_input: ``B x 1 x 256 x 256``.
+            mask_input: ``B x 1 x s x s`` (``s = model.image_size // 4``, see :meth:`predict`).
             text_embeddings: ``B x D`` sentence vectors (:meth:`embed_text`): decoded by the text head,
                 one mask each (C = 1).
         Returns:
-            masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x 256 x 256``.
+            masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x s x s``.
         """
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings

@@ -38,6 +38,9 @@ def segment_image(
 ) -> dict[str, Any]:
     """Run the predictor on one image and write ``mask*.png``, ``overlay.png`` and ``result.json``.
 
+    With a box, parts of a mask wholly outside the box are dropped (:func:`keep_parts_touching_box`).
+    Every candidate is written, an empty one too (its record says ``"empty": true``).
+
     ``text``: a text prompt (with or without points / box); ``instances``: with a text alone, one mask per
     matching object, at most that many; ``detector``: an open-vocabulary detector folder for the text.
     """
@@ -47,6 +50,7 @@ def segment_image(
     from segany.io.png import write_mask_png
     from segany.io.rle import encode_rle, rle_area, rle_to_bbox
     from segany.predictor import SamPredictor
+    from segany.utils.masks import keep_parts_touching_box
     from segany.viz import overlay_masks, save_png
 
     image = load_image(image_path)
@@ -77,6 +81,8 @@ def segment_image(
         order = np.argsort(-scores)
         if not multimask:
             order = order[:1]
+        if box is not None:
+            masks = np.stack([keep_parts_touching_box(m, box) for m in masks])
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for rank, i in enumerate(order):
@@ -84,11 +90,13 @@ def segment_image(
         name = "mask.png" if len(order) == 1 else f"mask_{rank}.png"
         write_mask_png(out_dir / name, m)
         rle = encode_rle(m)
+        area = rle_area(rle)
         records.append(
             {
                 "file": name,
                 "predicted_iou": float(scores[i]),
-                "area": rle_area(rle),
+                "empty": area == 0,  # a candidate can be empty: the model found nothing for that output
+                "area": area,
                 "bbox": rle_to_bbox(rle),  # XYWH, as COCO
                 "segmentation": rle,
             }

@@ -22,6 +22,7 @@ built without the fast paths (``build_sam(config, fast=False)``).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from segany.errors import SegAnyError
 from segany.modeling.fast import postprocess
 from segany.modeling.fast.decoder import ReassociatedDecoder
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
+from segany.modeling.fast.sam import FastSam
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.utils.masks import (
@@ -54,6 +56,27 @@ from segany.utils.masks import (
 
 OutputMode = Literal["binary_mask", "uncompressed_rle", "coco_rle"]
 
+#: The generator's filters, in the order they run (see ``SamAutomaticMaskGenerator.filter_counts``).
+FILTERS = (
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "crop_edge",
+    "box_nms",
+    "crop_nms",
+    "min_mask_region_area",
+    "max_mask_region_fraction",
+)
+
+
+
+def describe_filter_counts(counts: dict[str, int]) -> str:
+    """One line for people: how many candidates there were and what each filter removed, e.g.
+    "0 of 3072 candidates kept: pred_iou_thresh removed 3050, stability_score_thresh removed 22"."""
+    removed = [f"{name} removed {counts[name]}" for name in FILTERS if counts.get(name)]
+    text = f"{counts.get('kept', 0)} of {counts.get('candidates', 0)} candidates kept"
+    return text + (": " + ", ".join(removed) if removed else "")
+
+
 # Candidates upsampled to full size at once: bounds peak memory (each is an H x W float map).
 UPSAMPLE_CHUNK = 16
 
@@ -68,6 +91,7 @@ class _Masks:
     stability: list[torch.Tensor] = field(default_factory=list)
     points: list[torch.Tensor] = field(default_factory=list)
     crop_boxes: list[torch.Tensor] = field(default_factory=list)
+    removed: Counter = field(default_factory=Counter)  # filter name -> candidates it removed
 
     def cat(self) -> dict[str, Any]:
         def c(xs: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -80,6 +104,7 @@ class _Masks:
             "stability": c(self.stability, (0,), torch.float32),
             "points": c(self.points, (0, 2), torch.float64),
             "crop_boxes": c(self.crop_boxes, (0, 4), torch.int64),
+            "removed": self.removed,
         }
 
 
@@ -87,6 +112,8 @@ def _filter(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     idx = keep.tolist() if keep.dtype != torch.bool else torch.nonzero(keep).flatten().tolist()
     out = {k: v[keep] for k, v in data.items() if isinstance(v, torch.Tensor)}
     out["rles"] = [data["rles"][i] for i in idx]
+    if "removed" in data:
+        out["removed"] = data["removed"]
     return out
 
 
@@ -108,10 +135,8 @@ def _upsample(
     At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.fast.postprocess`)."""
     if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
         return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
-    if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
-        return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
     full = tuple(model.prompt_encoder.mask_input_size)
-    if postprocess.use_matrix_path(low[:, None], model.image_size, original_size):
+    if isinstance(model, FastSam) and postprocess.use_matrix_path(low[:, None], model.image_size, original_size):
         return postprocess.postprocess_masks(low[:, None], model.image_size, input_size, original_size, full)[:, 0]
     f = model.image_size // full[0]
     x = F.interpolate(low[:, None], (low.shape[-2] * f, low.shape[-1] * f), mode="bilinear", align_corners=False)
@@ -214,6 +239,10 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.max_mask_region_fraction = max_mask_region_fraction
+        #: What the last :meth:`generate` saw: ``candidates`` (prompts x multimask outputs), how many each
+        #: filter removed (``pred_iou_thresh``, ``stability_score_thresh``, ``crop_edge``, ``box_nms``,
+        #: ``crop_nms``, ``min_mask_region_area``, ``max_mask_region_fraction``) and ``kept``.
+        self.filter_counts: dict[str, int] = {}
         # The re-associated decoder (same results, less work) for a model built with the fast paths; the
         # model's own decoder otherwise.
         self.fast_decoder = isinstance(model.mask_decoder, FastMaskDecoder) and ReassociatedDecoder.supports(model)
@@ -228,17 +257,22 @@ class SamAutomaticMaskGenerator:
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise SegAnyError(f"image must be an H x W x 3 uint8 array, got {getattr(image, 'shape', None)}")
         data = self._generate_masks(image)
+        removed = data["removed"]
         h, w = image.shape[:2]
         if self.min_mask_region_area > 0 and data["rles"]:
+            n = len(data["rles"])
             data = self._postprocess_small_regions(
                 data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
             )
+            removed["min_mask_region_area"] += n - len(data["rles"])
         # One RLE at a time: pycocotools' list form of area() overflows past 255 masks with NumPy 2.
         areas = [int(mask_utils.area(r)) for r in data["rles"]]
         if self.max_mask_region_fraction is not None and areas:
             keep = torch.tensor([a <= self.max_mask_region_fraction * h * w for a in areas])
             data = _filter(data, keep)
+            removed["max_mask_region_fraction"] += len(areas) - int(keep.sum())
             areas = [a for a, k in zip(areas, keep.tolist()) if k]
+        self.filter_counts = {"candidates": removed["candidates"], **{f: removed[f] for f in FILTERS}, "kept": len(areas)}
         return self._records(data, areas)
 
     def _records(self, data: dict[str, Any], areas: list[int]) -> list[dict[str, Any]]:
@@ -274,16 +308,19 @@ class SamAutomaticMaskGenerator:
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
             crop = self._process_crop(image, crop_box, layer_idx, orig_size)
             acc.rles += crop["rles"]
+            acc.removed.update(crop["removed"])
             for name in ("boxes", "iou_preds", "stability", "points", "crop_boxes"):
                 getattr(acc, name).append(crop[name])
         data = acc.cat()
         if len(crop_boxes) > 1 and data["rles"]:
+            n = len(data["rles"])
             # Prefer masks from smaller crops (zoomed in, finer), as the official generator.
             scores = 1 / box_area(data["crop_boxes"])
             keep = batched_nms(
                 data["boxes"].float(), scores, torch.zeros_like(data["boxes"][:, 0]), self.crop_nms_thresh
             )
             data = _filter(data, keep)
+            data["removed"]["crop_nms"] += n - len(data["rles"])
         return data
 
     def _process_crop(
@@ -301,6 +338,7 @@ class SamAutomaticMaskGenerator:
         acc = _Masks()
         for part in self._process_points(points_for_image, cropped_size, crop_box, orig_size, decoder):
             acc.rles += part["rles"]
+            acc.removed.update(part["removed"])
             for name in ("boxes", "iou_preds", "stability", "points"):
                 getattr(acc, name).append(part[name])
         self.predictor.reset_image()
@@ -312,6 +350,7 @@ class SamAutomaticMaskGenerator:
         keep = batched_nms(
             data["boxes"].float(), data["iou_preds"], torch.zeros_like(data["boxes"][:, 0]), self.box_nms_thresh
         )
+        data["removed"]["box_nms"] += len(data["rles"]) - len(keep)
         data = _filter(data, keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
@@ -385,6 +424,7 @@ class SamAutomaticMaskGenerator:
         idx = torch.nonzero(keep.flatten()).flatten()
         rles: list[dict[str, Any]] = []
         boxes, ious, stabs, kept_pts = [], [], [], []
+        removed = Counter(candidates=iou_preds.numel(), pred_iou_thresh=iou_preds.numel() - len(idx))
         thr = p.model.mask_threshold
         for start in range(0, len(idx), UPSAMPLE_CHUNK):
             sel = idx[start : start + UPSAMPLE_CHUNK]
@@ -394,11 +434,13 @@ class SamAutomaticMaskGenerator:
             ok = stab >= self.stability_score_thresh
             if self.stability_score_thresh <= 0.0:  # off, as the official generator (keeps NaN scores too)
                 ok = torch.ones_like(stab).bool()
+            removed["stability_score_thresh"] += int((~ok).sum())
             if not ok.any():
                 continue
             masks = postprocess.greater(logits[ok], thr)
             bxs = batched_mask_to_box(masks)
             ok2 = ~is_box_near_crop_edge(bxs, crop_box, [0, 0, orig_w, orig_h])
+            removed["crop_edge"] += int((~ok2).sum())
             if not ok2.any():
                 continue
             masks, bxs = masks[ok2], bxs[ok2]
@@ -414,6 +456,7 @@ class SamAutomaticMaskGenerator:
             "iou_preds": torch.cat(ious) if ious else torch.zeros(0),
             "stability": torch.cat(stabs) if stabs else torch.zeros(0),
             "points": torch.cat(kept_pts) if kept_pts else torch.zeros((0, 2), dtype=torch.float64),
+            "removed": removed,
         }
 
     @staticmethod

@@ -14,7 +14,8 @@ Every file is written atomically, and an image's main output (JSON, part or labe
 it marks the image done: a rerun skips images whose main output exists and reads back (and whose
 overlay / cut-outs exist when asked for), redoes the others, and removes temporary files that a killed run
 left behind. One output folder serves one run at a time. Images that cannot be read are reported (one line
-on stderr each) and skipped; the exit status is then 1.
+on stderr each) and skipped; the exit status is then 1, or 2 when no image could be read at all (bad input).
+An image where the filters removed every candidate mask is reported on stderr with what each filter removed.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def assemble_coco(outputs: Outputs, names: list[str], file_names: list[str], ok:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from segany.automatic.generator import SamAutomaticMaskGenerator
+    from segany.automatic.generator import SamAutomaticMaskGenerator, describe_filter_counts
     from segany.checkpoint import load_model
     from segany.io.images import load_image
     from segany.perf import apply_speed_args
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     if not all(done_before):
         model = apply_speed_args(load_model(args.model, device=args.device), args)
         generator = SamAutomaticMaskGenerator(model, **kwargs)
-    n_done = n_failed = n_masks = 0
+    n_done = n_failed = n_unreadable = n_masks = 0
     ok = list(done_before)
 
     def failed(msg: str) -> None:
@@ -295,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 image = load_image(path)
             except SegAnyError as e:  # unreadable, corrupt, too large: this image only
+                n_unreadable += 1
                 failed(str(e))
                 bar.update(1)
                 continue
@@ -311,6 +313,13 @@ def run(args: argparse.Namespace) -> int:
             ok[i] = True
             n_done += 1
             n_masks += len(records)
+            if not records:
+                tqdm.write(
+                    f"segany everything: {path}: no masks: {describe_filter_counts(generator.filter_counts)} "
+                    f"(lower --pred-iou-thresh {args.pred_iou_thresh} / --stability-score-thresh "
+                    f"{args.stability_score_thresh} to keep more)",
+                    file=sys.stderr,
+                )
             bar.update(1)
     finally:
         bar.close()
@@ -323,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
         f"everything: {len(images)} images ({n_done} done, {n_skipped} skipped, {n_failed} failed), "
         f"{n_masks} masks, {seconds:.1f} s -> {where}"
     )
+    if n_unreadable and n_unreadable == len(images):
+        print(f"segany everything: error: none of the {len(images)} images could be read", file=sys.stderr)
+        return 2
     return 1 if n_failed else 0
 
 

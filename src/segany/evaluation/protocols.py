@@ -60,14 +60,26 @@ class SampleLike(Protocol):
     stem: str
 
 
-def load_samples(
-    root: str | os.PathLike, split: str | None = None, max_images: int | None = None
-) -> Iterator[SampleLike]:
+class LazySamples:
+    """The samples of a label-map folder, loaded one at a time as they are iterated; their number is
+    known up front (``len``), for progress bars."""
+
+    def __init__(self, folder: Any, stems: list[str]) -> None:
+        self.folder, self.stems = folder, stems
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __iter__(self) -> Iterator[SampleLike]:
+        return (self.folder.load(stem) for stem in self.stems)
+
+
+def load_samples(root: str | os.PathLike, split: str | None = None, max_images: int | None = None) -> LazySamples:
     """Samples of a label-map folder, loaded one at a time (the folder is checked right away)."""
     from segany.io.labelmaps import LabelMapFolder
 
     folder = LabelMapFolder(root, split)
-    return (folder.load(stem) for stem in folder.stems[:max_images])
+    return LazySamples(folder, folder.stems[:max_images])
 
 
 # -- shared helpers --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from segany.cli import add_model_arg, register
@@ -13,17 +14,26 @@ from segany.errors import SegAnyError
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="label-map folder (images/ + masks/, e.g. ../shared/data/bsds500)")
     p.add_argument("--split", help="split name from DATA/splits/ (davis2016_val: davis_train | davis_val)")
-    p.add_argument("--protocol", choices=("clicks", "box", "everything"), default="clicks")
+    p.add_argument(
+        "--protocol", choices=("clicks", "box", "everything"), default="clicks",
+        help="clicks: simulated clicks per object (mIoU@k, NoC@85/90); box: one box per object (mIoU); "
+        "everything: automatic masks (average recall) (default: clicks)",
+    )
     p.add_argument("-o", "--out", help="folder for summary.json, per_image.json and plots")
     p.add_argument("--max-images", type=int, help="evaluate at most this many images")
     p.add_argument("--max-objects", type=int, help="at most this many objects per image")
-    p.add_argument("--max-clicks", type=int, default=20, help="clicks per object (clicks protocol)")
-    p.add_argument("--min-area", type=int, default=1, help="skip objects smaller than this (pixels)")
-    p.add_argument("--points-per-side", type=int, default=32, help="grid of the everything protocol")
+    p.add_argument("--max-clicks", type=int, default=20, help="clicks per object, clicks protocol (default: 20)")
+    p.add_argument("--min-area", type=int, default=1, help="skip objects smaller than this, in pixels (default: 1)")
+    p.add_argument(
+        "--points-per-side", type=int, default=32,
+        help="everything protocol: a grid of N x N point prompts (default: 32)",
+    )
     add_model_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from segany.checkpoint import load_model
     from segany.evaluation.protocols import load_samples, run_box, run_clicks, run_everything
     from segany.predictor import SamPredictor
@@ -34,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
             raise SegAnyError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if not Path(args.data).is_dir():
         raise SegAnyError(f"{args.data}: no such folder")
-    samples = load_samples(args.data, args.split, args.max_images)
+    found = load_samples(args.data, args.split, args.max_images)
     model = load_model(args.model, device=args.device)
+    # Progress on stderr (stdout carries the JSON summary).
+    samples = tqdm(found, total=len(found), desc=f"eval {args.protocol}", unit="img", file=sys.stderr,
+                   dynamic_ncols=True)
     if args.protocol == "clicks":
         res = run_clicks(
             SamPredictor(model),

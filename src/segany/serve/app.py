@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from segany.automatic.generator import describe_filter_counts
 from segany.errors import SegAnyError
 from segany.io.images import decode_image
 from segany.modeling.sam import Sam
@@ -45,6 +46,7 @@ from segany.serve.cache import ByteLRU, ImageEntry, LogitsStore
 from segany.serve.engine import Engine, mask_record
 from segany.serve.limits import BodySizeLimit, image_header, read_upload
 from segany.serve.schemas import IMAGE_ID_PATTERN, AnnotationRequest, EverythingRequest, PredictRequest
+from segany.utils.masks import keep_parts_touching_box
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -182,6 +184,8 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         masks, scores, low_res = engine.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
         out = []
         for m, sc, lr in zip(masks, scores, low_res):
+            if box is not None:  # specks wholly outside the box are not the object (as `segany segment`)
+                m = keep_parts_touching_box(m, box)
             rec = mask_record(m, float(sc), req.format)
             rec["logits"] = logits.add(image_id, lr)
             out.append(rec)
@@ -192,14 +196,15 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         entry = entry_of(image_id)
         image = decode_image(entry.data, name="upload", max_pixels=s.max_pixels)
         options = req.model_dump(exclude={"max_masks"})
-        records = engine.everything(entry, image, options)
+        records, counts = engine.everything(entry, image, options)
         records.sort(key=lambda r: -r["area"])  # large first: drawn in order, small masks stay visible
         masks = [
             {k: r[k] for k in ("segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords")}
             for r in records[: req.max_masks]
         ]
+        # What each filter removed, so that "0 masks" comes with its reason.
         return {"image_id": image_id, "width": entry.width, "height": entry.height, "masks": masks,
-                "total": len(records)}
+                "total": len(records), "filters": counts, "summary": describe_filter_counts(counts)}
 
     @app.get("/api/images/{image_id}/embedding", summary="The image embedding, raw little-endian floats",
              response_class=Response)

@@ -112,8 +112,11 @@ class Engine:
         """``SamPredictor.predict_instances``: one mask per object the text names, best first."""
         return self.run(lambda: self._predictor(entry).predict_instances(text, max_instances=max_instances))
 
-    def everything(self, entry: ImageEntry, image: np.ndarray, options: dict[str, Any]) -> list[dict[str, Any]]:
-        """``SamAutomaticMaskGenerator(**options).generate(image)`` with COCO RLE records.
+    def everything(
+        self, entry: ImageEntry, image: np.ndarray, options: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """``SamAutomaticMaskGenerator(**options).generate(image)`` with COCO RLE records, and the
+        generator's ``filter_counts`` (what each filter removed).
 
         The whole-image crop reuses the cached embedding instead of running the encoder again.
         """
@@ -129,7 +132,8 @@ class Engine:
                 full_set_image(img, image_format)
 
         predictor.set_image = set_image  # type: ignore[method-assign]
-        return self.run(lambda: gen.generate(image))
+        records = self.run(lambda: gen.generate(image))
+        return records, gen.filter_counts
 
     def decoder_onnx(self) -> bytes:
         """The ONNX decoder of this model (all 4 outputs), exported on first use and kept in memory."""

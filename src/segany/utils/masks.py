@@ -308,6 +308,23 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     return fill[regions], True  # a lookup table: one pass over the pixels
 
 
+def keep_parts_touching_box(mask: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """``H x W`` bool mask from a box prompt -> the mask without its parts (8-connected) that lie wholly
+    outside the XYXY ``box``. A box says the object is in it: a separate speck elsewhere is not the
+    object, while a part that reaches into the box is kept whole (the model says the object is larger
+    than the box drawn)."""
+    if not mask.any():
+        return mask
+    h, w = mask.shape
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(w, math.ceil(box[2]) + 1), min(h, math.ceil(box[3]) + 1)
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    inside = np.zeros(n, dtype=bool)
+    inside[np.unique(labels[y0:y1, x0:x1])] = True
+    inside[0] = False  # the background
+    return inside[labels]
+
+
 # -- uncompressed RLE (the generator's "uncompressed_rle" output) ------------------------------------
 
 

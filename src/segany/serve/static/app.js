@@ -248,7 +248,8 @@ async function predict() {
     box: S.box,
     // Refine the mask picked so far (its low-res logits), as SAM was trained to.
     mask_input: prev && prev.logits && S.points.length > 1 ? prev.logits : null,
-    multimask: !S.text,
+    // One output for a box (the official guidance: a box is not ambiguous), three for points alone.
+    multimask: !S.text && !S.box,
     text: S.text,
   };
   // A text alone may ask for one mask per object it names.
@@ -300,7 +301,11 @@ async function everything() {
   status("Segmenting everything (server)…");
   $("everything").disabled = true;
   try {
-    const body = { points_per_side: Number($("density").value) };
+    const body = {
+      points_per_side: Number($("density").value),
+      pred_iou_thresh: Number($("pred-iou-thresh").value),
+      stability_score_thresh: Number($("stability-thresh").value),
+    };
     const res = await reuploadIfEvicted(() => api(`/api/images/${S.imageId}/everything`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     }));
@@ -310,7 +315,13 @@ async function everything() {
       return { ...m, score: m.predicted_iou, mask,
         canvas: maskCanvas(mask, S.width, S.height, COLORS[i % COLORS.length], 110) };
     });
-    status(`${S.everything.length} masks (of ${out.total}). Click one to select it.`);
+    if (!out.total) {
+      // Say why: what each filter removed, and what to change.
+      S.everything = null;
+      status(`No masks: ${out.summary}. Lower the IoU / stability thresholds and try again.`, true);
+    } else {
+      status(`${S.everything.length} masks (of ${out.total}). Click one to select it.`);
+    }
   } catch (e) {
     status(`Everything failed: ${e.message}`, true);
   }
