@@ -27,7 +27,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.reference import build_reference_vit, import_reference, save_official_checkpoint  # noqa: E402
-from tests.test_amg import SMALL_VIT, assert_same_records, make_masks_visible, shapes_image  # noqa: E402
+from tests.test_amg import (  # noqa: E402
+    SMALL_VIT,
+    assert_same_records,
+    make_masks_visible,
+    one_thread,  # noqa: F401 - the module's autouse fixture: these tensors are small, one thread is faster
+    shapes_image,
+)
 
 LOGIT_TOL = 1e-4
 IOU_TOL = 1e-5
@@ -338,14 +344,6 @@ def assert_close(ours, ref, tol: float) -> None:
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

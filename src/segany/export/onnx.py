@@ -57,12 +57,21 @@ class SamOnnxDecoder(nn.Module):
     modules (``PromptEncoder._embed_points`` handles labels -1..3), so there is one implementation.
     """
 
-    def __init__(self, model: Sam, return_single_mask: bool = False, use_stability_score: bool = False) -> None:
+    def __init__(
+        self,
+        model: Sam,
+        return_single_mask: bool = False,
+        use_stability_score: bool = False,
+        return_extra_metrics: bool = False,
+    ) -> None:
+        """``return_extra_metrics``: also return the full-size masks' stability scores and areas (the
+        official option; not for the exported decoder, whose outputs are the three above)."""
         super().__init__()
         self.model = model
         self.image_size = int(model.image_size)
         self.return_single_mask = return_single_mask
         self.use_stability_score = use_stability_score
+        self.return_extra_metrics = return_extra_metrics
         self.stability_score_offset = 1.0
 
     def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
@@ -106,8 +115,9 @@ class SamOnnxDecoder(nn.Module):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """See the module docstring for shapes; returns ``(masks, iou_predictions, low_res_masks)``."""
+    ) -> tuple[torch.Tensor, ...]:
+        """See the module docstring for shapes; returns ``(masks, iou_predictions, low_res_masks)``, with
+        ``return_extra_metrics`` ``(masks, iou_predictions, stability_scores, areas, low_res_masks)``."""
         pe = self.model.prompt_encoder
         sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
         dense = self._embed_masks(mask_input, has_mask_input)
@@ -121,7 +131,13 @@ class SamOnnxDecoder(nn.Module):
             iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)
         if self.return_single_mask:
             low_res, iou = self._select_single(low_res, iou, point_coords.shape[1])
-        return self._postprocess(low_res, orig_im_size), iou, low_res
+        masks = self._postprocess(low_res, orig_im_size)
+        if not self.return_extra_metrics:
+            return masks, iou, low_res
+        threshold = self.model.mask_threshold
+        stability = calculate_stability_score(masks, threshold, self.stability_score_offset)
+        areas = (masks > threshold).sum(-1).sum(-1)
+        return masks, iou, stability, areas, low_res
 
 
 class SamOnnxEncoder(nn.Module):
@@ -138,7 +154,7 @@ class SamOnnxEncoder(nn.Module):
 
 def model_metadata(model: Sam) -> dict[str, str]:
     """Facts a runtime needs, stored as ONNX metadata (string values)."""
-    e = model.image_size // 16
+    e = int(model.prompt_encoder.image_embedding_size[0])
     return {
         "segany_image_size": str(int(model.image_size)),
         "segany_embedding_shape": json.dumps([1, int(model.prompt_encoder.embed_dim), e, e]),
@@ -200,7 +216,7 @@ def export_decoder(
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
-    e = model.image_size // 16
+    e = int(model.prompt_encoder.image_embedding_size[0])
     c = model.prompt_encoder.embed_dim
     args = (
         torch.randn(1, c, e, e),

@@ -7,11 +7,8 @@ Inputs and outputs are the official ones (see :mod:`segany.export.onnx`); ``sega
 
 from __future__ import annotations
 
-import torch
-
 from segany.export.onnx import SamOnnxDecoder
 from segany.modeling.sam import Sam
-from segany.utils.masks import calculate_stability_score
 
 __all__ = ["SamOnnxModel"]
 
@@ -32,28 +29,5 @@ class SamOnnxModel(SamOnnxDecoder):
         use_stability_score: bool = False,
         return_extra_metrics: bool = False,
     ) -> None:
-        super().__init__(model, return_single_mask=return_single_mask, use_stability_score=use_stability_score)
+        super().__init__(model, return_single_mask, use_stability_score, return_extra_metrics)
         self.img_size = model.image_encoder.img_size
-        self.return_extra_metrics = return_extra_metrics
-
-    @torch.no_grad()
-    def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        """``(masks, scores, low_res_masks)``; with ``return_extra_metrics``
-        ``(masks, scores, stability_scores, areas, low_res_masks)``."""
-        masks, scores, low_res = super().forward(
-            image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size
-        )
-        if not self.return_extra_metrics:
-            return masks, scores, low_res
-        threshold = self.model.mask_threshold
-        stability = calculate_stability_score(masks, threshold, self.stability_score_offset)
-        areas = (masks > threshold).sum(-1).sum(-1)
-        return masks, scores, stability, areas, low_res
