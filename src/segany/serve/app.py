@@ -6,8 +6,9 @@ Endpoints (OpenAPI docs at ``/docs``):
   the bytes), width, height. The embedding is computed once and kept in a byte-bounded LRU cache.
 - ``POST /api/images/{id}/predict``: points / box / earlier logits / text -> masks (COCO RLE or PNG),
   scores, and a ``logits`` handle per mask to refine it with the next call; ``text`` with ``instances``:
-  one mask per object the text names.
-- ``POST /api/images/{id}/everything``: automatic masks (bounded generator options).
+  one mask per object the text names. With a box, parts of a mask wholly outside the box are dropped.
+- ``POST /api/images/{id}/everything``: automatic masks (bounded generator options), with what each of the
+  generator's filters removed (``filters``, ``summary``), so that an empty answer says why.
 - ``GET /api/images/{id}/embedding``: the raw embedding (float32 / float16, little-endian) with its shape
   in headers, for the in-browser decoder.
 - ``GET /api/decoder.onnx``: the model's ONNX decoder (exported once, kept in memory).
