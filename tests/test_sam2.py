@@ -136,7 +136,7 @@ def test_single_mask_stability_fallback_both_ways(case):
     md, ref_md = ours.mask_decoder, ref.sam_mask_decoder
     sparse, dense = ours.prompt_encoder((coords, labels), None, None)
     pe = ours.prompt_encoder.get_dense_pe()
-    all_masks, *_ = md.predict_masks(op.features, pe, sparse, dense, op.high_res_features)
+    all_masks, *_ = md.predict_masks(op.features, pe, sparse, dense, **op.get_decoder_inputs())
     scores = md.stability_scores(all_masks[:, :1]).flatten()
     threshold = float(scores.median())
     assert scores.min() < threshold < scores.max()
@@ -225,11 +225,12 @@ def test_registered_configs_build_and_embedding_reuse():
     image = _image(64, 96, seed=10)
     p.set_image(image)
     first = p.predict(point_coords=np.array([[30.0, 20.0]]), point_labels=np.array([1]), return_logits=True)
-    emb, high = p.get_image_embedding(), p.get_high_res_features()
+    emb, inputs = p.get_image_embedding(), p.get_decoder_inputs()
+    assert [f.shape[1:] for f in inputs["high_res_features"]] == [(4, 32, 32), (8, 16, 16)]
     q = SamPredictor(model)
     with pytest.raises(SegAnyError, match="high_res_features"):
         q.set_embedding(emb, (64, 96))
-    q.set_embedding(emb, (64, 96), high_res_features=high)
+    q.set_embedding(emb, (64, 96), decoder_inputs=inputs)
     again = q.predict(point_coords=np.array([[30.0, 20.0]]), point_labels=np.array([1]), return_logits=True)
     for x, y in zip(first, again):
         assert np.array_equal(x, y)

@@ -123,6 +123,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
 
     if is_sam2_state_dict(sd):
         return infer_sam2_config(sd, image_size)
+    if "mask_decoder.hf_token.weight" in sd:  # SAM-HQ: SAM's layout plus the HQ token's tensors
+        from segany.modeling.sam_hq import SamHQConfig
+
+        base = infer_config({k: v for k, v in sd.items() if not k.startswith(_HQ_ONLY)}, image_size)
+        return SamHQConfig(**vars(base))
     try:
         pe = "prompt_encoder."
         md = "mask_decoder."
@@ -204,11 +209,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
     )
 
 
-def _to_segany_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official layouts that name tensors differently (SAM 2's ``sam_mask_decoder.*``) -> segany's names."""
-    from segany.checkpoint_sam2 import image_state_dict, is_official_sam2
-
-    return image_state_dict(sd) if is_official_sam2(sd) else sd
+# Tensors only SAM-HQ's decoder has (the HQ token and the feature fusion).
+_HQ_ONLY = tuple(
+    f"mask_decoder.{n}." for n in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+)
 
 
 def _to_segany_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -249,15 +253,11 @@ def _parse_config(text: str, where: str) -> SamConfig:
     if not isinstance(data, dict):
         raise SegAnyError(f"{where}: the model config must be a JSON object")
     try:
-        if data.get("family") == "sam2":
-            from segany.modeling.sam2_config import Sam2Config
+        from segany.modeling.sam2_config import Sam2Config
+        from segany.modeling.sam_hq import SamHQConfig
 
-            return Sam2Config.from_dict(data)
-        if data.get("family") == "sam2":
-            from segany.modeling.sam2_config import Sam2Config
-
-            return Sam2Config.from_dict(data)
-        return SamConfig.from_dict(data)
+        families = {"sam2": Sam2Config, "sam_hq": SamHQConfig}
+        return families.get(data.get("family"), SamConfig).from_dict(data)
     except SegAnyError as e:
         raise SegAnyError(f"{where}: {e}") from None
 

@@ -6,6 +6,8 @@ the import. Prompts are validated: bad values raise :class:`segany.errors.SegAny
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -17,6 +19,11 @@ from segany.utils.masks import mask_instances
 
 # Instances of a text smaller than this fraction of the image (or 16 pixels) are dropped as noise.
 MIN_INSTANCE_AREA_FRACTION = 0.002
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a list of tensors, on ``device``."""
+    return [v.to(device) for v in value] if isinstance(value, (list, tuple)) else value.to(device)
 
 
 class SamPredictor:
@@ -63,7 +70,7 @@ class SamPredictor:
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features, self.high_res_features = self.model.embed_image(x)
+        self.features, self.decoder_inputs = self.model.embed_image(x)
         if getattr(self.model, "text_head", None) is not None:
             self._text_input = x  # the text head's pixel path runs on first text prompt only
         self.is_image_set = True
@@ -74,22 +81,19 @@ class SamPredictor:
         original_size: tuple[int, int],
         input_size: tuple[int, int] | None = None,
         text_features: tuple[torch.Tensor, ...] | None = None,
-        high_res_features: list[torch.Tensor] | None = None,
+        decoder_inputs: dict[str, Any] | None = None,
     ) -> None:
-        """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), and for text
-        prompts the text head's pixel features (:meth:`get_text_features`) of the same image."""
+        """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), for text
+        prompts the text head's pixel features (:meth:`get_text_features`) of the same image, and for
+        SAM 2 / SAM-HQ the decoder's other image inputs (:meth:`get_decoder_inputs`)."""
         self.reset_image()
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
         self.features = embedding.to(self.device)
-        if high_res_features is not None:  # SAM 2: get_high_res_features() of the same image
-            self.high_res_features = [f.to(self.device) for f in high_res_features]
-        elif getattr(self.model, "resize_mode", None) == "stretch":
-            raise SegAnyError("a SAM 2 model needs the image's high_res_features with its embedding")
-        if high_res_features is not None:  # SAM 2: get_high_res_features() of the same image
-            self.high_res_features = [f.to(self.device) for f in high_res_features]
-        elif getattr(self.model, "resize_mode", None) == "stretch":
-            raise SegAnyError("a SAM 2 model needs the image's high_res_features with its embedding")
+        needed = getattr(self.model, "decoder_input_names", ())
+        if decoder_inputs is None and needed:
+            raise SegAnyError(f"this model needs the image's decoder_inputs ({', '.join(needed)}) with its embedding")
+        self.decoder_inputs = {k: _to_device(v, self.device) for k, v in (decoder_inputs or {}).items()}
         if text_features is not None:
             self.text_features = tuple(t.to(self.device) for t in text_features)
         self.is_image_set = True
@@ -102,8 +106,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
-        self.high_res_features = None
-        self.high_res_features = None
+        self.decoder_inputs: dict[str, Any] = {}
         self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
         self.input_size = None
@@ -130,6 +133,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text: str | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt set, in the original image frame.
 
@@ -144,6 +148,7 @@ class SamPredictor:
                 (one mask: text is not ambiguous the way a click is, so ``multimask_output`` is not
                 used), or, with a ``text_detector``, to the detector's best box (see
                 :meth:`predict_instances` for one mask per matching object).
+            hq_token_only: SAM-HQ only: the HQ output token's mask alone, not added to SAM's (upstream's).
         Returns:
             masks ``C x H x W``, iou_predictions ``C``, low_res_logits ``C x s x s``.
         """
@@ -168,7 +173,7 @@ class SamPredictor:
         text_t = self.embed_text([text]) if text is not None else None
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, box_t, mask_t, multimask_output=multimask_output, return_logits=return_logits,
-            text_embeddings=text_t,
+            text_embeddings=text_t, hq_token_only=hq_token_only,
         )
         return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
 
@@ -182,6 +187,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text_embeddings: torch.Tensor | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B prompt sets at once, already in the resized frame (see ``self.transform``).
 
@@ -194,13 +200,10 @@ class SamPredictor:
             masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x s x s``.
         """
         low_res, iou = self.predict_low_res(
-            point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings
+            point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings, hq_token_only
         )
         threshold = None if return_logits else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
-        bound = getattr(self.model, "low_res_logit_bound", None)
-        if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
-            low_res = low_res.clamp(-bound, bound)
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
             low_res = low_res.clamp(-bound, bound)
@@ -215,6 +218,7 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         text_embeddings: torch.Tensor | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`predict_torch` without the upsampling: low-res logits ``B x C x 4h x 4w``, IoUs ``B x C``."""
         self._require_image()
@@ -225,15 +229,19 @@ class SamPredictor:
             return self._text_head().decode(
                 text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
             )
-        return self.decode(sparse, dense, multimask_output)
+        return self.decode(sparse, dense, multimask_output, hq_token_only)
 
     @torch.inference_mode()
     def decode(
-        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool = True
+        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool = True, hq_token_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's mask decoder on the current image for prompt embeddings (``B x T x C`` sparse,
         ``B x C x h x w`` dense): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
-        extra = {} if self.high_res_features is None else {"high_res_features": self.high_res_features}
+        extra = dict(self.decoder_inputs)
+        if hq_token_only:  # SAM-HQ: the HQ token's mask alone (upstream's option)
+            if "interm_embeddings" not in extra:
+                raise SegAnyError("hq_token_only needs a SAM-HQ model")
+            extra["hq_token_only"] = True
         return self.model.mask_decoder(
             image_embeddings=self.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -243,11 +251,11 @@ class SamPredictor:
             **extra,
         )
 
-    def get_high_res_features(self) -> list[torch.Tensor] | None:
-        """SAM 2's high-resolution features of the current image (None for SAM): give them to
-        :meth:`set_embedding` with the embedding to reuse a cached image."""
+    def get_decoder_inputs(self) -> dict[str, Any]:
+        """The mask decoder's image inputs besides the embedding (empty for SAM; SAM 2's high-resolution
+        features, SAM-HQ's early ViT features): give them to :meth:`set_embedding` with the embedding."""
         self._require_image()
-        return self.high_res_features
+        return self.decoder_inputs
 
     # -- text ----------------------------------------------------------------------------------------
 

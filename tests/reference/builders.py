@@ -22,7 +22,6 @@ def randomize_(model: nn.Module, seed: int, extra: dict[str, float] | None = Non
     Scales keep activations O(1): weights N(0, 1/fan_in), biases N(0, 0.05), norm weights 1 + N(0, 0.1),
     embeddings N(0, 1), rel-pos N(0, 0.1), attention biases N(0, 0.5), BN running var U(0.5, 1.5).
     ``extra``: scales for other named tensors (e.g. SAM 2's ``no_mem_embed``), drawn N(0, scale^2).
-    ``extra``: scales for other named tensors (e.g. SAM 2's ``no_mem_embed``), drawn N(0, scale^2).
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -61,8 +60,6 @@ def randomize_(model: nn.Module, seed: int, extra: dict[str, float] | None = Non
                     if isinstance(module, nn.ConvTranspose2d):  # weight is in x out x k x k, stride k
                         fan_in = t.shape[0]
                     new = randn(t.shape) / math.sqrt(fan_in)
-                elif extra and name in extra:
-                    new = extra[name] * randn(t.shape)
                 elif extra and name in extra:
                     new = extra[name] * randn(t.shape)
                 else:

@@ -56,6 +56,10 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         from segany.modeling.sam2 import build_sam2
 
         return build_sam2(cfg)
+    from segany.modeling.sam_hq import SamHQConfig, build_sam_hq
+
+    if isinstance(cfg, SamHQConfig):
+        return build_sam_hq(cfg, fast)
     if cfg.image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size

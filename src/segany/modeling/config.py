@@ -176,5 +176,5 @@ def segany_default() -> SamConfig:
     )
 
 
-# The SAM 2 configs register themselves (their module imports this one).
-from segany.modeling import sam2_config  # noqa: E402,F401
+# The SAM 2 and SAM-HQ configs register themselves (their modules import this one).
+from segany.modeling import sam2_config, sam_hq  # noqa: E402,F401

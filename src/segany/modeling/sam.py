@@ -60,15 +60,14 @@ class Sam(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the extra features the mask
-        decoder takes (None for SAM; SAM 2's high-resolution features, see ``Sam2.embed_image``)."""
-        return self.image_encoder(x), None
+    #: Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`).
+    decoder_input_names: tuple[str, ...] = ()
 
-    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the extra features the mask
-        decoder takes (None for SAM; SAM 2's high-resolution features, see ``Sam2.embed_image``)."""
-        return self.image_encoder(x), None
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the mask decoder's other
+        image inputs as keyword arguments (none for SAM; SAM 2's high-resolution features, SAM-HQ's early
+        ViT features)."""
+        return self.image_encoder(x), {}
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize pixel values and pad bottom/right to ``image_size`` (``B x 3 x h x w``)."""

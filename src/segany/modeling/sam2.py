@@ -50,6 +50,7 @@ class Sam2(Sam):
     :meth:`embed_image` for the decoder's inputs."""
 
     resize_mode = "stretch"
+    decoder_input_names = ("high_res_features",)
     #: The low-res logits SAM 2's predictor returns are clamped to this (the masks are made before).
     low_res_logit_bound = 32.0
 
@@ -81,9 +82,10 @@ class Sam2(Sam):
         """``B x 3 x S x S`` pixels in [0, 255], already stretched to the model size -> normalized."""
         return (x / 255.0 - self.pixel_mean) / self.pixel_std
 
-    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x S/16 x S/16`` and the projected
-        high-resolution features (``B x C/8 x S/4 x S/4``, ``B x C/4 x S/8 x S/8``) or None."""
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x S/16 x S/16`` and the decoder's
+        ``high_res_features``: the projected ``B x C/8 x S/4 x S/4`` and ``B x C/4 x S/8 x S/8`` maps
+        (None without high-resolution features)."""
         feats = self.image_encoder(x)
         high_res = None
         if self.mask_decoder.use_high_res_features:
@@ -91,7 +93,7 @@ class Sam2(Sam):
         emb = feats[-1]
         if self.directly_add_no_mem_embed:
             emb = emb + self.no_mem_embed.view(1, -1, 1, 1)
-        return emb, high_res
+        return emb, {"high_res_features": high_res}
 
     def postprocess_masks(
         self,
@@ -108,7 +110,8 @@ class Sam2(Sam):
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
         """:meth:`Sam.forward`'s batched interface; each ``image`` is already stretched to ``S x S``."""
         images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)
-        embeddings, high_res = self.embed_image(images)
+        embeddings, inputs = self.embed_image(images)
+        high_res = inputs["high_res_features"]
         outputs = []
         for i, record in enumerate(batched_input):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
