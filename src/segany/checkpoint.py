@@ -64,8 +64,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(s)
     if p.is_file():
         return p
+    if p.is_dir() and (p / "config.json").is_file():
+        return p  # a Hugging Face SamModel folder (segany.checkpoint_hf)
     if p.exists():
-        raise SegAnyError(f"{p}: is not a file")
+        raise SegAnyError(f"{p}: is not a file (nor a folder with a config.json)")
     raise SegAnyError(f"unknown model {s!r}: not a file, and not one of {', '.join(KNOWN_MODELS)}")
 
 
@@ -278,7 +280,14 @@ def load_model(
             ``<model stem>_text.safetensors`` when it lies beside the model file; None attaches nothing.
     """
     path = resolve_model_path(name_or_path)
-    sd, meta = _read_state_dict(path)
+    if path.is_dir():
+        from segany.checkpoint_hf import read_hf_sam
+
+        sd, hf_config = read_hf_sam(path, _read_state_dict)
+        meta: dict[str, str] = {}
+        config = config or hf_config
+    else:
+        sd, meta = _read_state_dict(path)
     sd = _to_segany_names(sd)
     if config is None:
         sidecar = path.with_suffix(".json")
