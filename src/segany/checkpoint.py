@@ -32,6 +32,17 @@ KNOWN_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "vit_l": (("sam_vit_l_0b3195.pth",), "official SAM ViT-L (Meta), 1.25 GB"),
     "vit_h": (("sam_vit_h_4b8939.pth",), "official SAM ViT-H (Meta), 2.56 GB"),
     "vit_t": (("mobile_sam.pt",), "MobileSAM TinyViT, 39 MB"),
+    "sam2.1_hiera_tiny": (("sam2.1_hiera_tiny.pt",), "official SAM 2.1 Hiera-T (Meta), 38.9 M parameters"),
+    "sam2.1_hiera_small": (("sam2.1_hiera_small.pt",), "official SAM 2.1 Hiera-S (Meta), 46 M parameters"),
+    "sam2.1_hiera_base_plus": (("sam2.1_hiera_base_plus.pt",), "official SAM 2.1 Hiera-B+ (Meta), 80.8 M parameters"),
+    "sam2.1_hiera_large": (("sam2.1_hiera_large.pt",), "official SAM 2.1 Hiera-L (Meta), 224.4 M parameters"),
+    "sam2_hiera_tiny": (("sam2_hiera_tiny.pt",), "official SAM 2.0 Hiera-T (Meta), 38.9 M parameters"),
+    "sam2_hiera_small": (("sam2_hiera_small.pt",), "official SAM 2.0 Hiera-S (Meta), 46 M parameters"),
+    "sam2_hiera_base_plus": (("sam2_hiera_base_plus.pt",), "official SAM 2.0 Hiera-B+ (Meta), 80.8 M parameters"),
+    "sam2_hiera_large": (("sam2_hiera_large.pt",), "official SAM 2.0 Hiera-L (Meta), 224.4 M parameters"),
+    "sam_hq_vit_b": (("sam_hq_vit_b.pth",), "SAM-HQ ViT-B (SysCV), SAM ViT-B + HQ token"),
+    "sam_hq_vit_l": (("sam_hq_vit_l.pth",), "SAM-HQ ViT-L (SysCV)"),
+    "sam_hq_vit_h": (("sam_hq_vit_h.pth",), "SAM-HQ ViT-H (SysCV)"),
 }
 
 # Keys some official files carry that the model does not use (MobileSAM's classification head).

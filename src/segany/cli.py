@@ -116,19 +116,22 @@ def _segment_run(args: argparse.Namespace) -> int:
 def _models_run(args: argparse.Namespace) -> int:
     from segany.checkpoint import KNOWN_MODELS, model_search_dirs, resolve_model_path
 
-    print("name     file                          status     description")
+    nw = max(len(n) for n in KNOWN_MODELS)
+    fw = max(len(f[0]) for f, _ in KNOWN_MODELS.values())
+    print(f"{'name':<{nw}} {'file':<{fw}} {'status':<10} description")
     for name, (files, desc) in KNOWN_MODELS.items():
         try:
             status = f"found: {resolve_model_path(name)}"
         except SegAnyError:
             status = "missing"
-        print(f"{name:<8} {files[0]:<29} {status:<10} {desc}")
+        print(f"{name:<{nw}} {files[0]:<{fw}} {status:<10} {desc}")
+    print("also: any other official SAM 2 / 2.1 .pt, SAM-HQ .pth, or a Hugging Face SamModel folder, by path")
     print("searched: " + ", ".join(str(d) for d in model_search_dirs()))
     return 0
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint to read (.pth, .pt or .safetensors)")
+    p.add_argument("src", help="checkpoint to read (.pth, .pt, .safetensors, or a Hugging Face SamModel folder)")
     p.add_argument("dst", help="output .safetensors")
     p.add_argument("--half", action="store_true", help="store fp16 (half the size)")
 
