@@ -173,3 +173,69 @@ def test_named_default_v2_config():
     assert isinstance(cfg.encoder, EfficientNetConfig)
     assert cfg.embedding_size == cfg.image_size // cfg.encoder.stride
     assert SamConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# -- clicks and box drawn into the dense embedding (DensePromptEncoder) ---------------------------------
+
+
+def dense_config() -> SamConfig:
+    cfg = tiny_config(16)
+    cfg.dense_prompts = True
+    return cfg
+
+
+def test_prompt_maps_draw_clicks_and_boxes():
+    from segany.modeling.dense_prompt_encoder import DensePromptEncoder
+
+    sam = build_sam(dense_config())
+    pe = sam.prompt_encoder
+    assert isinstance(pe, DensePromptEncoder) and pe.mask_input_size == (32, 32)  # 4 input px per cell
+    coords = torch.tensor([[[20.0, 40.0], [100.0, 100.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1, 0, -1]])  # a positive, a negative, a padding point
+    maps = pe.prompt_maps((coords, labels), None, 1)
+    ys, xs = torch.meshgrid(torch.arange(32) * 4 + 2.0, torch.arange(32) * 4 + 2.0, indexing="ij")
+    disk = lambda x, y: ((xs - x) ** 2 + (ys - y) ** 2 <= pe.click_radius**2).float()  # noqa: E731
+    torch.testing.assert_close(maps[0, 0], disk(20, 40))
+    torch.testing.assert_close(maps[0, 1], disk(100, 100))
+    assert maps[0, 2].sum() == 0
+    box = torch.tensor([[10.0, 20.0, 60.0, 90.0]])
+    from_boxes = pe.prompt_maps(None, box, 1)[0, 2]
+    torch.testing.assert_close(from_boxes, ((xs >= 10) & (xs <= 60) & (ys >= 20) & (ys <= 90)).float())
+    corners = pe.prompt_maps((box.view(1, 2, 2), torch.tensor([[2, 3]])), None, 1)[0, 2]
+    torch.testing.assert_close(corners, from_boxes)
+
+
+def test_dense_embedding_follows_the_click_and_the_mask_flag():
+    torch.manual_seed(0)
+    pe = build_sam(dense_config()).prompt_encoder
+    labels = torch.tensor([[1]])
+    a = pe(points=(torch.tensor([[[20.0, 20.0]]]), labels), boxes=None, masks=None)[1]
+    b = pe(points=(torch.tensor([[[100.0, 100.0]]]), labels), boxes=None, masks=None)[1]
+    assert a.shape == (1, 32, 8, 8)
+    changed = (a - b).abs().amax(1)[0]  # where the two clicks' embeddings differ
+    assert changed[1, 1] > 0 and changed[6, 6] > 0 and changed[4, 0] == 0
+    mask = torch.randn(1, 1, 32, 32)
+    with_mask = pe.dense_embedding((torch.tensor([[[20.0, 20.0]]]), labels), None, mask, 1)
+    flagged_off = pe.dense_embedding((torch.tensor([[[20.0, 20.0]]]), labels), None, mask, 1, torch.zeros(1))
+    torch.testing.assert_close(flagged_off, a)  # has_mask 0: as if no mask were given (the ONNX input)
+    assert not torch.allclose(with_mask, a)
+
+
+def test_dense_prompt_model_skips_the_reassociated_decoder_and_keeps_its_outputs():
+    from segany.modeling.fast.decoder import ReassociatedDecoder
+
+    torch.manual_seed(0)
+    fast = build_sam(dense_config()).eval()
+    plain = build_sam(dense_config(), fast=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    assert not ReassociatedDecoder.supports(fast)
+    image = np.random.default_rng(1).integers(0, 255, (100, 128, 3), dtype=np.uint8)
+    outs = []
+    for model in (fast, plain):
+        predictor = SamPredictor(model)
+        predictor.set_image(image)
+        outs.append(predictor.predict(np.array([[30, 40], [90, 70]]), np.array([1, 0]), return_logits=True))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert infer_config(fast.state_dict(), image_size=128).dense_prompts
+    assert not infer_config(build_sam(tiny_config()).state_dict(), image_size=128).dense_prompts

@@ -45,10 +45,18 @@ def default_arch():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model, default_arch):
-    """name -> (model, encoder path, decoder path) for the tiny model and the default architecture."""
+def v2_arch():
+    """The EfficientNet + dense-prompt architecture (random weights): its clicks and box are drawn into the
+    dense embedding inside the exported decoder."""
+    torch.manual_seed(2)
+    return build_sam(get_config("segany_default_v2")).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model, default_arch, v2_arch):
+    """name -> (model, encoder path, decoder path) for the tiny model and the default architectures."""
     out = {}
-    for name, model in (("tiny", tiny_model), ("default_arch", default_arch)):
+    for name, model in (("tiny", tiny_model), ("default_arch", default_arch), ("v2_arch", v2_arch)):
         d = tmp_path_factory.mktemp(f"onnx_{name}")
         out[name] = (model, export_encoder(model, d / "encoder.onnx"), export_decoder(model, d / "decoder.onnx"))
     return out
@@ -84,7 +92,7 @@ def _compare(torch_p, onnx_p, multimask: bool, mask_input=None) -> list[float]:
     return diffs
 
 
-@pytest.mark.parametrize("name", ["tiny", "default_arch"])
+@pytest.mark.parametrize("name", ["tiny", "default_arch", "v2_arch"])
 @pytest.mark.parametrize("multimask", [True, False])
 def test_decoder_matches_torch(exported, name, multimask):
     model, enc, dec = exported[name]
@@ -93,7 +101,7 @@ def test_decoder_matches_torch(exported, name, multimask):
     print(f"\n{name} multimask={multimask}: max |onnx - torch| logit diff {max(diffs):.2e}")
 
 
-@pytest.mark.parametrize("name", ["tiny", "default_arch"])
+@pytest.mark.parametrize("name", ["tiny", "default_arch", "v2_arch"])
 def test_decoder_refinement_with_mask_input(exported, name):
     model, enc, dec = exported[name]
     torch_p, onnx_p = _predictors(model, enc, dec, synthetic_image(H, W))

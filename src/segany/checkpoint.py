@@ -19,7 +19,7 @@ import torch
 
 from segany.errors import SegAnyError
 from segany.modeling.build import build_sam
-from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
 from segany.modeling.sam import Sam
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -170,7 +170,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
                 window = (window_lens[0] + 1) // 2 if window_lens else grid
             else:
                 head_dim, global_idx, window = 64, (), 14
-            enc: ViTConfig | TinyViTConfig = ViTConfig(
+            enc: ViTConfig | TinyViTConfig | EfficientNetConfig = ViTConfig(
                 embed_dim=embed_dim,
                 depth=depth,
                 num_heads=embed_dim // head_dim,
@@ -204,8 +204,14 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
                 local_conv_size=sd["image_encoder.layers.1.blocks.0.local_conv.c.weight"].shape[-1],
             )
             size = image_size or 1024
+        elif "image_encoder.stem.weight" in sd:
+            laterals = _count(sd, r"image_encoder\.lateral\.(\d+)\.")
+            enc = EfficientNetConfig(neck_dim=sd["image_encoder.lateral.0.weight"].shape[0], stride=64 >> laterals)
+            size = image_size or 512
         else:
-            raise SegAnyError("no image encoder found (neither ViT 'patch_embed.proj' nor TinyViT 'patch_embed.seq')")
+            raise SegAnyError(
+                "no image encoder found (neither ViT 'patch_embed.proj', TinyViT 'patch_embed.seq' nor EfficientNet 'stem')"
+            )
     except KeyError as e:
         raise SegAnyError(f"not a SAM checkpoint: missing tensor {e.args[0]!r}") from None
     return SamConfig(
@@ -219,6 +225,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         num_multimask_outputs=n_mask_tokens - 1,
         iou_head_depth=iou_depth,
         iou_head_hidden_dim=iou_hidden,
+        dense_prompts=sd[pe + "mask_downscaling.0.weight"].shape[1] > 1,
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from segany.modeling.config import SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.dense_prompt_encoder import DensePromptEncoder
+from segany.modeling.efficientnet import EfficientNetLiteEncoder
 from segany.modeling.fast import fast_class
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
@@ -41,6 +43,8 @@ def build_image_encoder(cfg: SamConfig, fast: bool = True):
             drop_path_rate=enc.drop_path_rate,
             out_chans=cfg.prompt_embed_dim,
         )
+    if isinstance(enc, EfficientNetConfig):
+        return EfficientNetLiteEncoder(cfg.image_size, cfg.prompt_embed_dim, enc.neck_dim, enc.stride)
     raise TypeError(f"unknown encoder config {type(enc).__name__}")
 
 
@@ -66,7 +70,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     d = cfg.prompt_embed_dim
     return fast_class(Sam, fast)(
         image_encoder=build_image_encoder(cfg, fast),
-        prompt_encoder=fast_class(PromptEncoder, fast)(
+        prompt_encoder=(DensePromptEncoder if cfg.dense_prompts else fast_class(PromptEncoder, fast))(
             d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
         ),
         mask_decoder=fast_class(MaskDecoder, fast)(

@@ -47,14 +47,27 @@ class TinyViTConfig:
 
 
 @dataclass
+class EfficientNetConfig:
+    """EfficientNet-Lite0 trunk with an FPN neck (the default model's encoder); ``stride`` 16 or 8."""
+
+    kind: Literal["efficientnet_lite"] = "efficientnet_lite"
+    neck_dim: int = 96
+    stride: int = 16
+
+
+EncoderConfig = ViTConfig | TinyViTConfig | EfficientNetConfig
+_ENCODER_KINDS: dict[str, type] = {"vit": ViTConfig, "tiny_vit": TinyViTConfig, "efficientnet_lite": EfficientNetConfig}
+
+
+@dataclass
 class SamConfig:
     """A whole Segment Anything model.
 
-    The image embedding is ``image_size // 16`` on a side for both encoder kinds; the low-res masks
-    are 4x that (256 for a 1024 model).
+    The image embedding is ``image_size // 16`` on a side (``// stride`` for the EfficientNet encoder);
+    the low-res masks are 4x that (256 for a 1024 model).
     """
 
-    encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
+    encoder: EncoderConfig = field(default_factory=ViTConfig)
     image_size: int = 1024
     prompt_embed_dim: int = 256
     mask_in_chans: int = 16
@@ -64,12 +77,14 @@ class SamConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
+    #: clicks and box also drawn as maps into the dense embedding (DensePromptEncoder; not in SAM)
+    dense_prompts: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
     @property
     def embedding_size(self) -> int:
-        return self.image_size // 16
+        return self.image_size // getattr(self.encoder, "stride", 16)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,9 +95,9 @@ class SamConfig:
         d = dict(d)
         enc = dict(d.pop("encoder", {}))
         kind = enc.get("kind", "vit")
-        enc_cls = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}.get(kind)
+        enc_cls = _ENCODER_KINDS.get(kind)
         if enc_cls is None:
-            raise SegAnyError(f"unknown encoder kind {kind!r} (expected 'vit' or 'tiny_vit')")
+            raise SegAnyError(f"unknown encoder kind {kind!r} (expected one of {', '.join(map(repr, _ENCODER_KINDS))})")
         try:
             enc_fields = {f.name for f in dataclasses.fields(enc_cls)}
             bad = set(enc) - enc_fields
@@ -168,6 +183,25 @@ def segany_default() -> SamConfig:
             embed_dims=(32, 64, 128, 160), depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 5), window_sizes=(7, 8, 8, 8)
         ),
         image_size=256,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_num_heads=4,
+        decoder_mlp_dim=512,
+        iou_head_hidden_dim=128,
+    )
+
+
+@register_config("segany_default_v2")
+def segany_default_v2() -> SamConfig:
+    """The default model from issue 17 on: an EfficientNet-Lite0 encoder (ImageNet-initialised) with an
+    FPN neck at stride 16 on a 512-pixel input (a 32 x 32 embedding, 128 x 128 low-res masks: SAM's
+    geometry at half the size), SAM's two-way decoder at 128 channels, and clicks and box drawn as maps
+    into the dense embedding (:class:`~segany.modeling.dense_prompt_encoder.DensePromptEncoder`). See
+    MODELS.md for how it was chosen and trained."""
+    return SamConfig(
+        EfficientNetConfig(neck_dim=96),
+        dense_prompts=True,
+        image_size=512,
         prompt_embed_dim=128,
         mask_in_chans=16,
         decoder_num_heads=4,

@@ -140,8 +140,11 @@ class ReassociatedDecoder:
 
     @staticmethod
     def supports(decoder: nn.Module) -> bool:
-        """True for the standard SAM decoder (the layout this class re-associates); ``decoder`` is a
-        ``MaskDecoder`` or a model that has one."""
+        """True for the standard SAM decoder (the layout this class re-associates) of a model whose dense
+        embedding is one vector for every pixel without a mask input; ``decoder`` is a ``MaskDecoder`` or
+        a model that has one."""
+        if getattr(getattr(decoder, "prompt_encoder", None), "dense_prompts", False):
+            return False  # its dense embedding differs from prompt to prompt
         md = getattr(decoder, "mask_decoder", decoder)
         if not isinstance(md, MaskDecoder) or not isinstance(md.transformer, TwoWayTransformer):
             return False

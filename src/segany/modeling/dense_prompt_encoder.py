@@ -1,0 +1,119 @@
+"""Prompt encoder that also draws the clicks and the box as maps and fuses them with the image embedding.
+
+SAM meets a click only in its decoder, as a token; the image embedding must then already separate every
+object the click could mean, which takes a great deal of data. Interactive segmenters that learn from a
+few thousand images (RITM, FocalClick, SegNext) instead draw the clicks as disks and the box as a
+rectangle and add them to the image features pixel by pixel. This encoder does both: the sparse tokens
+are SAM's, and the dense embedding is the mask downscaler applied to four maps at the low-res mask grid
+(``4h x 4w``): the previous mask's logits (zeros without one), the positive click disks, the negative
+click disks and the box. The decoder adds the dense embedding to every image token, so the image is still
+encoded once and each prompt stays cheap.
+
+Boxes come as ``boxes`` or as corner points labelled 2 and 3 (the ONNX decoder's convention).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segany.modeling.prompt_encoder import PromptEncoder
+
+#: Maps drawn for the downscaler: mask logits, positive clicks, negative clicks, box.
+NUM_PROMPT_MAPS = 4
+
+
+class DensePromptEncoder(PromptEncoder):
+    """:class:`PromptEncoder` whose dense embedding also carries the clicks and the box (see the module).
+
+    Args (beyond :class:`PromptEncoder`'s):
+        click_radius: disk radius of a click, in pixels of the model input.
+    """
+
+    dense_prompts = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        image_embedding_size: tuple[int, int],
+        input_image_size: tuple[int, int],
+        mask_in_chans: int,
+        activation: type[nn.Module] = nn.GELU,
+        click_radius: float = 10.0,
+    ) -> None:
+        super().__init__(embed_dim, image_embedding_size, input_image_size, mask_in_chans, activation)
+        first = self.mask_downscaling[0]
+        self.mask_downscaling[0] = nn.Conv2d(NUM_PROMPT_MAPS, first.out_channels, kernel_size=2, stride=2)
+        self.click_radius = click_radius
+
+    def prompt_maps(
+        self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, bs: int
+    ) -> torch.Tensor:
+        """Positive clicks, negative clicks and box drawn on the low-res mask grid: ``B x 3 x 4h x 4w``
+        (1 inside, 0 outside). ``points``: ``B x N x 2`` coordinates and ``B x N`` labels in the input
+        frame; ``boxes``: ``B x 4`` XYXY."""
+        h, w = self.mask_input_size
+        device = self.no_mask_embed.weight.device
+        scale_y = self.input_image_size[0] / h
+        scale_x = self.input_image_size[1] / w
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * scale_y
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * scale_x
+        maps = torch.zeros((bs, 3, h, w), device=device)
+        if points is not None:
+            coords, labels = points[0].float(), points[1]
+            dy = ys[None, None, :, None] - coords[:, :, 1, None, None]
+            dx = xs[None, None, None, :] - coords[:, :, 0, None, None]
+            inside = (dy * dy + dx * dx) <= self.click_radius**2  # B x N x h x w
+            for channel, label in ((0, 1), (1, 0)):
+                chosen = (labels == label)[:, :, None, None]
+                maps[:, channel] = (inside & chosen).any(dim=1).float()
+            if boxes is None:  # corners labelled 2 and 3, if any (no data-dependent branch: exportable)
+                corners = (labels[:, :, None] == torch.tensor([2, 3], device=labels.device)).float()  # B x N x 2
+                # the labelled corner of each kind (mean, in case a corner is given twice)
+                xy = torch.einsum("bnk,bnc->bkc", corners, coords) / corners.sum(1).clamp(min=1)[..., None]
+                has_box = (corners.sum(1) > 0).all(-1).float()
+                maps[:, 2] = self._box_map(xy.reshape(bs, 4), ys, xs) * has_box[:, None, None]
+        if boxes is not None:
+            maps[:, 2] = self._box_map(boxes.float().reshape(bs, 4), ys, xs)
+        return maps
+
+    @staticmethod
+    def _box_map(boxes: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
+        inside_y = (ys[None, :, None] >= y0) & (ys[None, :, None] <= y1)
+        inside_x = (xs[None, None, :] >= x0) & (xs[None, None, :] <= x1)
+        return (inside_y & inside_x).float()
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`PromptEncoder.forward`; the dense embedding is ``B x C x h x w`` for every prompt set."""
+        sparse, _ = super().forward(points, boxes, None)
+        bs = sparse.shape[0] if masks is None else masks.shape[0]
+        return sparse, self.dense_embedding(points, boxes, masks, bs)
+
+    def dense_embedding(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        bs: int,
+        has_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``B x C x h x w``: the downscaled maps, plus the no-mask embedding where there is no mask
+        (``has_mask``: a ``B`` or scalar 0/1 flag, for exporters that always pass a mask tensor)."""
+        maps = self.prompt_maps(points, boxes, bs)
+        if masks is None:
+            mask = maps.new_zeros((bs, 1, *self.mask_input_size))
+            has_mask = maps.new_zeros(())
+        else:
+            mask = masks.float().expand(bs, -1, -1, -1)
+            if has_mask is None:
+                has_mask = maps.new_ones(())
+            mask = mask * has_mask.reshape(-1, 1, 1, 1)
+        dense = self.mask_downscaling(torch.cat([mask, maps], dim=1))
+        no_mask = self.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return dense + (1 - has_mask.reshape(-1, 1, 1, 1).float()) * no_mask
