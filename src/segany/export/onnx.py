@@ -213,6 +213,12 @@ def export_decoder(
     Args:
         quantize: dynamic int8 quantization of the weights (onnxruntime), about 4x smaller.
     """
+    if getattr(model, "resize_mode", None) == "stretch" and not use_stability_score:
+        from segany.export.onnx_sam2 import export_sam2_decoder  # SAM 2: two more inputs
+
+        return export_sam2_decoder(model, path, return_single_mask, opset, quantize)
+    if getattr(model, "decoder_input_names", ()):
+        raise SegAnyError(f"the {type(model).__name__} decoder has no ONNX export (SAM, MobileSAM and SAM 2 do)")
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
@@ -235,6 +241,12 @@ def export_decoder(
 
 def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False) -> Path:
     """Export the image encoder (input ``image``: preprocessed ``1 x 3 x S x S``); returns the path."""
+    if getattr(model, "resize_mode", None) == "stretch":
+        from segany.export.onnx_sam2 import export_sam2_encoder  # SAM 2: three outputs
+
+        return export_sam2_encoder(model, path, opset, quantize)
+    if getattr(model, "decoder_input_names", ()):
+        raise SegAnyError(f"the {type(model).__name__} encoder has no ONNX export (SAM, MobileSAM and SAM 2 do)")
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)

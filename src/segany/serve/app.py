@@ -130,9 +130,9 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     def ingest(data: bytes, image_id: str, ext: str) -> ImageEntry:
         image = decode_image(data, name="upload", max_pixels=s.max_pixels)
-        embedding, input_size, text_features = engine.embed(image)
+        embedding, input_size, text_features, decoder_inputs = engine.embed(image)
         h, w = image.shape[:2]
-        entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding, text_features)
+        entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding, text_features, decoder_inputs)
         cache.put(image_id, entry, entry.nbytes)
         return entry
 
@@ -209,9 +209,14 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     @app.get("/api/images/{image_id}/embedding", summary="The image embedding, raw little-endian floats",
              response_class=Response)
-    def embedding(image_id: str = ImageId, dtype: Literal["float32", "float16"] = "float32") -> Response:
+    def embedding(
+        image_id: str = ImageId, dtype: Literal["float32", "float16"] = "float32", part: str = "image_embeddings"
+    ) -> Response:
         entry = entry_of(image_id)
-        arr = entry.embedding.numpy().astype("<f4" if dtype == "float32" else "<f2")
+        tensor = engine.onnx_image_input(entry, part)  # SAM 2's decoder also takes high_res_feats_0 / _1
+        if tensor is None:
+            raise HTTPException(404, f"this model's decoder has no image input {part[:40]!r}")
+        arr = tensor.numpy().astype("<f4" if dtype == "float32" else "<f2")
         headers = {
             "X-Embedding-Shape": ",".join(str(d) for d in arr.shape),
             "X-Embedding-Dtype": dtype,

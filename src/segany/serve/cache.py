@@ -11,7 +11,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -97,11 +97,14 @@ class ImageEntry:
     input_size: tuple[int, int]
     embedding: torch.Tensor
     text_features: tuple[torch.Tensor, ...] | None = None  #: the text head's pixel features, if any
+    #: The decoder's other image inputs (SAM 2's high-resolution features, SAM-HQ's early ViT features).
+    decoder_inputs: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes to count in the cache."""
-        tensors = (self.embedding, *(self.text_features or ()))
+        extra = [t for v in (self.decoder_inputs or {}).values() for t in (v if isinstance(v, list) else [v])]
+        tensors = (self.embedding, *(self.text_features or ()), *extra)
         return len(self.data) + sum(t.numel() * t.element_size() for t in tensors)
 
 

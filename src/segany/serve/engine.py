@@ -69,24 +69,44 @@ class Engine:
             "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), e, e],
             "low_res_side": self.low_res_side,
             "mask_threshold": float(self.model.mask_threshold),
+            # The ONNX decoder's image inputs besides image_embeddings (GET .../embedding?part=NAME).
+            "extra_decoder_inputs": list(self.onnx_image_inputs_names()),
         }
 
-    def embed(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
+    def onnx_image_inputs_names(self) -> tuple[str, ...]:
+        return ("high_res_feats_0", "high_res_feats_1") if getattr(self.model, "resize_mode", None) == "stretch" else ()
+
+    def onnx_image_input(self, entry: ImageEntry, name: str) -> torch.Tensor | None:
+        """The cached image input ``name`` of the ONNX decoder (SAM 2's ``high_res_feats_0/1``), or None."""
+        if name == "image_embeddings":
+            return entry.embedding
+        if name not in self.onnx_image_inputs_names() or not entry.decoder_inputs:
+            return None
+        return entry.decoder_inputs["high_res_features"][int(name[-1])]
+
+    def embed(
+        self, image: np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None, dict[str, Any]]:
         """``H x W x 3`` uint8 -> (``1 x C x e x e`` float32 CPU embedding, resized ``(h, w)``, the text
-        head's pixel features or None)."""
-        def work() -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None]:
+        head's pixel features or None, the decoder's other image inputs on the CPU: empty for SAM)."""
+        def work() -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None, dict[str, Any]]:
             predictor = SamPredictor(self.model)
             predictor.set_image(image)
             text = predictor.get_text_features() if self.model.text_head is not None else None
             cpu = None if text is None else tuple(t.detach().to("cpu", torch.float32).clone() for t in text)
-            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size, cpu
+            inputs = {k: _to_cpu(v) for k, v in predictor.get_decoder_inputs().items()}
+            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size, cpu, inputs
 
         return self.run(work)
 
     def _predictor(self, entry: ImageEntry) -> SamPredictor:
         predictor = SamPredictor(self.model)
         predictor.set_embedding(
-            entry.embedding, (entry.height, entry.width), entry.input_size, text_features=entry.text_features
+            entry.embedding,
+            (entry.height, entry.width),
+            entry.input_size,
+            text_features=entry.text_features,
+            decoder_inputs=entry.decoder_inputs,
         )
         return predictor
 
@@ -127,7 +147,9 @@ class Engine:
         def set_image(img: np.ndarray, image_format: str = "RGB") -> None:
             # Only the crop that is the whole image can use the cached embedding; zoomed crops cannot.
             if img.shape[:2] == (entry.height, entry.width):
-                predictor.set_embedding(entry.embedding, (entry.height, entry.width), entry.input_size)
+                predictor.set_embedding(
+                    entry.embedding, (entry.height, entry.width), entry.input_size, decoder_inputs=entry.decoder_inputs
+                )
             else:
                 full_set_image(img, image_format)
 
@@ -145,6 +167,13 @@ class Engine:
                     path = self.run(lambda: export_decoder(self.model, Path(tmp) / "decoder.onnx"))
                     self._decoder = path.read_bytes()
             return self._decoder
+
+
+def _to_cpu(value: Any) -> Any:
+    """A tensor (or a list of tensors) as float32 CPU copies, for the cache."""
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value.detach().to("cpu", torch.float32).clone()
 
 
 def mask_record(mask: np.ndarray, score: float, fmt: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ const COLORS = [[61, 139, 253], [229, 83, 75], [87, 171, 90], [219, 171, 9], [16
 
 const S = {
   file: null, imageId: null, width: 0, height: 0, bitmap: null,
-  info: null, session: null, embedding: null, inputSize: null,
+  info: null, session: null, embedding: null, extraInputs: {}, inputSize: null,
   points: [], box: null, text: null, history: [],
   candidates: [], selected: -1, everything: null, hover: null,
   accepted: [], negative: false, drag: null,
@@ -177,6 +177,13 @@ async function loadDecoder() {
   const shape = res.headers.get("X-Embedding-Shape").split(",").map(Number);
   S.inputSize = res.headers.get("X-Input-Size").split(",").map(Number);
   S.embedding = new ort.Tensor("float32", new Float32Array(await res.arrayBuffer()), shape);
+  // SAM 2's decoder also reads the image's high-resolution features (info.extra_decoder_inputs).
+  S.extraInputs = {};
+  for (const name of S.info.extra_decoder_inputs || []) {
+    const r = await reuploadIfEvicted(() => api(`/api/images/${S.imageId}/embedding?dtype=float32&part=${name}`));
+    const dims = r.headers.get("X-Embedding-Shape").split(",").map(Number);
+    S.extraInputs[name] = new ort.Tensor("float32", new Float32Array(await r.arrayBuffer()), dims);
+  }
   $("decoder-info").textContent = `In-browser decoder ready (${S.info.model}).`;
 }
 
@@ -189,6 +196,7 @@ async function decodeHover(x, y) {
   const side = S.info.low_res_side;
   const feeds = {
     image_embeddings: S.embedding,
+    ...S.extraInputs,
     point_coords: new ort.Tensor("float32", new Float32Array([x * w / S.width, y * h / S.height, 0, 0]), [1, 2, 2]),
     point_labels: new ort.Tensor("float32", new Float32Array([1, -1]), [1, 2]),
     mask_input: new ort.Tensor("float32", new Float32Array(side * side), [1, 1, side, side]),

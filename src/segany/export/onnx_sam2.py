@@ -1,0 +1,138 @@
+"""ONNX export of SAM 2 / 2.1 image models: the decoder and the encoder with the high-resolution features.
+
+The decoder has SAM's ONNX interface (:mod:`segany.export.onnx`) plus two inputs, the image's projected
+high-resolution features:
+
+=================  =========================  ==========================================================
+input              shape / dtype              meaning
+=================  =========================  ==========================================================
+image_embeddings   1 x C x h x w float32      the encoder's ``image_embeddings``
+high_res_feats_0   1 x C/8 x 4h x 4w float32  the encoder's ``high_res_feats_0`` (stride 4)
+high_res_feats_1   1 x C/4 x 2h x 2w float32  the encoder's ``high_res_feats_1`` (stride 8)
+point_coords ...   as SAM's                   in the *stretched* ``S x S`` frame (``ResizeSquare``)
+=================  =========================  ==========================================================
+
+Masks are resized straight to ``orig_im_size`` (SAM 2 stretches the image: no padding to crop). As SAM's
+ONNX decoder, it returns all four outputs (or the official single-mask rule with ``return_single_mask``);
+SAM 2's stability fallback for single-mask output and the clamp of returned low-res logits are the
+predictor's, not part of the graph. A box is two points with labels 2 and 3, placed first, then the clicks,
+then one padding point (label -1), as SAM 2 encodes boxes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.export.onnx import (
+    DECODER_OUTPUTS,
+    DEFAULT_OPSET,
+    SamOnnxDecoder,
+    _on_cpu,
+    _require_onnx,
+    _write,
+    model_metadata,
+)
+from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.sam2 import Sam2
+
+SAM2_DECODER_INPUTS = [
+    "image_embeddings",
+    "high_res_feats_0",
+    "high_res_feats_1",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+    "orig_im_size",
+]
+SAM2_ENCODER_OUTPUTS = ["image_embeddings", "high_res_feats_0", "high_res_feats_1"]
+
+
+class Sam2OnnxDecoder(SamOnnxDecoder):
+    """:class:`SamOnnxDecoder` for a :class:`Sam2`: high-resolution features in, one resize out."""
+
+    def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        orig = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        pe = self.model.prompt_encoder
+        # SAM's point embedding (Sam2PromptEncoder only rewrites boxes as points, which the caller does).
+        sparse = PromptEncoder._embed_points(pe, point_coords, point_labels.to(torch.int64), pad=False)
+        dense = self._embed_masks(mask_input, has_mask_input)
+        low_res, iou, _tokens, _obj = self.model.mask_decoder.predict_masks(
+            image_embeddings, pe.get_dense_pe(), sparse, dense, [high_res_feats_0, high_res_feats_1]
+        )
+        if self.return_single_mask:
+            low_res, iou = self._select_single(low_res, iou, point_coords.shape[1])
+        return self._postprocess(low_res, orig_im_size), iou, low_res
+
+
+class Sam2OnnxEncoder(nn.Module):
+    """``1 x 3 x S x S`` preprocessed input -> ``image_embeddings``, ``high_res_feats_0``, ``high_res_feats_1``."""
+
+    def __init__(self, model: Sam2) -> None:
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding, inputs = self.model.embed_image(image)
+        high_0, high_1 = inputs["high_res_features"]
+        return embedding, high_0, high_1
+
+
+def export_sam2_decoder(
+    model: Sam2, path: str | os.PathLike, return_single_mask: bool = False, opset: int = DEFAULT_OPSET,
+    quantize: bool = False,
+) -> Path:
+    """Export a SAM 2 model's prompt encoder + mask decoder to ``path``; returns the path."""
+    _require_onnx()
+    path = Path(path)
+    model = _on_cpu(model)
+    e = int(model.prompt_encoder.image_embedding_size[0])
+    c = model.prompt_encoder.embed_dim
+    args = (
+        torch.randn(1, c, e, e),
+        torch.randn(1, c // 8, 4 * e, 4 * e),
+        torch.randn(1, c // 4, 2 * e, 2 * e),
+        torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
+        torch.tensor([[2, 3, 1, 0, -1]], dtype=torch.float32),
+        torch.randn(1, 1, 4 * e, 4 * e),
+        torch.tensor([1.0]),
+        torch.tensor([1500.0, 2250.0]),
+    )
+    dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": "sam2"}
+    wrapper = Sam2OnnxDecoder(model, return_single_mask)
+    _write(wrapper, args, path, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
+    return path
+
+
+def export_sam2_encoder(
+    model: Sam2, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
+) -> Path:
+    """Export a SAM 2 model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
+    _require_onnx()
+    path = Path(path)
+    model = _on_cpu(model)
+    args = (torch.randn(1, 3, model.image_size, model.image_size),)
+    meta = model_metadata(model) | {"segany_family": "sam2"}
+    _write(Sam2OnnxEncoder(model), args, path, ["image"], SAM2_ENCODER_OUTPUTS, {}, opset, meta, quantize)
+    return path

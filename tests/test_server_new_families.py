@@ -1,0 +1,110 @@
+"""The web tool's API with a SAM 2 and a SAM-HQ model (tiny random models): predictions equal the
+predictor's, "everything" runs, and SAM 2's ONNX decoder (as the page runs it) reads the high-resolution
+features the server hands out."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import synthetic_image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+with warnings.catch_warnings():  # newer starlette asks for httpx2; httpx still works
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient  # noqa: E402
+
+from segany.io.rle import decode_rle  # noqa: E402
+from segany.modeling.build import build_sam  # noqa: E402
+from segany.modeling.config import ViTConfig, get_config  # noqa: E402
+from segany.modeling.sam_hq import SamHQConfig  # noqa: E402
+from segany.predictor import SamPredictor  # noqa: E402
+from segany.serve.app import create_app  # noqa: E402
+
+H, W = 96, 128
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "sam2":
+        return build_sam(get_config("sam2_tiny_test")).eval()
+    cfg = SamHQConfig(**vars(get_config("tiny_test")))
+    cfg.encoder = ViTConfig(embed_dim=32, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,))
+    return build_sam(cfg).eval()
+
+
+def _upload(c) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_image(H, W)).save(buf, format="PNG")
+    r = c.post("/api/images", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    return r.json()["image_id"]
+
+
+@pytest.mark.parametrize("kind", ["sam2", "sam_hq"])
+def test_predict_and_everything(kind):
+    model = _model(kind)
+    with TestClient(create_app(model)) as c:
+        image_id = _upload(c)
+        r = c.post(f"/api/images/{image_id}/predict", json={"points": [[60, 40]], "labels": [1]})
+        assert r.status_code == 200, r.text
+        p = SamPredictor(model)
+        p.set_image(synthetic_image(H, W))
+        ref_masks, ref_scores, _ = p.predict(point_coords=np.array([[60, 40]]), point_labels=np.array([1]))
+        masks = r.json()["masks"]
+        assert len(masks) == len(ref_masks)
+        for m, ref, score in zip(masks, ref_masks, ref_scores):
+            assert np.array_equal(decode_rle(m["segmentation"]), ref)
+            assert m["score"] == pytest.approx(float(score), abs=1e-6)
+        body = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        r = c.post(f"/api/images/{image_id}/everything", json=body)
+        assert r.status_code == 200, r.text
+        # 4 x 4 points, 3 masks each (SAM-HQ: one, its upstream semantics).
+        assert r.json()["filters"]["candidates"] == 16 * (1 if kind == "sam_hq" else 3)
+
+
+def test_sam2_onnx_decoder_as_the_page_runs_it():
+    ort = pytest.importorskip("onnxruntime")
+    model = _model("sam2")
+    with TestClient(create_app(model)) as c:
+        image_id = _upload(c)
+        info = c.get("/api/info").json()
+        assert info["extra_decoder_inputs"] == ["high_res_feats_0", "high_res_feats_1"]
+        feeds = {}
+        for name in ["image_embeddings", *info["extra_decoder_inputs"]]:
+            r = c.get(f"/api/images/{image_id}/embedding", params={"part": name})
+            assert r.status_code == 200, r.text
+            shape = tuple(int(v) for v in r.headers["X-Embedding-Shape"].split(","))
+            feeds[name] = np.frombuffer(r.content, dtype="<f4").reshape(shape)
+        assert c.get(f"/api/images/{image_id}/embedding", params={"part": "nope"}).status_code == 404
+        h, w = (int(v) for v in r.headers["X-Input-Size"].split(","))
+        assert (h, w) == (128, 128)  # SAM 2 stretches the image to the model's square
+        r = c.get("/api/decoder.onnx")
+        assert r.status_code == 200, r.text
+        sess = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
+        side = info["low_res_side"]
+        x, y = 60, 40
+        feeds |= {
+            "point_coords": np.array([[[x * w / W, y * h / H], [0, 0]]], np.float32),
+            "point_labels": np.array([[1, -1]], np.float32),
+            "mask_input": np.zeros((1, 1, side, side), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([H, W], np.float32),
+        }
+        masks, iou, _low = sess.run(None, feeds)
+    p = SamPredictor(model)
+    p.set_image(synthetic_image(H, W))
+    ref_masks, ref_iou, _ = p.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]), return_logits=True)
+    assert np.abs(masks[0, 1:] - ref_masks).max() < 1e-4 and np.abs(iou[0, 1:] - ref_iou).max() < 1e-5
+
+
+def test_sam_hq_has_no_onnx_decoder_yet():
+    with TestClient(create_app(_model("sam_hq"))) as c:
+        r = c.get("/api/decoder.onnx")
+        assert r.status_code == 503 and "no ONNX export" in r.json()["detail"]
