@@ -14,7 +14,7 @@ from test_engine_annotate import make_images, manifest_rows
 pytest.importorskip("ray.data")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own, at start-up
 
-from segany.automatic.run import collect_images  # noqa: E402
+from segany.automatic.folder import collect_images  # noqa: E402
 from segany.engine.annotate import AnnotateSettings, annotate  # noqa: E402
 from segany.engine.ray_backend import RayOptions  # noqa: E402
 from segany.io.sa1b import iter_sa1b_masks, read_sa1b  # noqa: E402

@@ -22,7 +22,6 @@ ONNX Runtime is the other runtime: ``segany.export.onnx.export_encoder`` / ``exp
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import warnings
@@ -109,19 +108,3 @@ def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | st
         enc.compile(backend=backend)
     model.speed_mode = (precision, compile)
     return model
-
-
-def add_speed_args(p: argparse.ArgumentParser) -> None:
-    """``--precision`` and ``--compile`` for a command that loads a model."""
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="image encoder precision: fp32 (default, the official outputs), bf16 or int8 (faster, approximate)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow first image)")
-
-
-def apply_speed_args(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """The model in the speed mode that :func:`add_speed_args`' options ask for."""
-    return optimize(model, getattr(args, "precision", "fp32"), getattr(args, "compile", False))

@@ -6,5 +6,5 @@
 * :mod:`segany.engine.semi`     stage 2's overlap filter and the "still uncovered" report for people;
 * :mod:`segany.engine.stats`    ``segany dataset-stats``: the SA-1B paper's dataset figures;
 * :mod:`segany.engine.loop`     ``segany engine``: annotate -> train -> evaluate, round after round;
-* :mod:`segany.engine.cli`      the commands.
+* the commands are :mod:`segany.commands.engine`'s.
 """

@@ -4,22 +4,22 @@
 as a Ray Data pipeline (:mod:`segany.engine.ray_backend`); either way the masks come back here, to one
 writer that copies the image, writes its SA-1B file and marks it done in the manifest
 (:mod:`segany.engine.dataset` explains the order and why it survives SIGKILL). So both backends give the
-same files, and the manifest has one writer.
+same files, and the manifest has one writer. The generate -> write loop is the folder annotator's
+(:mod:`segany.automatic.folder`, which ``segany everything`` runs too); this module adds the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segany.automatic.folder import Generated, common_root, generate_images, write_results
 from segany.engine.dataset import STAGES, DatasetLayout, Manifest, dataset_names, is_done_on_disk, writer_lock
 from segany.errors import SegAnyError
 from segany.io.atomic import remove_stray_temp_files
@@ -71,17 +71,6 @@ class AnnotateSettings:
 
 
 @dataclass
-class Generated:
-    """The generator's output for one image (``index`` into the list given to the backend)."""
-
-    index: int
-    height: int = 0
-    width: int = 0
-    records_json: str = "[]"  #: the coco_rle records as JSON text (how they cross process boundaries)
-    error: str | None = None
-
-
-@dataclass
 class AnnotateResult:
     """What one :func:`annotate` call did, and the state of its images in the dataset."""
 
@@ -116,39 +105,12 @@ class AnnotateResult:
 # -- backends --------------------------------------------------------------------------------------
 
 
-def generate_one(generator: Any, image_bytes: bytes, name: str, index: int) -> Generated:
-    """Decode and segment one image; errors of this image only come back as ``error``.
-
-    The one function both backends call, so that in-process and Ray runs give the same masks.
-    """
-    from segany.io.images import decode_image
-    from segany.io.sa1b import to_builtin
-
-    try:
-        image = decode_image(image_bytes, name=name)
-    except SegAnyError as e:  # unreadable, corrupt, too large: this image only
-        return Generated(index, error=str(e))
-    try:
-        records = generator.generate(image)
-    except Exception as e:  # noqa: BLE001 - out of memory, a generator bug on one image: a long run goes on,
-        # and the manifest records the image as failed with the error (a rerun tries it again)
-        return Generated(index, error=f"{name}: {type(e).__name__}: {e}")
-    h, w = image.shape[:2]
-    return Generated(index, h, w, json.dumps(to_builtin(records)))
-
-
 def generate_in_process(paths: Sequence[Path], model_file: str, device: str, kwargs: dict) -> Iterator[Generated]:
+    """The in-process backend: one model, the images one after the other."""
     from segany.automatic.generator import SamAutomaticMaskGenerator
     from segany.checkpoint import load_model
 
-    generator = SamAutomaticMaskGenerator(load_model(model_file, device=device), **kwargs)
-    for i, p in enumerate(paths):
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            yield Generated(i, error=f"{p}: cannot read ({e.strerror})")
-            continue
-        yield generate_one(generator, data, str(p), i)
+    yield from generate_images(paths, SamAutomaticMaskGenerator(load_model(model_file, device=device), **kwargs))
 
 
 def file_sha256(path: Path) -> str:
@@ -210,7 +172,7 @@ def write_image(
     from segany.io.images import IMAGE_SUFFIXES
     from segany.io.sa1b import write_sa1b
 
-    records = [r for r in json.loads(gen.records_json) if _annotation_worthy(r)]
+    records = [r for r in gen.records if _annotation_worthy(r)]
     existing = read_existing(existing_path, gen.height, gen.width) if settings.semi else []
     if settings.semi:
         records = new_masks_off_existing(records, existing, gen.height, gen.width, settings.max_overlap)
@@ -248,13 +210,11 @@ def annotate(
     """Annotate ``images`` into ``dataset_dir`` (resumable; see the module docstring).
 
     Args:
-        images: image files (e.g. from :func:`segany.automatic.run.collect_images`).
+        images: image files (e.g. from :func:`segany.automatic.folder.collect_images`).
         settings: generator options, stage 2 options.
         model: anything :func:`segany.checkpoint.load_model` accepts.
         ray: a :class:`segany.engine.ray_backend.RayOptions` to run the model on Ray, or None.
     """
-    from tqdm import tqdm
-
     from segany.checkpoint import resolve_model_path
 
     t0 = time.perf_counter()
@@ -266,7 +226,7 @@ def annotate(
     if layout.root.exists() and not layout.root.is_dir():
         raise SegAnyError(f"{layout.root}: exists and is not a folder")
     names = dataset_names(images)
-    root = Path(os.path.commonpath([str(p.parent) for p in images]))
+    root = common_root(images)
     existing_dir = settings.existing_dir or root
     existing = [existing_dir / p.relative_to(root).with_suffix(".json") for p in images]
     res = AnnotateResult(layout.root, len(images))
@@ -289,29 +249,18 @@ def annotate(
                 from segany.engine.ray_backend import generate_on_ray
 
                 results = generate_on_ray(paths, str(model_file), device, settings.generator, ray)
-            bar = tqdm(total=len(images), initial=res.skipped, desc="annotate", unit="img", file=sys.stderr,
-                       dynamic_ncols=True, disable=not progress)
-            try:
-                for gen in results:
-                    i = todo[gen.index]
-                    err = gen.error
-                    if err is None:
-                        try:
-                            write_image(layout, manifest, res.run_id, names[i], ids[names[i]], images[i], gen,
-                                        settings, existing[i])
-                            res.done += 1
-                        except SegAnyError as e:  # existing annotations that do not fit: this image only
-                            err = str(e)
-                        except OSError as e:  # disk full, permissions: every later image would fail the same way
-                            raise SegAnyError(f"cannot write {names[i]} in {layout.data_dir}: {e}") from None
-                    if err is not None:
-                        res.failed += 1
-                        res.failures.append(err)
-                        manifest.mark_failed(names[i], res.run_id, err)
-                        tqdm.write(f"segany annotate: skipped {err}", file=sys.stderr)
-                    bar.update(1)
-            finally:
-                bar.close()
+
+            def write(i: int, gen: Generated) -> None:
+                write_image(layout, manifest, res.run_id, names[i], ids[names[i]], images[i], gen, settings,
+                            existing[i])
+
+            def record_failure(i: int, err: str) -> None:
+                res.failures.append(err)
+                manifest.mark_failed(names[i], res.run_id, err)
+
+            counts = write_results(results, todo, write, lambda i: f"{names[i]} in {layout.data_dir}", "annotate",
+                                   len(images), progress, on_failure=record_failure)
+            res.done, res.failed = counts.done, counts.failed
         _totals(manifest, names, res)
         if settings.semi:
             res.report = _report(layout, manifest, names, settings)

@@ -129,7 +129,7 @@ def dataset_names(images: Sequence[Path]) -> list[str]:
     ``x_jpg``: the training reader pairs ``NAME.json`` with ``NAME.<image suffix>``, which ``x.jpg.json``
     would break.
     """
-    from segany.automatic.run import output_names
+    from segany.automatic.folder import output_names
 
     names = []
     for n in output_names(list(images)):

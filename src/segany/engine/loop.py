@@ -21,7 +21,6 @@ folder only its ``images/`` are read, never its masks.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import time
@@ -54,30 +53,12 @@ TABLE_COLUMNS = (
 )
 
 
-def add_loop_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, metavar="DIR",
-                   help="images to annotate: a folder, or a label-map folder (its images/ only; masks unread)")
-    p.add_argument("--images-split", metavar="S", help="with a label-map folder: only this split's images")
-    p.add_argument("--max-images", type=int, metavar="N", help="only the first N images")
-    p.add_argument("--rounds", type=int, default=2, metavar="N", help="annotate/train/evaluate rounds (2)")
-    p.add_argument("--val", required=True, metavar="DIR", help="held-out label-map folder for evaluation")
-    p.add_argument("--val-split", metavar="S", help="its split (e.g. val)")
-    p.add_argument("--val-max-images", type=int, default=20, metavar="N", help="evaluate on N images (20)")
-    p.add_argument("--val-max-objects", type=int, default=8, metavar="N", help="objects per image (8)")
-    p.add_argument("--train-config", metavar="FILE", help="training options (YAML, as segany train); its data, "
-                   "checkpoint and out_dir are set by the engine")
-    p.add_argument("--steps", type=int, metavar="N", help="training steps per round (default: the config's, or 100)")
-    p.add_argument("--human", action="append", default=[], metavar="DIR[:SPLIT]",
-                   help="human-labelled data to train on too: a label-map folder (with a split) or SA-1B folder")
-    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="where rounds, datasets, weights go")
-
-
 # -- inputs ----------------------------------------------------------------------------------------
 
 
 def engine_images(images: str, split: str | None, max_images: int | None, out_dir: Path) -> list[Path]:
     """The images to annotate (a label-map folder contributes its images only)."""
-    from segany.automatic.run import collect_images
+    from segany.automatic.folder import collect_images
     from segany.io.labelmaps import LabelMapFolder, is_label_map_folder
 
     if max_images is not None and max_images < 1:
@@ -161,8 +142,8 @@ def round_config(base: dict[str, Any], out_dir: Path, checkpoint: str, data: lis
 
 
 @dataclass
-class Engine:
-    """The loop's inputs, checked."""
+class DataEngineLoop:
+    """The data engine's rounds: their inputs (checked by ``segany engine``) and :meth:`run`."""
 
     out: Path
     images: list[Path]
@@ -287,41 +268,3 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.savefig(buf, format="png")
     atomic_write_bytes(out / "rounds.png", buf.getvalue())
     return [*paths, out / "rounds.png"]
-
-
-# -- the command -----------------------------------------------------------------------------------
-
-
-def run_from_args(args: argparse.Namespace, generator: dict[str, Any], ray: Any) -> int:
-    from segany.training.config import TrainConfig
-
-    if args.rounds < 1:
-        raise SegAnyError(f"--rounds must be >= 1, got {args.rounds}")
-    if args.steps is not None and args.steps < 1:
-        raise SegAnyError(f"--steps must be >= 1, got {args.steps}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SegAnyError(f"{out}: exists and is not a folder")
-    base: dict[str, Any] = {}
-    if args.train_config:
-        base = TrainConfig.from_yaml(args.train_config).to_dict()
-        for key in ("out_dir", "checkpoint", "train_data", "val_data", "resume"):
-            base.pop(key, None)
-        if base.get("device") == "auto":  # then --device decides, as for annotation and evaluation
-            del base["device"]
-    else:
-        TrainConfig.from_dict(dict(ROUND_TRAINING))  # checked before hours of annotation, not after
-    images = engine_images(args.images, args.images_split, args.max_images, out)
-    val = load_val(args.val, args.val_split, args.val_max_images, images)
-    if args.val_max_objects < 1:
-        raise SegAnyError(f"--val-max-objects must be >= 1, got {args.val_max_objects}")
-    engine = Engine(out, images, val, args.rounds, args.model, args.device, generator, ray, base,
-                    human_specs(args.human), args.steps, args.val_max_objects)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    rows = engine.run()
-    print(markdown_table(rows), end="")
-    print(f"engine: {args.rounds} rounds on {len(images)} images, {(time.perf_counter() - t0) / 60:.1f} min -> "
-          f"{out / 'rounds.md'}, {out / 'rounds.json'}" + (", rounds.png" if (out / "rounds.png").is_file() else ""))
-    return 0
-

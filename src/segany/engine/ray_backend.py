@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from segany.engine.annotate import Generated, generate_one
+from segany.automatic.folder import Generated, generate_one
 from segany.errors import SegAnyError
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from segany.cli import add_model_arg, register
+from segany.commands.args import add_model_arg
 from segany.errors import SegAnyError
 
 
@@ -71,5 +71,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-register("eval", "evaluate a model on a labelled folder (clicks | box | everything)", add_args, run)

@@ -1,4 +1,4 @@
-"""``segany serve`` (the web tool) and ``segany export-onnx``, registered on import (see ``segany.commands``).
+"""``segany serve``: the web tool and its HTTP API.
 
 Nothing heavy is imported here: ``segany --help`` must work without fastapi or onnx installed.
 """
@@ -10,19 +10,18 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from segany.cli import register
 from segany.errors import SegAnyError
-from segany.export import cli as export_cli
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model name (see `segany models`) or checkpoint path")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port of the web tool and the API (default: 8000)")
     p.add_argument("--cache-mb", type=float, default=1024, help="memory for cached embeddings, MiB (default: 1024)")
     p.add_argument("--max-upload-mb", type=float, default=25, help="largest upload accepted, MiB (default: 25)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image accepted, pixels (default: 50000000)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="largest image accepted, pixels (default: 50000000)")
     p.add_argument("--dataset-dir", help="annotation mode: accepted masks are saved under this folder")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow this origin to call the API from a page it serves (repeatable; none by default)")
@@ -38,7 +37,7 @@ def _check(args: argparse.Namespace) -> None:
         raise SegAnyError(f"--dataset-dir {args.dataset_dir}: exists and is not a folder")
 
 
-def _serve_run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     _check(args)
     try:
         import uvicorn
@@ -64,7 +63,3 @@ def _serve_run(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
-
-register("serve", "the interactive web tool and its HTTP API", _serve_args, _serve_run)
-register("export-onnx", "export the prompt decoder (and the image encoder) to ONNX", export_cli.add_args,
-         export_cli.run)

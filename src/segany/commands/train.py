@@ -1,10 +1,9 @@
-"""``segany train``: the options are TrainConfig's (``--config FILE.yaml`` and/or ``--field-name VALUE``)."""
+"""``segany train`` (the options are TrainConfig's: ``--config FILE.yaml`` and/or ``--field-name VALUE``) and
+``segany train-text``."""
 
 from __future__ import annotations
 
 import argparse
-
-from segany.cli import register
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +17,6 @@ def run(args: argparse.Namespace) -> int:
 
     return train_main(args)
 
-
-register("train", "train or fine-tune a model (the paper's simulated interactive training)", add_args, run)
 
 
 def add_text_args(p: argparse.ArgumentParser) -> None:
@@ -37,5 +34,3 @@ def run_text(args: argparse.Namespace) -> int:
     print(f"text head: {path}")
     return 0
 
-
-register("train-text", "train a text head (text prompts) on a frozen model", add_text_args, run_text)

@@ -1,0 +1,98 @@
+"""``segany segment`` (one image, prompts -> masks), ``segany models`` and ``segany convert``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from segany.commands.args import add_model_arg, parse_box, parse_xy
+from segany.errors import SegAnyError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file")
+    p.add_argument("--point", action="append", default=[], metavar="X,Y", help="positive point (repeatable)")
+    p.add_argument("--negative", action="append", default=[], metavar="X,Y", help="negative point (repeatable)")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="box prompt in pixels")
+    p.add_argument("--multimask", action="store_true", help="write the 3 candidate masks, best first")
+    p.add_argument("--text", help='text prompt, e.g. "the cat" (needs a model with a text head, or --detector)')
+    p.add_argument(
+        "--instances", type=int, metavar="N",
+        help="with --text: one mask per matching object, at most N, best first (default: one mask for all of them)",
+    )
+    p.add_argument("--detector", metavar="DIR", help="with --text: an OWLv2 / Grounding DINO folder on disk")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
+    add_model_arg(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segany.segment import segment_image
+
+    points = [(parse_xy(t), 1) for t in args.point] + [(parse_xy(t, "negative point"), 0) for t in args.negative]
+    box = parse_box(args.box) if args.box else None
+    if args.text is None and (args.instances is not None or args.detector is not None):
+        raise SegAnyError("--instances and --detector go with --text")
+    if not points and box is None and args.text is None:
+        raise SegAnyError('give at least one prompt: --point X,Y, --negative X,Y, --box X0,Y0,X1,Y1 or --text "..."')
+    if args.instances is not None and (args.instances < 1 or points or box is not None):
+        raise SegAnyError("--instances takes a positive number and a text alone (no points or box)")
+    t0 = time.perf_counter()
+    result = segment_image(
+        Path(args.image), points, box, Path(args.out), model=args.model, device=args.device, multimask=args.multimask,
+        text=args.text, instances=args.instances, detector=args.detector,
+    )
+    took = f"-> {args.out} ({time.perf_counter() - t0:.2f} s)"
+    if not result["masks"]:
+        print(f"{args.image}: no mask matches the text {args.text!r} {took}")
+        return 0
+    best = result["masks"][0]
+    empty = [m["file"] for m in result["masks"] if m["empty"]]
+    print(
+        f"{args.image}: {len(result['masks'])} mask(s)"
+        + (f" ({len(empty)} empty: {', '.join(empty)})" if empty else "")
+        + f", best score {best['predicted_iou']:.3f}, area {best['area']} px {took}"
+    )
+    return 0
+
+
+# -- models / convert ----------------------------------------------------------------------------
+
+
+def add_models_args(p: argparse.ArgumentParser) -> None:
+    """``segany models`` takes no options."""
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from segany.checkpoint import KNOWN_MODELS, model_search_dirs, resolve_model_path
+
+    nw = max(len(n) for n in KNOWN_MODELS)
+    fw = max(len(f[0]) for f, _ in KNOWN_MODELS.values())
+    print(f"{'name':<{nw}} {'file':<{fw}} {'status':<10} description")
+    for name, (files, desc) in KNOWN_MODELS.items():
+        try:
+            status = f"found: {resolve_model_path(name)}"
+        except SegAnyError:
+            status = "missing"
+        print(f"{name:<{nw}} {files[0]:<{fw}} {status:<10} {desc}")
+    print("also: any other official SAM 2 / 2.1 .pt, SAM-HQ .pth, or a Hugging Face SamModel folder, by path")
+    print("searched: " + ", ".join(str(d) for d in model_search_dirs()))
+    return 0
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint to read (.pth, .pt, .safetensors, or a Hugging Face SamModel folder)")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--half", action="store_true", help="store fp16 (half the size)")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from segany.checkpoint import convert_checkpoint
+
+    if not str(args.dst).endswith(".safetensors"):
+        raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
+    cfg = convert_checkpoint(args.src, args.dst, half=args.half)
+    size = os.path.getsize(args.dst) / 1e6
+    print(f"{args.src} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}, {size:.1f} MB)")
+    return 0
