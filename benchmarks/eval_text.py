@@ -22,6 +22,7 @@ import torch
 
 from segany import SamPredictor, load_model
 from segany.evaluation.text import eval_categories, eval_synthetic
+from segany.training.text_data import CategoryTargets, SyntheticTargets
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -45,12 +46,15 @@ def main() -> None:
     results = {}
     if not args.no_coco and (DATA / "coco_panoptic200").is_dir():
         results["coco_panoptic_val2017"] = eval_categories(
-            predictor, str(DATA / "coco_panoptic200"), "val2017", max_images=args.max_images, blind=not args.no_blind
+            predictor, CategoryTargets(DATA / "coco_panoptic200", "val2017"), max_images=args.max_images,
+            blind=not args.no_blind,
         )
     elif not args.no_coco:
         print(f"{DATA / 'coco_panoptic200'} not found: COCO part skipped")
     if args.scenes:
-        results["synthetic_heldout"] = eval_synthetic(predictor, n=args.scenes)
+        # seeds from 1,000,000 on: never used in training
+        held_out = SyntheticTargets(args.scenes, image_size=256, seed=1_000_000)
+        results["synthetic_heldout"] = eval_synthetic(predictor, held_out)
     print(json.dumps(results, indent=2))
     if "coco_panoptic_val2017" in results and not args.no_blind:
         c = results["coco_panoptic_val2017"]

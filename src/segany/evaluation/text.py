@@ -9,13 +9,17 @@
   stronger of the two blind references.
 * :func:`eval_synthetic`: held-out synthetic scenes, each attribute query in its canonical wording
   ("the red circle on the left"), IoU against the union of the shapes it names; per query kind.
+
+Both read a *source* of text samples (``len(source)``, ``source.sample(i)`` -> image, queries, target masks
+and ignore mask), e.g. :mod:`segany.training.text_data`'s ``CategoryTargets`` and ``SyntheticTargets``:
+measuring depends on the samples' shape, not on the training code.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,7 +27,15 @@ from segany.automatic import SamAutomaticMaskGenerator
 from segany.evaluation.metrics import mask_iou
 from segany.predictor import SamPredictor
 from segany.text.phrases import attribute_phrase, category_phrase
-from segany.training.text_data import CategoryTargets, SyntheticTargets
+
+
+class TextSource(Protocol):
+    """Text samples: ``sample(i)`` has ``image`` (H x W x 3), ``queries`` (K), ``targets`` (K x H x W bool)
+    and ``ignore`` (H x W bool)."""
+
+    def __len__(self) -> int: ...
+
+    def sample(self, index: int) -> Any: ...
 
 
 def _blind_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[np.ndarray]:
@@ -34,14 +46,13 @@ def _blind_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> lis
 
 def eval_categories(
     predictor: SamPredictor,
-    root: str,
-    split: str,
+    src: TextSource,
     max_images: int | None = None,
     blind: bool = True,
     points_per_side: int = 16,
 ) -> dict[str, Any]:
-    """Text-to-mask mIoU on a label-map folder's split, with the prompt-blind references."""
-    src = CategoryTargets(root, split)
+    """Text-to-mask mIoU on a source of category queries (e.g. ``CategoryTargets(root, split)``, a label-map
+    folder's split), with the prompt-blind references."""
     n = len(src) if max_images is None else min(max_images, len(src))
     generator = None
     if blind:
@@ -83,11 +94,10 @@ def _kind(query: dict) -> str:
     return "+".join(k for k in ("color", "shape", "position") if k in query)
 
 
-def eval_synthetic(
-    predictor: SamPredictor, n: int = 200, seed: int = 1_000_000, image_size: int = 256
-) -> dict[str, Any]:
-    """mIoU of canonical attribute phrases on ``n`` held-out scenes (seeds never used in training)."""
-    src = SyntheticTargets(n, image_size, seed=seed)
+def eval_synthetic(predictor: SamPredictor, src: TextSource) -> dict[str, Any]:
+    """mIoU of canonical attribute phrases on a source of attribute queries (e.g. ``SyntheticTargets`` of
+    held-out scenes: seeds never used in training)."""
+    n = len(src)
     per_kind: dict[str, list[float]] = defaultdict(list)
     t0 = time.time()
     for i in range(n):
