@@ -282,16 +282,27 @@ def test_fast_decoder_matches_the_model(models):
     [((192, 256), (96, 128)), ((171, 256), (100, 150)), ((256, 256), (64, 64)), ((256, 13), (512, 26))],
 )
 def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_size):
-    from segany.automatic.generator import _upsample
+    """The fast model's post-processing of the re-associated decoder's partial maps (the top-left rows and
+    columns the input reads) equals the plain post-processing of the whole map, on both of its paths."""
+    from segany.modeling.fast import FastSam, postprocess
     from segany.modeling.fast.decoder import low_res_rows
+    from segany.modeling.sam import Sam
 
     _ref, ours, _image, _sa = models
+    assert isinstance(ours, FastSam)
     low = torch.randn(5, 64, 64)
-    want = ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
+    want = Sam.postprocess_masks(ours, low[:, None], input_size, original_size)[:, 0]
     rows, cols = (low_res_rows(n, 64, ours.image_size) for n in input_size)
     assert rows <= 64 and cols <= 64
-    assert torch.equal(_upsample(low[:, :rows, :cols], ours, input_size, original_size), want)
-    assert torch.equal(_upsample(low, ours, input_size, original_size), want)
+    part = low[:, None, :rows, :cols]
+    # the interpolation path (autograd on) is exact; the matrix path (inference) is the same function
+    assert torch.equal(ours.postprocess_masks(part, input_size, original_size)[:, 0], want)
+    assert torch.equal(ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0], want)
+    with torch.inference_mode():
+        assert postprocess.use_matrix_path(part, ours.image_size, original_size)
+        for x in (part, low[:, None]):
+            torch.testing.assert_close(ours.postprocess_masks(x, input_size, original_size)[:, 0], want,
+                                       rtol=0, atol=1e-5)
 
 
 def test_decode_chunking_does_not_change_results(models, monkeypatch):

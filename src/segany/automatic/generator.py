@@ -28,14 +28,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from segany.errors import SegAnyError
 from segany.modeling.fast import postprocess
 from segany.modeling.fast.decoder import ReassociatedDecoder
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
-from segany.modeling.fast.sam import FastSam
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.utils.masks import (
@@ -123,25 +121,6 @@ def _encode(masks: torch.Tensor) -> list[dict[str, Any]]:
         return []
     arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
     return mask_utils.encode(arr)
-
-
-def _upsample(
-    low: torch.Tensor, model: Sam, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> torch.Tensor:
-    """``model.postprocess_masks`` for ``K x h x w`` low-res logits that may be only the top-left part of
-    the full ``L x L`` low-res map (enough rows and columns for the input, see
-    :func:`~segany.modeling.fast.decoder.low_res_rows`):
-    the same exact-factor upsampling, the same crop, the same resize, without the padding's pixels.
-    At inference on a CPU: the same function as two matrix products (:mod:`segany.modeling.fast.postprocess`)."""
-    if getattr(model, "resize_mode", None) == "stretch":  # SAM 2: the full map, one resize, no crop
-        return model.postprocess_masks(low[:, None], input_size, original_size)[:, 0]
-    full = tuple(model.prompt_encoder.mask_input_size)
-    if isinstance(model, FastSam) and postprocess.use_matrix_path(low[:, None], model.image_size, original_size):
-        return postprocess.postprocess_masks(low[:, None], model.image_size, input_size, original_size, full)[:, 0]
-    f = model.image_size // full[0]
-    x = F.interpolate(low[:, None], (low.shape[-2] * f, low.shape[-1] * f), mode="bilinear", align_corners=False)
-    x = x[..., : input_size[0], : input_size[1]]
-    return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)[:, 0]
 
 
 class SamAutomaticMaskGenerator:
@@ -272,7 +251,9 @@ class SamAutomaticMaskGenerator:
             data = _filter(data, keep)
             removed["max_mask_region_fraction"] += len(areas) - int(keep.sum())
             areas = [a for a, k in zip(areas, keep.tolist()) if k]
-        self.filter_counts = {"candidates": removed["candidates"], **{f: removed[f] for f in FILTERS}, "kept": len(areas)}
+        self.filter_counts = {
+            "candidates": removed["candidates"], **{f: removed[f] for f in FILTERS}, "kept": len(areas)
+        }
         return self._records(data, areas)
 
     def _records(self, data: dict[str, Any], areas: list[int]) -> list[dict[str, Any]]:
@@ -429,7 +410,8 @@ class SamAutomaticMaskGenerator:
         for start in range(0, len(idx), UPSAMPLE_CHUNK):
             sel = idx[start : start + UPSAMPLE_CHUNK]
             chunk = low_res[start : start + UPSAMPLE_CHUNK]
-            logits = _upsample(chunk, p.model, p.input_size, p.original_size)
+            # the model's own post-processing (a fast model's takes the re-associated decoder's partial maps)
+            logits = p.model.postprocess_masks(chunk[:, None], p.input_size, p.original_size)[:, 0]
             stab = calculate_stability_score(logits, thr, self.stability_score_offset)
             ok = stab >= self.stability_score_thresh
             if self.stability_score_thresh <= 0.0:  # off, as the official generator (keeps NaN scores too)

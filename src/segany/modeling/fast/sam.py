@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from segany.modeling.fast import postprocess
 from segany.modeling.sam import Sam
@@ -11,7 +12,9 @@ from segany.modeling.sam import Sam
 class FastSam(Sam):
     """:class:`Sam` whose :meth:`postprocess_masks` runs as two matrix products on a CPU at inference (same
     function; see :mod:`segany.modeling.fast.postprocess`), each mask thresholded as it is made (no
-    full-size logits kept for the batch)."""
+    full-size logits kept for the batch). The logits may be only the top-left part of the low-res map (the
+    rows and columns the input reads, as the re-associated decoder makes them:
+    :func:`~segany.modeling.fast.decoder.low_res_rows`)."""
 
     def postprocess_masks(
         self,
@@ -20,7 +23,16 @@ class FastSam(Sam):
         original_size: tuple[int, ...],
         threshold: float | None = None,
     ) -> torch.Tensor:
+        full = tuple(self.prompt_encoder.mask_input_size)
         if postprocess.use_matrix_path(masks, self.image_size, original_size):
-            return postprocess.postprocess_masks(masks, self.image_size, input_size, original_size, threshold=threshold)
-        logits = super().postprocess_masks(masks, input_size, original_size)
+            return postprocess.postprocess_masks(
+                masks, self.image_size, input_size, original_size, full, threshold=threshold
+            )
+        if tuple(masks.shape[-2:]) == full:
+            logits = super().postprocess_masks(masks, input_size, original_size)
+        else:  # a top-left part: the same exact-factor upsampling, crop and resize, without the padding's pixels
+            f = self.image_size // full[0]
+            x = F.interpolate(masks, (masks.shape[-2] * f, masks.shape[-1] * f), mode="bilinear", align_corners=False)
+            x = x[..., : input_size[0], : input_size[1]]
+            logits = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
         return logits if threshold is None else postprocess.greater(logits, threshold)
