@@ -29,7 +29,8 @@ from tests.test_parity import smooth_image  # noqa: E402
 
 LOGIT_TOL = 1e-4
 IOU_TOL = 1e-5
-HQ_KW = {"embed_dim": 48, "depth": 4, "num_heads": 3, "global_attn_indexes": (1, 3), "image_size": 256, "window_size": 7}
+HQ_KW = {"embed_dim": 48, "depth": 4, "num_heads": 3, "global_attn_indexes": (1, 3), "image_size": 256,
+         "window_size": 7}
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
 
 # Tensors only SAM-HQ's decoder has (the HQ token and the feature fusion).
 _HQ_ONLY = tuple(
-    f"mask_decoder.{n}." for n in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+    f"mask_decoder.{n}."
+    for n in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
 )
 
 

@@ -31,7 +31,10 @@ _RENAMES = [
     (r"^image_encoder\.neck\.layer_norm1\.", "image_encoder.neck.1."),
     (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
     (r"^image_encoder\.neck\.layer_norm2\.", "image_encoder.neck.3."),
-    (r"^prompt_encoder\.shared_embedding\.positional_embedding$", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (
+        r"^prompt_encoder\.shared_embedding\.positional_embedding$",
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    ),
     (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
     (r"^prompt_encoder\.mask_embed\.layer_norm1\.", "prompt_encoder.mask_downscaling.1."),
     (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
@@ -44,7 +47,9 @@ _RENAMES = [
     (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
     (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
 ]
-_MLP = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|layers\.(\d+)|proj_out)\.")
+_MLP = re.compile(
+    r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|layers\.(\d+)|proj_out)\."
+)
 
 
 def is_hf_sam_folder(path: Path) -> bool:

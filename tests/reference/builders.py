@@ -99,6 +99,33 @@ def _prompt_and_decoder(
     return prompt_encoder, mask_decoder
 
 
+def reference_vit_encoder(
+    m: types.ModuleType,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    global_attn_indexes: Sequence[int],
+    image_size: int,
+    window_size: int,
+    out_chans: int,
+) -> nn.Module:
+    """``m.ImageEncoderViT`` (``m``: a reference package's ``modeling``) as the official builders make it."""
+    return m.ImageEncoderViT(
+        depth=depth,
+        embed_dim=embed_dim,
+        img_size=image_size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=num_heads,
+        patch_size=16,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=list(global_attn_indexes),
+        window_size=window_size,
+        out_chans=out_chans,
+    )
+
+
 def build_reference_vit(
     embed_dim: int = 768,
     depth: int = 12,
@@ -129,19 +156,8 @@ def build_reference_vit(
         iou_head_hidden_dim,
     )
     sam = m.Sam(
-        image_encoder=m.ImageEncoderViT(
-            depth=depth,
-            embed_dim=embed_dim,
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(global_attn_indexes),
-            window_size=window_size,
-            out_chans=prompt_embed_dim,
+        image_encoder=reference_vit_encoder(
+            m, embed_dim, depth, num_heads, global_attn_indexes, image_size, window_size, prompt_embed_dim
         ),
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,

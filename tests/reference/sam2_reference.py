@@ -4,8 +4,6 @@ own hydra configs (with size overrides), random weights, checkpoints in the offi
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 from pathlib import Path
 
@@ -65,20 +63,9 @@ class Normalize(nn.Module):
 
 def import_sam2() -> types.SimpleNamespace:
     """``build_sam2``, ``SAM2ImagePredictor`` and ``SAM2AutomaticMaskGenerator`` of the official package,
-    imported while the stand-ins are in ``sys.modules`` (removed again afterwards, as in :mod:`.shim`)."""
-    fakes = shim._fake_modules()
-    fakes["torchvision.transforms"].__dict__.update(Normalize=Normalize, Resize=Resize, ToTensor=ToTensor)
-    saved = {k: sys.modules[k] for k in fakes if k in sys.modules}
-    sys.modules.update(fakes)
-    try:
-        mods = [importlib.import_module(n) for n in _SAM2_MODULES]
-    finally:
-        for k in fakes:
-            if k in saved:
-                sys.modules[k] = saved[k]
-            else:
-                sys.modules.pop(k, None)
-    build, predictor, generator = mods
+    imported with the stand-ins (removed again afterwards, see :mod:`.shim`)."""
+    stand_ins = {"Normalize": Normalize, "Resize": Resize, "ToTensor": ToTensor}
+    build, predictor, generator = (shim._import_with_stand_ins(n, stand_ins) for n in _SAM2_MODULES)
     return types.SimpleNamespace(
         build_sam2=build.build_sam2,
         SAM2ImagePredictor=predictor.SAM2ImagePredictor,

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import types
 from collections.abc import Sequence
-from functools import partial
 
-import torch
 from torch import nn
 
-from .builders import randomize_
+from .builders import randomize_, reference_vit_encoder
 from .shim import _import_with_stand_ins
 
 
@@ -33,19 +31,8 @@ def build_reference_sam_hq(
     m = import_sam_hq().modeling
     emb = image_size // 16
     sam = m.Sam(
-        image_encoder=m.ImageEncoderViT(
-            depth=depth,
-            embed_dim=embed_dim,
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(global_attn_indexes),
-            window_size=window_size,
-            out_chans=256,
+        image_encoder=reference_vit_encoder(
+            m, embed_dim, depth, num_heads, global_attn_indexes, image_size, window_size, 256
         ),
         prompt_encoder=m.PromptEncoder(
             embed_dim=256, image_embedding_size=(emb, emb), input_image_size=(image_size, image_size), mask_in_chans=16

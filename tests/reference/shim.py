@@ -154,10 +154,13 @@ def _fake_modules() -> dict[str, types.ModuleType]:
     return mods
 
 
-def _import_with_stand_ins(name: str) -> types.ModuleType:
+def _import_with_stand_ins(name: str, transforms: dict[str, Any] | None = None) -> types.ModuleType:
+    """Import ``name`` while the fakes are in ``sys.modules``; ``transforms``: more names for the fake
+    ``torchvision.transforms`` (SAM 2 uses its ``Normalize``, ``Resize`` and ``ToTensor``)."""
     if name in sys.modules:
         return sys.modules[name]
     fakes = _fake_modules()
+    fakes["torchvision.transforms"].__dict__.update(transforms or {})
     saved = {k: sys.modules[k] for k in fakes if k in sys.modules}
     sys.modules.update(fakes)
     try:

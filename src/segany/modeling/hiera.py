@@ -23,7 +23,9 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
     """Inverse of :func:`window_partition`: ``B*nW x window x window x C`` -> ``B x H x W x C``."""
     hp, wp = pad_hw
     h, w = hw

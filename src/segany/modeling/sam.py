@@ -14,6 +14,13 @@ from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 
 
+def _one_image(value: Any, i: int) -> Any:
+    """Image ``i`` of a batched decoder input (a tensor, a list of tensors, or None)."""
+    if isinstance(value, list):
+        return [v[i : i + 1] for v in value]
+    return None if value is None else value[i : i + 1]
+
+
 class Sam(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
@@ -97,13 +104,18 @@ class Sam(nn.Module):
         resized so the longest side is ``image_size``), ``original_size`` and optional
         ``point_coords``/``point_labels``/``boxes``/``mask_inputs`` (in the resized frame)."""
         images = torch.stack([self.preprocess(x["image"]) for x in batched_input], dim=0)
-        embeddings = self.image_encoder(images)
+        embeddings, inputs = self.embed_image(images)
         outputs = []
-        for record, emb in zip(batched_input, embeddings):
+        for i, record in enumerate(batched_input):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
             sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
             low_res, iou = self.mask_decoder(
-                emb.unsqueeze(0), self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+                embeddings[i : i + 1],
+                self.prompt_encoder.get_dense_pe(),
+                sparse,
+                dense,
+                multimask_output,
+                **{name: _one_image(value, i) for name, value in inputs.items()},
             )
             masks = self.postprocess_masks(
                 low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold

@@ -47,7 +47,8 @@ class Sam2PromptEncoder(PromptEncoder):
 
 class Sam2(Sam):
     """SAM 2 image model. ``image_encoder`` returns the neck's maps at strides 4, 8 and 16; use
-    :meth:`embed_image` for the decoder's inputs."""
+    :meth:`embed_image` for the decoder's inputs. In :meth:`Sam.forward`'s batched interface each
+    ``image`` is already stretched to ``S x S``."""
 
     resize_mode = "stretch"
     decoder_input_names = ("high_res_features",)
@@ -106,27 +107,6 @@ class Sam2(Sam):
         resize: the input was stretched, so there is no padding to crop); booleans with ``threshold``."""
         masks = F.interpolate(masks.float(), tuple(original_size), mode="bilinear", align_corners=False)
         return masks if threshold is None else masks > threshold
-
-    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
-        """:meth:`Sam.forward`'s batched interface; each ``image`` is already stretched to ``S x S``."""
-        images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)
-        embeddings, inputs = self.embed_image(images)
-        high_res = inputs["high_res_features"]
-        outputs = []
-        for i, record in enumerate(batched_input):
-            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
-            sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
-            low_res, iou = self.mask_decoder(
-                embeddings[i : i + 1],
-                self.prompt_encoder.get_dense_pe(),
-                sparse,
-                dense,
-                multimask_output,
-                high_res_features=None if high_res is None else [f[i : i + 1] for f in high_res],
-            )
-            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"], 0.0)
-            outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
-        return outputs
 
 
 def build_sam2(cfg: Sam2Config) -> Sam2:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segany.modeling.common import LayerNorm2d
-from segany.modeling.mask_decoder import MLP
+from segany.modeling.mask_decoder import MLP, MaskDecoder
 from segany.modeling.transformer import TwoWayTransformer
 
 
-class Sam2MaskDecoder(nn.Module):
-    """Predicts ``1 + num_multimask_outputs`` masks, their IoU and an object score per prompt set.
+class Sam2MaskDecoder(MaskDecoder):
+    """SAM's :class:`MaskDecoder` as SAM 2 extends it: ``1 + num_multimask_outputs`` masks, their IoU and an
+    object score per prompt set.
 
     Args:
         use_high_res_features: add projected stride-8 / stride-4 features (``conv_s1`` / ``conv_s0``, applied
@@ -43,36 +43,17 @@ class Sam2MaskDecoder(nn.Module):
         dynamic_multimask_stability_delta: float = 0.05,
         dynamic_multimask_stability_thresh: float = 0.98,
     ) -> None:
-        super().__init__()
-        self.transformer_dim = transformer_dim
-        self.transformer = transformer
-        self.num_multimask_outputs = num_multimask_outputs
-        self.iou_token = nn.Embedding(1, transformer_dim)
-        self.num_mask_tokens = num_multimask_outputs + 1
-        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        super().__init__(transformer_dim, transformer, num_multimask_outputs, iou_head_depth, iou_head_hidden_dim)
+        d = transformer_dim
         self.pred_obj_scores = pred_obj_scores
         if pred_obj_scores:
-            self.obj_score_token = nn.Embedding(1, transformer_dim)
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+            self.obj_score_token = nn.Embedding(1, d)
+            self.pred_obj_score_head = MLP(d, d, 1, 3) if pred_obj_scores_mlp else nn.Linear(d, 1)
         self.use_high_res_features = use_high_res_features
         if use_high_res_features:
-            self.conv_s0 = nn.Conv2d(transformer_dim, transformer_dim // 8, kernel_size=1)
-            self.conv_s1 = nn.Conv2d(transformer_dim, transformer_dim // 4, kernel_size=1)
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
-        )
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+            self.conv_s0 = nn.Conv2d(d, d // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(d, d // 4, kernel_size=1)
         self.iou_prediction_use_sigmoid = iou_prediction_use_sigmoid
-        if pred_obj_scores:
-            self.pred_obj_score_head = (
-                MLP(transformer_dim, transformer_dim, 1, 3) if pred_obj_scores_mlp else nn.Linear(transformer_dim, 1)
-            )
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
         self.dynamic_multimask_stability_thresh = dynamic_multimask_stability_thresh
@@ -82,7 +63,7 @@ class Sam2MaskDecoder(nn.Module):
         ``B x C/8 x 4h x 4w`` and ``B x C/4 x 2h x 2w`` that :meth:`forward` takes (once per image)."""
         return [self.conv_s0(feat_s0), self.conv_s1(feat_s1)]
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
@@ -108,7 +89,7 @@ class Sam2MaskDecoder(nn.Module):
             return self._dynamic_multimask_via_stability(masks, iou)
         return masks[:, :1], iou[:, :1]
 
-    def predict_masks(
+    def predict_masks(  # type: ignore[override]
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,

@@ -76,28 +76,6 @@ class SamHQ(Sam):
         embedding, early = _early_and_final(self.image_encoder, x)
         return embedding, {"interm_embeddings": early}
 
-    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
-        """:meth:`Sam.forward`'s batched interface (``hq_token_only`` off, as upstream's default)."""
-        images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)
-        embeddings, inputs = self.embed_image(images)
-        outputs = []
-        for i, record in enumerate(batched_input):
-            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
-            sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
-            low_res, iou = self.mask_decoder(
-                embeddings[i : i + 1],
-                self.prompt_encoder.get_dense_pe(),
-                sparse,
-                dense,
-                multimask_output,
-                interm_embeddings=inputs["interm_embeddings"][i : i + 1],
-            )
-            masks = self.postprocess_masks(
-                low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold
-            )
-            outputs.append({"masks": masks, "iou_predictions": iou, "low_res_logits": low_res})
-        return outputs
-
 
 def build_sam_hq(cfg: SamHQConfig, fast: bool = True) -> SamHQ:
     """A randomly initialised :class:`SamHQ` for ``cfg``."""
