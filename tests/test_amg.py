@@ -305,6 +305,34 @@ def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_siz
                                        rtol=0, atol=1e-5)
 
 
+def test_generate_reuses_a_given_embedding(models):
+    """``generate(image, embedding=...)`` (the server's cache) skips the encoder for the whole-image crop,
+    not for the zoomed ones, and gives the same masks."""
+    from segany.predictor import SamPredictor
+
+    _ref, ours, image, _sa = models
+    p = SamPredictor(ours)
+    p.set_image(image)
+    cached = {"embedding": p.get_image_embedding(), "original_size": p.original_size, "input_size": p.input_size,
+              "decoder_inputs": p.get_decoder_inputs()}
+    calls = []
+    hook = ours.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for layers in (0, 1):
+            gen = SamAutomaticMaskGenerator(ours, **LOW_THRESHOLDS, points_per_side=8, crop_n_layers=layers)
+            calls.clear()
+            want = gen.generate(image)
+            n_plain = len(calls)
+            calls.clear()
+            got = gen.generate(image, embedding=cached)
+            assert len(calls) == n_plain - 1 == 4 * layers  # the whole image's encoding only is skipped
+            assert want and len(got) == len(want)
+            for a, b in zip(got, want):
+                assert np.array_equal(a["segmentation"], b["segmentation"]) and a["bbox"] == b["bbox"]
+    finally:
+        hook.remove()
+
+
 def test_decode_chunking_does_not_change_results(models, monkeypatch):
     import segany.modeling.fast.decoder as fast_decoder
 

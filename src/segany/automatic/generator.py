@@ -130,7 +130,8 @@ class SamAutomaticMaskGenerator:
         model: a :class:`Sam`.
         points_per_side: grid density (``points_per_side**2`` prompts); None requires ``point_grids``.
         points_per_batch: prompts run through the decoder at once.
-        pred_iou_thresh: keep masks whose predicted IoU is above this.
+        pred_iou_thresh: keep masks whose predicted IoU is above this; None: the official generator's
+            default for the model (SAM's 0.88, SAM 2's 0.8).
         stability_score_thresh / stability_score_offset: keep masks that change little when the
             logit threshold moves by the offset.
         box_nms_thresh: box IoU for NMS within a crop.
@@ -149,7 +150,7 @@ class SamAutomaticMaskGenerator:
         model: Sam,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
+        pred_iou_thresh: float | None = None,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
@@ -172,6 +173,8 @@ class SamAutomaticMaskGenerator:
             raise SegAnyError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
         if crop_n_points_downscale_factor < 1:
             raise SegAnyError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
+        if pred_iou_thresh is None:
+            pred_iou_thresh = 0.8 if getattr(model, "resize_mode", None) == "stretch" else 0.88
         for name, v in (
             ("pred_iou_thresh", pred_iou_thresh),
             ("stability_score_thresh", stability_score_thresh),
@@ -227,15 +230,19 @@ class SamAutomaticMaskGenerator:
         self.fast_decoder = isinstance(model.mask_decoder, FastMaskDecoder) and ReassociatedDecoder.supports(model)
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, embedding: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Masks for an ``H x W x 3`` uint8 RGB image, as the official list of records.
 
         Each record: segmentation (per output_mode), area, bbox (XYWH), predicted_iou, point_coords
         ([[x, y]]), stability_score, crop_box (XYWH).
+
+        ``embedding``: the image's embedding computed before, as :meth:`SamPredictor.set_embedding`'s
+        keyword arguments (e.g. a server's cache); the crop that is the whole image then skips the encoder
+        (zoomed crops cannot use it).
         """
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise SegAnyError(f"image must be an H x W x 3 uint8 array, got {getattr(image, 'shape', None)}")
-        data = self._generate_masks(image)
+        data = self._generate_masks(image, embedding)
         removed = data["removed"]
         h, w = image.shape[:2]
         if self.min_mask_region_area > 0 and data["rles"]:
@@ -282,12 +289,12 @@ class SamAutomaticMaskGenerator:
             for i in range(len(rles))
         ]
 
-    def _generate_masks(self, image: np.ndarray) -> dict[str, Any]:
+    def _generate_masks(self, image: np.ndarray, embedding: dict[str, Any] | None) -> dict[str, Any]:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         acc = _Masks()
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
-            crop = self._process_crop(image, crop_box, layer_idx, orig_size)
+            crop = self._process_crop(image, crop_box, layer_idx, orig_size, embedding)
             acc.rles += crop["rles"]
             acc.removed.update(crop["removed"])
             for name in ("boxes", "iou_preds", "stability", "points", "crop_boxes"):
@@ -305,12 +312,20 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _process_crop(
-        self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, int]
+        self,
+        image: np.ndarray,
+        crop_box: list[int],
+        layer_idx: int,
+        orig_size: tuple[int, int],
+        embedding: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         x0, y0, x1, y1 = crop_box
         cropped = image[y0:y1, x0:x1, :]
         cropped_size = cropped.shape[:2]
-        self.predictor.set_image(cropped)
+        if embedding is not None and tuple(cropped_size) == tuple(orig_size):
+            self.predictor.set_embedding(**embedding)
+        else:
+            self.predictor.set_image(cropped)
         decoder = (
             ReassociatedDecoder.for_model(self.predictor.model, self.predictor.features) if self.fast_decoder else None
         )

@@ -141,20 +141,11 @@ class Engine:
         The whole-image crop reuses the cached embedding instead of running the encoder again.
         """
         gen = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **options)
-        predictor = gen.predictor
-        full_set_image = predictor.set_image
-
-        def set_image(img: np.ndarray, image_format: str = "RGB") -> None:
-            # Only the crop that is the whole image can use the cached embedding; zoomed crops cannot.
-            if img.shape[:2] == (entry.height, entry.width):
-                predictor.set_embedding(
-                    entry.embedding, (entry.height, entry.width), entry.input_size, decoder_inputs=entry.decoder_inputs
-                )
-            else:
-                full_set_image(img, image_format)
-
-        predictor.set_image = set_image  # type: ignore[method-assign]
-        records = self.run(lambda: gen.generate(image))
+        cached = {
+            "embedding": entry.embedding, "original_size": (entry.height, entry.width),
+            "input_size": entry.input_size, "decoder_inputs": entry.decoder_inputs,
+        }
+        records = self.run(lambda: gen.generate(image, embedding=cached))
         return records, gen.filter_counts
 
     def decoder_onnx(self) -> bytes:
