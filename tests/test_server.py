@@ -184,7 +184,7 @@ def test_decoder_download_is_built_once(client):
     r2 = client.get("/api/decoder.onnx")
     assert r2.headers["ETag"] == r1.headers["ETag"] and r2.content == r1.content
     # Exporting must not have left the served model in training mode.
-    assert not any(m.training for m in client.app.state.engine.model.modules())
+    assert not any(m.training for m in client.app.state.served.model.modules())
 
 
 def test_annotations_are_saved_inside_the_dataset_dir(client, image_id):
@@ -348,8 +348,8 @@ def test_serve_command_checks_its_options(capsys):
 
 
 def test_model_left_in_eval_mode(client):
-    assert not client.app.state.engine.model.training
-    assert torch.is_tensor(client.app.state.engine.model.pixel_mean)
+    assert not client.app.state.served.model.training
+    assert torch.is_tensor(client.app.state.served.model.pixel_mean)
 
 
 def test_page_declares_its_icon(client):

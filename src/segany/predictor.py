@@ -107,7 +107,6 @@ class SamPredictor:
         self.is_image_set = False
         self.features = None
         self.decoder_inputs: dict[str, Any] = {}
-        self.orig_h = self.orig_w = self.input_h = self.input_w = None
         self.original_size = None
         self.input_size = None
         self.image_rgb = None

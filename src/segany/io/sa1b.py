@@ -24,7 +24,6 @@ from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_json
 from segany.io.rle import decode_rle, encode_rle, rle_area, rle_to_bbox
 
-IMAGE_KEYS = ("image_id", "width", "height", "file_name")
 ANNOTATION_KEYS = ("id", "segmentation", "bbox", "area")
 #: Optional annotation fields (written when the record has them, checked when a file has them).
 SCORE_KEYS = ("predicted_iou", "stability_score")

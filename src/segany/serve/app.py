@@ -44,7 +44,7 @@ from segany.io.images import decode_image
 from segany.modeling.sam import Sam
 from segany.serve.annotations import dataset_folder, save_annotations
 from segany.serve.cache import ByteLRU, ImageEntry, LogitsStore
-from segany.serve.engine import Engine, mask_record
+from segany.serve.engine import ServedModel, mask_record
 from segany.serve.limits import BodySizeLimit, image_header, read_upload
 from segany.serve.schemas import IMAGE_ID_PATTERN, AnnotationRequest, EverythingRequest, PredictRequest
 from segany.utils.masks import keep_parts_touching_box
@@ -85,7 +85,7 @@ class ServerSettings:
 def create_app(model: Sam, settings: ServerSettings | None = None, model_name: str = "model") -> FastAPI:
     """The FastAPI application serving ``model`` (see the module docstring for the endpoints)."""
     s = settings or ServerSettings()
-    engine = Engine(model, model_name)
+    served = ServedModel(model, model_name)
     # One budget: 7/8 for the images and their embeddings, 1/8 for the refinement logits.
     budget = max(16, int(s.cache_mb * MB))
     logits = LogitsStore(budget // 8)
@@ -95,12 +95,12 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.close()
+        served.close()
 
     # /docs is defined below, on the local Swagger UI files when npm installed them (no CDN offline).
     app = FastAPI(title="segany", version="0.1.0", description=__doc__, docs_url=None, redoc_url=None,
                   lifespan=lifespan)
-    app.state.engine, app.state.cache, app.state.logits, app.state.settings = engine, cache, logits, s
+    app.state.served, app.state.cache, app.state.logits, app.state.settings = served, cache, logits, s
     # JSON bodies are small; only uploads and annotation saves approach the upload cap.
     app.add_middleware(BodySizeLimit, max_bytes=max_upload + 64 * 1024)
     if s.cors_origins:  # closed by default: the page is served from the same origin
@@ -130,7 +130,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     def ingest(data: bytes, image_id: str, ext: str) -> ImageEntry:
         image = decode_image(data, name="upload", max_pixels=s.max_pixels)
-        embedding, input_size, text_features, decoder_inputs = engine.embed(image)
+        embedding, input_size, text_features, decoder_inputs = served.embed(image)
         h, w = image.shape[:2]
         entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding, text_features, decoder_inputs)
         cache.put(image_id, entry, entry.nbytes)
@@ -170,7 +170,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         if req.instances is not None:
             if req.text is None or req.points or req.box is not None or req.mask_input is not None:
                 raise HTTPException(400, "instances goes with a text alone (no points, box or mask_input)")
-            inst, inst_scores = engine.predict_instances(entry, req.text, req.instances)
+            inst, inst_scores = served.predict_instances(entry, req.text, req.instances)
             return {"image_id": image_id, "width": entry.width, "height": entry.height,
                     "masks": [mask_record(m, float(sc), req.format) for m, sc in zip(inst, inst_scores)]}
         mask_input = None
@@ -182,7 +182,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         points = np.array(req.points, dtype=np.float64) if req.points else None
         labels = np.array(req.labels, dtype=np.int64) if req.points else None
         box = np.array(req.box, dtype=np.float64) if req.box is not None else None
-        masks, scores, low_res = engine.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
+        masks, scores, low_res = served.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
         out = []
         for m, sc, lr in zip(masks, scores, low_res):
             if box is not None:  # specks wholly outside the box are not the object (as `segany segment`)
@@ -197,7 +197,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         entry = entry_of(image_id)
         image = decode_image(entry.data, name="upload", max_pixels=s.max_pixels)
         options = req.model_dump(exclude={"max_masks"})
-        records, counts = engine.everything(entry, image, options)
+        records, counts = served.everything(entry, image, options)
         records.sort(key=lambda r: -r["area"])  # large first: drawn in order, small masks stay visible
         masks = [
             {k: r[k] for k in ("segmentation", "area", "bbox", "predicted_iou", "stability_score", "point_coords")}
@@ -213,7 +213,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         image_id: str = ImageId, dtype: Literal["float32", "float16"] = "float32", part: str = "image_embeddings"
     ) -> Response:
         entry = entry_of(image_id)
-        tensor = engine.onnx_image_input(entry, part)  # SAM 2's decoder also takes high_res_feats_0 / _1
+        tensor = served.onnx_image_input(entry, part)  # SAM 2's decoder also takes high_res_feats_0 / _1
         if tensor is None:
             raise HTTPException(404, f"this model's decoder has no image input {part[:40]!r}")
         arr = tensor.numpy().astype("<f4" if dtype == "float32" else "<f2")
@@ -229,7 +229,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
     @app.get("/api/decoder.onnx", summary="The ONNX prompt decoder of the served model", response_class=Response)
     def decoder() -> Response:
         try:
-            data = engine.decoder_onnx()
+            data = served.decoder_onnx()
         except SegAnyError as e:  # the onnx package is missing: the server works, the browser decoder not
             raise HTTPException(503, str(e)) from None
         etag = hashlib.sha256(data).hexdigest()[:32]
@@ -237,7 +237,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     @app.get("/api/info", summary="The served model's input size, embedding shape and threshold")
     def info() -> dict[str, Any]:
-        return engine.info() | {
+        return served.info() | {
             "annotation_mode": s.dataset_dir is not None,
             "cache": {"images": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
                       "logits_bytes": logits.nbytes, "logits_max_bytes": logits.max_bytes},

@@ -1,7 +1,7 @@
 """The server's model side: embeddings, prompts, "everything", and the ONNX decoder, on one worker thread.
 
 Request handlers run in a thread pool, so several clients are served at once; the torch work itself is
-handed to a single inference thread (:meth:`Engine.run`). On a CPU two inferences at once only split
+handed to a single inference thread (:meth:`ServedModel.run`). On a CPU two inferences at once only split
 the same cores, and keeping every torch allocation in one thread keeps the memory flat: with torch
 called from the many pool threads, glibc gives each its own arena and the server's RSS grew by hundreds
 of MB under load. Everything around it (decoding uploads, RLE / PNG encoding, JSON) runs in the request
@@ -31,7 +31,7 @@ from segany.serve.cache import ImageEntry
 T = TypeVar("T")
 
 
-class Engine:
+class ServedModel:
     """One loaded model and the operations the server needs from it.
 
     Args:

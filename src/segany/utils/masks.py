@@ -23,8 +23,8 @@ from segany.errors import SegAnyError
 from segany.io.rle import decode_rle
 
 # Elements of the pairwise IoU matrix computed at once in NMS (1 MB of float32 per temporary): small
-# enough to stay in cache and skip the page faults of big fresh allocations (measured 3x faster than
-# 512-row blocks at N = 3000), large enough to keep the work vectorised.
+# enough to stay in cache and skip the page faults of big fresh allocations (timing in
+# benchmarks/README.md), large enough to keep the work vectorised.
 NMS_BLOCK = 1 << 18
 
 
@@ -165,7 +165,7 @@ def calculate_stability_score(
     all-background mask gives NaN (0 / 0), as the official code.
     """
     if logits.device.type == "cpu" and not logits.requires_grad and logits.dtype == torch.float32:
-        # NumPy's comparison and count (measured 6x faster than torch's comparison to bool and sums).
+        # NumPy's comparison and count: faster than torch's comparison to bool and sums (benchmarks/README.md).
         arr = logits.detach().reshape(-1, *logits.shape[-2:]).numpy()
         counts = [
             [np.count_nonzero(np.greater(m, mask_threshold + threshold_offset)) for m in arr],
