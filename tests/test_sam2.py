@@ -289,3 +289,16 @@ def test_cli_segment_everything_convert(case, tmp_path):
     assert code == 0, err
     records = json.loads((tmp_path / "all" / "img.json").read_text())
     assert records["annotations"], out
+
+
+def test_generator_defaults_follow_the_family():
+    """SAM 2's automatic generator keeps predicted IoUs above 0.8 by default (SAM's: 0.88)."""
+    sam2 = build_sam(get_config("sam2_tiny_test")).eval()
+    sam1 = build_sam(get_config("tiny_test")).eval()
+    assert SamAutomaticMaskGenerator(sam2).pred_iou_thresh == 0.8
+    assert SamAutomaticMaskGenerator(sam1).pred_iou_thresh == 0.88
+    assert SamAutomaticMaskGenerator(sam2, pred_iou_thresh=0.5).pred_iou_thresh == 0.5
+    import inspect
+
+    ref = inspect.signature(import_sam2().SAM2AutomaticMaskGenerator).parameters["pred_iou_thresh"].default
+    assert ref == 0.8  # the reference's own default
