@@ -100,10 +100,10 @@ def test_embedding_reuse_and_hq_token_only_needs_hq(case, tmp_path):
 
 def test_plain_and_fast_encoders_agree(case):
     """The early features are taken from the fast encoder's in-place blocks too (copied, not aliased)."""
-    from segany.modeling.sam_hq import build_sam_hq
+    from segany.modeling.build import build_sam
 
     _, _, ours = case
-    plain = build_sam_hq(ours.config, fast=False).eval()
+    plain = build_sam(ours.config, fast=False).eval()
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(1, 3, 256, 256)
     with torch.inference_mode():

@@ -63,7 +63,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     from segany.modeling.sam_hq import SamHQConfig, build_sam_hq
 
     if isinstance(cfg, SamHQConfig):
-        return build_sam_hq(cfg, fast)
+        return build_sam_hq(cfg, build_image_encoder(cfg, fast), fast)
     if cfg.image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size

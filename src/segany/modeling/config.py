@@ -209,6 +209,3 @@ def segany_default_v2() -> SamConfig:
         iou_head_hidden_dim=128,
     )
 
-
-# The SAM 2 and SAM-HQ configs register themselves (their modules import this one).
-from segany.modeling import sam2_config, sam_hq  # noqa: E402,F401

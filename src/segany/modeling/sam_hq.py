@@ -77,9 +77,9 @@ class SamHQ(Sam):
         return embedding, {"interm_embeddings": early}
 
 
-def build_sam_hq(cfg: SamHQConfig, fast: bool = True) -> SamHQ:
-    """A randomly initialised :class:`SamHQ` for ``cfg``."""
-    from segany.modeling.build import build_image_encoder
+def build_sam_hq(cfg: SamHQConfig, image_encoder: ImageEncoderViT, fast: bool = True) -> SamHQ:
+    """A randomly initialised :class:`SamHQ` for ``cfg`` around ``image_encoder`` (the ViT that
+    :func:`segany.modeling.build.build_sam`, which calls this, builds for ``cfg``)."""
     from segany.modeling.fast import fast_class
     from segany.modeling.prompt_encoder import PromptEncoder
 
@@ -88,7 +88,7 @@ def build_sam_hq(cfg: SamHQConfig, fast: bool = True) -> SamHQ:
     emb = cfg.embedding_size
     d = cfg.prompt_embed_dim
     return SamHQ(
-        image_encoder=build_image_encoder(cfg, fast),
+        image_encoder=image_encoder,
         prompt_encoder=fast_class(PromptEncoder, fast)(
             d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
         ),
