@@ -108,3 +108,21 @@ def test_sam_hq_has_no_onnx_decoder_yet():
     with TestClient(create_app(_model("sam_hq"))) as c:
         r = c.get("/api/decoder.onnx")
         assert r.status_code == 503 and "no ONNX export" in r.json()["detail"]
+
+
+def test_export_onnx_cli_with_sam2(tmp_path):
+    """``segany export-onnx`` with a SAM 2 model: its decoder and encoder; options it lacks are one-line errors."""
+    import contextlib
+
+    from segany import cli
+    from segany.checkpoint import save_model
+
+    pytest.importorskip("onnxruntime")
+    save_model(_model("sam2"), tmp_path / "sam2.safetensors")
+    args = ["export-onnx", "--model", str(tmp_path / "sam2.safetensors"), "-o", str(tmp_path / "d.onnx")]
+    assert cli.main([*args, "--encoder", str(tmp_path / "e.onnx")]) == 0
+    assert (tmp_path / "d.onnx").stat().st_size > 0 and (tmp_path / "e.onnx").stat().st_size > 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main([*args, "--use-stability-score"]) == 2
+    assert "no use_stability_score" in err.getvalue() and "Traceback" not in err.getvalue()

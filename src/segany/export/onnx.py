@@ -213,7 +213,9 @@ def export_decoder(
     Args:
         quantize: dynamic int8 quantization of the weights (onnxruntime), about 4x smaller.
     """
-    if getattr(model, "resize_mode", None) == "stretch" and not use_stability_score:
+    if getattr(model, "resize_mode", None) == "stretch":
+        if use_stability_score:
+            raise SegAnyError("SAM 2's ONNX decoder returns predicted IoUs only (no use_stability_score)")
         from segany.export.onnx_sam2 import export_sam2_decoder  # SAM 2: two more inputs
 
         return export_sam2_decoder(model, path, return_single_mask, opset, quantize)
