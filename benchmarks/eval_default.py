@@ -33,10 +33,13 @@ def main() -> None:
     ap.add_argument("--min-area", type=int, default=100, help="skip objects smaller than this (pixels)")
     ap.add_argument("--max-clicks", type=int, default=5)
     ap.add_argument("--out", default="runs/eval_default")
+    ap.add_argument("--sets", nargs="+", help="only these folders (e.g. davis2016_val coco_instances_mini)")
     args = ap.parse_args()
     predictor = SamPredictor(load_model(args.model))
     rows = []
     for title, folder, split, with_box in SETS:
+        if args.sets and folder not in args.sets:
+            continue
         if not (DATA / folder).is_dir():
             print(f"skipping {title}: {DATA / folder} not found")
             continue
@@ -46,7 +49,8 @@ def main() -> None:
         )
         clicks.write(Path(args.out) / folder / "clicks")
         s = clicks.summary()
-        row = {"set": title, "objects": s["num_objects"], "mIoU@1": s["mIoU@1"], "mIoU@5": s.get("mIoU@5")}
+        row = {"set": title, "objects": s["num_objects"], "mIoU@1": s["mIoU@1"], "mIoU@3": s.get("mIoU@3"),
+               "mIoU@5": s.get("mIoU@5")}
         row.update({"NoC@85": s["NoC@85"], "NoC@90": s["NoC@90"]})
         if with_box:
             box = run_box(predictor, load_samples(DATA / folder, split, args.max_images), **common)
@@ -54,7 +58,7 @@ def main() -> None:
             row["box mIoU"] = box.summary()["mIoU"]
         rows.append(row)
         print(json.dumps(row))
-    cols = ["set", "objects", "mIoU@1", "mIoU@5", "NoC@85", "NoC@90", "box mIoU"]
+    cols = ["set", "objects", "mIoU@1", "mIoU@3", "mIoU@5", "NoC@85", "NoC@90", "box mIoU"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         cells = [r.get(c) for c in cols]

@@ -120,7 +120,10 @@ class SamOnnxDecoder(nn.Module):
         ``return_extra_metrics`` ``(masks, iou_predictions, stability_scores, areas, low_res_masks)``."""
         pe = self.model.prompt_encoder
         sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
-        dense = self._embed_masks(mask_input, has_mask_input)
+        if getattr(pe, "dense_prompts", False):  # clicks and box drawn into the dense embedding
+            dense = pe.dense_embedding((point_coords, point_labels), None, mask_input, 1, has_mask_input)
+        else:
+            dense = self._embed_masks(mask_input, has_mask_input)
         low_res, iou = self.model.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
             image_pe=pe.get_dense_pe(),

@@ -62,7 +62,7 @@ class ServedModel:
         return int(self.model.prompt_encoder.mask_input_size[0])
 
     def info(self) -> dict[str, Any]:
-        e = self.image_size // 16
+        e = int(self.model.prompt_encoder.image_embedding_size[0])
         return {
             "model": self.name,
             "image_size": self.image_size,
