@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_filter_counts_add_up(tiny_model, kwargs):
-    gen = SamAutomaticMaskGenerator(tiny_model, points_per_side=4, **kwargs)
+    gen = SamAutomaticMaskGenerator(tiny_model, points_per_side=2, **kwargs)
     records = gen.generate(synthetic_image())
     counts = gen.filter_counts
     assert list(counts) == ["candidates", *FILTERS, "kept"]
     assert counts["kept"] == len(records)
     crops = 1 + 4 * kwargs.get("crop_n_layers", 0)
-    assert counts["candidates"] == crops * 4 * 4 * 3  # prompts x the 3 multimask outputs, per crop
+    assert counts["candidates"] == crops * 2 * 2 * 3  # prompts x the 3 multimask outputs, per crop
     assert counts["candidates"] - sum(counts[f] for f in FILTERS) == counts["kept"]
 
 
