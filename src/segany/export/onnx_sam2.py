@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.export.onnx import (
+from segany.export.onnx_common import (
     DECODER_OUTPUTS,
     DEFAULT_OPSET,
     SamOnnxDecoder,

@@ -1,0 +1,230 @@
+"""What the ONNX exporters share: the traceable decoder and encoder wrappers of SAM's interface, the
+model metadata, and the export / quantize / atomic-write steps. :mod:`segany.export.onnx` exports SAM
+(and dispatches SAM 2 to :mod:`segany.export.onnx_sam2`); both build on this module, which imports neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.errors import SegAnyError
+from segany.modeling.sam import Sam
+from segany.utils.masks import calculate_stability_score
+
+DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+ENCODER_INPUT = "image"
+ENCODER_OUTPUT = "image_embeddings"
+#: Opset 17 has LayerNormalization; every onnxruntime (and onnxruntime-web) since 1.14 runs it.
+DEFAULT_OPSET = 17
+
+
+class SamOnnxDecoder(nn.Module):
+    """Prompt encoder + mask decoder + mask post-processing of a :class:`Sam`, written for tracing.
+
+    Control flow that depends on the prompts (is there a mask? how many points?) is replaced by
+    arithmetic, so one graph serves every prompt. The embeddings themselves come from the model's own
+    modules (``PromptEncoder._embed_points`` handles labels -1..3), so there is one implementation.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        return_single_mask: bool = False,
+        use_stability_score: bool = False,
+        return_extra_metrics: bool = False,
+    ) -> None:
+        """``return_extra_metrics``: also return the full-size masks' stability scores and areas (the
+        official option; not for the exported decoder, whose outputs are the three above)."""
+        super().__init__()
+        self.model = model
+        self.image_size = int(model.image_size)
+        self.return_single_mask = return_single_mask
+        self.use_stability_score = use_stability_score
+        self.return_extra_metrics = return_extra_metrics
+        self.stability_score_offset = 1.0
+
+    def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """``1 x 1 x 4h x 4w`` logits, ``1`` flag -> ``1 x C x h x w`` dense embedding."""
+        pe = self.model.prompt_encoder
+        with_mask = has_mask_input * pe.mask_downscaling(mask_input)
+        return with_mask + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def _resized_size(self, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """``(H, W)`` -> ``(h, w)`` int64, exactly as ``transforms.get_preprocess_shape`` (float64 math)."""
+        size = orig_im_size.to(torch.float64)
+        scale = self.image_size / torch.max(size)
+        return torch.floor(size * scale + 0.5).clamp(min=1).to(torch.int64)
+
+    def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """``1 x M x 4h x 4w`` -> ``1 x M x H x W`` logits, as ``Sam.postprocess_masks`` with tensor sizes."""
+        s = self.image_size
+        masks = F.interpolate(masks, size=(s, s), mode="bilinear", align_corners=False)
+        resized = self._resized_size(orig_im_size)
+        masks = masks[..., : resized[0], : resized[1]]
+        orig = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
+
+    def _select_single(
+        self, masks: torch.Tensor, iou: torch.Tensor, num_points: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official rule without control flow: more than 2 tokens (points + padding / corners)
+        -> output 0, otherwise the best of the multimask outputs (output 0 is pushed down by 1000)."""
+        m = iou.shape[1]
+        reweight = torch.tensor([[1000.0] + [0.0] * (m - 1)], device=iou.device)
+        best = torch.argmax(iou + (num_points - 2.5) * reweight, dim=1)
+        rows = torch.arange(masks.shape[0], device=masks.device)
+        return masks[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """See the module docstring for shapes; returns ``(masks, iou_predictions, low_res_masks)``, with
+        ``return_extra_metrics`` ``(masks, iou_predictions, stability_scores, areas, low_res_masks)``."""
+        pe = self.model.prompt_encoder
+        sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
+        if getattr(pe, "dense_prompts", False):  # clicks and box drawn into the dense embedding
+            dense = pe.dense_embedding((point_coords, point_labels), None, mask_input, 1, has_mask_input)
+        else:
+            dense = self._embed_masks(mask_input, has_mask_input)
+        low_res, iou = self.model.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        if self.use_stability_score:
+            iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)
+        if self.return_single_mask:
+            low_res, iou = self._select_single(low_res, iou, point_coords.shape[1])
+        masks = self._postprocess(low_res, orig_im_size)
+        if not self.return_extra_metrics:
+            return masks, iou, low_res
+        threshold = self.model.mask_threshold
+        stability = calculate_stability_score(masks, threshold, self.stability_score_offset)
+        areas = (masks > threshold).sum(-1).sum(-1)
+        return masks, iou, stability, areas, low_res
+
+
+class SamOnnxEncoder(nn.Module):
+    """The image encoder alone: ``1 x 3 x S x S`` preprocessed input -> ``1 x C x h x w`` embedding."""
+
+    def __init__(self, model: Sam) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(image)
+
+
+def model_metadata(model: Sam) -> dict[str, str]:
+    """Facts a runtime needs, stored as ONNX metadata (string values)."""
+    e = int(model.prompt_encoder.image_embedding_size[0])
+    return {
+        "segany_image_size": str(int(model.image_size)),
+        "segany_embedding_shape": json.dumps([1, int(model.prompt_encoder.embed_dim), e, e]),
+        "segany_pixel_mean": json.dumps([float(v) for v in model.pixel_mean.flatten()]),
+        "segany_pixel_std": json.dumps([float(v) for v in model.pixel_std.flatten()]),
+        "segany_mask_threshold": str(float(model.mask_threshold)),
+        "segany_num_mask_tokens": str(int(model.mask_decoder.num_mask_tokens)),
+    }
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
+            opset: int) -> None:
+    # The legacy TorchScript exporter: no onnxscript needed, and its traced graphs keep `orig_im_size`
+    # dynamic (output sizes follow the input tensor, not the example values).
+    # eval() first: the exporter restores the wrapper's own mode afterwards, recursively, and a fresh
+    # wrapper is in training mode; that would leave the wrapped model's batch norms training.
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def _stamp_metadata(src: Path, meta: dict[str, str], dst: Path) -> None:
+    """Write ``src`` with ``meta`` added to its ``metadata_props`` to ``dst``, atomically."""
+    import onnx
+
+    from segany.io.atomic import atomic_write_bytes
+
+    m = onnx.load(str(src))
+    for k, v in meta.items():
+        prop = m.metadata_props.add()
+        prop.key, prop.value = k, v
+    atomic_write_bytes(dst, m.SerializeToString())
+
+
+def _tmp_path(path: Path, tag: str = "") -> Path:
+    """A temporary file beside ``path`` that :func:`remove_stray_temp_files` recognises."""
+    return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
+
+
+def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
+           opset: int, meta: dict[str, str], quantize: bool) -> None:
+    """Export to a temporary file, optionally quantize, then write it with its metadata to ``path``
+    (atomically: temporary file, fsync, rename)."""
+    from segany.io.atomic import remove_stray_temp_files
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stray_temp_files(path.parent, [path.name])  # what an export killed mid-way left behind
+    tmp = _tmp_path(path)
+    try:
+        _export(module, args, tmp, inputs, outputs, dynamic, opset)
+        if quantize:
+            qtmp = _tmp_path(path, "q")
+            try:
+                quantize_model(tmp, qtmp)
+                os.replace(qtmp, tmp)
+            finally:
+                qtmp.unlink(missing_ok=True)
+            meta = meta | {"segany_quantized": "dynamic_uint8"}
+        _stamp_metadata(tmp, meta, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def quantize_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Dynamic (weights-only) uint8 quantization with onnxruntime, as the official export script."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise SegAnyError(f"--quantize needs onnxruntime: pip install 'segany[onnx]' ({e})") from None
+    quantize_dynamic(
+        model_input=str(src), model_output=str(dst), per_channel=False, reduce_range=False,
+        weight_type=QuantType.QUInt8,
+    )
+
+
+def _on_cpu(model: Sam) -> Sam:
+    """The model in eval mode on the CPU; a copy when it lives elsewhere (a server keeps using it there)."""
+    model = model.eval()
+    return model if model.device.type == "cpu" else copy.deepcopy(model).cpu()
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise SegAnyError("ONNX export needs the onnx package: pip install 'segany[onnx]'") from None
