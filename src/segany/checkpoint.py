@@ -28,6 +28,10 @@ CONFIG_METADATA_KEY = "segany_config"
 #: Names users can pass instead of a path: name -> (file names looked for, description).
 KNOWN_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "default": (("segany_default.safetensors",), "segany's small default model, shipped in the package"),
+    "default_v2": (
+        ("segany_default_v2.safetensors",),
+        "the next default model (issue 17, in training; no text head yet), shipped in the package",
+    ),
     "vit_b": (("sam_vit_b_01ec64.pth",), "official SAM ViT-B (Meta), 375 MB"),
     "vit_l": (("sam_vit_l_0b3195.pth",), "official SAM ViT-L (Meta), 1.25 GB"),
     "vit_h": (("sam_vit_h_4b8939.pth",), "official SAM ViT-H (Meta), 2.56 GB"),
