@@ -51,7 +51,8 @@ class GrabCutPredictor:
             x0, y0, x1, y1 = (int(round(v)) for v in np.asarray(box, dtype=np.float64).reshape(4))
             rect = (x0, y0, max(1, x1 - x0 + 1), max(1, y1 - y0 + 1))
             mask = np.zeros((h, w), np.uint8)
-            cv2.grabCut(self.image, mask, rect, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_RECT)
+            mask[rect[1] : rect[1] + rect[3], rect[0] : rect[0] + rect[2]] = cv2.GC_PR_FGD
+            _grabcut(self.image, mask, rect, bgd, fgd, cv2.GC_INIT_WITH_RECT)
         else:
             mask = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
             if mask_input is not None:
@@ -61,10 +62,19 @@ class GrabCutPredictor:
                 cv2.circle(mask, (x, y), int(FIRST_CLICK_REACH * min(h, w)), cv2.GC_PR_FGD, -1)
             for (x, y), label in zip(np.asarray(point_coords, dtype=int), point_labels):
                 cv2.circle(mask, (int(x), int(y)), CLICK_RADIUS, cv2.GC_FGD if label == 1 else cv2.GC_BGD, -1)
-            cv2.grabCut(self.image, mask, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
+            _grabcut(self.image, mask, None, bgd, fgd, cv2.GC_INIT_WITH_MASK)
         out = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
         logits = np.where(out, 1.0, -1.0).astype(np.float32)[None]
         return out[None], np.ones(1, np.float32), logits
+
+
+def _grabcut(image: np.ndarray, mask: np.ndarray, rect, bgd: np.ndarray, fgd: np.ndarray, mode: int) -> None:
+    """``cv2.grabCut`` in place on ``mask``; when the prompt leaves it no background (or no object) sample
+    to fit a colour model to (a box over the whole image), the prompt's own region is the answer."""
+    try:
+        cv2.grabCut(image, mask, rect, bgd, fgd, ITERATIONS, mode)
+    except cv2.error:
+        pass
 
 
 def evaluate(predictor, data: str, clicks: int, max_images: int | None, max_objects: int | None) -> dict:

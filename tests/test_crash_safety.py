@@ -132,10 +132,11 @@ ALLOWED = {
     ("engine/ray_backend.py", "_Annotator.__init__", "write_bytes"):
         "a scratch copy of the model inside a TemporaryDirectory, read straight back",
     ("engine/dataset.py", "writer_lock", "os.open"): "an empty lock file (flock), no data",
-    ("export/onnx.py", "_export", "torch.onnx.export"):
+    ("export/onnx_common.py", "_export", "torch.onnx.export"):
         "into a temporary file; _stamp_metadata then writes the result to its name atomically",
-    ("export/onnx.py", "_write", "os.replace"): "the quantized temporary file replaces the exported temporary file",
-    ("export/onnx.py", "quantize_model", "quantize_dynamic"): "called only by _write, between temporary files",
+    ("export/onnx_common.py", "_write", "os.replace"):
+        "the quantized temporary file replaces the exported temporary file",
+    ("export/onnx_common.py", "quantize_model", "quantize_dynamic"): "called only by _write, between temporary files",
 }
 #: Functions and methods that write their argument to a file (unless it is an io.BytesIO).
 #: Only as ``x.save(...)`` for "save": a bare ``save(...)`` is safetensors' (it returns bytes) or a local helper.

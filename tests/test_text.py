@@ -115,8 +115,8 @@ def test_content_coordinates_span_the_content_and_not_the_padding(tiny_model) ->
 def test_fresh_pixel_path_leaves_the_decoder_output_unchanged(tiny_model) -> None:
     import copy
 
-    from segany.modeling.text_prompt import TextHeadConfig
     from segany.checkpoint_text import new_text_head
+    from segany.modeling.text_prompt import TextHeadConfig
 
     torch.manual_seed(0)
     head = new_text_head(tiny_model, TextHeadConfig(text_dim=16, pixel_width=8)).eval()
@@ -207,8 +207,8 @@ def test_head_attaches_and_answers_text(trained_tiny, tiny_checkpoint) -> None:
 
 def test_head_file_is_tied_to_its_base_model(trained_tiny, tmp_path) -> None:
     from segany.checkpoint import save_model
-    from segany.modeling import build_sam, get_config
     from segany.checkpoint_text import load_text_head
+    from segany.modeling import build_sam, get_config
 
     _, _, head_path = trained_tiny
     torch.manual_seed(123)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from segany.checkpoint import save_model
-from segany.cli import main
 from segany.checkpoint_text import new_text_head, save_text_head, text_head_path
+from segany.cli import main
 from tests.conftest import synthetic_image
 from tests.test_text import needs_minilm
 

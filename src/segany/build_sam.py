@@ -22,7 +22,9 @@ from segany.modeling import build as _build
 from segany.modeling.config import SamConfig, get_config
 from segany.modeling.sam import Sam
 
-__all__ = ["build_sam", "build_sam_vit_b", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_t", "sam_model_registry"]
+__all__ = [
+    "build_sam", "build_sam_vit_b", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_t", "sam_model_registry"
+]
 
 Checkpoint = str | os.PathLike | None
 

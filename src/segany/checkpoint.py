@@ -214,7 +214,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
             size = image_size or 512
         else:
             raise SegAnyError(
-                "no image encoder found (neither ViT 'patch_embed.proj', TinyViT 'patch_embed.seq' nor EfficientNet 'stem')"
+                "no image encoder found (neither ViT 'patch_embed.proj', TinyViT 'patch_embed.seq' "
+                "nor EfficientNet 'stem')"
             )
     except KeyError as e:
         raise SegAnyError(f"not a SAM checkpoint: missing tensor {e.args[0]!r}") from None

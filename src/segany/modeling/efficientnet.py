@@ -154,7 +154,8 @@ def load_imagenet_weights(encoder: EfficientNetLiteEncoder, path: str | Path | N
             found = state.get(f"{conv_key}.weight")
             if found is None or found.shape != conv.weight.shape:
                 what = "missing" if found is None else f"shape {tuple(found.shape)}"
-                raise SegAnyError(f"{conv_key}.weight: {what}, expected {tuple(conv.weight.shape)} (not EfficientNet-Lite0?)")
+                expected = tuple(conv.weight.shape)
+                raise SegAnyError(f"{conv_key}.weight: {what}, expected {expected} (not EfficientNet-Lite0?)")
             weight, bias = _fold(state, conv_key, bn_key)
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
