@@ -3,6 +3,7 @@ config round trips and the predictor on top of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -24,15 +25,8 @@ from segany.predictor import SamPredictor
 
 
 def tiny_config(stride: int = 16) -> SamConfig:
-    return SamConfig(
-        EfficientNetConfig(neck_dim=16, stride=stride),
-        image_size=128,
-        prompt_embed_dim=32,
-        mask_in_chans=8,
-        decoder_num_heads=2,
-        decoder_mlp_dim=64,
-        iou_head_hidden_dim=32,
-    )
+    """The unit-test model's prompt encoder and decoder on a (full-size) EfficientNet-Lite0 trunk."""
+    return dataclasses.replace(get_config("tiny_test"), encoder=EfficientNetConfig(neck_dim=16, stride=stride))
 
 
 @pytest.mark.parametrize("stride", [8, 16])
