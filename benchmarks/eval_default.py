@@ -25,6 +25,34 @@ SETS = [
 ]
 
 
+def evaluate_set(
+    predictor,
+    root: Path,
+    split: str | None,
+    with_box: bool,
+    max_clicks: int,
+    max_images: int | None,
+    max_objects: int | None,
+    min_area: int,
+    out: Path | None = None,
+) -> dict:
+    """The click protocol (and the box protocol when ``with_box``) on one folder: a row of the table
+    (objects, mIoU@1/@3/@5, NoC@85/90, box mIoU); with ``out``, each protocol's JSON is written there."""
+    common = dict(min_area=min_area, max_objects_per_image=max_objects)
+    clicks = run_clicks(predictor, load_samples(root, split, max_images), max_clicks=max_clicks, **common)
+    s = clicks.summary()
+    row = {"objects": s["num_objects"], "mIoU@1": s["mIoU@1"], "mIoU@3": s.get("mIoU@3"), "mIoU@5": s.get("mIoU@5")}
+    row.update({"NoC@85": s["NoC@85"], "NoC@90": s["NoC@90"]})
+    if out is not None:
+        clicks.write(out / "clicks")
+    if with_box:
+        box = run_box(predictor, load_samples(root, split, max_images), **common)
+        row["box mIoU"] = box.summary()["mIoU"]
+        if out is not None:
+            box.write(out / "box")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
@@ -43,19 +71,10 @@ def main() -> None:
         if not (DATA / folder).is_dir():
             print(f"skipping {title}: {DATA / folder} not found")
             continue
-        common = dict(min_area=args.min_area, max_objects_per_image=args.max_objects)
-        clicks = run_clicks(
-            predictor, load_samples(DATA / folder, split, args.max_images), max_clicks=args.max_clicks, **common
-        )
-        clicks.write(Path(args.out) / folder / "clicks")
-        s = clicks.summary()
-        row = {"set": title, "objects": s["num_objects"], "mIoU@1": s["mIoU@1"], "mIoU@3": s.get("mIoU@3"),
-               "mIoU@5": s.get("mIoU@5")}
-        row.update({"NoC@85": s["NoC@85"], "NoC@90": s["NoC@90"]})
-        if with_box:
-            box = run_box(predictor, load_samples(DATA / folder, split, args.max_images), **common)
-            box.write(Path(args.out) / folder / "box")
-            row["box mIoU"] = box.summary()["mIoU"]
+        out = Path(args.out) / folder
+        row = evaluate_set(predictor, DATA / folder, split, with_box, args.max_clicks, args.max_images,
+                           args.max_objects, args.min_area, out)
+        row = {"set": title, **row}
         rows.append(row)
         print(json.dumps(row))
     cols = ["set", "objects", "mIoU@1", "mIoU@3", "mIoU@5", "NoC@85", "NoC@90", "box mIoU"]

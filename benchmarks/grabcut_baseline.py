@@ -21,12 +21,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
+from eval_default import evaluate_set  # same protocols and object selection as the MODELS.md tables
 
 from segany.checkpoint import load_model
-from segany.evaluation.protocols import load_samples, run_box, run_clicks
 from segany.predictor import SamPredictor
 
 CLICK_RADIUS = 5
@@ -77,40 +78,31 @@ def _grabcut(image: np.ndarray, mask: np.ndarray, rect, bgd: np.ndarray, fgd: np
         pass
 
 
-def evaluate(predictor, data: str, clicks: int, max_images: int | None, max_objects: int | None) -> dict:
-    root, _, split = data.partition(":")
-    t = time.perf_counter()
-    res = run_clicks(predictor, load_samples(root, split or None, max_images), max_clicks=clicks,
-                     max_objects_per_image=max_objects)
-    curves = res.curves()
-    boxes = run_box(predictor, load_samples(root, split or None, max_images), max_objects_per_image=max_objects)
-    out = {f"miou@{k}": round(float(curves[:, k - 1].mean()), 4) for k in (1, 3, 5) if k <= clicks}
-    out["box_miou"] = round(float(boxes.summary()["mIoU"]), 4)
-    out["objects"] = len(res.objects)
-    out["seconds"] = round(time.perf_counter() - t, 1)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="model name or file (default: default)")
     p.add_argument("--data", nargs="+", required=True, help="FOLDER[:SPLIT] label-map folders (held-out splits)")
     p.add_argument("--clicks", type=int, default=5, help="clicks per object (default: 5)")
     p.add_argument("--max-images", type=int, help="at most this many images per folder")
-    p.add_argument("--max-objects", type=int, help="at most this many objects per image")
+    p.add_argument("--max-objects", type=int, default=10, help="at most this many objects per image (default: 10)")
+    p.add_argument("--min-area", type=int, default=100, help="skip objects smaller than this, in pixels (default: 100)")
     p.add_argument("--json", help="append the rows to this JSON-lines file")
     args = p.parse_args(argv)
     methods = {"model": SamPredictor(load_model(args.model)), "grabcut": GrabCutPredictor()}
     rows = []
     for data in args.data:
         for name, predictor in methods.items():
+            root, _, split = data.partition(":")
+            t = time.perf_counter()
             row = {"data": data, "method": args.model if name == "model" else name}
-            row.update(evaluate(predictor, data, args.clicks, args.max_images, args.max_objects))
+            row.update(evaluate_set(predictor, Path(root), split or None, True, args.clicks, args.max_images,
+                                    args.max_objects, args.min_area))
+            row["seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     for data in args.data:
         model_row, grab_row = [r for r in rows if r["data"] == data]
-        keys = [k for k in model_row if k.startswith(("miou@", "box_"))]
+        keys = [k for k in ("mIoU@1", "mIoU@3", "mIoU@5", "box mIoU") if model_row.get(k) is not None]
         beaten = all(model_row[k] > grab_row[k] for k in keys)
         print(f"{data}: model {'beats' if beaten else 'does NOT beat'} GrabCut on " + ", ".join(
             f"{k} {model_row[k]:.3f} vs {grab_row[k]:.3f}" for k in keys))

@@ -30,6 +30,11 @@ class ViTConfig:
     use_rel_pos: bool = True
     drop_path_rate: float = 0.0
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per embedding cell: the patch size."""
+        return self.patch_size
+
 
 @dataclass
 class TinyViTConfig:
@@ -44,6 +49,11 @@ class TinyViTConfig:
     mbconv_expand_ratio: float = 4.0
     local_conv_size: int = 3
     drop_path_rate: float = 0.0
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per embedding cell (the last patch merging keeps the resolution: 4 x 2 x 2)."""
+        return 16
 
 
 @dataclass
@@ -63,8 +73,8 @@ _ENCODER_KINDS: dict[str, type] = {"vit": ViTConfig, "tiny_vit": TinyViTConfig, 
 class SamConfig:
     """A whole Segment Anything model.
 
-    The image embedding is ``image_size // 16`` on a side (``// stride`` for the EfficientNet encoder);
-    the low-res masks are 4x that (256 for a 1024 model).
+    The image embedding is ``image_size // encoder.stride`` on a side (16 for SAM's encoders, 16 or 8 for
+    the EfficientNet one); the low-res masks are 4x that (256 for a 1024 model).
     """
 
     encoder: EncoderConfig = field(default_factory=ViTConfig)
@@ -84,7 +94,7 @@ class SamConfig:
 
     @property
     def embedding_size(self) -> int:
-        return self.image_size // getattr(self.encoder, "stride", 16)
+        return self.image_size // self.encoder.stride
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -36,6 +36,11 @@ class HieraConfig:
     fpn_top_down_levels: tuple[int, ...] = (2, 3)
     scalp: int = 1
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per cell of the embedding the decoder reads (the neck's stride-16 level)."""
+        return 16
+
 
 @dataclass
 class Sam2Config(SamConfig):
