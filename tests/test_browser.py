@@ -7,12 +7,14 @@ candidate, download the mask PNG. Skips with the reason when Playwright, Chromiu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +74,15 @@ def server(tmp_path_factory):
         torch.manual_seed(0)
         model, name = build_sam(get_config("segany_default")).eval(), "segany_default (random weights)"
     datasets = tmp_path_factory.mktemp("datasets")
-    app = create_app(model, ServerSettings(cache_mb=64, dataset_dir=datasets), model_name=name)
+    with running_server(create_app(model, ServerSettings(cache_mb=64, dataset_dir=datasets), model_name=name)) as url:
+        yield url, name, datasets
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in its own thread; yields its URL."""
+    if not (ort_web_dir() / "ort.wasm.min.js").is_file():
+        pytest.skip(f"onnxruntime-web is not installed in {ort_web_dir()} (scripts/setup.sh installs it with npm)")
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -82,9 +92,11 @@ def server(tmp_path_factory):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", name, datasets
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -191,13 +191,15 @@ async function loadDecoder() {
 
 // One point at image pixel (x, y) -> the best of the 3 multimask outputs, as h x w logits in the resized
 // frame (orig_im_size = input size keeps the output small; it is stretched over the image when drawn).
-async function decodeHover(x, y) {
-  const [h, w] = S.inputSize;
+// size = [S.height, S.width] decodes in the image's own frame instead (what the server's masks are in).
+async function decodeHover(x, y, size = null) {
+  const [ih, iw] = S.inputSize;
+  const [h, w] = size || S.inputSize;
   const side = S.info.low_res_side;
   const feeds = {
     image_embeddings: S.embedding,
     ...S.extraInputs,
-    point_coords: new ort.Tensor("float32", new Float32Array([x * w / S.width, y * h / S.height, 0, 0]), [1, 2, 2]),
+    point_coords: new ort.Tensor("float32", new Float32Array([x * iw / S.width, y * ih / S.height, 0, 0]), [1, 2, 2]),
     point_labels: new ort.Tensor("float32", new Float32Array([1, -1]), [1, 2]),
     mask_input: new ort.Tensor("float32", new Float32Array(side * side), [1, 1, side, side]),
     has_mask_input: new ort.Tensor("float32", new Float32Array([0]), [1]),
@@ -213,8 +215,9 @@ async function decodeHover(x, y) {
   let best = 1;
   for (let i = 2; i < iou.length; i++) if (iou[i] > iou[best]) best = i;
   const masks = out.masks.data;
-  return { logits: masks.subarray(best * h * w, (best + 1) * h * w), w, h, ms };
+  return { logits: masks.subarray(best * h * w, (best + 1) * h * w), w, h, ms, best, iou: iou[best] };
 }
+S.decode = decodeHover; // for tests and the console: await segany.decode(x, y, [segany.height, segany.width])
 
 let hoverPending = null, hoverRunning = false, hoverInside = false;
 async function hover(x, y) {
