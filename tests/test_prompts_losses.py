@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from segany.evaluation.clicks import next_click
 from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
 from segany.training.loader import collate_for_training
@@ -23,6 +24,7 @@ from segany.training.prompts import (
     MASK_ONLY,
     POINT,
     PROMPT,
+    clicker_points,
     error_region_points,
     initial_prompts,
     iteration_schedule,
@@ -95,6 +97,22 @@ def test_error_region_points_labels():
     # a perfect prediction: a padding point
     c2, l2 = error_region_points(gt[None], gt[None], valid[None])
     assert l2.tolist() == [-1] and c2.tolist() == [[0.0, 0.0]]
+
+
+def test_clicker_points_are_the_evaluation_clickers():
+    s = 40
+    gt = torch.stack([_disk(s, 12, 14, 8), _disk(s, 25, 25, 10), _disk(s, 20, 20, 6)])
+    pred = torch.stack([torch.zeros(s, s, dtype=torch.bool), _disk(s, 25, 25, 14), _disk(s, 20, 20, 6)])
+    valid = torch.ones_like(gt)
+    valid[0, :, :12] = False  # the left half of the first object is ignored
+    coords, labels = clicker_points(pred, gt, valid)
+    for i in range(2):
+        click = next_click(gt[i].numpy(), pred[i].numpy(), (~valid[i]).numpy())
+        assert (int(coords[i, 0]), int(coords[i, 1])) == (click.x, click.y)
+        assert int(labels[i]) == (1 if click.is_positive else 0)
+    assert int(coords[0, 0]) >= 12 and int(labels[0]) == 1  # first click: inside the object, not ignored
+    assert int(labels[1]) == 0  # the spill ring is the largest error: a negative click in it
+    assert int(labels[2]) == -1 and coords[2].abs().sum() == 0  # nothing to correct: a padding point
 
 
 def test_masks_to_boxes():

@@ -239,9 +239,15 @@ def test_train_loop_logs_windows_and_runs_actions_between_steps():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         windows, actions = [], []
         end = TrainLoop(
-            next_batch=lambda step: (x, y), forward=forward, optimizer=opt,
-            scheduler=torch.optim.lr_scheduler.StepLR(opt, 4, 0.5), params=list(model.parameters()),
-            max_steps=max_steps, log_every=3, on_log=windows.append, grad_clip=10.0,
+            next_batch=lambda step: (x, y),
+            forward=forward,
+            optimizer=opt,
+            scheduler=torch.optim.lr_scheduler.StepLR(opt, 4, 0.5),
+            params=list(model.parameters()),
+            max_steps=max_steps,
+            log_every=3,
+            on_log=windows.append,
+            grad_clip=10.0,
             actions=[Every(2, actions.append), Every(0, actions.append)],
         ).run(start)
         return end, windows, actions
@@ -398,6 +404,29 @@ def test_frozen_encoder_with_embedding_cache(tmp_path):
     mtimes = [f.stat().st_mtime_ns for f in files]
     train(cfg.replace(out_dir=str(tmp_path / "run2"), cache_dir=str(cache), max_steps=2))
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_frozen_stages_keep_the_stem_and_first_stages_of_an_efficientnet(tmp_path):
+    from segany.checkpoint import save_model
+    from tests.test_efficientnet import tiny_config
+
+    torch.manual_seed(0)
+    start = build_sam(tiny_config(16))
+    ckpt = tmp_path / "start.safetensors"
+    save_model(start, ckpt)
+    res = train(tiny_cfg(tmp_path, checkpoint=str(ckpt), frozen_stages=3, clicker_prob=1.0, max_steps=3, val_data=[]))
+    sd0, sd1 = start.state_dict(), res.model.cpu().state_dict()
+    frozen = ("image_encoder.stem.", "image_encoder.stages.0.", "image_encoder.stages.1.", "image_encoder.stages.2.")
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith(frozen))
+    for later in ("image_encoder.stages.3.", "image_encoder.neck."):
+        assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith(later)), later
+    # a ViT has no stages to freeze: a clear error, before any step
+    with pytest.raises(SegAnyError, match="frozen_stages"):
+        train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "vit"), frozen_stages=1, max_steps=1))
+    with pytest.raises(SegAnyError, match="frozen_stages"):
+        train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "many"), checkpoint=str(ckpt), frozen_stages=8))
+    with pytest.raises(SegAnyError, match="clicker_prob"):
+        TrainConfig(clicker_prob=1.5)
 
 
 def test_train_main_flags_override_yaml(tmp_path, capsys):

@@ -101,6 +101,14 @@ class EfficientNetLiteEncoder(nn.Module):
             LayerNorm2d(out_chans),
         )
 
+    def freeze_stages(self, n: int) -> None:
+        """Stop training the stem and the first ``n`` trunk stages (``0 <= n <= len(self.stages)``)."""
+        if not 0 <= n <= len(self.stages):
+            raise ValueError(f"frozen stages must be in [0, {len(self.stages)}], got {n}")
+        for module in [self.stem, *self.stages[:n]] if n else []:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         feats = []

@@ -133,6 +133,9 @@ class TrainConfig(Options):
     encoder_init: str | None = None
     drop_path_rate: float | None = None  #: stochastic depth of the image encoder (None: keep the config's)
     freeze_image_encoder: bool = False
+    #: freeze the stem and the first N trunk stages of a CNN encoder (EfficientNet): their ImageNet
+    #: features are generic, and their high-resolution backward is most of a CPU step's encoder time
+    frozen_stages: int = 0
     freeze_prompt_encoder: bool = False
     freeze_mask_decoder: bool = False
     cache_embeddings: bool = False  #: with freeze_image_encoder: embed un-augmented images once, to disk
@@ -158,6 +161,10 @@ class TrainConfig(Options):
     box_prob: float = 0.5  #: probability that the first prompt is a box (else a point)
     box_noise_std: float = 0.1  #: box-corner noise std, as a fraction of the box side
     box_noise_max: float = 20.0  #: noise cap per coordinate, in model-input pixels
+    #: probability that a simulated click goes where the standard evaluation clicker puts it (deepest
+    #: point of the largest error, the object's interior-most point for a first click) rather than
+    #: uniformly in the error region (SAM): the clicks a user (and the benchmark) actually makes
+    clicker_prob: float = 0.0
 
     # -- loss --------------------------------------------------------------------------------------
     focal_weight: float = 20.0
@@ -223,6 +230,7 @@ class TrainConfig(Options):
             "val_max_images",
             "val_max_objects",
             "min_mask_area",
+            "frozen_stages",
         ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise bad(key, "must be an integer >= 0")
@@ -238,8 +246,9 @@ class TrainConfig(Options):
             0 <= self.num_mask_only_iterations <= self.num_iterations - 1
         ):
             raise bad("num_mask_only_iterations", f"must be in [0, num_iterations - 1 = {self.num_iterations - 1}]")
-        if not 0.0 <= self.box_prob <= 1.0:
-            raise bad("box_prob", "must be in [0, 1]")
+        for key in ("box_prob", "clicker_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, "must be in [0, 1]")
         if self.box_noise_std < 0 or self.box_noise_max < 0:
             raise SegAnyError("box_noise_std and box_noise_max must be >= 0")
         if self.loss_resolution not in ("low_res", "full"):

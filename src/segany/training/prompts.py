@@ -10,6 +10,9 @@ pixels are drawn as the arg-max of uniform noise over a region, so an empty regi
 * Each later point is drawn uniformly from the error region of the previous prediction (thresholded
   previous mask XOR ground truth, ignore and padding excluded): positive when it falls in a false
   negative, negative in a false positive. An empty error region yields a padding point (label -1).
+* Optionally (``clicker_prob``), a point goes where the standard evaluation clicker puts it instead:
+  :func:`clicker_points` (the deepest pixel of the largest error; the object's interior-most pixel for a
+  first click). It runs OpenCV's distance transform on the host, one mask at a time.
 * :func:`iteration_schedule` lays out the iterations: the prompt iteration, 8 point iterations and 2
   mask-only iterations (one at a random place among the point iterations, one at the end) = 11.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from segany.evaluation.clicks import next_click
 from segany.utils.masks import batched_mask_to_box
 
 #: Point labels (the prompt encoder's convention).
@@ -212,6 +216,25 @@ def error_region_points(
     labels = torch.where(found, labels, torch.full_like(labels, PAD))
     coords = torch.where(found[:, None], coords, torch.zeros_like(coords))
     return coords, labels
+
+
+def clicker_points(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard clicker's next point for each mask (:func:`segany.evaluation.clicks.next_click`).
+
+    Args:
+        pred, gt, valid: ``N x H x W`` bool (an all-False ``pred`` asks for first clicks).
+    Returns:
+        ``coords`` ``N x 2`` float ``(x, y)`` and ``labels`` ``N`` as :func:`error_region_points`.
+    """
+    pred_np, gt_np, ignore_np = pred.cpu().numpy(), gt.cpu().numpy(), (~valid).cpu().numpy()
+    coords = torch.zeros((gt.shape[0], 2), dtype=torch.float32)
+    labels = torch.full((gt.shape[0],), PAD, dtype=torch.int64)
+    for i in range(gt.shape[0]):
+        click = next_click(gt_np[i], pred_np[i], ignore_np[i])
+        if click is not None:
+            coords[i] = torch.tensor([click.x, click.y], dtype=torch.float32)
+            labels[i] = POSITIVE if click.is_positive else NEGATIVE
+    return coords.to(gt.device), labels.to(gt.device)
 
 
 def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:

@@ -19,7 +19,9 @@ from segany.training.embeddings_cache import encoder_input
 from segany.training.losses import LossConfig, downsample_targets, sam_mask_loss
 from segany.training.prompts import (
     POINT,
+    POSITIVE,
     PromptSet,
+    clicker_points,
     error_region_points,
     initial_prompts,
     iteration_schedule,
@@ -34,6 +36,7 @@ class StepOptions:
     box_prob: float = 0.5
     box_noise_std: float = 0.1
     box_noise_max: float = 20.0
+    clicker_prob: float = 0.0
     loss_resolution: str = "low_res"
     loss: LossConfig = field(default_factory=LossConfig)
     autocast_dtype: torch.dtype | None = None  # bf16 autocast for encoder + decoder, None = fp32
@@ -47,6 +50,7 @@ class StepOptions:
             box_prob=cfg.box_prob,
             box_noise_std=cfg.box_noise_std,
             box_noise_max=cfg.box_noise_max,
+            clicker_prob=cfg.clicker_prob,
             loss_resolution=cfg.loss_resolution,
             loss=LossConfig(
                 cfg.focal_weight, cfg.dice_weight, cfg.iou_weight, cfg.focal_alpha, cfg.focal_gamma, cfg.iou_loss_on
@@ -90,6 +94,12 @@ class SamTrainStep(nn.Module):
         if self.opt.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.opt.autocast_dtype)
+
+    def _clicker_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """Indices of the rows whose next click the standard clicker places (drawn on the host)."""
+        if self.opt.clicker_prob <= 0:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        return (torch.rand(n) < self.opt.clicker_prob).nonzero()[:, 0].to(device)
 
     def embed_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "embedding" in batch:
@@ -146,6 +156,13 @@ class SamTrainStep(nn.Module):
             gt_l, valid_l = gt, valid
 
         prompts = initial_prompts(gt, valid, content_hw, num_box, opt.box_noise_std, opt.box_noise_max)
+        if opt.clicker_prob > 0 and n > num_box:
+            rows = self._clicker_rows(n - num_box, dev)
+            if len(rows):
+                g = gt[num_box:].index_select(0, rows)
+                coords, labels = clicker_points(torch.zeros_like(g), g, valid[num_box:].index_select(0, rows))
+                coords = torch.where((labels == POSITIVE)[:, None], coords, prompts.first_point.index_select(0, rows))
+                prompts.first_point.index_copy_(0, rows, coords)
         mask_input: torch.Tensor | None = None
         pred_full: torch.Tensor | None = None
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "focal", "dice", "iou_mse")}
@@ -154,6 +171,10 @@ class SamTrainStep(nn.Module):
             if kind == POINT:
                 assert pred_full is not None
                 coords, labels = error_region_points(pred_full, gt, valid)
+                rows = self._clicker_rows(n, dev)
+                if len(rows):
+                    c, lab = clicker_points(pred_full[rows], gt[rows], valid[rows])
+                    coords, labels = coords.index_copy(0, rows, c), labels.index_copy(0, rows, lab)
                 prompts = prompts.add_points(coords, labels)
             sparse, dense = self._encode_prompts(prompts, mask_input)
             with self._autocast(dev):

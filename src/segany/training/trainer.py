@@ -107,6 +107,15 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
     ):
         for p in part.parameters():
             p.requires_grad_(not frozen)
+    if cfg.frozen_stages and not cfg.freeze_image_encoder:
+        freeze_stages = getattr(model.image_encoder, "freeze_stages", None)
+        if freeze_stages is None:
+            kind = type(model.image_encoder).__name__
+            raise SegAnyError(f"frozen_stages needs a CNN encoder with stages (EfficientNet), not {kind}")
+        try:
+            freeze_stages(cfg.frozen_stages)
+        except ValueError as e:
+            raise SegAnyError(f"training option frozen_stages={cfg.frozen_stages}: {e}") from None
 
 
 def train(cfg: TrainConfig) -> TrainResult:
