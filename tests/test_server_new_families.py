@@ -1,6 +1,6 @@
 """The web tool's API with a SAM 2 and a SAM-HQ model (tiny random models): predictions equal the
-predictor's, "everything" runs, and SAM 2's ONNX decoder (as the page runs it) reads the high-resolution
-features the server hands out."""
+predictor's, "everything" runs, and their ONNX decoders (as the page runs them) read the image features
+the server hands out besides the embedding."""
 
 from __future__ import annotations
 
@@ -69,13 +69,19 @@ def test_predict_and_everything(kind):
         assert r.json()["filters"]["candidates"] == 16 * (1 if kind == "sam_hq" else 3)
 
 
-def test_sam2_onnx_decoder_as_the_page_runs_it():
+@pytest.mark.parametrize(
+    ("kind", "extra", "input_size"),
+    [("sam2", ["high_res_feats_0", "high_res_feats_1"], (128, 128)), ("sam_hq", ["interm_embeddings"], (96, 128))],
+)
+def test_onnx_decoder_as_the_page_runs_it(kind, extra, input_size):
+    """The decoder's extra image inputs (SAM 2: high-resolution features; SAM-HQ: early ViT features) come
+    from the server; the page's call (one point + padding, best of outputs 1-3) gives the predictor's mask."""
     ort = pytest.importorskip("onnxruntime")
-    model = _model("sam2")
+    model = _model(kind)
     with TestClient(create_app(model)) as c:
         image_id = _upload(c)
         info = c.get("/api/info").json()
-        assert info["extra_decoder_inputs"] == ["high_res_feats_0", "high_res_feats_1"]
+        assert info["extra_decoder_inputs"] == extra
         feeds = {}
         for name in ["image_embeddings", *info["extra_decoder_inputs"]]:
             r = c.get(f"/api/images/{image_id}/embedding", params={"part": name})
@@ -84,7 +90,7 @@ def test_sam2_onnx_decoder_as_the_page_runs_it():
             feeds[name] = np.frombuffer(r.content, dtype="<f4").reshape(shape)
         assert c.get(f"/api/images/{image_id}/embedding", params={"part": "nope"}).status_code == 404
         h, w = (int(v) for v in r.headers["X-Input-Size"].split(","))
-        assert (h, w) == (128, 128)  # SAM 2 stretches the image to the model's square
+        assert (h, w) == input_size  # SAM 2 stretches the image to the model's square, SAM-HQ keeps its shape
         r = c.get("/api/decoder.onnx")
         assert r.status_code == 200, r.text
         sess = ort.InferenceSession(r.content, providers=["CPUExecutionProvider"])
@@ -101,13 +107,12 @@ def test_sam2_onnx_decoder_as_the_page_runs_it():
     p = SamPredictor(model)
     p.set_image(synthetic_image(H, W))
     ref_masks, ref_iou, _ = p.predict(point_coords=np.array([[x, y]]), point_labels=np.array([1]), return_logits=True)
-    assert np.abs(masks[0, 1:] - ref_masks).max() < 1e-4 and np.abs(iou[0, 1:] - ref_iou).max() < 1e-5
-
-
-def test_sam_hq_has_no_onnx_decoder_yet():
-    with TestClient(create_app(_model("sam_hq"))) as c:
-        r = c.get("/api/decoder.onnx")
-        assert r.status_code == 503 and "no ONNX export" in r.json()["detail"]
+    if kind == "sam_hq":  # one mask: SAM's best multimask output plus the HQ mask, as the page picks it
+        best = 1 + int(np.argmax(iou[0, 1:]))
+        masks, iou = masks[:, best : best + 1], iou[:, best : best + 1]
+    else:
+        masks, iou = masks[:, 1:], iou[:, 1:]
+    assert np.abs(masks[0] - ref_masks).max() < 1e-4 and np.abs(iou[0] - ref_iou).max() < 1e-5
 
 
 def test_export_onnx_cli_with_sam2(tmp_path):

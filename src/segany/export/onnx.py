@@ -23,6 +23,10 @@ as SAM was trained (:class:`segany.export.onnx_predictor.OnnxSamPredictor` does)
 The image encoder export takes the *preprocessed* input (``Sam.preprocess``: normalized, padded to
 ``1 x 3 x S x S``) and returns ``image_embeddings``. Model facts a runtime needs (input size, pixel mean /
 std, embedding shape) go into the ONNX metadata, so an exported pair is self-describing.
+
+SAM 2 (:mod:`segany.export.onnx_sam2`) and SAM-HQ (:mod:`segany.export.onnx_sam_hq`) decoders take the
+same inputs plus the image features their decoders read besides the embedding; :func:`export_decoder`
+and :func:`export_encoder` pick the exporter from the model.
 """
 
 from __future__ import annotations
@@ -72,20 +76,31 @@ def export_decoder(
     use_stability_score: bool = False,
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
+    hq_token_only: bool = False,
 ) -> Path:
     """Export the prompt encoder + mask decoder to ``path`` (see the module docstring); returns the path.
 
     Args:
         quantize: dynamic int8 quantization of the weights (onnxruntime), about 4x smaller.
+        hq_token_only: SAM-HQ only: the HQ token's mask alone in every output (upstream's option).
     """
-    if getattr(model, "resize_mode", None) == "stretch":
+    family = _family(model)
+    if hq_token_only and family != "sam_hq":
+        raise SegAnyError("hq_token_only needs a SAM-HQ model")
+    if family == "sam2":
         if use_stability_score:
             raise SegAnyError("SAM 2's ONNX decoder returns predicted IoUs only (no use_stability_score)")
         from segany.export.onnx_sam2 import export_sam2_decoder  # SAM 2: two more inputs
 
         return export_sam2_decoder(model, path, return_single_mask, opset, quantize)
-    if getattr(model, "decoder_input_names", ()):
-        raise SegAnyError(f"the {type(model).__name__} decoder has no ONNX export (SAM, MobileSAM and SAM 2 do)")
+    if family == "sam_hq":
+        from segany.export.onnx_sam_hq import export_sam_hq_decoder  # SAM-HQ: the early ViT features
+
+        return export_sam_hq_decoder(model, path, return_single_mask, use_stability_score, hq_token_only, opset,
+                                     quantize)
+    if family is None:
+        raise SegAnyError(f"the {type(model).__name__} decoder has no ONNX export (SAM, MobileSAM, SAM 2 and "
+                          "SAM-HQ do)")
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
@@ -108,12 +123,18 @@ def export_decoder(
 
 def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False) -> Path:
     """Export the image encoder (input ``image``: preprocessed ``1 x 3 x S x S``); returns the path."""
-    if getattr(model, "resize_mode", None) == "stretch":
+    family = _family(model)
+    if family == "sam2":
         from segany.export.onnx_sam2 import export_sam2_encoder  # SAM 2: three outputs
 
         return export_sam2_encoder(model, path, opset, quantize)
-    if getattr(model, "decoder_input_names", ()):
-        raise SegAnyError(f"the {type(model).__name__} encoder has no ONNX export (SAM, MobileSAM and SAM 2 do)")
+    if family == "sam_hq":
+        from segany.export.onnx_sam_hq import export_sam_hq_encoder  # SAM-HQ: two outputs
+
+        return export_sam_hq_encoder(model, path, opset, quantize)
+    if family is None:
+        raise SegAnyError(f"the {type(model).__name__} encoder has no ONNX export (SAM, MobileSAM, SAM 2 and "
+                          "SAM-HQ do)")
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
@@ -121,6 +142,17 @@ def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPS
     _write(SamOnnxEncoder(model), args, path, [ENCODER_INPUT], [ENCODER_OUTPUT], {}, opset, model_metadata(model),
            quantize)
     return path
+
+
+def _family(model: Sam) -> str | None:
+    """Which exporter serves ``model``: "sam" (SAM, MobileSAM, segany's models), "sam2", "sam_hq", or
+    None for a decoder with image inputs no exporter knows."""
+    names = tuple(getattr(model, "decoder_input_names", ()))
+    if getattr(model, "resize_mode", None) == "stretch":
+        return "sam2"
+    if names == ("interm_embeddings",):
+        return "sam_hq"
+    return None if names else "sam"
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

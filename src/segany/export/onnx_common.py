@@ -1,6 +1,7 @@
 """What the ONNX exporters share: the traceable decoder and encoder wrappers of SAM's interface, the
 model metadata, and the export / quantize / atomic-write steps. :mod:`segany.export.onnx` exports SAM
-(and dispatches SAM 2 to :mod:`segany.export.onnx_sam2`); both build on this module, which imports neither.
+(and dispatches SAM 2 and SAM-HQ to :mod:`segany.export.onnx_sam2` / :mod:`~segany.export.onnx_sam_hq`);
+all build on this module, which imports none of them.
 """
 
 from __future__ import annotations

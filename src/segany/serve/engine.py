@@ -74,14 +74,19 @@ class ServedModel:
         }
 
     def onnx_image_inputs_names(self) -> tuple[str, ...]:
-        return ("high_res_feats_0", "high_res_feats_1") if getattr(self.model, "resize_mode", None) == "stretch" else ()
+        if getattr(self.model, "resize_mode", None) == "stretch":
+            return ("high_res_feats_0", "high_res_feats_1")
+        return ("interm_embeddings",) if "interm_embeddings" in getattr(self.model, "decoder_input_names", ()) else ()
 
     def onnx_image_input(self, entry: ImageEntry, name: str) -> torch.Tensor | None:
-        """The cached image input ``name`` of the ONNX decoder (SAM 2's ``high_res_feats_0/1``), or None."""
+        """The cached image input ``name`` of the ONNX decoder (SAM 2's ``high_res_feats_0/1``, SAM-HQ's
+        ``interm_embeddings``), or None."""
         if name == "image_embeddings":
             return entry.embedding
         if name not in self.onnx_image_inputs_names() or not entry.decoder_inputs:
             return None
+        if name == "interm_embeddings":  # the decoder takes upstream's stack of layers; the first is used
+            return entry.decoder_inputs[name][None]
         return entry.decoder_inputs["high_res_features"][int(name[-1])]
 
     def embed(

@@ -177,7 +177,8 @@ async function loadDecoder() {
   const shape = res.headers.get("X-Embedding-Shape").split(",").map(Number);
   S.inputSize = res.headers.get("X-Input-Size").split(",").map(Number);
   S.embedding = new ort.Tensor("float32", new Float32Array(await res.arrayBuffer()), shape);
-  // SAM 2's decoder also reads the image's high-resolution features (info.extra_decoder_inputs).
+  // SAM 2's decoder also reads the image's high-resolution features, SAM-HQ's its early ViT features
+  // (info.extra_decoder_inputs).
   S.extraInputs = {};
   for (const name of S.info.extra_decoder_inputs || []) {
     const r = await reuploadIfEvicted(() => api(`/api/images/${S.imageId}/embedding?dtype=float32&part=${name}`));
