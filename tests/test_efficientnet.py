@@ -215,14 +215,14 @@ def test_dense_embedding_follows_the_click_and_the_mask_flag():
     assert not torch.allclose(with_mask, a)
 
 
-def test_dense_prompt_model_skips_the_reassociated_decoder_and_keeps_its_outputs():
+def test_dense_prompt_model_fast_and_plain_predictors_agree():
     from segany.modeling.fast.decoder import ReassociatedDecoder
 
     torch.manual_seed(0)
     fast = build_sam(dense_config()).eval()
     plain = build_sam(dense_config(), fast=False).eval()
     plain.load_state_dict(fast.state_dict())
-    assert not ReassociatedDecoder.supports(fast)
+    assert ReassociatedDecoder.supports(fast)  # for clicks, through their dense cells (the generator)
     image = np.random.default_rng(1).integers(0, 255, (100, 128, 3), dtype=np.uint8)
     outs = []
     for model in (fast, plain):
@@ -233,6 +233,55 @@ def test_dense_prompt_model_skips_the_reassociated_decoder_and_keeps_its_outputs
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert infer_config(fast.state_dict(), image_size=128).dense_prompts
     assert not infer_config(build_sam(tiny_config()).state_dict(), image_size=128).dense_prompts
+
+
+def test_dense_prompt_model_generator_fast_decoder_same_records_as_the_plain_decoder():
+    """The automatic mask generator of a model that draws clicks into its dense embedding decodes its grid
+    through the re-associated decoder (each click's few dense cells) with the plain decoder's results."""
+    from segany import SamAutomaticMaskGenerator
+
+    torch.manual_seed(0)
+    model = build_sam(dense_config()).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random decoder and downscaler values of a useful size (the defaults are all 0 / 1)
+        for name, p in [*model.mask_decoder.named_parameters(), *model.prompt_encoder.named_parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.3) + ("norm" in name))
+    rng = np.random.default_rng(2)
+    image = cv2_free_shapes(rng)
+    # Every candidate kept (the filters off, no NMS: random weights give few stable masks): 3 per point.
+    kwargs = {"points_per_side": 12, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    fast = SamAutomaticMaskGenerator(model, **kwargs)
+    plain = SamAutomaticMaskGenerator(model, **kwargs)
+    plain.fast_decoder = False
+    assert fast.fast_decoder
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got, want = fast.generate(image), plain.generate(image)
+    finally:
+        torch.set_num_threads(before)
+    assert len(got) == len(want) == 3 * 12 * 12
+
+    def key(r: dict) -> tuple:  # NMS orders by the scores, which may differ in their last digits
+        return r["point_coords"], r["predicted_iou"]
+
+    areas = set()
+    for g_rec, w_rec in zip(sorted(got, key=key), sorted(want, key=key)):
+        assert g_rec["point_coords"] == w_rec["point_coords"]
+        assert g_rec["predicted_iou"] == pytest.approx(w_rec["predicted_iou"], abs=1e-5)
+        assert g_rec["stability_score"] == pytest.approx(w_rec["stability_score"], abs=1e-3)
+        a, b = g_rec["segmentation"], w_rec["segmentation"]
+        assert (a != b).sum() <= max(2, 0.001 * b.sum())  # a pixel at the threshold may differ
+        areas.add(w_rec["area"])
+    assert len(areas) > 100  # masks of many shapes, not all empty or full
+
+
+def cv2_free_shapes(rng: np.random.Generator) -> np.ndarray:
+    """A 96 x 128 image of a few flat rectangles on a noisy background."""
+    image = rng.normal(100, 10, (96, 128, 3)).clip(0, 255).astype(np.uint8)
+    for y0, x0, y1, x1, color in ((10, 10, 50, 60, (220, 40, 40)), (40, 70, 90, 120, (30, 200, 60))):
+        image[y0:y1, x0:x1] = color
+    return image
 
 
 def test_shipped_default_v2_segments_a_clear_object_from_its_box():

@@ -1,8 +1,10 @@
 """The re-associated decoder's factored image tokens (``modeling/fast/factored.py``) are the plain transformer's
-tokens, block by block; the thresholded matrix post-processing and the NumPy stability score are the plain
-computations."""
+tokens, block by block, also with clicks drawn into the dense embedding (``modeling/fast/dense_cells.py``);
+the thresholded matrix post-processing and the NumPy stability score are the plain computations."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 from segany.modeling import build_sam, get_config
 from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.dense_cells import cell_size, constant_dense
 from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens
 from segany.modeling.fast.postprocess import is_one_resize, postprocess_masks
 from segany.utils.masks import calculate_stability_score
@@ -172,3 +175,105 @@ def test_numpy_stability_score_is_the_torch_one():
     assert got.dtype == want.dtype == torch.float32
     assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan()[2])
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+# -- clicks drawn into the dense embedding (DensePromptEncoder, modeling/fast/dense_cells.py) -----------
+
+
+def _dense_model(depth: int) -> torch.nn.Module:
+    """The tiny test model with clicks drawn into its dense embedding (4 input pixels per map pixel, 16 per
+    embedding cell, click radius 10: a click touches up to 3 x 3 cells, as in default_v2), random values
+    in the decoder and in the downscaler too."""
+    torch.manual_seed(depth)
+    cfg = dataclasses.replace(get_config("tiny_test"), dense_prompts=True, decoder_depth=depth)
+    model = build_sam(cfg).eval()
+    g = torch.Generator().manual_seed(depth)
+    with torch.no_grad():
+        for name, p in [*model.mask_decoder.named_parameters(), *model.prompt_encoder.named_parameters()]:
+            scale = 0.5 if "norm" in name and name.endswith("weight") else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm4.weight") else 0.0))
+    return model
+
+
+# Two clicks per prompt (label -1: padding): at the corners and the borders of the 128-pixel input, two in
+# one embedding cell, a positive and a negative one, on a cell corner (the most cells), far apart.
+DENSE_CLICKS = (
+    torch.tensor(
+        [
+            [[0.0, 0.0], [127.9, 127.9]],
+            [[127.5, 3.0], [0.0, 0.0]],
+            [[35.0, 33.0], [38.5, 36.0]],
+            [[48.0, 48.0], [90.0, 20.0]],
+            [[64.0, 127.0], [5.0, 70.0]],
+        ]
+    ),
+    torch.tensor([[1, 1], [1, -1], [1, 1], [1, 0], [0, 1]]),
+)
+
+
+def test_dense_cells_are_the_encoders_dense_embedding():
+    """The per-image vector plus each prompt's cells is the encoder's whole dense embedding, and only a
+    click's nearby cells are listed (at most 3 x 3 per click here)."""
+    pe = _dense_model(2).prompt_encoder
+    with torch.inference_mode():
+        want = pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]  # B x C x 8 x 8
+        sparse, cells = ReassociatedDecoder.embed_points(pe, DENSE_CLICKS)
+        got = constant_dense(pe)[None, :, None].repeat(5, 1, 64)  # B x C x N
+        got.scatter_add_(2, cells.index[:, None].expand(-1, got.shape[1], -1), cells.delta.transpose(1, 2))
+        assert torch.equal(sparse, pe(points=DENSE_CLICKS, boxes=None, masks=None)[0])
+    assert float((got.view_as(want) - want).abs().max()) < 1e-5 * float(want.abs().max())
+    changed = (want - want[:, :, :1, :1]).abs().amax(1).flatten(1) > 0  # cells unlike the top left one
+    listed = torch.zeros_like(changed)
+    listed.scatter_(1, cells.index, cells.delta.abs().amax(-1) > 0)
+    assert torch.equal(listed[1:], changed[1:])  # (prompt 0 clicks the top left cell itself)
+    assert cells.index.shape[1] <= 18
+    for index, delta in zip(cells.index, cells.delta):  # each cell once (the two clicks of prompt 2 share one)
+        index = index[delta.abs().amax(-1) > 0].tolist()
+        assert len(set(index)) == len(index)
+    assert 18 in cells.index[2].tolist()  # that cell, (2, 2)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_factored_tokens_with_dense_cells_are_the_plain_transformers(depth):
+    model = _dense_model(depth)
+    md, tr, pe = model.mask_decoder, model.mask_decoder.transformer, model.prompt_encoder
+    features = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert ReassociatedDecoder.supports(model)
+    with torch.inference_mode():
+        sparse, dense = pe(points=DENSE_CLICKS, boxes=None, masks=None)
+        _, cells = ReassociatedDecoder.embed_points(pe, DENSE_CLICKS)
+        dense_pe = pe.get_dense_pe()
+        dec = ReassociatedDecoder.for_model(model, features)
+        b = sparse.shape[0]
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+        qpe = torch.cat([out_tokens[None].expand(b, -1, -1), sparse], 1)
+        keys = (features + dense).flatten(2).transpose(1, 2)
+        key_pe = dense_pe.flatten(2).transpose(1, 2)
+        queries, x_queries, x = qpe, qpe, None
+        for j, layer in enumerate(tr.layers):
+            queries, keys = layer(queries, keys, qpe, key_pe)
+            x_queries, x = dec.block(j, layer, x_queries, qpe, x, cells if j == 0 else None)
+            assert float((x_queries - queries).abs().max()) < 1e-4
+            assert float((_materialize(dec.side, x) - keys).abs().max()) < 1e-4 * float(keys.abs().max())
+        iou, mask_tokens, x = dec.tokens(sparse, cells)
+        got = dec.masks(x, mask_tokens, list(range(md.num_mask_tokens)))
+        want_masks, want_iou = md.predict_masks(features, dense_pe, sparse, dense)
+        # decode(): prompt by prompt through the workers' chunks, the same outputs
+        iou2, _keep, low = dec.decode(sparse, [1, 2, 3], 0.0, cells=cells)
+    assert torch.allclose(iou, want_iou, atol=1e-5)
+    assert float((got - want_masks).abs().max()) <= 1e-5 * float(want_masks.abs().max())
+    assert torch.allclose(iou2, want_iou[:, 1:], atol=1e-5)
+    assert float((low.view(b, 3, 32, 32) - want_masks[:, 1:]).abs().max()) <= 1e-5 * float(want_masks.abs().max())
+    # Without its cells a prompt is decoded as if its clicks were not drawn: the cells matter.
+    with torch.inference_mode():
+        iou3 = dec.tokens(sparse)[0]
+    assert float((iou3 - want_iou).abs().max()) > 1e-3
+
+
+def test_dense_model_whose_downscaler_is_not_local_keeps_the_plain_decoder():
+    model = _dense_model(2)
+    pe = model.prompt_encoder
+    assert cell_size(pe) == 4
+    pe.mask_downscaling[3] = torch.nn.Conv2d(2, 8, kernel_size=3, stride=2, padding=1)  # cells see their neighbours
+    assert cell_size(pe) is None
+    assert not ReassociatedDecoder.supports(model)

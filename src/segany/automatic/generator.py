@@ -375,9 +375,10 @@ class SamAutomaticMaskGenerator:
         def candidates(start: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
             return self._candidates(points[start : start + out[0].shape[0]], *out, crop_box, orig_size)
 
-        sparse, _dense = self._embed_points(points, im_size)
+        # the clicks' dense cells, for a model that draws them into its dense embedding (no full maps)
+        sparse, cells = decoder.embed_points(self.predictor.model.prompt_encoder, self._input_points(points, im_size))
         region = decoder.region(self.predictor.input_size)
-        return decoder.decode(sparse, which, self.pred_iou_thresh, region, candidates, self.points_per_batch)
+        return decoder.decode(sparse, which, self.pred_iou_thresh, region, candidates, self.points_per_batch, cells)
 
     def _process_batch(
         self, points: np.ndarray, im_size: tuple[int, int], crop_box: list[int], orig_size: tuple[int, int]
@@ -392,12 +393,17 @@ class SamAutomaticMaskGenerator:
         low_res = low_res.flatten(0, 1)[torch.nonzero(keep.flatten()).flatten()]
         return self._candidates(points, iou_preds, keep, low_res, crop_box, orig_size)
 
-    def _embed_points(self, points: np.ndarray, im_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse and dense prompt embeddings of single positive points (``N x 2`` pixels of the crop)."""
+    def _input_points(self, points: np.ndarray, im_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single positive point prompts (``N x 2`` pixels of the crop) in the model's input frame: ``N x 1 x 2``
+        coordinates and ``N x 1`` labels."""
         p = self.predictor
         in_points = torch.as_tensor(p.transform.apply_coords(points, im_size), dtype=torch.float, device=p.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=p.device)
-        return p.model.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+        return in_points[:, None, :], in_labels[:, None]
+
+    def _embed_points(self, points: np.ndarray, im_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse and dense prompt embeddings of single positive points (``N x 2`` pixels of the crop)."""
+        return self.predictor.model.prompt_encoder(points=self._input_points(points, im_size), boxes=None, masks=None)
 
     def _candidates(
         self,

@@ -61,12 +61,7 @@ class DensePromptEncoder(PromptEncoder):
         maps = torch.zeros((bs, 3, h, w), device=device)
         if points is not None:
             coords, labels = points[0].float(), points[1]
-            dy = ys[None, None, :, None] - coords[:, :, 1, None, None]
-            dx = xs[None, None, None, :] - coords[:, :, 0, None, None]
-            inside = (dy * dy + dx * dx) <= self.click_radius**2  # B x N x h x w
-            for channel, label in ((0, 1), (1, 0)):
-                chosen = (labels == label)[:, :, None, None]
-                maps[:, channel] = (inside & chosen).any(dim=1).float()
+            maps[:, :2] = self.click_disks(coords, labels, ys[None, None], xs[None, None])[:, 0]
             if boxes is None:  # corners labelled 2 and 3, if any (no data-dependent branch: exportable)
                 corners = (labels[:, :, None] == torch.tensor([2, 3], device=labels.device)).float()  # B x N x 2
                 # the labelled corner of each kind (mean, in case a corner is given twice)
@@ -76,6 +71,20 @@ class DensePromptEncoder(PromptEncoder):
         if boxes is not None:
             maps[:, 2] = self._box_map(boxes.float().reshape(bs, 4), ys, xs)
         return maps
+
+    def click_disks(
+        self, coords: torch.Tensor, labels: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
+    ) -> torch.Tensor:
+        """The positive and the negative click disks (1 inside, 0 outside) on ``K`` windows of pixel centres
+        per prompt: ``coords`` ``B x N x 2`` (float), ``labels`` ``B x N``, the windows' rows ``ys``
+        ``B x K x h'`` and columns ``xs`` ``B x K x w'`` in the input frame (broadcastable) ->
+        ``B x K x 2 x h' x w'``. :meth:`prompt_maps` draws one window, the whole grid; the re-associated
+        decoder draws the cells near each click (``modeling/fast/dense_cells.py``)."""
+        dy = ys[:, :, None, :, None] - coords[:, None, :, 1, None, None]
+        dx = xs[:, :, None, None, :] - coords[:, None, :, 0, None, None]
+        inside = (dy * dy + dx * dx) <= self.click_radius**2  # B x K x N x h' x w'
+        disks = [(inside & (labels == label)[:, None, :, None, None]).any(dim=2) for label in (1, 0)]
+        return torch.stack(disks, dim=2).float()
 
     @staticmethod
     def _box_map(boxes: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,11 @@ from torch import nn
 
 from segany.modeling.common import LayerNorm2d
 from segany.modeling.fast.common import activate_, linear_act, mlp_inplace
+from segany.modeling.fast.dense_cells import DenseCells, cell_size, click_cells, constant_dense
 from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
 from segany.modeling.fast.workers import available_workers, map_on_workers
 from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.transformer import TwoWayTransformer
 
 R = TypeVar("R")
@@ -72,6 +74,9 @@ class ReassociatedDecoder:
       factored sum (its per-image part computed once).
     * Prompts go through a few at a time (:data:`DECODE_CHUNK`), sharing the reads of the per-image
       products.
+    * A model that draws the clicks into its dense embedding: the per-image side takes the vector of the
+      cells no click touches, and each prompt's few other cells (:mod:`~segany.modeling.fast.dense_cells`)
+      are corrections at those tokens in the first block, then extra rows of its factored tokens.
     * The IoU head runs before the upscaling: prompts none of whose masks pass ``iou_thresh`` are not
       upscaled at all.
     * The upscaling runs channels-last (each stride-2 transposed convolution is one matmul, the layer
@@ -134,17 +139,35 @@ class ReassociatedDecoder:
 
     @classmethod
     def for_model(cls, model: nn.Module, features: torch.Tensor) -> ReassociatedDecoder:
-        """The decoder of a :class:`~segany.modeling.sam.Sam` for prompts without a mask input."""
+        """The decoder of a :class:`~segany.modeling.sam.Sam` for prompts without a mask input (and, for a
+        model that draws clicks into its dense embedding, without a box: see :meth:`embed_points`)."""
         pe = model.prompt_encoder
-        return cls(model.mask_decoder, features, pe.no_mask_embed.weight[0], pe.get_dense_pe(), model.image_size)
+        dense = constant_dense(pe) if getattr(pe, "dense_prompts", False) else pe.no_mask_embed.weight[0]
+        return cls(model.mask_decoder, features, dense, pe.get_dense_pe(), model.image_size)
+
+    @staticmethod
+    def embed_points(
+        prompt_encoder: nn.Module, points: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, DenseCells | None]:
+        """Point prompts (``B x N x 2`` coordinates in the input frame, ``B x N`` labels) for :meth:`decode`:
+        their sparse tokens and, for a prompt encoder that draws the clicks into its dense embedding, the
+        cells where that differs from the per-image vector (:mod:`~segany.modeling.fast.dense_cells`; no
+        ``B x C x h x w`` dense embedding is made)."""
+        if not getattr(prompt_encoder, "dense_prompts", False):
+            return prompt_encoder(points=points, boxes=None, masks=None)[0], None
+        # The plain encoder's tokens (the dense encoder's are the same; its dense part is what is skipped).
+        sparse = PromptEncoder.forward(prompt_encoder, points, None, None)[0]
+        return sparse, click_cells(prompt_encoder, points)
 
     @staticmethod
     def supports(decoder: nn.Module) -> bool:
         """True for the standard SAM decoder (the layout this class re-associates) of a model whose dense
-        embedding is one vector for every pixel without a mask input; ``decoder`` is a ``MaskDecoder`` or
-        a model that has one."""
-        if getattr(getattr(decoder, "prompt_encoder", None), "dense_prompts", False):
-            return False  # its dense embedding differs from prompt to prompt
+        embedding without a mask input is one vector for every pixel, or that vector plus a few cells per
+        click (:mod:`~segany.modeling.fast.dense_cells`); ``decoder`` is a ``MaskDecoder`` or a model that
+        has one."""
+        pe = getattr(decoder, "prompt_encoder", None)
+        if getattr(pe, "dense_prompts", False) and cell_size(pe) is None:
+            return False  # its dense embedding differs from prompt to prompt everywhere
         md = getattr(decoder, "mask_decoder", decoder)
         if not isinstance(md, MaskDecoder) or not isinstance(md.transformer, TwoWayTransformer):
             return False
@@ -173,15 +196,35 @@ class ReassociatedDecoder:
 
     # -- attention ------------------------------------------------------------------------------------
 
-    def _t2i_shared(self, attn: nn.Module, q: torch.Tensor) -> torch.Tensor:
-        """Tokens (``B x T x C``) attend to the first block's prompt-independent image keys/values."""
+    def _t2i_shared(self, attn: nn.Module, q: torch.Tensor, cells: DenseCells | None = None) -> torch.Tensor:
+        """Tokens (``B x T x C``) attend to the first block's prompt-independent image keys/values (plus the
+        prompts' ``cells``: their keys and values there change by the projections of the differences)."""
         b, t, _ = q.shape
         qh = _heads(attn.q_proj(q), attn.num_heads)  # B x H x T x d
         h, d = qh.shape[1], qh.shape[3]
+        n = self.k0.shape[2]
         qh = qh.transpose(0, 1).reshape(h, b * t, d) * d**-0.5  # the softmax scale, on the small side
-        a = torch.bmm(qh, self.k0).softmax(-1)  # H x BT x N
-        out = torch.bmm(a, self.v0).view(h, b, t, d).transpose(0, 1)  # B x H x T x d
-        return attn.out_proj(_merge(out))
+        s = torch.bmm(qh, self.k0)  # H x BT x N
+        if cells is not None:
+            index = self._add_cells(s.view(h, b, t, n), qh.view(h, b, t, d), attn.k_proj, cells)
+        a = s.softmax(-1)
+        out = torch.bmm(a, self.v0).view(h, b, t, d)  # H x B x T x d
+        if cells is not None:  # sum over the cells of weight x projected difference
+            dv = _heads(F.linear(cells.delta, attn.v_proj.weight), h).transpose(0, 1)  # H x B x k x d
+            out = out + torch.matmul(a.view(h, b, t, n).gather(3, index), dv)
+        return attn.out_proj(_merge(out.transpose(0, 1)))
+
+    @staticmethod
+    def _add_cells(s: torch.Tensor, qh: torch.Tensor, lin: nn.Linear, cells: DenseCells) -> torch.Tensor:
+        """Scores ``s`` (``H x B x T x N``) of queries ``qh`` (``H x B x T x d``) against the per-image image
+        tokens projected by ``lin``: plus, at the prompts' cells, the queries dotted with the projected
+        differences (no bias: it is in the per-image part). Returns the cells' index, ``H x B x T x k``."""
+        h, b, t, _ = qh.shape
+        k = cells.index.shape[1]
+        dk = _heads(F.linear(cells.delta, lin.weight), h).transpose(0, 1)  # H x B x k x d
+        index = cells.index[None, :, None, :].expand(h, b, t, k)
+        s.scatter_add_(3, index, torch.matmul(qh, dk.transpose(2, 3)))
+        return index
 
     def _t2i(self, attn: nn.Module, x: FactoredTokens, q: torch.Tensor) -> torch.Tensor:
         """Tokens (``B x T x C``) attend to the factored image tokens ``x``."""
@@ -191,16 +234,18 @@ class ReassociatedDecoder:
         return attn.out_proj(_merge(self.side.mixed(x, attn.v_proj, a)))
 
     def _i2t_shared(
-        self, attn: nn.Module, k_tok: torch.Tensor, v_tok: torch.Tensor
+        self, attn: nn.Module, k_tok: torch.Tensor, v_tok: torch.Tensor, cells: DenseCells | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first block's image tokens attend to the tokens: scores ``B x H x T x N`` (softmax over T
         to come) and the tokens' values per head ``B x H x T x d`` (the update, see
-        :meth:`FactoredDecoderSide.add_attention`)."""
+        :meth:`FactoredDecoderSide.add_attention`). ``cells``: the prompts' differences of the image tokens."""
         kh = _heads(attn.k_proj(k_tok), attn.num_heads)  # B x H x T x d
         b, h, t, d = kh.shape
         n = self.q0.shape[2]
         kh = kh.transpose(0, 1).reshape(h, b * t, d) * d**-0.5  # the softmax scale, on the small side
         s = torch.bmm(kh, self.q0)  # H x BT x N
+        if cells is not None:
+            self._add_cells(s.view(h, b, t, n), kh.view(h, b, t, d), attn.q_proj, cells)
         return s.view(h, b, t, n).transpose(0, 1), _heads(attn.v_proj(v_tok), h)
 
     def _i2t(
@@ -214,26 +259,36 @@ class ReassociatedDecoder:
     # -- the decoder ------------------------------------------------------------------------------------
 
     def block(
-        self, j: int, layer: nn.Module, queries: torch.Tensor, qpe: torch.Tensor, x: FactoredTokens | None
+        self,
+        j: int,
+        layer: nn.Module,
+        queries: torch.Tensor,
+        qpe: torch.Tensor,
+        x: FactoredTokens | None,
+        cells: DenseCells | None = None,
     ) -> tuple[torch.Tensor, FactoredTokens]:
         """Two-way block ``j`` (``layer``) on prompt tokens ``queries`` (``B x T x C``, positional part
-        ``qpe``) and image tokens ``x`` (None: still the shared, per-image ones): the block's token side
-        as the plain code, its image side in factored form."""
+        ``qpe``) and image tokens ``x`` (None: still the shared, per-image ones, plus the prompts' dense
+        ``cells`` if any): the block's token side as the plain code, its image side in factored form."""
         queries = layer.attend_tokens(queries, qpe)
         q = queries + qpe
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if x is None:
-            queries = layer.norm2(queries + self._t2i_shared(t2i, q))
+            queries = layer.norm2(queries + self._t2i_shared(t2i, q, cells))
         else:
             queries = layer.norm2(queries + self._t2i(t2i, x, q))
         queries = layer.norm3(queries + mlp_inplace(layer.mlp, queries))
         q = queries + qpe
-        a, v = self._i2t_shared(i2t, q, queries) if x is None else self._i2t(i2t, x, q, queries)
-        return queries, self.side.layer_norm(self.side.add_attention(x, j, a, v), layer.norm4)
+        a, v = self._i2t_shared(i2t, q, queries, cells) if x is None else self._i2t(i2t, x, q, queries)
+        extra = None if x is not None or cells is None else (cells.index, cells.delta)
+        return queries, self.side.layer_norm(self.side.add_attention(x, j, a, v, extra), layer.norm4)
 
-    def tokens(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
-        """Sparse prompt embeddings ``B x T' x C`` -> IoU predictions ``B x M``, mask tokens ``B x M x C``,
-        and the image tokens after the transformer, in factored form."""
+    def tokens(
+        self, sparse: torch.Tensor, cells: DenseCells | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
+        """Sparse prompt embeddings ``B x T' x C`` (and, for a model that draws clicks into its dense
+        embedding, their ``cells``: :meth:`embed_points`) -> IoU predictions ``B x M``, mask tokens
+        ``B x M x C``, and the image tokens after the transformer, in factored form."""
         md, tr = self.md, self.tr
         b = sparse.shape[0]
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
@@ -241,7 +296,7 @@ class ReassociatedDecoder:
         queries = qpe
         x: FactoredTokens | None = None  # None while the image tokens are still the shared ones
         for j, layer in enumerate(tr.layers):
-            queries, x = self.block(j, layer, queries, qpe, x)
+            queries, x = self.block(j, layer, queries, qpe, x, cells if j == 0 else None)
         q = queries + qpe
         queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, x, q))
         iou = md.iou_prediction_head(queries[:, 0])
@@ -311,6 +366,7 @@ class ReassociatedDecoder:
         region: tuple[int, int] | None = None,
         then: Callable[[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], R] | None = None,
         part: int | None = None,
+        cells: DenseCells | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | list[R]:
         """Decode prompts a couple at a time (their image tokens then stay in the CPU caches, much faster
         than batches) and upscale only those with a mask output whose IoU is above ``iou_thresh``.
@@ -328,7 +384,8 @@ class ReassociatedDecoder:
         outputs as above for that part), so that the caller's own work on the outputs runs in parallel
         too; ``decode`` then returns the list of its results, in prompt order. ``part``: prompts per worker
         task (whole chunks of :data:`DECODE_CHUNK`), taken by the workers as they become free; by default
-        one equal share per worker.
+        one equal share per worker. ``cells``: the prompts' dense cells, for a model that draws clicks
+        into its dense embedding (:meth:`embed_points`).
         """
         n = sparse.shape[0]
         step = part or -(-n // available_workers(sparse.device, DECODE_WORKERS))  # default: a share per worker
@@ -336,7 +393,8 @@ class ReassociatedDecoder:
         starts = range(0, max(n, 1), step)
 
         def task(start: int):
-            out = self._decode(sparse[start : start + step], which, iou_thresh, region)
+            part_cells = None if cells is None else cells[start : start + step]
+            out = self._decode(sparse[start : start + step], which, iou_thresh, region, part_cells)
             return out if then is None else then(start, out)
 
         parts = map_on_workers(task, starts, sparse.device, DECODE_WORKERS)
@@ -347,11 +405,17 @@ class ReassociatedDecoder:
         return tuple(torch.cat([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def _decode(
-        self, sparse: torch.Tensor, which: list[int], iou_thresh: float, region: tuple[int, int] | None
+        self,
+        sparse: torch.Tensor,
+        which: list[int],
+        iou_thresh: float,
+        region: tuple[int, int] | None,
+        cells: DenseCells | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ious, keeps, lows = [], [], []
         for i in range(0, sparse.shape[0], DECODE_CHUNK):
-            iou, mask_tokens, keys = self.tokens(sparse[i : i + DECODE_CHUNK])
+            chunk_cells = None if cells is None else cells[i : i + DECODE_CHUNK]
+            iou, mask_tokens, keys = self.tokens(sparse[i : i + DECODE_CHUNK], chunk_cells)
             iou = iou[:, which].float()
             keep = iou > iou_thresh if iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
             ious.append(iou)

@@ -104,6 +104,13 @@ class Plan:
             self._basis[key] = out
         return out
 
+    def carried(self, rows: torch.Tensor, level: int) -> torch.Tensor:
+        """``... x C`` rows of the image tokens at level 0 (added to them before the first LayerNorm), carried
+        to ``level``: ``rows M_level``."""
+        for step in self.steps[:level]:
+            rows = rows @ step
+        return rows
+
     def row(self, epoch: int, level: int, biased: bool) -> torch.Tensor:
         """``C``: the constant row of ``epoch`` at ``level``."""
         key = (epoch, level, biased)
@@ -122,8 +129,9 @@ class Plan:
 @dataclass
 class CoefficientRows:
     """Rows ``start : start + size`` of a :class:`FactoredTokens`' coefficients: an attention update of
-    block ``layer`` (``values`` ``B x H x T x d``: its tokens' values per head) or the constant of
-    ``epoch`` (``values`` None)."""
+    block ``layer`` (``values`` ``B x H x T x d``: its tokens' values per head), the constant of
+    ``epoch`` (``values`` None), or per-prompt rows added at level 0 (``cells`` ``B x size x C``: the
+    dense embedding's differences from the per-image vector, on one image token each)."""
 
     start: int
     size: int
@@ -131,6 +139,7 @@ class CoefficientRows:
     epoch: int = -1
     values: torch.Tensor | None = None
     biased: bool = False
+    cells: torch.Tensor | None = None
 
 
 @dataclass
@@ -159,13 +168,19 @@ class FactoredTokens:
 
     def ones_row(self) -> int:
         """The coefficient row that is all ones: the constant added since the last LayerNorm."""
-        return next(b.start for b in self.blocks if b.values is None and b.epoch == self.level)
+        return next(b.start for b in self.blocks if b.values is None and b.cells is None and b.epoch == self.level)
 
     def select(self, i: int) -> FactoredTokens:
         """Prompt ``i`` alone."""
         blocks = [
             CoefficientRows(
-                b.start, b.size, b.layer, b.epoch, None if b.values is None else b.values[i : i + 1], b.biased
+                b.start,
+                b.size,
+                b.layer,
+                b.epoch,
+                None if b.values is None else b.values[i : i + 1],
+                b.biased,
+                None if b.cells is None else b.cells[i : i + 1],
             )
             for b in self.blocks
         ]
@@ -178,7 +193,9 @@ class FactoredTokens:
         if self._rows is None:
             parts = []
             for blk in self.blocks:
-                if blk.values is None:
+                if blk.cells is not None:
+                    parts.append(plan.carried(blk.cells, self.level))
+                elif blk.values is None:
                     parts.append(plan.row(blk.epoch, self.level, blk.biased).expand(self.batch, 1, -1))
                 else:
                     basis = plan.basis(blk.layer, self.level)  # H x d x C
@@ -253,16 +270,29 @@ class FactoredDecoderSide:
     # -- updates ------------------------------------------------------------------------------------------
 
     def add_attention(
-        self, x: FactoredTokens | None, layer: int, scores: torch.Tensor, v: torch.Tensor
+        self,
+        x: FactoredTokens | None,
+        layer: int,
+        scores: torch.Tensor,
+        v: torch.Tensor,
+        cells: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FactoredTokens:
         """``X + sum_t a_t U_t`` for the image-to-token attention of block ``layer``: ``a = softmax(scores)``
         over the tokens (``scores`` ``B x H x T x N``), ``v`` the tokens' values per head (``B x H x T x d``).
         Its output bias (one per image token: each head's weights sum to one) is in the constant rows
-        (:class:`Plan`)."""
+        (:class:`Plan`).
+
+        ``cells``: with ``x`` None (the per-image tokens), per-prompt differences of the image tokens,
+        ``(index B x k, delta B x k x C)``: ``delta[b, i]`` is added to token ``index[b, i]`` (rows with
+        one-hot coefficients; zero rows pad)."""
         b, h, t, n = scores.shape
         if x is None:
+            k = 0 if cells is None else cells[0].shape[1]
             depth = self.plan.depth  # rows: every block's attention weights, one constant per LayerNorm
-            x = FactoredTokens(0, None, scores.new_empty(b, depth * (h * t + 1), n), 0, [])
+            x = FactoredTokens(0, None, scores.new_empty(b, k + depth * (h * t + 1), n), k, [])
+            if k:
+                x.buf[:, :k].zero_().scatter_(2, cells[0][:, :, None], 1.0)
+                x.blocks.append(CoefficientRows(0, k, cells=cells[1].to(scores.dtype)))
         # Softmax over the tokens with N innermost (vectorised over the image tokens); copied into the
         # buffer (softmax's out= variant was slower).
         x.buf[:, x.r : x.r + h * t] = scores.softmax(2).view(b, h * t, n)
@@ -286,7 +316,9 @@ class FactoredDecoderSide:
         kc = lambda: self.image.tokens(level, centered=True).t()  # noqa: E731  ((K M P)^T, on a cache miss)
         for blk in x.blocks:
             dst = y[:, blk.start : blk.start + blk.size]
-            if blk.values is None:
+            if blk.cells is not None:  # per-prompt rows: (R M P) (K M P)^T = (R M) (K M P)^T
+                dst.copy_(torch.matmul(plan.carried(blk.cells, level), kc()))
+            elif blk.values is None:
                 key = ("cross_row", level, blk.epoch, blk.biased)
                 proj = self.image.get(key, lambda k=blk: plan.row(k.epoch, level, k.biased)[None] @ kc())
                 dst.copy_(proj.expand(b, 1, n))
