@@ -110,6 +110,8 @@ def test_page_decodes_in_the_browser(browser, kind, tmp_path):  # noqa: F811 - `
         )
         assert extra == extra_shapes
         assert page.evaluate("window.segany.inputSize") == input_size  # SAM 2 stretches to its square
+        # "Everything"'s IoU threshold: the official generator's default for the family.
+        assert page.input_value("#pred-iou-thresh") == ("0.8" if kind == "sam2.1" else "0.88")
 
         # Hover: the page's own decoder runs on every move.
         box = page.locator("#overlay").bounding_box()

@@ -5,6 +5,7 @@ the server hands out besides the embedding."""
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -131,3 +132,54 @@ def test_export_onnx_cli_with_sam2(tmp_path):
     with contextlib.redirect_stderr(err):
         assert cli.main([*args, "--use-stability-score"]) == 2
     assert "no use_stability_score" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def _fixed_iou_model(kind: str, iou: float = 0.84):
+    """A tiny model whose predicted IoUs are all ``iou`` (the IoU head's last layer: zero weights, a bias;
+    SAM 2's head ends in a sigmoid)."""
+    torch.manual_seed(0)
+    model = _model("sam2") if kind == "sam2" else build_sam(get_config("tiny_test")).eval()
+    last = model.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(math.log(iou / (1 - iou)) if kind == "sam2" else iou)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "default"), [("sam2", 0.8), ("sam", 0.88)])
+def test_everything_iou_threshold_follows_the_family(kind, default, tmp_path):
+    """Without --pred-iou-thresh (or the request's field), "everything" keeps the official generator's
+    default for the model: SAM 2's 0.8, SAM's 0.88. Every predicted IoU is 0.84 here, so SAM 2's masks are
+    kept and SAM's removed; a threshold the user gives wins."""
+    import contextlib
+    import json
+
+    from segany import cli
+    from segany.checkpoint import save_model
+
+    model = _fixed_iou_model(kind)
+    body = {"points_per_side": 4, "stability_score_thresh": 0.0}
+    with TestClient(create_app(model)) as c:
+        assert c.get("/api/info").json()["pred_iou_thresh"] == default  # the page fills its field with it
+        image_id = _upload(c)
+        r = c.post(f"/api/images/{image_id}/everything", json=body)
+        assert r.status_code == 200, r.text
+        f = r.json()["filters"]
+        assert f["candidates"] > 0 and f["pred_iou_thresh"] == (0 if kind == "sam2" else f["candidates"])
+        for given, removed_all in ((0.88, True), (0.8, False)):
+            f = c.post(f"/api/images/{image_id}/everything", json=body | {"pred_iou_thresh": given}).json()["filters"]
+            assert f["pred_iou_thresh"] == (f["candidates"] if removed_all else 0)
+
+    save_model(model, tmp_path / "m.safetensors")
+    Image.fromarray(synthetic_image(H, W)).save(tmp_path / "img.png")
+    base = ["everything", str(tmp_path / "img.png"), "--model", str(tmp_path / "m.safetensors"),
+            "--points-per-side", "4", "--stability-score-thresh", "0"]
+    for name, extra, kept in (("auto", [], kind == "sam2"), ("given", ["--pred-iou-thresh", "0.88"], False)):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main([*base, "-o", str(tmp_path / name), *extra]) == 0
+        records = json.loads((tmp_path / name / "img.json").read_text())["annotations"]
+        assert bool(records) == kept, err.getvalue()
+        if not kept:  # the message names the threshold that was used
+            threshold = "0.88" if extra else str(default)
+            assert f"lower --pred-iou-thresh {threshold} " in err.getvalue()

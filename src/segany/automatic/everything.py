@@ -201,7 +201,7 @@ def segment_everything(
             if not records:
                 tqdm.write(
                     f"segany everything: {images[i]}: no masks: {describe_filter_counts(generator.filter_counts)} "
-                    f"(lower --pred-iou-thresh {generator_kwargs['pred_iou_thresh']} / --stability-score-thresh "
+                    f"(lower --pred-iou-thresh {generator.pred_iou_thresh} / --stability-score-thresh "
                     f"{generator_kwargs['stability_score_thresh']} to keep more)",
                     file=sys.stderr,
                 )

@@ -1,6 +1,8 @@
 """The automatic mask generator's options as one table: name, type, default and help, and their checks.
 
-``segany everything`` declares them with the official :class:`SamAutomaticMaskGenerator` defaults,
+``segany everything`` declares them with the official :class:`SamAutomaticMaskGenerator` defaults (the
+predicted-IoU threshold left to the generator, whose default follows the model family, as the official
+SAM and SAM 2 generators differ),
 ``segany annotate`` / ``segany engine`` with SA-1B's quality filters (:data:`SA1B_DEFAULTS`); both check
 them with :func:`check_generator_options`, whose messages name the command-line option (``--points-per-side``).
 """
@@ -32,7 +34,8 @@ class GeneratorOption:
 GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
     GeneratorOption("points_per_side", int, 32, "N", "grid of N x N prompts (32)"),
     GeneratorOption("points_per_batch", int, 64, "N", "prompts decoded at once (64)"),
-    GeneratorOption("pred_iou_thresh", float, 0.88, "F", "keep predicted IoU > F (0.88)"),
+    # None: the official generator's default for the model's family (SAM 2's own generator keeps 0.8).
+    GeneratorOption("pred_iou_thresh", float, None, "F", "keep predicted IoU > F (SAM: 0.88, SAM 2: 0.8)"),
     GeneratorOption("stability_score_thresh", float, 0.95, "F", "(0.95)"),
     GeneratorOption("stability_score_offset", float, 1.0, "F", "(1.0)"),
     GeneratorOption("box_nms_thresh", float, 0.7, "F", "NMS within a crop (0.7)"),
@@ -49,8 +52,9 @@ GENERATOR_OPTIONS: tuple[GeneratorOption, ...] = (
 
 #: SA-1B's filters (paper, appendix B): confident (predicted IoU 0.88) and stable (0.95) masks, NMS,
 #: small holes and islands removed, near-whole-image masks dropped: the data engine's defaults.
-SA1B_DEFAULTS: dict[str, Any] = {"min_mask_region_area": 100, "max_mask_region_fraction": 0.95}
+SA1B_DEFAULTS: dict[str, Any] = {"pred_iou_thresh": 0.88, "min_mask_region_area": 100, "max_mask_region_fraction": 0.95}
 SA1B_HELP: dict[str, str] = {
+    "pred_iou_thresh": "keep predicted IoU > F (0.88, as SA-1B)",
     "min_mask_region_area": "remove holes/islands < N px (100)",
     "max_mask_region_fraction": "drop masks covering more than F of the image (0.95, as SA-1B)",
 }
@@ -73,6 +77,8 @@ def check_generator_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("crop_n_layers", "min_mask_region_area"):
         need(options[name] >= 0, name, ">= 0")
     for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
+        if name == "pred_iou_thresh" and options[name] is None:
+            continue  # the model family's default, which the generator picks
         need(0.0 <= options[name] <= 1.0, name, "in [0, 1]")
     need(0.0 <= options["stability_score_offset"] < float("inf"), "stability_score_offset", "a number >= 0")
     need(0.0 <= options["crop_overlap_ratio"] < 1.0, "crop_overlap_ratio", "in [0, 1)")

@@ -45,6 +45,9 @@ class ServedModel:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-inference")
         self._decoder: bytes | None = None
         self._decoder_lock = threading.Lock()
+        # The generator's default for this model's family (SAM 0.88, SAM 2 0.8): what "everything" uses
+        # when a request leaves pred_iou_thresh out, shown by /api/info for the page's field.
+        self.pred_iou_thresh = float(SamAutomaticMaskGenerator(self.model, points_per_side=1).pred_iou_thresh)
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the inference thread and wait for its result (exceptions are re-raised here)."""
@@ -69,6 +72,7 @@ class ServedModel:
             "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), e, e],
             "low_res_side": self.low_res_side,
             "mask_threshold": float(self.model.mask_threshold),
+            "pred_iou_thresh": self.pred_iou_thresh,
             # The ONNX decoder's image inputs besides image_embeddings (GET .../embedding?part=NAME).
             "extra_decoder_inputs": list(self.onnx_image_inputs_names()),
         }

@@ -39,7 +39,9 @@ class EverythingRequest(BaseModel):
 
     points_per_side: int = Field(32, ge=1, le=64)
     points_per_batch: int = Field(64, ge=1, le=256)
-    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    pred_iou_thresh: float | None = Field(
+        None, ge=0.0, le=1.0, description="None: the model family's default (SAM 0.88, SAM 2 0.8; /api/info)"
+    )
     stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
     box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
     crop_n_layers: int = Field(0, ge=0, le=1)

@@ -315,7 +315,8 @@ async function everything() {
   try {
     const body = {
       points_per_side: Number($("density").value),
-      pred_iou_thresh: Number($("pred-iou-thresh").value),
+      // Empty: the server's default for the model's family (SAM 0.88, SAM 2 0.8).
+      pred_iou_thresh: $("pred-iou-thresh").value === "" ? null : Number($("pred-iou-thresh").value),
       stability_score_thresh: Number($("stability-thresh").value),
     };
     const res = await reuploadIfEvicted(() => api(`/api/images/${S.imageId}/everything`, {
@@ -586,4 +587,9 @@ function bindEvents() {
 
 bindEvents();
 window.addEventListener("resize", fitCanvases);
-api("/api/info").then((r) => r.json()).then((info) => { S.info = info; updateButtons(); }).catch(() => {});
+api("/api/info").then((r) => r.json()).then((info) => {
+  S.info = info;
+  // The generator's default for this model's family, unless the user typed a threshold already.
+  if ($("pred-iou-thresh").value === "" && info.pred_iou_thresh != null) $("pred-iou-thresh").value = info.pred_iou_thresh;
+  updateButtons();
+}).catch(() => {});
