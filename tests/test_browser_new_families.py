@@ -4,9 +4,9 @@ The checkpoint is a tiny SAM 2.1 in the official ``{"model": ...}`` layout (rand
 ``sam2_tiny_test`` config at 128 pixels) loaded by ``load_model`` with no model type. The page downloads
 SAM 2's ONNX decoder and, besides the embedding, the two high-resolution feature maps it reads
 (``extra_decoder_inputs``); the mask it decodes for a click must be the server's (the torch predictor's)
-for the same click. The same for a tiny SAM-HQ in upstream's ``.pth`` layout, whose decoder reads the
-early ViT features. Skips as tests/test_browser.py does when Playwright, Chromium or onnxruntime-web is
-missing.
+for the same click. The same for a tiny SAM-HQ in upstream's ``.pth`` layout, whose decoder reads the HQ
+features fused from the early ViT features (once per image, on the server). Skips as tests/test_browser.py
+does when Playwright, Chromium or onnxruntime-web is missing.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def sam_hq_model(tmp_path) -> SamHQ:
 #: kind -> (model, the decoder's extra inputs and their shapes, the resized frame, candidates per click)
 CASES = {
     "sam2.1": (sam2_model, {"high_res_feats_0": [1, 4, 32, 32], "high_res_feats_1": [1, 8, 16, 16]}, [128, 128], 3),
-    "sam_hq": (sam_hq_model, {"interm_embeddings": [1, 1, 8, 8, 32]}, [96, 128], 1),
+    "sam_hq": (sam_hq_model, {"hq_features": [1, 4, 32, 32]}, [96, 128], 1),
 }
 
 
@@ -104,7 +104,7 @@ def test_page_decodes_in_the_browser(browser, kind, tmp_path):  # noqa: F811 - `
         )
         assert page.evaluate("window.segany.session !== null"), page.inner_text("#status")
         # The decoder's extra image inputs came from the server (SAM 2: stride 4 and 8 maps of C/8 and C/4
-        # channels; SAM-HQ: the first global-attention block's tokens).
+        # channels; SAM-HQ: the fused HQ features, C/8 channels at stride 4).
         extra = page.evaluate(
             "Object.fromEntries(Object.entries(window.segany.extraInputs).map(([k, t]) => [k, t.dims]))"
         )

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from segany.export.onnx import export_decoder, export_encoder, read_metadata
+from segany.export.onnx_sam_hq import export_sam_hq_decoder
 from segany.modeling.build import build_sam
 from segany.modeling.config import ViTConfig, get_config
 from segany.modeling.sam_hq import SamHQConfig
@@ -165,3 +166,20 @@ def test_cli_export_and_clear_errors(tmp_path):
         )
     assert code == 2 and "hq_token_only needs a SAM-HQ model" in err.getvalue()
     assert "Traceback" not in err.getvalue() and not (tmp_path / "x.onnx").exists()
+
+
+def test_hq_features_input_variant(case, tmp_path):
+    """The server's variant takes the fused ``hq_features`` (computed once per image) and answers as the
+    ``interm_embeddings`` decoder does."""
+    model, _, sessions, p, _ = case
+    path = export_sam_hq_decoder(model, tmp_path / "d_fused.onnx", hq_features_input=True)
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in fused.get_inputs()][:2] == ["image_embeddings", "hq_features"]
+    feeds = _feeds(p, [[60.0, 40.0], [100.0, 70.0]], [1, 0])
+    with torch.inference_mode():
+        hq = model.mask_decoder.hq_features(p.features, p.decoder_inputs["interm_embeddings"]).numpy()
+    assert hq.shape == (1, 4, 32, 32)
+    want = sessions["plain"].run(None, feeds)
+    got = fused.run(None, {k: v for k, v in feeds.items() if k != "interm_embeddings"} | {"hq_features": hq})
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() <= 1e-5

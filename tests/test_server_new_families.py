@@ -72,10 +72,10 @@ def test_predict_and_everything(kind):
 
 @pytest.mark.parametrize(
     ("kind", "extra", "input_size"),
-    [("sam2", ["high_res_feats_0", "high_res_feats_1"], (128, 128)), ("sam_hq", ["interm_embeddings"], (96, 128))],
+    [("sam2", ["high_res_feats_0", "high_res_feats_1"], (128, 128)), ("sam_hq", ["hq_features"], (96, 128))],
 )
 def test_onnx_decoder_as_the_page_runs_it(kind, extra, input_size):
-    """The decoder's extra image inputs (SAM 2: high-resolution features; SAM-HQ: early ViT features) come
+    """The decoder's extra image inputs (SAM 2: high-resolution features; SAM-HQ: fused HQ features) come
     from the server; the page's call (one point + padding, best of outputs 1-3) gives the predictor's mask."""
     ort = pytest.importorskip("onnxruntime")
     model = _model(kind)

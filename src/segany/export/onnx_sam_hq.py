@@ -13,6 +13,11 @@ interm_embeddings  L x 1 x h x w x vit_dim float32  the ViT's tokens after its g
 point_coords ...   as SAM's                         in the resized frame (``ResizeLongestSide``)
 =================  ===============================  ====================================================
 
+With ``hq_features_input`` the second input is ``hq_features`` (``1 x C/8 x 4h x 4w``:
+``mask_decoder.hq_features(image_embeddings, interm_embeddings)``, the same for every prompt) instead:
+the fusion's transposed convolutions (about 3 GMAC for ViT-B, most of the decoder's work) run once per
+image instead of once per prompt, and the download is smaller. The web server serves this variant.
+
 Outputs as SAM's, four masks: output ``k`` is SAM's mask ``k`` plus the HQ token's mask (the HQ mask alone
 with ``hq_token_only``), with SAM's predicted IoU ``k``. Upstream's single-mask result is output 0, its
 ``multimask_output`` result the best of outputs 1-3 by IoU (what the predictor returns for each), so a
@@ -61,15 +66,17 @@ class SamHQOnnxDecoder(SamOnnxDecoder):
         return_single_mask: bool = False,
         use_stability_score: bool = False,
         hq_token_only: bool = False,
+        hq_features_input: bool = False,
     ) -> None:
         super().__init__(model, return_single_mask, use_stability_score)
         self.hq_token_only = hq_token_only
+        self.hq_features_input = hq_features_input
 
     @torch.no_grad()
     def forward(  # type: ignore[override]
         self,
         image_embeddings: torch.Tensor,
-        interm_embeddings: torch.Tensor,
+        image_features: torch.Tensor,
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
         mask_input: torch.Tensor,
@@ -80,7 +87,8 @@ class SamHQOnnxDecoder(SamOnnxDecoder):
         decoder = self.model.mask_decoder
         sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
         dense = self._embed_masks(mask_input, has_mask_input)
-        hq = decoder.hq_features(image_embeddings, interm_embeddings[0])
+        # image_features: interm_embeddings (the first layer is fused here) or the fused hq_features
+        hq = image_features if self.hq_features_input else decoder.hq_features(image_embeddings, image_features[0])
         masks, iou = decoder.predict_masks_hq(image_embeddings, pe.get_dense_pe(), sparse, dense, hq)
         n = decoder.num_mask_tokens
         sam, hq_mask = masks[:, :n], masks[:, n : n + 1]
@@ -114,35 +122,42 @@ def export_sam_hq_decoder(
     hq_token_only: bool = False,
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
+    hq_features_input: bool = False,
 ) -> Path:
-    """Export a SAM-HQ model's prompt encoder + mask decoder to ``path``; returns the path."""
+    """Export a SAM-HQ model's prompt encoder + mask decoder to ``path``; returns the path.
+
+    Args:
+        hq_features_input: take ``hq_features`` instead of ``interm_embeddings`` (see the module docstring).
+    """
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
     e = int(model.prompt_encoder.image_embedding_size[0])
     c = model.prompt_encoder.embed_dim
     vit_dim = int(model.mask_decoder.compress_vit_feat[0].in_channels)
+    features = torch.randn(1, c // 8, 4 * e, 4 * e) if hq_features_input else torch.randn(1, 1, e, e, vit_dim)
     args = (
         torch.randn(1, c, e, e),
-        torch.randn(1, 1, e, e, vit_dim),
+        features,
         torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
         torch.tensor([[1, 0, 2, 3, -1]], dtype=torch.float32),
         torch.randn(1, 1, 4 * e, 4 * e),
         torch.tensor([1.0]),
         torch.tensor([1500.0, 2250.0]),
     )
-    dynamic = {
-        "interm_embeddings": {0: "num_layers"},
-        "point_coords": {1: "num_points"},
-        "point_labels": {1: "num_points"},
-    }
+    dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    inputs = list(SAM_HQ_DECODER_INPUTS)
+    if hq_features_input:
+        inputs[1] = "hq_features"
+    else:
+        dynamic["interm_embeddings"] = {0: "num_layers"}
     meta = model_metadata(model) | {
         "segany_return_single_mask": str(int(return_single_mask)),
         "segany_family": "sam_hq",
         "segany_hq_token_only": str(int(hq_token_only)),
     }
-    wrapper = SamHQOnnxDecoder(model, return_single_mask, use_stability_score, hq_token_only)
-    _write(wrapper, args, path, SAM_HQ_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
+    wrapper = SamHQOnnxDecoder(model, return_single_mask, use_stability_score, hq_token_only, hq_features_input)
+    _write(wrapper, args, path, inputs, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
     return path
 
 

@@ -213,7 +213,7 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         image_id: str = ImageId, dtype: Literal["float32", "float16"] = "float32", part: str = "image_embeddings"
     ) -> Response:
         entry = entry_of(image_id)
-        tensor = served.onnx_image_input(entry, part)  # SAM 2: high_res_feats_0 / _1; SAM-HQ: interm_embeddings
+        tensor = served.onnx_image_input(entry, part)  # SAM 2: high_res_feats_0 / _1; SAM-HQ: hq_features
         if tensor is None:
             raise HTTPException(404, f"this model's decoder has no image input {part[:40]!r}")
         arr = tensor.numpy().astype("<f4" if dtype == "float32" else "<f2")

@@ -77,20 +77,31 @@ class ServedModel:
             "extra_decoder_inputs": list(self.onnx_image_inputs_names()),
         }
 
+    @property
+    def is_sam_hq(self) -> bool:
+        return "interm_embeddings" in getattr(self.model, "decoder_input_names", ())
+
     def onnx_image_inputs_names(self) -> tuple[str, ...]:
         if getattr(self.model, "resize_mode", None) == "stretch":
             return ("high_res_feats_0", "high_res_feats_1")
-        return ("interm_embeddings",) if "interm_embeddings" in getattr(self.model, "decoder_input_names", ()) else ()
+        return ("hq_features",) if self.is_sam_hq else ()
 
     def onnx_image_input(self, entry: ImageEntry, name: str) -> torch.Tensor | None:
-        """The cached image input ``name`` of the ONNX decoder (SAM 2's ``high_res_feats_0/1``, SAM-HQ's
-        ``interm_embeddings``), or None."""
+        """The image input ``name`` of the ONNX decoder (SAM 2's cached ``high_res_feats_0/1``, SAM-HQ's
+        ``hq_features`` fused from the cached early ViT features), or None."""
         if name == "image_embeddings":
             return entry.embedding
         if name not in self.onnx_image_inputs_names() or not entry.decoder_inputs:
             return None
-        if name == "interm_embeddings":  # the decoder takes upstream's stack of layers; the first is used
-            return entry.decoder_inputs[name][None]
+        if name == "hq_features":  # once per image here, not once per prompt in the page's decoder
+            decoder, device = self.model.mask_decoder, self.model.device
+
+            def fuse() -> torch.Tensor:
+                with torch.inference_mode():
+                    interm = entry.decoder_inputs["interm_embeddings"].to(device)
+                    return decoder.hq_features(entry.embedding.to(device), interm).to("cpu", torch.float32)
+
+            return self.run(fuse)
         return entry.decoder_inputs["high_res_features"][int(name[-1])]
 
     def embed(
@@ -158,13 +169,20 @@ class ServedModel:
         return records, gen.filter_counts
 
     def decoder_onnx(self) -> bytes:
-        """The ONNX decoder of this model (all 4 outputs), exported on first use and kept in memory."""
+        """The ONNX decoder of this model (all 4 outputs), exported on first use and kept in memory.
+        SAM-HQ's takes ``hq_features`` (:meth:`onnx_image_input`) rather than the early ViT features."""
         with self._decoder_lock:
             if self._decoder is None:
                 from segany.export.onnx import export_decoder
+                from segany.export.onnx_sam_hq import export_sam_hq_decoder
+
+                def export(path: Path) -> Path:
+                    if self.is_sam_hq:
+                        return export_sam_hq_decoder(self.model, path, hq_features_input=True)
+                    return export_decoder(self.model, path)
 
                 with tempfile.TemporaryDirectory() as tmp:
-                    path = self.run(lambda: export_decoder(self.model, Path(tmp) / "decoder.onnx"))
+                    path = self.run(lambda: export(Path(tmp) / "decoder.onnx"))
                     self._decoder = path.read_bytes()
             return self._decoder
 

@@ -177,7 +177,7 @@ async function loadDecoder() {
   const shape = res.headers.get("X-Embedding-Shape").split(",").map(Number);
   S.inputSize = res.headers.get("X-Input-Size").split(",").map(Number);
   S.embedding = new ort.Tensor("float32", new Float32Array(await res.arrayBuffer()), shape);
-  // SAM 2's decoder also reads the image's high-resolution features, SAM-HQ's its early ViT features
+  // SAM 2's decoder also reads the image's high-resolution features, SAM-HQ's its fused HQ features
   // (info.extra_decoder_inputs).
   S.extraInputs = {};
   for (const name of S.info.extra_decoder_inputs || []) {
