@@ -81,8 +81,9 @@ def test_imagenet_import_folds_each_batch_norm_into_its_convolution(tmp_path):
     # The stem after import equals the file's conv -> batch norm (eps 1e-3) -> ReLU6, with TF "SAME" padding.
     x = torch.randn(1, 3, 64, 64)
     ref = F.conv2d(F.pad(x, (0, 1, 0, 1)), sd["_conv_stem.weight"], stride=2)
-    ref = F.batch_norm(ref, sd["_bn0.running_mean"], sd["_bn0.running_var"], sd["_bn0.weight"], sd["_bn0.bias"],
-                       eps=1e-3)
+    ref = F.batch_norm(
+        ref, sd["_bn0.running_mean"], sd["_bn0.running_var"], sd["_bn0.weight"], sd["_bn0.bias"], eps=1e-3
+    )
     with torch.no_grad():
         torch.testing.assert_close(enc.stem(x), F.relu6(ref), rtol=1e-4, atol=1e-4)
     # A 5x5 depth-wise stride-2 block pads one row/column before and two after.
@@ -92,8 +93,14 @@ def test_imagenet_import_folds_each_batch_norm_into_its_convolution(tmp_path):
     h = torch.randn(1, mid, 16, 16)
     w = sd["_blocks.3._depthwise_conv.weight"]
     ref = F.conv2d(F.pad(h, (1, 2, 1, 2)), w, stride=2, groups=mid)
-    ref = F.batch_norm(ref, sd["_blocks.3._bn1.running_mean"], sd["_blocks.3._bn1.running_var"],
-                       sd["_blocks.3._bn1.weight"], sd["_blocks.3._bn1.bias"], eps=1e-3)
+    ref = F.batch_norm(
+        ref,
+        sd["_blocks.3._bn1.running_mean"],
+        sd["_blocks.3._bn1.running_var"],
+        sd["_blocks.3._bn1.weight"],
+        sd["_blocks.3._bn1.bias"],
+        eps=1e-3,
+    )
     with torch.no_grad():
         torch.testing.assert_close(block(h), F.relu6(ref), rtol=1e-4, atol=1e-4)
 
@@ -228,9 +235,18 @@ def test_dense_prompt_model_fast_and_plain_predictors_agree():
     for model in (fast, plain):
         predictor = SamPredictor(model)
         predictor.set_image(image)
-        outs.append(predictor.predict(np.array([[30, 40], [90, 70]]), np.array([1, 0]), return_logits=True))
+        clicks = predictor.predict(np.array([[30, 40], [90, 70]]), np.array([1, 0]), return_logits=True)
+        if model is fast:  # its clicks went through the re-associated decoder (their few dense cells)
+            assert fast.mask_decoder._reassociated_cache is not None
+        # one click at the border, its previous mask as input (the plain path), a box
+        refined = predictor.predict(
+            np.array([[0, 99]]), np.array([1]), mask_input=clicks[2][:1], multimask_output=False, return_logits=True
+        )
+        box = predictor.predict(box=np.array([10, 20, 80, 90]), multimask_output=False, return_logits=True)
+        outs.append([*clicks, *refined, *box])
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert plain.mask_decoder.__class__.__name__ == "MaskDecoder"
     assert infer_config(fast.state_dict(), image_size=128).dense_prompts
     assert not infer_config(build_sam(tiny_config()).state_dict(), image_size=128).dense_prompts
 

@@ -1,14 +1,25 @@
-"""The mask decoder that hands prompts without a mask input to the re-associated decoder at inference."""
+"""The mask decoder that hands prompts without a mask input (and, for a model that draws clicks into its
+dense embedding, clicks) to the re-associated decoder at inference."""
 
 from __future__ import annotations
 
 import weakref
 
 import torch
+from torch import nn
 
 from segany.modeling.fast.common import active
 from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.dense_cells import DenseCells, cell_size, constant_dense
 from segany.modeling.mask_decoder import MaskDecoder
+
+# Most cells of a prompt's dense embedding that may differ from the per-image vector for the
+# re-associated path (a click touches at most 3 x 3); a box or a mask input changes far more, and the
+# plain decoder is then the faster one.
+MAX_DENSE_CELLS = 64
+# A cell equals the per-image vector when it is within this of it (relative to the vector's largest
+# entry): the downscaler run on whole maps rounds differently from the same run on one zero patch (~2e-7).
+DENSE_CELL_TOL = 1e-5
 
 
 class FastMaskDecoder(MaskDecoder):
@@ -21,6 +32,15 @@ class FastMaskDecoder(MaskDecoder):
         self._reassociated_cache: tuple | None = None
         # (weak ref to the positional encoding, {key: product}): see ReassociatedDecoder.pe_products.
         self._pe_products: tuple | None = None
+        # The prompt encoder that draws clicks into the dense embedding (set by use_dense_cells); not a
+        # submodule: it belongs to the model, and the state dict stays the plain decoder's.
+        object.__setattr__(self, "_dense_source", None)
+
+    def use_dense_cells(self, prompt_encoder: nn.Module) -> None:
+        """Decode point prompts of ``prompt_encoder`` (one that draws clicks into its dense embedding, cell
+        by cell: :mod:`~segany.modeling.fast.dense_cells`) through the re-associated decoder too."""
+        if getattr(prompt_encoder, "dense_prompts", False) and cell_size(prompt_encoder) is not None:
+            object.__setattr__(self, "_dense_source", prompt_encoder)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -36,32 +56,40 @@ class FastMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dec = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
-        if dec is None:
+        found = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
+        if found is None:
             return super().forward(
                 image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, multimask_output
             )
+        dec, cells = found
         which = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
-        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0)
+        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0, cells=cells)
         return low.view(iou.shape[0], len(which), *low.shape[-2:]), iou
 
     def _reassociated(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
-    ) -> ReassociatedDecoder | None:
+    ) -> tuple[ReassociatedDecoder, DenseCells | None] | None:
         """The re-associated decoder when it applies: inference, one image embedding, and one dense
-        embedding for every pixel and prompt (no mask input). Its per-image part is kept for the next
-        call with the same embedding tensor (unchanged since: same version; inference-mode tensors have no
-        version counter, and the predictor never writes into its embedding) and positional encoding.
+        embedding for every pixel and prompt (no mask input), or (:meth:`use_dense_cells`) one that differs
+        from the per-image vector on a few cells per prompt (their :class:`DenseCells` come along). Its
+        per-image part is kept for the next call with the same embedding tensor (unchanged since: same
+        version; inference-mode tensors have no version counter, and the predictor never writes into its
+        embedding) and positional encoding.
         """
-        if not active(self):
+        if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
             return None
-        if image_embeddings.shape[0] != 1 or dense.ndim != 4 or dense.stride(-1) or dense.stride(-2):
-            return None
-        if dense.shape[0] > 1 and dense.stride(0):
-            return None  # a different dense embedding per prompt
+        cells = None
+        if self._dense_source is not None:
+            vec = constant_dense(self._dense_source)
+            cells = _differing_cells(dense, vec)
+            if cells is None:
+                return None
+        elif dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
+            return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
+        else:
+            vec = dense[0, :, 0, 0]
         if not ReassociatedDecoder.supports(self):
             return None
-        vec = dense[0, :, 0, 0]
         version = None if image_embeddings.is_inference() else image_embeddings._version
         c = self._reassociated_cache
         if (
@@ -71,7 +99,24 @@ class FastMaskDecoder(MaskDecoder):
             and (c[2] is image_pe or torch.equal(c[2], image_pe))
             and torch.equal(c[3], vec)
         ):
-            return c[4]
+            return c[4], cells
         dec = ReassociatedDecoder(self, image_embeddings, vec, image_pe)
         self._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
-        return dec
+        return dec, cells
+
+
+def _differing_cells(dense: torch.Tensor, vec: torch.Tensor) -> DenseCells | None:
+    """The cells of ``dense`` (``B x C x h x w``) that differ from ``vec`` (``C``), as :class:`DenseCells`;
+    None where a prompt has more than :data:`MAX_DENSE_CELLS` of them."""
+    b, c = dense.shape[:2]
+    diff = (dense - vec[None, :, None, None]).flatten(2).transpose(1, 2)  # B x N x C
+    touched = diff.abs().amax(-1) > DENSE_CELL_TOL * max(1.0, float(vec.abs().max()))  # B x N
+    counts = touched.sum(1)
+    k = int(counts.max()) if b else 0
+    if k > MAX_DENSE_CELLS:
+        return None
+    order = torch.sort(touched.to(torch.uint8), dim=1, descending=True, stable=True)[1][:, :k]
+    valid = torch.arange(k, device=dense.device)[None] < counts[:, None]
+    index = order * valid  # padding rows at token 0, with a zero difference
+    delta = diff.gather(1, order[:, :, None].expand(-1, -1, c)) * valid[:, :, None]
+    return DenseCells(index, delta)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from segany.modeling.fast import postprocess
+from segany.modeling.fast.mask_decoder import FastMaskDecoder
 from segany.modeling.sam import Sam
 
 
@@ -14,7 +15,14 @@ class FastSam(Sam):
     function; see :mod:`segany.modeling.fast.postprocess`), each mask thresholded as it is made (no
     full-size logits kept for the batch). The logits may be only the top-left part of the low-res map (the
     rows and columns the input reads, as the re-associated decoder makes them:
-    :func:`~segany.modeling.fast.decoder.low_res_rows`)."""
+    :func:`~segany.modeling.fast.decoder.low_res_rows`). A prompt encoder that draws clicks into the dense
+    embedding is introduced to a :class:`FastMaskDecoder`, which then decodes clicks through the
+    re-associated decoder too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.mask_decoder, FastMaskDecoder):
+            self.mask_decoder.use_dense_cells(self.prompt_encoder)
 
     def postprocess_masks(
         self,
