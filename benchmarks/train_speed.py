@@ -27,14 +27,14 @@ def _setup(path: str, precision: str):
     from segany.training.loader import augment_config, build_datasets, collate_for_training
     from segany.training.optim import build_optimizer
     from segany.training.step import SamTrainStep, StepOptions
-    from segany.training.trainer import build_model
+    from segany.training.trainer import prepare_model
 
     cfg = TrainConfig.from_yaml(path)
-    model = build_model(cfg)
+    model = prepare_model(cfg)  # frozen parts and memory format as the trainer sets them
     data = build_datasets(cfg.train_data, cfg, int(model.image_size), augment_config(cfg.augment), cfg.seed)
     batch = collate_for_training([data[i] for i in range(cfg.batch_size)])
     dtype = torch.bfloat16 if precision == "bf16" else None
-    step = SamTrainStep(model, StepOptions.from_config(cfg, dtype)).train()
+    step = SamTrainStep(model, StepOptions.from_config(cfg, dtype), cfg.freeze_image_encoder).train()
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.layer_decay)
 
     def run() -> None:
@@ -67,8 +67,10 @@ def main(argv=None) -> int:
     print(f"threads {args.threads}, {args.steps} steps each, round-robin")
     for (path, precision), (_, images, masks, times) in rows.items():
         s = statistics.median(times)
-        print(f"{path} [{precision}]: {s:.2f} s/step, {images / s:.2f} images/s, {masks / s:.1f} masks/s "
-              f"({images} images, {masks} masks a step)")
+        print(
+            f"{path} [{precision}]: {s:.2f} s/step, {images / s:.2f} images/s, {masks / s:.1f} masks/s "
+            f"({images} images, {masks} masks a step)"
+        )
     return 0
 
 

@@ -99,6 +99,17 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
+def prepare_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The model as training runs it: built (:func:`build_model`), frozen as configured, on ``device``,
+    the encoder channels-last if asked."""
+    model = build_model(cfg)
+    apply_freezing(model, cfg)
+    model.to(device)
+    if cfg.channels_last:
+        model.image_encoder.to(memory_format=torch.channels_last)
+    return model
+
+
 def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
     for part, frozen in (
         (model.image_encoder, cfg.freeze_image_encoder),
@@ -148,11 +159,7 @@ class _SamTraining:
         # the order of what draws random numbers is part of a run's reproducibility
         seed_everything(cfg.seed)
         self.autocast_dtype = resolve_autocast(cfg.precision, device)
-        self.model = model = build_model(cfg)
-        apply_freezing(model, cfg)
-        model.to(device)
-        if cfg.channels_last:
-            model.image_encoder.to(memory_format=torch.channels_last)
+        self.model = model = prepare_model(cfg, device)
 
         self.train_ds = training_dataset(cfg, model, self.out_dir, device, info, self.autocast_dtype)
         self.val_ds = (
