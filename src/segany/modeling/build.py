@@ -59,7 +59,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     if isinstance(cfg, Sam2Config):
         from segany.modeling.sam2 import build_sam2
 
-        return build_sam2(cfg)
+        return build_sam2(cfg, lambda cls: fast_class(cls, fast))
     from segany.modeling.sam_hq import SamHQConfig, build_sam_hq
 
     if isinstance(cfg, SamHQConfig):

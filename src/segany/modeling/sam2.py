@@ -10,6 +10,7 @@ official tensors are set aside when an image model is loaded (see :mod:`segany.c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,13 +110,18 @@ class Sam2(Sam):
         return masks if threshold is None else masks > threshold
 
 
-def build_sam2(cfg: Sam2Config) -> Sam2:
-    """A randomly initialised :class:`Sam2` for ``cfg`` (load weights with ``load_state_dict``)."""
+def build_sam2(cfg: Sam2Config, classes: Callable[[type], type] | None = None) -> Sam2:
+    """A randomly initialised :class:`Sam2` for ``cfg`` (load weights with ``load_state_dict``).
+
+    ``classes``: maps each plain module class to the class to build (``build_sam`` passes
+    :func:`segany.modeling.fast.fast_class` for the inference fast paths); None: the plain classes.
+    """
+    pick = classes or (lambda cls: cls)
     if cfg.image_size % 32:
         raise ValueError(f"a SAM 2 image_size must be a multiple of 32, got {cfg.image_size}")
     enc = cfg.encoder
     d = cfg.prompt_embed_dim
-    trunk = Hiera(
+    trunk = pick(Hiera)(
         embed_dim=enc.embed_dim,
         num_heads=enc.num_heads,
         stages=tuple(enc.stages),
@@ -126,10 +132,10 @@ def build_sam2(cfg: Sam2Config) -> Sam2:
     )
     neck = FpnNeck(d, trunk.channel_list, tuple(enc.fpn_top_down_levels))
     emb = cfg.embedding_size
-    return Sam2(
+    return pick(Sam2)(
         image_encoder=Sam2ImageEncoder(trunk, neck, enc.scalp),
-        prompt_encoder=Sam2PromptEncoder(d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans),
-        mask_decoder=Sam2MaskDecoder(
+        prompt_encoder=pick(Sam2PromptEncoder)(d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans),
+        mask_decoder=pick(Sam2MaskDecoder)(
             d,
             TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
             num_multimask_outputs=cfg.num_multimask_outputs,

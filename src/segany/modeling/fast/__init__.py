@@ -13,6 +13,10 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
 * :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
 * :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
+* SAM 2: :class:`FastHiera` (``hiera.py``): blocks in place, by bands of rows of windows;
+  :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, matrix
+  post-processing; :class:`FastSam2PromptEncoder`; :class:`FastSam2MaskDecoder` (``sam2_decoder.py``):
+  prompts without a mask input through the re-associated decoder with SAM 2's tokens and upscaling.
 
 Independent pieces of work run on one-core worker threads (``workers.py``). The choice is made once,
 by the builder: ``build_sam(config)`` builds the fast classes, ``build_sam(config, fast=False)`` the
@@ -26,15 +30,21 @@ from typing import TypeVar
 from torch import nn
 
 from segany.modeling.fast.common import active
+from segany.modeling.fast.hiera import FastHiera
 from segany.modeling.fast.image_encoder import FastImageEncoderViT
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
 from segany.modeling.fast.prompt_encoder import FastPromptEncoder
 from segany.modeling.fast.sam import FastSam
+from segany.modeling.fast.sam2 import FastSam2, FastSam2PromptEncoder
+from segany.modeling.fast.sam2_decoder import FastSam2MaskDecoder
 from segany.modeling.fast.tiny_vit import FastTinyViT
+from segany.modeling.hiera import Hiera
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam import Sam
+from segany.modeling.sam2 import Sam2, Sam2PromptEncoder
+from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 from segany.modeling.tiny_vit import TinyViT
 
 M = TypeVar("M", bound=nn.Module)
@@ -45,6 +55,10 @@ FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     PromptEncoder: FastPromptEncoder,
     MaskDecoder: FastMaskDecoder,
     Sam: FastSam,
+    Hiera: FastHiera,
+    Sam2: FastSam2,
+    Sam2PromptEncoder: FastSam2PromptEncoder,
+    Sam2MaskDecoder: FastSam2MaskDecoder,
 }
 
 
@@ -58,8 +72,12 @@ __all__ = [
     "FAST_CLASSES",
     "FastImageEncoderViT",
     "FastMaskDecoder",
+    "FastHiera",
     "FastPromptEncoder",
     "FastSam",
+    "FastSam2",
+    "FastSam2MaskDecoder",
+    "FastSam2PromptEncoder",
     "FastTinyViT",
     "active",
     "fast_class",

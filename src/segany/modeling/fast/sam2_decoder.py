@@ -1,0 +1,178 @@
+"""SAM 2's mask decoder at inference: prompts without a mask input through the re-associated decoder.
+
+SAM 2's decoder is SAM's two-way transformer and upscaling with three changes, which
+:class:`Sam2ReassociatedDecoder` adds to :class:`~segany.modeling.fast.decoder.ReassociatedDecoder`:
+an object-score token before the IoU token (one more output token; the IoU head may end in a sigmoid),
+the projected stride-8 and stride-4 features added inside the two upscaling steps (before the layer norm
+and before the last GELU), and, for a single-mask request, the stability fallback to the best of the
+three multimask outputs. The high-resolution features are rearranged once per image into the
+upscaling's channels-last pixel order (``token, dy, dx, channel``), so each band of image-token rows adds
+a contiguous slice.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany.modeling.fast.common import activate_, active, linear_act
+from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.factored import FactoredTokens, TokenProduct
+from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
+
+
+def _pixel_blocks(feat: torch.Tensor, f: int) -> torch.Tensor:
+    """``1 x C x f*h x f*w`` -> ``h*w x f*f x C``: for each image token its ``f x f`` pixels in the order of
+    the stride-2 upscaling's outputs (``dy, dx`` for ``f = 2``; ``dy, dx, ey, ex`` with pixel offsets
+    ``2*dy + ey``, ``2*dx + ex`` for ``f = 4``)."""
+    c, fh, fw = feat.shape[1:]
+    h, w = fh // f, fw // f
+    x = feat[0].permute(1, 2, 0)  # f*h x f*w x C
+    if f == 2:
+        x = x.reshape(h, 2, w, 2, c).permute(0, 2, 1, 3, 4)
+    else:
+        x = x.reshape(h, 2, 2, w, 2, 2, c).permute(0, 3, 1, 4, 2, 5, 6)
+    return x.reshape(h * w, f * f, c).contiguous()
+
+
+class Sam2ReassociatedDecoder(ReassociatedDecoder):
+    """:class:`ReassociatedDecoder` for :class:`~segany.modeling.sam2_mask_decoder.Sam2MaskDecoder` (see the
+    module's notes); :meth:`set_high_res` gives it the image's high-resolution features."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._high_res: tuple | None = None
+
+    def set_high_res(self, high_res: list[torch.Tensor]) -> None:
+        """The projected ``1 x C/8 x 4h x 4w`` and ``1 x C/4 x 2h x 2w`` maps of the image (rearranged once;
+        again only for other tensors)."""
+        s0, s1 = high_res
+        if self._high_res is None or self._high_res[0] is not s0 or self._high_res[1] is not s1:
+            self._high_res = (s0, s1, _pixel_blocks(s1, 2), _pixel_blocks(s0, 4))
+
+    def tokens(self, sparse: torch.Tensor, cells=None) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
+        md, tr = self.md, self.tr
+        b = sparse.shape[0]
+        heads = [md.iou_token.weight, md.mask_tokens.weight]
+        if md.pred_obj_scores:
+            heads.insert(0, md.obj_score_token.weight)
+        s = int(md.pred_obj_scores)
+        out_tokens = torch.cat(heads, dim=0)
+        qpe = torch.cat([out_tokens[None].expand(b, -1, -1), sparse.to(out_tokens.dtype)], dim=1)
+        queries = qpe
+        x: FactoredTokens | None = None
+        for j, layer in enumerate(tr.layers):
+            queries, x = self.block(j, layer, queries, qpe, x)
+        q = queries + qpe
+        queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, x, q))
+        iou = md.iou_prediction_head(queries[:, s])
+        if md.iou_prediction_use_sigmoid:
+            iou = torch.sigmoid(iou)
+        return iou, queries[:, s + 1 : s + 1 + md.num_mask_tokens], x
+
+    def _upscale(self, first: TokenProduct, hyper: torch.Tensor, rows: tuple[int, int], w: int) -> torch.Tensor:
+        _up1, norm, act1, up2, act2 = self.md.output_upscaling
+        _w1, _b1, w2, b2 = self._upscaling_weights()
+        _s0, _s1, s1, s0 = self._high_res
+        full_w = self.hw[1]
+        r0, r1 = rows
+        h = r1 - r0
+        n, k = h * w, hyper.shape[0]
+        c1, c2 = up2.in_channels, up2.out_channels
+        x1 = first.block(r0, r1, w).view(h, w, 4, c1)
+        x1 += s1.view(-1, full_w, 4, c1)[r0:r1, :w]
+        x1 = activate_(F.layer_norm(x1.view(n, 4, c1), (c1,), norm.weight, norm.bias, norm.eps), act1)
+        x2 = linear_act(x1.view(n * 4, c1), w2, b2, None).view(h, w, 16, c2)
+        x2 += s0.view(-1, full_w, 16, c2)[r0:r1, :w]
+        x2 = activate_(x2, act2)
+        m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
+        m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+        return m.reshape(k, 4 * h, 4 * w)
+
+
+class FastSam2MaskDecoder(Sam2MaskDecoder):
+    """:class:`Sam2MaskDecoder` that decodes prompts without a mask input through
+    :class:`Sam2ReassociatedDecoder` at inference (same outputs up to float rounding, a fraction of the
+    work); the plain forward everywhere else."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._reassociated_cache: tuple | None = None  # see _reassociated
+        self._pe_products: tuple | None = None  # see ReassociatedDecoder.pe_products
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reassociated_cache"] = None  # weak references do not pickle; only caches
+        state["_pe_products"] = None
+        return state
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        high_res_features: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dec = None
+        if high_res_features is not None and supports(self):
+            dec = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
+        if dec is None:
+            return super().forward(
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                multimask_output,
+                high_res_features,
+            )
+        dec.set_high_res(high_res_features)
+        n = self.num_mask_tokens
+        if multimask_output:
+            which = list(range(1, n))
+        elif self.dynamic_multimask_via_stability:
+            which = list(range(n))  # the fallback reads all of them
+        else:
+            which = [0]
+        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0)
+        masks = low.view(iou.shape[0], len(which), *low.shape[-2:])
+        if not multimask_output and self.dynamic_multimask_via_stability:
+            return self._dynamic_multimask_via_stability(masks, iou)
+        return masks, iou
+
+    def _reassociated(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> Sam2ReassociatedDecoder | None:
+        """The re-associated decoder where it applies: inference, one image embedding, one dense embedding
+        for every pixel and prompt (no mask input). Its per-image part is kept for the next call with the
+        same embedding tensor (unchanged since: same version; inference-mode tensors have none) and
+        positional encoding, as :class:`~segany.modeling.fast.mask_decoder.FastMaskDecoder` keeps its own."""
+        if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
+            return None
+        if dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
+            return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
+        vec = dense[0, :, 0, 0]
+        version = None if image_embeddings.is_inference() else image_embeddings._version
+        c = self._reassociated_cache
+        if (
+            c is not None
+            and c[0]() is image_embeddings
+            and c[1] == version
+            and (c[2] is image_pe or torch.equal(c[2], image_pe))
+            and torch.equal(c[3], vec)
+        ):
+            return c[4]
+        dec = Sam2ReassociatedDecoder(self, image_embeddings, vec, image_pe)
+        self._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
+        return dec
+
+
+def supports(decoder: nn.Module) -> bool:
+    """True for a SAM 2 decoder whose layout :class:`Sam2ReassociatedDecoder` computes."""
+    return (
+        isinstance(decoder, Sam2MaskDecoder) and decoder.use_high_res_features and ReassociatedDecoder.supports(decoder)
+    )
