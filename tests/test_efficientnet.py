@@ -318,4 +318,4 @@ def test_shipped_default_v2_segments_a_clear_object_from_its_box():
     predictor.set_image(image)
     ys, xs = np.nonzero(gt)
     masks, _, _ = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]), multimask_output=False)
-    assert mask_iou(masks[0], gt > 0) > 0.7  # 0.86 measured
+    assert mask_iou(masks[0], gt > 0) > 0.7  # 0.97 measured (0.86 with the stage-1 weights)
