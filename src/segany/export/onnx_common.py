@@ -147,8 +147,9 @@ def model_metadata(model: Sam) -> dict[str, str]:
     }
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
-            opset: int) -> None:
+def _export(
+    module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, opset: int
+) -> None:
     # The legacy TorchScript exporter: no onnxscript needed, and its traced graphs keep `orig_im_size`
     # dynamic (output sizes follow the input tensor, not the example values).
     # eval() first: the exporter restores the wrapper's own mode afterwards, recursively, and a fresh
@@ -159,8 +160,15 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
-            opset_version=opset, do_constant_folding=True, dynamo=False,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
 
 
@@ -182,8 +190,17 @@ def _tmp_path(path: Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
 
 
-def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,
-           opset: int, meta: dict[str, str], quantize: bool) -> None:
+def _write(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict,
+    opset: int,
+    meta: dict[str, str],
+    quantize: bool,
+) -> None:
     """Export to a temporary file, optionally quantize, then write it with its metadata to ``path``
     (atomically: temporary file, fsync, rename)."""
     from segany.io.atomic import remove_stray_temp_files
@@ -206,6 +223,26 @@ def _write(module: nn.Module, args: tuple, path: Path, inputs: list[str], output
         tmp.unlink(missing_ok=True)
 
 
+def export_encoder(
+    wrapper: type[nn.Module],
+    model: Sam,
+    path: str | os.PathLike,
+    family: str,
+    outputs: list[str],
+    opset: int,
+    quantize: bool,
+) -> Path:
+    """Export ``wrapper(model)``, an image encoder of the ``family`` whose outputs are ``outputs``, from the
+    preprocessed ``1 x 3 x S x S`` input ``image``."""
+    _require_onnx()
+    path = Path(path)
+    model = _on_cpu(model)
+    args = (torch.randn(1, 3, model.image_size, model.image_size),)
+    meta = model_metadata(model) | {"segany_family": family}
+    _write(wrapper(model), args, path, ["image"], outputs, {}, opset, meta, quantize)
+    return path
+
+
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Dynamic (weights-only) uint8 quantization with onnxruntime, as the official export script."""
     try:
@@ -213,7 +250,10 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except ImportError as e:
         raise SegAnyError(f"--quantize needs onnxruntime: pip install 'segany[onnx]' ({e})") from None
     quantize_dynamic(
-        model_input=str(src), model_output=str(dst), per_channel=False, reduce_range=False,
+        model_input=str(src),
+        model_output=str(dst),
+        per_channel=False,
+        reduce_range=False,
         weight_type=QuantType.QUInt8,
     )
 

@@ -35,6 +35,7 @@ from segany.export.onnx_common import (
     _on_cpu,
     _require_onnx,
     _write,
+    export_encoder,
     model_metadata,
 )
 from segany.modeling.prompt_encoder import PromptEncoder
@@ -99,7 +100,10 @@ class Sam2OnnxEncoder(nn.Module):
 
 
 def export_sam2_decoder(
-    model: Sam2, path: str | os.PathLike, return_single_mask: bool = False, opset: int = DEFAULT_OPSET,
+    model: Sam2,
+    path: str | os.PathLike,
+    return_single_mask: bool = False,
+    opset: int = DEFAULT_OPSET,
     quantize: bool = False,
 ) -> Path:
     """Export a SAM 2 model's prompt encoder + mask decoder to ``path``; returns the path."""
@@ -129,10 +133,4 @@ def export_sam2_encoder(
     model: Sam2, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
 ) -> Path:
     """Export a SAM 2 model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
-    _require_onnx()
-    path = Path(path)
-    model = _on_cpu(model)
-    args = (torch.randn(1, 3, model.image_size, model.image_size),)
-    meta = model_metadata(model) | {"segany_family": "sam2"}
-    _write(Sam2OnnxEncoder(model), args, path, ["image"], SAM2_ENCODER_OUTPUTS, {}, opset, meta, quantize)
-    return path
+    return export_encoder(Sam2OnnxEncoder, model, path, "sam2", SAM2_ENCODER_OUTPUTS, opset, quantize)

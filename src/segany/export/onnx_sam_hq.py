@@ -40,6 +40,7 @@ from segany.export.onnx_common import (
     _on_cpu,
     _require_onnx,
     _write,
+    export_encoder,
     model_metadata,
 )
 from segany.modeling.sam_hq import SamHQ
@@ -165,10 +166,4 @@ def export_sam_hq_encoder(
     model: SamHQ, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
 ) -> Path:
     """Export a SAM-HQ model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
-    _require_onnx()
-    path = Path(path)
-    model = _on_cpu(model)
-    args = (torch.randn(1, 3, model.image_size, model.image_size),)
-    meta = model_metadata(model) | {"segany_family": "sam_hq"}
-    _write(SamHQOnnxEncoder(model), args, path, ["image"], SAM_HQ_ENCODER_OUTPUTS, {}, opset, meta, quantize)
-    return path
+    return export_encoder(SamHQOnnxEncoder, model, path, "sam_hq", SAM_HQ_ENCODER_OUTPUTS, opset, quantize)

@@ -430,6 +430,31 @@ class ReassociatedDecoder:
         return torch.cat(ious), torch.cat(keeps), low
 
 
+D = TypeVar("D")
+
+
+def per_image_decoder(
+    owner: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, vec: torch.Tensor, make: Callable[[], D]
+) -> D:
+    """The re-associated decoder that ``owner`` (a fast mask decoder) made last, kept in its
+    ``_reassociated_cache``, while the image embedding is the same tensor (unchanged since: same version;
+    inference-mode tensors have no version counter, and the predictor never writes into its embedding) and
+    the positional encoding and dense vector are equal; else ``make()``'s, kept for the next call."""
+    version = None if image_embeddings.is_inference() else image_embeddings._version
+    c = owner._reassociated_cache
+    if (
+        c is not None
+        and c[0]() is image_embeddings
+        and c[1] == version
+        and (c[2] is image_pe or torch.equal(c[2], image_pe))
+        and torch.equal(c[3], vec)
+    ):
+        return c[4]
+    dec = make()
+    owner._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
+    return dec
+
+
 def low_res_rows(input_len: int, low_len: int, image_size: int) -> int:
     """Rows (or columns) of low-res logits that the official post-processing reads for an input of
     ``input_len`` pixels: upsampling by ``f = image_size / low_len`` (bilinear, half-pixel centres) and

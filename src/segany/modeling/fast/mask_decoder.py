@@ -3,13 +3,11 @@ dense embedding, clicks) to the re-associated decoder at inference."""
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from segany.modeling.fast.common import active
-from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.decoder import ReassociatedDecoder, per_image_decoder
 from segany.modeling.fast.dense_cells import DenseCells, cell_size, constant_dense
 from segany.modeling.mask_decoder import MaskDecoder
 
@@ -72,9 +70,7 @@ class FastMaskDecoder(MaskDecoder):
         """The re-associated decoder when it applies: inference, one image embedding, and one dense
         embedding for every pixel and prompt (no mask input), or (:meth:`use_dense_cells`) one that differs
         from the per-image vector on a few cells per prompt (their :class:`DenseCells` come along). Its
-        per-image part is kept for the next call with the same embedding tensor (unchanged since: same
-        version; inference-mode tensors have no version counter, and the predictor never writes into its
-        embedding) and positional encoding.
+        per-image part is kept for the next call on the same image (:func:`per_image_decoder`).
         """
         if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
             return None
@@ -90,18 +86,9 @@ class FastMaskDecoder(MaskDecoder):
             vec = dense[0, :, 0, 0]
         if not ReassociatedDecoder.supports(self):
             return None
-        version = None if image_embeddings.is_inference() else image_embeddings._version
-        c = self._reassociated_cache
-        if (
-            c is not None
-            and c[0]() is image_embeddings
-            and c[1] == version
-            and (c[2] is image_pe or torch.equal(c[2], image_pe))
-            and torch.equal(c[3], vec)
-        ):
-            return c[4], cells
-        dec = ReassociatedDecoder(self, image_embeddings, vec, image_pe)
-        self._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
+        dec = per_image_decoder(
+            self, image_embeddings, image_pe, vec, lambda: ReassociatedDecoder(self, image_embeddings, vec, image_pe)
+        )
         return dec, cells
 
 

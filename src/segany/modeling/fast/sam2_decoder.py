@@ -12,14 +12,12 @@ a contiguous slice.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.fast.common import activate_, active, linear_act
-from segany.modeling.fast.decoder import ReassociatedDecoder
+from segany.modeling.fast.decoder import ReassociatedDecoder, per_image_decoder
 from segany.modeling.fast.factored import FactoredTokens, TokenProduct
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 
@@ -149,26 +147,17 @@ class FastSam2MaskDecoder(Sam2MaskDecoder):
     ) -> Sam2ReassociatedDecoder | None:
         """The re-associated decoder where it applies: inference, one image embedding, one dense embedding
         for every pixel and prompt (no mask input). Its per-image part is kept for the next call with the
-        same embedding tensor (unchanged since: same version; inference-mode tensors have none) and
-        positional encoding, as :class:`~segany.modeling.fast.mask_decoder.FastMaskDecoder` keeps its own."""
+        same image (:func:`~segany.modeling.fast.decoder.per_image_decoder`)."""
         if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
             return None
         if dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
             return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
         vec = dense[0, :, 0, 0]
-        version = None if image_embeddings.is_inference() else image_embeddings._version
-        c = self._reassociated_cache
-        if (
-            c is not None
-            and c[0]() is image_embeddings
-            and c[1] == version
-            and (c[2] is image_pe or torch.equal(c[2], image_pe))
-            and torch.equal(c[3], vec)
-        ):
-            return c[4]
-        dec = Sam2ReassociatedDecoder(self, image_embeddings, vec, image_pe)
-        self._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
-        return dec
+
+        def make() -> Sam2ReassociatedDecoder:
+            return Sam2ReassociatedDecoder(self, image_embeddings, vec, image_pe)
+
+        return per_image_decoder(self, image_embeddings, image_pe, vec, make)
 
 
 def supports(decoder: nn.Module) -> bool:
