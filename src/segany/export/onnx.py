@@ -49,7 +49,10 @@ from segany.export.onnx_common import (  # re-exported: the names this module ha
     _require_onnx,
     _write,
     model_metadata,
+    prompt_dynamic_axes,
+    prompt_example_inputs,
     quantize_model,
+    write_image_encoder,
 )
 from segany.modeling.sam import Sam
 
@@ -105,16 +108,8 @@ def export_decoder(
     path = Path(path)
     model = _on_cpu(model)
     e = int(model.prompt_encoder.image_embedding_size[0])
-    c = model.prompt_encoder.embed_dim
-    args = (
-        torch.randn(1, c, e, e),
-        torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
-        torch.tensor([[1, 0, 2, 3, -1]], dtype=torch.float32),
-        torch.randn(1, 1, 4 * e, 4 * e),
-        torch.tensor([1.0]),
-        torch.tensor([1500.0, 2250.0]),
-    )
-    dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    args = (torch.randn(1, model.prompt_encoder.embed_dim, e, e), *prompt_example_inputs(model))
+    dynamic = prompt_dynamic_axes()
     wrapper = SamOnnxDecoder(model, return_single_mask, use_stability_score)
     meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask))}
     _write(wrapper, args, path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
@@ -135,13 +130,8 @@ def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPS
     if family is None:
         raise SegAnyError(f"the {type(model).__name__} encoder has no ONNX export (SAM, MobileSAM, SAM 2 and "
                           "SAM-HQ do)")
-    _require_onnx()
-    path = Path(path)
     model = _on_cpu(model)
-    args = (torch.randn(1, 3, model.image_size, model.image_size),)
-    _write(SamOnnxEncoder(model), args, path, [ENCODER_INPUT], [ENCODER_OUTPUT], {}, opset, model_metadata(model),
-           quantize)
-    return path
+    return write_image_encoder(SamOnnxEncoder(model), model, path, [ENCODER_OUTPUT], opset, quantize)
 
 
 def _family(model: Sam) -> str | None:

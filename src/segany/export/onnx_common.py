@@ -223,24 +223,40 @@ def _write(
         tmp.unlink(missing_ok=True)
 
 
-def export_encoder(
-    wrapper: type[nn.Module],
+def write_image_encoder(
+    wrapper: nn.Module,
     model: Sam,
     path: str | os.PathLike,
-    family: str,
     outputs: list[str],
     opset: int,
     quantize: bool,
+    meta: dict[str, str] | None = None,
 ) -> Path:
-    """Export ``wrapper(model)``, an image encoder of the ``family`` whose outputs are ``outputs``, from the
-    preprocessed ``1 x 3 x S x S`` input ``image``."""
+    """Export ``wrapper`` (an image encoder of ``model`` whose outputs are ``outputs``) from the
+    preprocessed ``1 x 3 x S x S`` input ``image``, with ``model``'s metadata and ``meta``."""
     _require_onnx()
     path = Path(path)
-    model = _on_cpu(model)
     args = (torch.randn(1, 3, model.image_size, model.image_size),)
-    meta = model_metadata(model) | {"segany_family": family}
-    _write(wrapper(model), args, path, ["image"], outputs, {}, opset, meta, quantize)
+    _write(wrapper, args, path, [ENCODER_INPUT], outputs, {}, opset, model_metadata(model) | (meta or {}), quantize)
     return path
+
+
+def prompt_example_inputs(model: Sam) -> tuple[torch.Tensor, ...]:
+    """Example prompt inputs to trace a decoder with: ``point_coords`` (5 points), ``point_labels`` (each
+    label kind), ``mask_input``, ``has_mask_input``, ``orig_im_size``."""
+    e = int(model.prompt_encoder.image_embedding_size[0])
+    return (
+        torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
+        torch.tensor([[1, 0, 2, 3, -1]], dtype=torch.float32),
+        torch.randn(1, 1, 4 * e, 4 * e),
+        torch.tensor([1.0]),
+        torch.tensor([1500.0, 2250.0]),
+    )
+
+
+def prompt_dynamic_axes() -> dict[str, dict[int, str]]:
+    """The decoder inputs' dynamic axes: the number of points (a new dict, for the caller to extend)."""
+    return {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
 
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -35,8 +35,10 @@ from segany.export.onnx_common import (
     _on_cpu,
     _require_onnx,
     _write,
-    export_encoder,
     model_metadata,
+    prompt_dynamic_axes,
+    prompt_example_inputs,
+    write_image_encoder,
 )
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam2 import Sam2
@@ -112,17 +114,9 @@ def export_sam2_decoder(
     model = _on_cpu(model)
     e = int(model.prompt_encoder.image_embedding_size[0])
     c = model.prompt_encoder.embed_dim
-    args = (
-        torch.randn(1, c, e, e),
-        torch.randn(1, c // 8, 4 * e, 4 * e),
-        torch.randn(1, c // 4, 2 * e, 2 * e),
-        torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
-        torch.tensor([[2, 3, 1, 0, -1]], dtype=torch.float32),
-        torch.randn(1, 1, 4 * e, 4 * e),
-        torch.tensor([1.0]),
-        torch.tensor([1500.0, 2250.0]),
-    )
-    dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    high_res = (torch.randn(1, c // 8, 4 * e, 4 * e), torch.randn(1, c // 4, 2 * e, 2 * e))
+    args = (torch.randn(1, c, e, e), *high_res, *prompt_example_inputs(model))
+    dynamic = prompt_dynamic_axes()
     meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": "sam2"}
     wrapper = Sam2OnnxDecoder(model, return_single_mask)
     _write(wrapper, args, path, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
@@ -133,4 +127,6 @@ def export_sam2_encoder(
     model: Sam2, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
 ) -> Path:
     """Export a SAM 2 model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
-    return export_encoder(Sam2OnnxEncoder, model, path, "sam2", SAM2_ENCODER_OUTPUTS, opset, quantize)
+    model = _on_cpu(model)
+    meta = {"segany_family": "sam2"}
+    return write_image_encoder(Sam2OnnxEncoder(model), model, path, SAM2_ENCODER_OUTPUTS, opset, quantize, meta)

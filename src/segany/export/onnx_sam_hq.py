@@ -40,8 +40,10 @@ from segany.export.onnx_common import (
     _on_cpu,
     _require_onnx,
     _write,
-    export_encoder,
     model_metadata,
+    prompt_dynamic_axes,
+    prompt_example_inputs,
+    write_image_encoder,
 )
 from segany.modeling.sam_hq import SamHQ
 from segany.utils.masks import calculate_stability_score
@@ -137,16 +139,8 @@ def export_sam_hq_decoder(
     c = model.prompt_encoder.embed_dim
     vit_dim = int(model.mask_decoder.compress_vit_feat[0].in_channels)
     features = torch.randn(1, c // 8, 4 * e, 4 * e) if hq_features_input else torch.randn(1, 1, e, e, vit_dim)
-    args = (
-        torch.randn(1, c, e, e),
-        features,
-        torch.randint(0, model.image_size, (1, 5, 2), dtype=torch.float32),
-        torch.tensor([[1, 0, 2, 3, -1]], dtype=torch.float32),
-        torch.randn(1, 1, 4 * e, 4 * e),
-        torch.tensor([1.0]),
-        torch.tensor([1500.0, 2250.0]),
-    )
-    dynamic = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
+    args = (torch.randn(1, c, e, e), features, *prompt_example_inputs(model))
+    dynamic = prompt_dynamic_axes()
     inputs = list(SAM_HQ_DECODER_INPUTS)
     if hq_features_input:
         inputs[1] = "hq_features"
@@ -166,4 +160,6 @@ def export_sam_hq_encoder(
     model: SamHQ, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
 ) -> Path:
     """Export a SAM-HQ model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
-    return export_encoder(SamHQOnnxEncoder, model, path, "sam_hq", SAM_HQ_ENCODER_OUTPUTS, opset, quantize)
+    model = _on_cpu(model)
+    meta = {"segany_family": "sam_hq"}
+    return write_image_encoder(SamHQOnnxEncoder(model), model, path, SAM_HQ_ENCODER_OUTPUTS, opset, quantize, meta)
