@@ -355,3 +355,56 @@ def test_padding_masks_do_not_count():
     b = step(junk)
     for k in a:
         assert torch.allclose(a[k], b[k]), k
+
+
+def test_free_clicks_are_decoded_without_gradient_before_the_trained_iterations():
+    """max_free_clicks: 0..N corrective clicks with no gradient; the trained iterations then see them."""
+    torch.manual_seed(8)
+    model = build_sam(get_config("tiny_test"))
+    s = model.image_size
+    gt = torch.zeros(2, s, s, dtype=torch.bool)
+    gt[0, 10:60, 10:50] = True
+    gt[1, 70:110, 60:120] = True
+    item = {
+        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
+        "masks": gt,
+        "mask_valid": torch.ones(2, dtype=torch.bool),
+        "ignore": torch.zeros(s, s, dtype=torch.bool),
+        "valid_hw": torch.tensor([s, s]),
+    }
+    batch = collate_for_training([item])
+    calls = []
+    orig = model.mask_decoder.forward
+
+    def spy(emb, pe, sparse, dense, multimask_output):
+        calls.append((torch.is_grad_enabled(), sparse.shape[1]))
+        return orig(emb, pe, sparse, dense, multimask_output)
+
+    model.mask_decoder.forward = spy
+    seen = set()
+    try:
+        for seed in range(12):
+            calls.clear()
+            step = SamTrainStep(model, StepOptions(num_iterations=3, num_mask_only_iterations=0, max_free_clicks=2))
+            torch.manual_seed(seed)
+            out = step(batch)
+            out["loss"].backward()
+            free = [c for c in calls if not c[0]]
+            trained = [c for c in calls if c[0]]
+            assert len(trained) == 2 and 0 <= len(free) <= 2
+            # each free click adds one token before the trained point iterations
+            tokens = [t for _, t in calls]
+            assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+            assert trained[0][1] == (free[-1][1] if free else trained[0][1] - 1) + 1
+            seen.add(len(free))
+    finally:
+        model.mask_decoder.forward = orig
+    assert seen == {0, 1, 2}
+    # without the option: no decoder call without gradient
+    calls.clear()
+    model.mask_decoder.forward = spy
+    try:
+        SamTrainStep(model, StepOptions(num_iterations=3, num_mask_only_iterations=0))(batch)
+    finally:
+        model.mask_decoder.forward = orig
+    assert all(g for g, _ in calls) and len(calls) == 2

@@ -427,6 +427,8 @@ def test_frozen_stages_keep_the_stem_and_first_stages_of_an_efficientnet(tmp_pat
         train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "many"), checkpoint=str(ckpt), frozen_stages=8))
     with pytest.raises(SegAnyError, match="clicker_prob"):
         TrainConfig(clicker_prob=1.5)
+    with pytest.raises(SegAnyError, match="max_free_clicks"):
+        TrainConfig(max_free_clicks=-1)
 
 
 def test_train_main_flags_override_yaml(tmp_path, capsys):

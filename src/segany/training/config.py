@@ -165,6 +165,10 @@ class TrainConfig(Options):
     #: point of the largest error, the object's interior-most point for a first click) rather than
     #: uniformly in the error region (SAM): the clicks a user (and the benchmark) actually makes
     clicker_prob: float = 0.0
+    #: RITM's iterative training: after the first prompt, a random 0..N corrective clicks are simulated
+    #: with no gradient (forward only, cheap) before the trained iterations, so these learn from the
+    #: later clicks of a session too, not only the first few
+    max_free_clicks: int = 0
 
     # -- loss --------------------------------------------------------------------------------------
     focal_weight: float = 20.0
@@ -231,6 +235,7 @@ class TrainConfig(Options):
             "val_max_objects",
             "min_mask_area",
             "frozen_stages",
+            "max_free_clicks",
         ):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise bad(key, "must be an integer >= 0")

@@ -37,6 +37,7 @@ class StepOptions:
     box_noise_std: float = 0.1
     box_noise_max: float = 20.0
     clicker_prob: float = 0.0
+    max_free_clicks: int = 0
     loss_resolution: str = "low_res"
     loss: LossConfig = field(default_factory=LossConfig)
     autocast_dtype: torch.dtype | None = None  # bf16 autocast for encoder + decoder, None = fp32
@@ -51,6 +52,7 @@ class StepOptions:
             box_noise_std=cfg.box_noise_std,
             box_noise_max=cfg.box_noise_max,
             clicker_prob=cfg.clicker_prob,
+            max_free_clicks=cfg.max_free_clicks,
             loss_resolution=cfg.loss_resolution,
             loss=LossConfig(
                 cfg.focal_weight, cfg.dice_weight, cfg.iou_weight, cfg.focal_alpha, cfg.focal_gamma, cfg.iou_loss_on
@@ -126,6 +128,38 @@ class SamTrainStep(nn.Module):
             return sparse[0], dense[0]
         return torch.cat(sparse), torch.cat(dense)
 
+    def _next_points(
+        self, prompts: PromptSet, pred_full: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor
+    ) -> PromptSet:
+        """``prompts`` plus one corrective click per mask in the error of ``pred_full`` (``N x S x S`` bool)."""
+        coords, labels = error_region_points(pred_full, gt, valid)
+        rows = self._clicker_rows(gt.shape[0], gt.device)
+        if len(rows):
+            c, lab = clicker_points(pred_full[rows], gt[rows], valid[rows])
+            coords, labels = coords.index_copy(0, rows, c), labels.index_copy(0, rows, lab)
+        return prompts.add_points(coords, labels)
+
+    @torch.no_grad()
+    def _free_clicks(
+        self,
+        prompts: PromptSet,
+        mask_input: torch.Tensor,
+        emb: torch.Tensor,
+        image_pe: torch.Tensor,
+        gt: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[PromptSet, torch.Tensor]:
+        """A random ``0..max_free_clicks`` corrective clicks decoded with no gradient (RITM's trick)."""
+        count = int(torch.randint(0, self.opt.max_free_clicks + 1, (1,)))
+        for _ in range(count):
+            pred_full = upsample_logits(mask_input[:, 0], gt.shape[-1]) > 0
+            prompts = self._next_points(prompts, pred_full, gt, valid)
+            sparse, dense = self._encode_prompts(prompts, mask_input)
+            with self._autocast(gt.device):
+                low_res, _ = self.model.mask_decoder(emb, image_pe, sparse, dense, multimask_output=False)
+            mask_input = low_res.float()
+        return prompts, mask_input
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         opt = self.opt
         model = self.model
@@ -170,12 +204,7 @@ class SamTrainStep(nn.Module):
         for k, kind in enumerate(schedule):
             if kind == POINT:
                 assert pred_full is not None
-                coords, labels = error_region_points(pred_full, gt, valid)
-                rows = self._clicker_rows(n, dev)
-                if len(rows):
-                    c, lab = clicker_points(pred_full[rows], gt[rows], valid[rows])
-                    coords, labels = coords.index_copy(0, rows, c), labels.index_copy(0, rows, lab)
-                prompts = prompts.add_points(coords, labels)
+                prompts = self._next_points(prompts, pred_full, gt, valid)
             sparse, dense = self._encode_prompts(prompts, mask_input)
             with self._autocast(dev):
                 if k == 0:
@@ -199,6 +228,8 @@ class SamTrainStep(nn.Module):
             ious.append(out["iou"])
             chosen = low_res.gather(1, out["best"][:, None, None, None].expand(-1, 1, *low_res.shape[-2:]))
             mask_input = chosen.detach().float()  # N x 1 x h x w, fed back as the mask prompt
+            if k == 0 and opt.max_free_clicks > 0 and len(schedule) > 1:
+                prompts, mask_input = self._free_clicks(prompts, mask_input, emb_m.detach(), image_pe, gt, valid)
             if k + 1 < len(schedule) and schedule[k + 1] == POINT:
                 with torch.no_grad():
                     pred_full = upsample_logits(mask_input[:, 0], size) > 0
