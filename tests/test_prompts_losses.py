@@ -328,6 +328,18 @@ def test_loss_is_finite_for_empty_gt():
     assert all(math.isfinite(float(v.float().sum())) for v in out.values())
 
 
+def _random_image_item(gt: torch.Tensor, mask_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training item: a random full-size image with the masks ``gt`` (``M x S x S``)."""
+    s = gt.shape[-1]
+    return {
+        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
+        "masks": gt,
+        "mask_valid": mask_valid,
+        "ignore": torch.zeros(s, s, dtype=torch.bool),
+        "valid_hw": torch.tensor([s, s]),
+    }
+
+
 def test_padding_masks_do_not_count():
     """Weight-0 padding rows (collate's pad_to_multiple) change nothing, whatever they contain."""
     torch.manual_seed(7)
@@ -336,13 +348,7 @@ def test_padding_masks_do_not_count():
     gt = torch.zeros(3, s, s, dtype=torch.bool)
     gt[0, 10:40, 10:40] = True
     gt[1, 60:100, 50:90] = True
-    item = {
-        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
-        "masks": gt,
-        "mask_valid": torch.tensor([True, True, False]),
-        "ignore": torch.zeros(s, s, dtype=torch.bool),
-        "valid_hw": torch.tensor([s, s]),
-    }
+    item = _random_image_item(gt, torch.tensor([True, True, False]))
     batch = collate_for_training([item], pad_to_multiple=8)
     assert batch["gt_masks"].shape[0] == 8 and batch["mask_weight"].sum() == 2
     step = SamTrainStep(model, StepOptions(num_iterations=3))
@@ -365,13 +371,7 @@ def test_free_clicks_are_decoded_without_gradient_before_the_trained_iterations(
     gt = torch.zeros(2, s, s, dtype=torch.bool)
     gt[0, 10:60, 10:50] = True
     gt[1, 70:110, 60:120] = True
-    item = {
-        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
-        "masks": gt,
-        "mask_valid": torch.ones(2, dtype=torch.bool),
-        "ignore": torch.zeros(s, s, dtype=torch.bool),
-        "valid_hw": torch.tensor([s, s]),
-    }
+    item = _random_image_item(gt, torch.ones(2, dtype=torch.bool))
     batch = collate_for_training([item])
     calls = []
     orig = model.mask_decoder.forward
