@@ -2,7 +2,8 @@
 
 A batch of images (:func:`segany.training.loader.collate_for_training`): every image is encoded once (or
 its cached embedding is used), all valid masks of all images form one decoder batch, prompts are
-simulated for ``num_iterations`` decoder iterations (:mod:`segany.training.prompts`) and the loss is
+simulated for ``num_iterations`` decoder iterations (:mod:`segany.training.prompts`; with ``max_free_clicks``
+up to that many corrective clicks are first decoded without gradient, RITM-style) and the loss is
 ``20 focal + 1 dice + 1 IoU-MSE`` (:mod:`segany.training.losses`) averaged over masks and iterations.
 """
 
