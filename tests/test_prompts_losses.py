@@ -328,15 +328,18 @@ def test_loss_is_finite_for_empty_gt():
     assert all(math.isfinite(float(v.float().sum())) for v in out.values())
 
 
-def _random_image_item(gt: torch.Tensor, mask_valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A training item: a random full-size image with the masks ``gt`` (``M x S x S``)."""
-    s = gt.shape[-1]
+def _random_image_item(size: int, rects: list[tuple[int, int, int, int]], num_masks: int) -> dict[str, torch.Tensor]:
+    """A training item: a random ``size`` x ``size`` image, ``num_masks`` masks of which the first are the
+    rectangles ``(y0, y1, x0, x1)`` and valid, the rest empty and invalid."""
+    gt = torch.zeros(num_masks, size, size, dtype=torch.bool)
+    for i, (y0, y1, x0, x1) in enumerate(rects):
+        gt[i, y0:y1, x0:x1] = True
     return {
-        "image": torch.randint(0, 255, (3, s, s), dtype=torch.uint8),
+        "image": torch.randint(0, 255, (3, size, size), dtype=torch.uint8),
         "masks": gt,
-        "mask_valid": mask_valid,
-        "ignore": torch.zeros(s, s, dtype=torch.bool),
-        "valid_hw": torch.tensor([s, s]),
+        "mask_valid": torch.arange(num_masks) < len(rects),
+        "ignore": torch.zeros(size, size, dtype=torch.bool),
+        "valid_hw": torch.tensor([size, size]),
     }
 
 
@@ -344,11 +347,7 @@ def test_padding_masks_do_not_count():
     """Weight-0 padding rows (collate's pad_to_multiple) change nothing, whatever they contain."""
     torch.manual_seed(7)
     model = build_sam(get_config("tiny_test"))
-    s = model.image_size
-    gt = torch.zeros(3, s, s, dtype=torch.bool)
-    gt[0, 10:40, 10:40] = True
-    gt[1, 60:100, 50:90] = True
-    item = _random_image_item(gt, torch.tensor([True, True, False]))
+    item = _random_image_item(model.image_size, [(10, 40, 10, 40), (60, 100, 50, 90)], num_masks=3)
     batch = collate_for_training([item], pad_to_multiple=8)
     assert batch["gt_masks"].shape[0] == 8 and batch["mask_weight"].sum() == 2
     step = SamTrainStep(model, StepOptions(num_iterations=3))
@@ -367,11 +366,7 @@ def test_free_clicks_are_decoded_without_gradient_before_the_trained_iterations(
     """max_free_clicks: 0..N corrective clicks with no gradient; the trained iterations then see them."""
     torch.manual_seed(8)
     model = build_sam(get_config("tiny_test"))
-    s = model.image_size
-    gt = torch.zeros(2, s, s, dtype=torch.bool)
-    gt[0, 10:60, 10:50] = True
-    gt[1, 70:110, 60:120] = True
-    item = _random_image_item(gt, torch.ones(2, dtype=torch.bool))
+    item = _random_image_item(model.image_size, [(10, 60, 10, 50), (70, 110, 60, 120)], num_masks=2)
     batch = collate_for_training([item])
     calls = []
     orig = model.mask_decoder.forward
