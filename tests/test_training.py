@@ -132,6 +132,9 @@ def test_text_options_load_like_training_options(tmp_path):
     p.write_text("steps: 3\n")
     with pytest.raises(SegAnyError, match="train_data is empty"):
         TextTrainConfig.from_yaml(p)
+    p.write_text("train_data: [{type: synthetic, n: 2}]\nprecision: fp16\n")
+    with pytest.raises(SegAnyError, match="precision must be auto, bf16 or fp32"):
+        TextTrainConfig.from_yaml(p)
 
 
 # -- optimiser ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from segany.modeling.text_encoder import load_sentence_encoder
 from segany.modeling.text_prompt import TextHeadConfig
 from segany.text.phrases import attribute_phrase, category_phrase, wordings
 from segany.training.config import Options
+from segany.training.distributed import resolve_autocast
 from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
 from segany.training.loop import Every, LogWindow, TrainLoop
 from segany.training.losses import LossConfig, sam_mask_loss
@@ -72,10 +73,13 @@ class TextTrainConfig(Options):
     seed: int = 0
     num_threads: int | None = None
     cache_dir: str | None = None  #: image embeddings (default: out_dir/embeddings)
+    precision: str = "auto"  #: autocast of the head's forward: auto (bf16 on CUDA with bf16) | bf16 | fp32
 
     def validate(self) -> None:
         if not self.train_data:
             raise SegAnyError("train_data is empty")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise SegAnyError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.data_weights and len(self.data_weights) != len(self.train_data):
             raise SegAnyError("data_weights needs one weight per train_data entry")
 
@@ -133,6 +137,7 @@ class _TextStep:
         self.vectors, self.rng, self.device = vectors, rng, device
         self.loss_cfg = LossConfig(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)
         self.pe = model.prompt_encoder.get_dense_pe()
+        self.autocast_dtype = resolve_autocast(cfg.precision, device)
         self.scale = model.image_size / (4 * model.prompt_encoder.image_embedding_size[0])
 
     def batch(self, step: int) -> dict[str, Any]:
@@ -154,9 +159,20 @@ class _TextStep:
         return {"picked": picked, "owner": owner, "texts": texts, "gts": gts, "valids": valids, "points": points}
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits, ious, order = self._decode(batch)
+        gt = torch.stack([batch["gts"][i] for i in order]).to(self.device)
+        valid = torch.stack([batch["valids"][i] for i in order]).to(self.device)
+        losses = sam_mask_loss(logits, ious, gt, valid, self.loss_cfg)  # in float32 whatever the autocast
+        return {"loss": losses["loss"].mean(), "iou": losses["iou"].mean().detach()}
+
+    def _decode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Mask logits and predicted IoUs of every query, in the order returned (prompt-free ones first)."""
         model, head, device = self.model, self.head, self.device
         picked, points = batch["picked"], batch["points"]
-        emb = torch.stack([it["embedding"] for it in picked]).to(device, torch.float32)
+        # float16 cache entries are cast one by one: CPU autocast has no rule for stacking float16
+        emb = torch.stack([it["embedding"].float() for it in picked]).to(device)
         x = encoder_input(model, torch.stack([it["image"] for it in picked]).to(device),
                           torch.stack([it["valid_hw"] for it in picked]))
         pixel = head.image_features(x)
@@ -181,10 +197,7 @@ class _TextStep:
             lo, io_ = head.decode(text[idx], emb[rows], self.pe, sparse, dense, feats)
             logits = torch.cat([logits, lo]) if logits.numel() else lo
             ious = torch.cat([ious, io_]) if ious.numel() else io_
-        gt = torch.stack([batch["gts"][i] for i in order]).to(device)
-        valid = torch.stack([batch["valids"][i] for i in order]).to(device)
-        losses = sam_mask_loss(logits, ious, gt, valid, self.loss_cfg)
-        return {"loss": losses["loss"].mean(), "iou": losses["iou"].mean().detach()}
+        return logits, ious, order
 
 
 def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
