@@ -66,6 +66,18 @@ def _autocast_forward(module: nn.Module, dtype: torch.dtype) -> None:
     module.forward = forward  # type: ignore[method-assign]
 
 
+def _fp32_forward(module: nn.Module) -> None:
+    """Make ``module`` run in fp32 (autocast off, input cast to fp32) inside an autocast encoder."""
+    inner = module.forward
+    device_type = next(module.parameters()).device.type
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return inner(x.float())
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
 def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | str = False) -> nn.Module:
     """Switch ``model``'s image encoder (a :class:`~segany.modeling.sam.Sam`) to a speed mode, in place.
 
@@ -87,9 +99,14 @@ def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | st
     if precision == "bf16":
         if not bf16_supported(device):
             raise SegAnyError(f"bf16 is not supported natively on {device} (it would be slower than fp32)")
+        # an encoder may name parts that bf16 would change too much (EfficientNet's first layers)
+        sensitive = getattr(enc, "bf16_sensitive_modules", tuple)()
+        keep = {id(m) for part in sensitive for m in part.modules()}
         for m in enc.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in keep:
                 m.to(torch.bfloat16)
+        for part in sensitive:
+            _fp32_forward(part)
         _autocast_forward(enc, torch.bfloat16)
     elif precision == "int8":
         if device.type != "cpu":
@@ -97,6 +114,8 @@ def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | st
         quantize = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
         if quantize is None:
             raise SegAnyError(f"int8 needs torch.ao.quantization.quantize_dynamic (not in torch {torch.__version__})")
+        if not any(isinstance(m, nn.Linear) for m in enc.modules()):
+            raise SegAnyError(f"int8 quantises the image encoder's linear layers; {type(enc).__name__} has none")
         with warnings.catch_warnings():  # torch.ao's deprecation notices (it still works in torch 2.13)
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -53,7 +53,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="image encoder precision: fp32 (default, the official outputs), bf16 or int8 (faster, approximate)",
+        help="image encoder precision: fp32 (default, the official outputs), bf16 or int8 (faster, approximate; "
+        "int8 quantises linear layers, so not the default model's convolutional encoder)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (slow first image)")
 
