@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -112,6 +113,47 @@ def test_mask_stack_matches_label_map() -> None:
     assert warp_masks(np.zeros((0, 48, 80), bool), geom).shape == (0, S, S)
     many = np.random.default_rng(0).random((300, 48, 80)) > 0.5  # > 32 byte planes
     assert np.array_equal(warp_masks(many, geom)[299], warp_masks(many[299:], geom)[0])
+
+
+def test_zoomed_crop_fills_the_frame_with_one_object() -> None:
+    """zoom_p=1: the window is a drawn object's box grown by the context factor, so that object fills the
+    output (here 1.5 x its box: about (1/1.5)^2 of it on an axis); image and masks stay aligned."""
+    h, w = 300, 400
+    lm = np.zeros((h, w), np.uint8)
+    lm[200:230, 300:320] = 1  # a 20 x 30 object near the bottom right
+    img = np.full((h, w, 3), 90, np.uint8)
+    img[lm == 1] = (250, 20, 20)
+    zoom = AugmentConfig(zoom_p=1.0, zoom_context_min=1.5, zoom_context_max=1.5, zoom_max_scale=10.0, hflip_p=0.0,
+                         color_p=0.0)
+    cfg = ItemConfig(image_size=S, max_masks=4, min_area=1, augment=zoom)
+    item = to_training_item(img, cfg, np.random.default_rng(0), label_map=lm, names_by_id={1: "a"})
+    mask = item["masks"][0].numpy()
+    assert item["mask_valid"].tolist() == [True, False, False, False]
+    ys, xs = np.nonzero(mask)
+    assert ys.max() - ys.min() + 1 == pytest.approx(S / 1.5, abs=2)  # its longer side spans 1/1.5 of S
+    assert abs((ys.min() + ys.max()) / 2 - S / 2) <= 2 and abs((xs.min() + xs.max()) / 2 - S / 2) <= 2
+    im = item["image"].numpy().transpose(1, 2, 0).astype(int)
+    inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    assert (np.abs(im[inner] - (250, 20, 20)).max(axis=1) <= 1).all()
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # the bilinear edge blends
+    assert (np.abs(im[~near] - 90).max(axis=1) <= 1).all()  # the window lies inside the image: no padding
+    # plain jitter at the same sizes leaves it a few pixels wide
+    plain = ItemConfig(image_size=S, max_masks=4, min_area=1, augment=AugmentConfig(hflip_p=0.0, color_p=0.0))
+    small = to_training_item(img, plain, np.random.default_rng(0), label_map=lm)["masks"][0].numpy()
+    assert small.sum() * 20 < mask.sum()
+    # a tiny object is enlarged at most zoom_max_scale times the plain resize
+    lm2 = np.zeros((h, w), np.uint8)
+    lm2[100:102, 100:102] = 1
+    capped = ItemConfig(image_size=S, max_masks=1, min_area=1, augment=AugmentConfig(zoom_p=1.0, zoom_max_scale=4.0))
+    geom_item = to_training_item(img, capped, np.random.default_rng(1), label_map=lm2)
+    assert int(geom_item["masks"][0].sum()) <= (2 * S / w * 4 + 1) ** 2
+
+
+def test_zoom_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="probabilities"):
+        AugmentConfig(zoom_p=1.5)
+    with pytest.raises(ValueError, match="zoom_context_min"):
+        AugmentConfig(zoom_context_min=0.5)
 
 
 def test_large_masks_dropped_and_cap() -> None:

@@ -1,4 +1,5 @@
-"""Training augmentation in numpy / OpenCV: large-scale jitter, horizontal flip, colour jitter.
+"""Training augmentation in numpy / OpenCV: large-scale jitter, crops zoomed on one object, horizontal flip,
+colour jitter.
 
 Geometry is one affine map per sample (resize + optional flip + crop offset), applied straight into
 the ``S x S`` output, so no 2x-upscaled intermediate is ever built: ``cv2.warpAffine(INTER_LINEAR)``
@@ -6,6 +7,11 @@ for the image, and an exact nearest-neighbour gather (numpy indexing, the pixel 
 ``cv2.INTER_NEAREST_EXACT``) for label maps and mask stacks, so a label map and masks cut
 from it always agree. The map reproduces ``cv2.resize`` (half-pixel centres), and without jitter it is
 SAM's preprocessing: longest side to ``S``, content at the top left, zero padding at the bottom / right.
+
+A zoomed crop (``zoom_p``, FocalClick's focus crops) replaces the jitter's scale and offset by a square
+window around one object's box, grown by a random context factor and scaled to fill the ``S x S`` output:
+objects that fill the frame (a close-up of a cat's face) and boundary detail at a finer scale than the
+whole image gives, both rare under plain jitter of datasets of small objects such as COCO.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ class AugmentConfig:
     (large-scale jitter, SAM/Copy-Paste use 0.1-2.0). ``hflip_p``: horizontal flip probability.
     ``brightness``/``contrast``/``saturation``: factors drawn from ``[1-x, 1+x]``; ``hue``: shift as a
     fraction of the full hue circle, drawn from ``[-hue, hue]``. ``color_p``: probability of colour jitter.
+    ``zoom_p``: probability of a crop zoomed on one object (see the module docstring); its window's side is
+    the object's longer box side times a factor drawn from ``[zoom_context_min, zoom_context_max]``, and
+    the zoom never enlarges the image more than ``zoom_max_scale`` times its plain resize.
     """
 
     scale_min: float = 0.1
@@ -36,12 +45,18 @@ class AugmentConfig:
     saturation: float = 0.2
     hue: float = 0.02
     color_p: float = 0.8
+    zoom_p: float = 0.0
+    zoom_context_min: float = 1.2
+    zoom_context_max: float = 2.0
+    zoom_max_scale: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
-        if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1:
+        if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1 or not 0 <= self.zoom_p <= 1:
             raise ValueError("probabilities must be in [0, 1]")
+        if not 1 <= self.zoom_context_min <= self.zoom_context_max or self.zoom_max_scale < 1:
+            raise ValueError("need 1 <= zoom_context_min <= zoom_context_max and zoom_max_scale >= 1")
 
 
 @dataclass(frozen=True)
@@ -86,19 +101,47 @@ class Geometry:
 
 
 def sample_geometry(
-    h: int, w: int, image_size: int, cfg: AugmentConfig | None, rng: np.random.Generator | None
+    h: int,
+    w: int,
+    image_size: int,
+    cfg: AugmentConfig | None,
+    rng: np.random.Generator | None,
+    focus_box: np.ndarray | None = None,
 ) -> Geometry:
-    """Draw a geometry; with ``cfg=None`` it is plain resize-longest-side + pad (no randomness)."""
+    """Draw a geometry; with ``cfg=None`` it is plain resize-longest-side + pad (no randomness).
+
+    ``focus_box`` (``x0, y0, x1, y1`` source pixels, inclusive) makes it a crop zoomed on that box.
+    """
     if h <= 0 or w <= 0:
         raise ValueError(f"empty image {h}x{w}")
     if cfg is None or rng is None:
         return Geometry((h, w), get_preprocess_shape(h, w, image_size), False, (0, 0), image_size)
+    if focus_box is not None:
+        return _zoom_geometry(h, w, image_size, cfg, rng, np.asarray(focus_box, dtype=np.float64))
     scale = float(rng.uniform(cfg.scale_min, cfg.scale_max))
     nh, nw = get_preprocess_shape(h, w, max(1, round(image_size * scale)))
     flip = bool(rng.random() < cfg.hflip_p)
     y0 = int(rng.integers(0, nh - image_size + 1)) if nh > image_size else 0
     x0 = int(rng.integers(0, nw - image_size + 1)) if nw > image_size else 0
     return Geometry((h, w), (nh, nw), flip, (y0, x0), image_size)
+
+
+def _zoom_geometry(
+    h: int, w: int, image_size: int, cfg: AugmentConfig, rng: np.random.Generator, box: np.ndarray
+) -> Geometry:
+    """A square window around ``box`` (its longer side times the context factor) scaled to the output."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0 + 1, y1 - y0 + 1) * float(rng.uniform(cfg.zoom_context_min, cfg.zoom_context_max))
+    longest = min(max(h, w) * image_size / side, cfg.zoom_max_scale * image_size)
+    nh, nw = get_preprocess_shape(h, w, max(1, round(longest)))
+    flip = bool(rng.random() < cfg.hflip_p)
+    cx, cy = (x0 + x1 + 1) / 2 * nw / w, (y0 + y1 + 1) / 2 * nh / h  # the box centre in resized pixels
+    if flip:
+        cx = nw - cx
+    # the window centred on the box, shifted back inside the resized image where it would stick out
+    ox = int(np.clip(round(cx - image_size / 2), 0, max(nw - image_size, 0)))
+    oy = int(np.clip(round(cy - image_size / 2), 0, max(nh - image_size, 0)))
+    return Geometry((h, w), (nh, nw), flip, (oy, ox), image_size)
 
 
 def _warp(arr: np.ndarray, geom: Geometry, interp: int) -> np.ndarray:

@@ -89,6 +89,29 @@ def _select(areas: np.ndarray, content_area: int, cfg: ItemConfig, rng: np.rando
     return ok
 
 
+def _focus_box(
+    rng: np.random.Generator,
+    label_map: np.ndarray | None,
+    skip: set[int],
+    masks: np.ndarray | Sequence[Callable[[], np.ndarray]] | None,
+) -> np.ndarray | None:
+    """The box (``x0, y0, x1, y1``) of one object drawn at random for a zoomed crop, or None if none.
+
+    Lazily decoded masks (SA-1B) give none: their boxes would cost a decode of every mask."""
+    if label_map is not None:
+        ids = [int(i) for i in np.unique(label_map) if int(i) not in skip]
+        if not ids:
+            return None
+        ys, xs = np.nonzero(label_map == ids[int(rng.integers(len(ids)))])
+    elif isinstance(masks, np.ndarray) and len(masks):
+        ys, xs = np.nonzero(masks[int(rng.integers(len(masks)))])
+        if not len(ys):
+            return None
+    else:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+
+
 def _finish(
     image: np.ndarray,
     masks: np.ndarray,
@@ -143,7 +166,13 @@ def to_training_item(
         raise ValueError(f"image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
     aug = cfg.augment if rng is not None else None
-    geom = sample_geometry(h, w, cfg.image_size, aug, rng)
+    skip = {0, VOID_ID, *(int(i) for i in ignore_ids)}
+    focus = None
+    if aug is not None and aug.zoom_p > 0 and rng.random() < aug.zoom_p:
+        if label_map is not None and label_map.shape != (h, w):
+            raise ValueError(f"label map is {label_map.shape}, image is {(h, w)}")
+        focus = _focus_box(rng, label_map, skip, masks)
+    geom = sample_geometry(h, w, cfg.image_size, aug, rng, focus)
     out_img = warp_image(image, geom)
     if aug is not None:
         jitter_content(out_img, geom, aug, rng)
@@ -160,7 +189,6 @@ def to_training_item(
         if label_map.shape != (h, w):
             raise ValueError(f"label map is {label_map.shape}, image is {(h, w)}")
         lm = warp_label_map(label_map, geom)
-        skip = {0, VOID_ID, *(int(i) for i in ignore_ids)}
         ids, areas = np.unique(lm[:vh, :vw], return_counts=True)
         ign = [int(i) for i in ids if int(i) in skip and int(i) != 0]
         if ign:
