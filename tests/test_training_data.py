@@ -147,6 +147,11 @@ def test_zoomed_crop_fills_the_frame_with_one_object() -> None:
     capped = ItemConfig(image_size=S, max_masks=1, min_area=1, augment=AugmentConfig(zoom_p=1.0, zoom_max_scale=4.0))
     geom_item = to_training_item(img, capped, np.random.default_rng(1), label_map=lm2)
     assert int(geom_item["masks"][0].sum()) <= (2 * S / w * 4 + 1) ** 2
+    # an object as large as the image is not shrunk below the plain resize
+    whole = np.ones((h, w), np.uint8)
+    big = to_training_item(img, ItemConfig(image_size=S, max_masks=1, min_area=1, max_coverage=1.0, augment=zoom),
+                           np.random.default_rng(2), label_map=whole)
+    assert big["valid_hw"].tolist() == [S * h // w, S]
 
 
 def test_zoom_options_are_checked() -> None:

@@ -34,7 +34,7 @@ class AugmentConfig:
     fraction of the full hue circle, drawn from ``[-hue, hue]``. ``color_p``: probability of colour jitter.
     ``zoom_p``: probability of a crop zoomed on one object (see the module docstring); its window's side is
     the object's longer box side times a factor drawn from ``[zoom_context_min, zoom_context_max]``, and
-    the zoom never enlarges the image more than ``zoom_max_scale`` times its plain resize.
+    the zoomed image is between 1 and ``zoom_max_scale`` times its plain resize.
     """
 
     scale_min: float = 0.1
@@ -132,7 +132,8 @@ def _zoom_geometry(
     """A square window around ``box`` (its longer side times the context factor) scaled to the output."""
     x0, y0, x1, y1 = box
     side = max(x1 - x0 + 1, y1 - y0 + 1) * float(rng.uniform(cfg.zoom_context_min, cfg.zoom_context_max))
-    longest = min(max(h, w) * image_size / side, cfg.zoom_max_scale * image_size)
+    # between the plain resize (an object as large as the image is not shrunk) and zoom_max_scale x it
+    longest = float(np.clip(max(h, w) * image_size / side, image_size, cfg.zoom_max_scale * image_size))
     nh, nw = get_preprocess_shape(h, w, max(1, round(longest)))
     flip = bool(rng.random() < cfg.hflip_p)
     cx, cy = (x0 + x1 + 1) / 2 * nw / w, (y0 + y1 + 1) / 2 * nh / h  # the box centre in resized pixels
