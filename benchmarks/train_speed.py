@@ -1,6 +1,6 @@
 """Training throughput of one or more training configs, measured side by side on the same batches.
 
-    python benchmarks/train_speed.py configs/default_model.yaml configs/default_model_v2.yaml \
+    python benchmarks/train_speed.py configs/default_model_v1.yaml configs/default_model_v2.yaml \
         [--steps 3] [--threads 1] [--precision bf16 fp32]
 
 For each config (and precision) it builds the model as ``segany train`` does, draws the same augmented

@@ -300,15 +300,15 @@ def cv2_free_shapes(rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def test_shipped_default_v2_segments_a_clear_object_from_its_box():
-    """The shipped default_v2 weights (trained, unlike every other model in the suite): a box around a red
+def test_shipped_default_segments_a_clear_object_from_its_box():
+    """The shipped default weights (trained, unlike every other model in the suite): a box around a red
     ellipse on a noisy grey background gives the ellipse (a random or broken model scores near 0)."""
     import cv2
 
     from segany.evaluation.metrics import mask_iou
 
-    sam = load_model("default_v2")
-    assert sam.config == get_config("segany_default_v2") and sam.text_head is None
+    sam = load_model("default", text_head=None)
+    assert sam.config == get_config("segany_default_v2")
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.normal(120, 25, (240, 320, 3)).clip(0, 255).astype(np.uint8), (5, 5), 0)
     gt = np.zeros((240, 320), np.uint8)

@@ -182,7 +182,7 @@ def test_numpy_stability_score_is_the_torch_one():
 
 def _dense_model(depth: int) -> torch.nn.Module:
     """The tiny test model with clicks drawn into its dense embedding (4 input pixels per map pixel, 16 per
-    embedding cell, click radius 10: a click touches up to 3 x 3 cells, as in default_v2), random values
+    embedding cell, click radius 10: a click touches up to 3 x 3 cells, as in the default model), random values
     in the decoder and in the downscaler too."""
     torch.manual_seed(depth)
     cfg = dataclasses.replace(get_config("tiny_test"), dense_prompts=True, decoder_depth=depth)

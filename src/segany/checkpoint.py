@@ -27,10 +27,13 @@ CONFIG_METADATA_KEY = "segany_config"
 
 #: Names users can pass instead of a path: name -> (file names looked for, description).
 KNOWN_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
-    "default": (("segany_default.safetensors",), "segany's small default model, shipped in the package"),
-    "default_v2": (
-        ("segany_default_v2.safetensors",),
-        "the next default model (issue 17, in training; no text head yet), shipped in the package",
+    "default": (
+        ("segany_default.safetensors",),
+        "segany's default model (EfficientNet-Lite0, 512 px, trained by this project), shipped in the package",
+    ),
+    "default_v1": (
+        ("segany_default_v1.safetensors",),
+        "segany's first default model (TinyViT, 256 px), kept for comparison, shipped in the package",
     ),
     "vit_b": (("sam_vit_b_01ec64.pth",), "official SAM ViT-B (Meta), 375 MB"),
     "vit_l": (("sam_vit_l_0b3195.pth",), "official SAM ViT-L (Meta), 1.25 GB"),
