@@ -165,12 +165,12 @@ def to_training_item(
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
+    if label_map is not None and label_map.shape != (h, w):
+        raise ValueError(f"label map is {label_map.shape}, image is {(h, w)}")
     aug = cfg.augment if rng is not None else None
     skip = {0, VOID_ID, *(int(i) for i in ignore_ids)}
     focus = None
     if aug is not None and aug.zoom_p > 0 and rng.random() < aug.zoom_p:
-        if label_map is not None and label_map.shape != (h, w):
-            raise ValueError(f"label map is {label_map.shape}, image is {(h, w)}")
         focus = _focus_box(rng, label_map, skip, masks)
     geom = sample_geometry(h, w, cfg.image_size, aug, rng, focus)
     out_img = warp_image(image, geom)
@@ -186,8 +186,6 @@ def to_training_item(
         out_ignore |= warp_masks(ignore[None], geom)[0]
 
     if label_map is not None:
-        if label_map.shape != (h, w):
-            raise ValueError(f"label map is {label_map.shape}, image is {(h, w)}")
         lm = warp_label_map(label_map, geom)
         ids, areas = np.unique(lm[:vh, :vw], return_counts=True)
         ign = [int(i) for i in ids if int(i) in skip and int(i) != 0]
