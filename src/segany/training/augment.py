@@ -16,6 +16,7 @@ whole image gives, both rare under plain jitter of datasets of small objects suc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -124,6 +125,29 @@ def sample_geometry(
     y0 = int(rng.integers(0, nh - image_size + 1)) if nh > image_size else 0
     x0 = int(rng.integers(0, nw - image_size + 1)) if nw > image_size else 0
     return Geometry((h, w), (nh, nw), flip, (y0, x0), image_size)
+
+
+def focus_box(
+    rng: np.random.Generator,
+    label_map: np.ndarray | None,
+    skip: set[int],
+    masks: np.ndarray | Sequence[Callable[[], np.ndarray]] | None,
+) -> np.ndarray | None:
+    """The box (``x0, y0, x1, y1``) of one object drawn at random for a zoomed crop, or None if none.
+
+    Lazily decoded masks (SA-1B) give none: their boxes would cost a decode of every mask."""
+    if label_map is not None:
+        ids = [int(i) for i in np.unique(label_map) if int(i) not in skip]
+        if not ids:
+            return None
+        ys, xs = np.nonzero(label_map == ids[int(rng.integers(len(ids)))])
+    elif isinstance(masks, np.ndarray) and len(masks):
+        ys, xs = np.nonzero(masks[int(rng.integers(len(masks)))])
+        if not len(ys):
+            return None
+    else:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
 
 
 def _zoom_geometry(

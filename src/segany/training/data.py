@@ -44,6 +44,7 @@ from segany.io.sa1b import read_sa1b
 from segany.training.augment import (
     AugmentConfig,
     Geometry,
+    focus_box,
     jitter_content,
     nearest_indices,
     sample_geometry,
@@ -87,29 +88,6 @@ def _select(areas: np.ndarray, content_area: int, cfg: ItemConfig, rng: np.rando
         else:
             ok = ok[: cfg.max_masks]
     return ok
-
-
-def _focus_box(
-    rng: np.random.Generator,
-    label_map: np.ndarray | None,
-    skip: set[int],
-    masks: np.ndarray | Sequence[Callable[[], np.ndarray]] | None,
-) -> np.ndarray | None:
-    """The box (``x0, y0, x1, y1``) of one object drawn at random for a zoomed crop, or None if none.
-
-    Lazily decoded masks (SA-1B) give none: their boxes would cost a decode of every mask."""
-    if label_map is not None:
-        ids = [int(i) for i in np.unique(label_map) if int(i) not in skip]
-        if not ids:
-            return None
-        ys, xs = np.nonzero(label_map == ids[int(rng.integers(len(ids)))])
-    elif isinstance(masks, np.ndarray) and len(masks):
-        ys, xs = np.nonzero(masks[int(rng.integers(len(masks)))])
-        if not len(ys):
-            return None
-    else:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
 
 
 def _finish(
@@ -171,7 +149,7 @@ def to_training_item(
     skip = {0, VOID_ID, *(int(i) for i in ignore_ids)}
     focus = None
     if aug is not None and aug.zoom_p > 0 and rng.random() < aug.zoom_p:
-        focus = _focus_box(rng, label_map, skip, masks)
+        focus = focus_box(rng, label_map, skip, masks)
     geom = sample_geometry(h, w, cfg.image_size, aug, rng, focus)
     out_img = warp_image(image, geom)
     if aug is not None:
