@@ -53,27 +53,18 @@ def compile_supported(device: torch.device | str = "cpu") -> bool:
     return True
 
 
-def _autocast_forward(module: nn.Module, dtype: torch.dtype) -> None:
+def _autocast_forward(module: nn.Module, dtype: torch.dtype | None) -> None:
     """Make ``module`` run under ``torch.autocast(dtype)`` and return fp32, keeping its state dict keys
-    (a wrapper module would rename them)."""
+    (a wrapper module would rename them); ``dtype=None``: autocast off and fp32 inputs (an fp32 part
+    inside an autocast encoder)."""
     inner = module.forward
     device_type = next(module.parameters()).device.type
 
     def forward(*args, **kwargs) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=dtype):
+        if dtype is None:
+            args = tuple(a.float() if torch.is_tensor(a) else a for a in args)
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             return inner(*args, **kwargs).float()
-
-    module.forward = forward  # type: ignore[method-assign]
-
-
-def _fp32_forward(module: nn.Module) -> None:
-    """Make ``module`` run in fp32 (autocast off, input cast to fp32) inside an autocast encoder."""
-    inner = module.forward
-    device_type = next(module.parameters()).device.type
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, enabled=False):
-            return inner(x.float())
 
     module.forward = forward  # type: ignore[method-assign]
 
@@ -106,7 +97,7 @@ def optimize(model: nn.Module, precision: Precision = "fp32", compile: bool | st
             if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in keep:
                 m.to(torch.bfloat16)
         for part in sensitive:
-            _fp32_forward(part)
+            _autocast_forward(part, None)
         _autocast_forward(enc, torch.bfloat16)
     elif precision == "int8":
         if device.type != "cpu":

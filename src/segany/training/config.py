@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 
 from segany.errors import SegAnyError
 
+#: The values of the ``precision`` option (SAM training and text-head training).
+PRECISIONS = ("auto", "bf16", "fp32")
+
 DATASET_TYPES = ("synthetic", "labelmap", "sa1b", "coco")
 BEST_METRICS = ("mean_miou", "click_miou1", "box_miou", "val_loss")
 _O = TypeVar("_O", bound="Options")
@@ -260,7 +263,7 @@ class TrainConfig(Options):
             raise bad("loss_resolution", "must be 'low_res' or 'full'")
         if self.iou_loss_on not in ("all", "best"):
             raise bad("iou_loss_on", "must be 'all' or 'best'")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise bad("precision", "must be auto, bf16 or fp32")
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):
             raise bad("cache_dtype", "must be float16, bfloat16 or float32")

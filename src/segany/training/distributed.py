@@ -80,6 +80,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing for ``dtype=None`` (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_bytes, atomic_write_json
+from segany.training.distributed import autocast
 
 MANIFEST = "manifest.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -158,11 +159,7 @@ def build_embedding_cache(
 
             for batch in it:
                 x = encoder_input(model, batch["image"].to(device), batch["valid_hw"])
-                with torch.autocast(
-                    device_type=torch.device(device).type,
-                    dtype=autocast_dtype or torch.bfloat16,
-                    enabled=autocast_dtype is not None,
-                ):
+                with autocast(device, autocast_dtype):
                     emb = encoder(x)
                 emb = emb.to(_DTYPES[dtype]).cpu()
                 shape = list(emb.shape[1:])

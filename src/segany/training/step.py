@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from segany.training.config import TrainConfig
+from segany.training.distributed import autocast
 from segany.training.embeddings_cache import encoder_input
 from segany.training.losses import LossConfig, downsample_targets, sam_mask_loss
 from segany.training.prompts import (
@@ -94,9 +95,7 @@ class SamTrainStep(nn.Module):
         return self
 
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.opt.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.opt.autocast_dtype)
+        return autocast(device, self.opt.autocast_dtype)
 
     def _clicker_rows(self, n: int, device: torch.device) -> torch.Tensor:
         """Indices of the rows whose next click the standard clicker places (drawn on the host)."""

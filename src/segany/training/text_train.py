@@ -31,8 +31,8 @@ from segany.io.atomic import atomic_write_json
 from segany.modeling.text_encoder import load_sentence_encoder
 from segany.modeling.text_prompt import TextHeadConfig
 from segany.text.phrases import attribute_phrase, category_phrase, wordings
-from segany.training.config import Options
-from segany.training.distributed import resolve_autocast
+from segany.training.config import PRECISIONS, Options
+from segany.training.distributed import autocast, resolve_autocast
 from segany.training.embeddings_cache import CachedEmbeddingDataset, build_embedding_cache, encoder_input
 from segany.training.loop import Every, LogWindow, TrainLoop
 from segany.training.losses import LossConfig, sam_mask_loss
@@ -78,7 +78,7 @@ class TextTrainConfig(Options):
     def validate(self) -> None:
         if not self.train_data:
             raise SegAnyError("train_data is empty")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise SegAnyError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.data_weights and len(self.data_weights) != len(self.train_data):
             raise SegAnyError("data_weights needs one weight per train_data entry")
@@ -159,8 +159,7 @@ class _TextStep:
         return {"picked": picked, "owner": owner, "texts": texts, "gts": gts, "valids": valids, "points": points}
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        dtype = self.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(self.device, self.autocast_dtype):
             logits, ious, order = self._decode(batch)
         gt = torch.stack([batch["gts"][i] for i in order]).to(self.device)
         valid = torch.stack([batch["valids"][i] for i in order]).to(self.device)
