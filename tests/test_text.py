@@ -181,6 +181,29 @@ def test_training_writes_a_head_and_resumes(trained_tiny) -> None:
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
 
 
+def test_training_can_start_from_a_head_trained_for_other_weights(trained_tiny, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from segany.checkpoint import save_model
+    from segany.checkpoint_text import load_text_head
+    from segany.modeling import build_sam, get_config
+    from segany.training.text_train import TextTrainConfig, train_text_head
+
+    cfg_path, _, head_path = trained_tiny
+    torch.manual_seed(7)
+    other = build_sam(get_config("tiny_test")).eval()
+    save_model(other, tmp_path / "other.safetensors")
+    base = {"base_model": str(tmp_path / "other.safetensors"), "init_head": str(head_path), "steps": 0}
+    # no step: the head written is the one it started from, now tied to the other weights
+    out = train_text_head(TextTrainConfig.from_yaml(cfg_path, {**base, "out_dir": str(tmp_path / "a")}), progress=False)
+    start, written = load_file(head_path), load_file(out)
+    assert set(start) == set(written) and all(torch.equal(start[k], written[k]) for k in start)
+    load_text_head(out, other)  # the fingerprint is the other model's
+    with pytest.raises(SegAnyError, match="init_head .* differ"):
+        train_text_head(TextTrainConfig.from_yaml(cfg_path, {**base, "num_tokens": 2, "out_dir": str(tmp_path / "b")}),
+                        progress=False)
+
+
 def test_head_attaches_and_answers_text(trained_tiny, tiny_checkpoint) -> None:
     from segany import SamPredictor, load_model
     from tests.conftest import synthetic_image

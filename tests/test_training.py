@@ -460,3 +460,20 @@ def test_validation_sets_are_interleaved_not_sampled(tmp_path):
     val = build_datasets(specs, cfg, 128, None, 0, mix=False)
     assert isinstance(val, InterleavedDataset) and len(val) == 4
     assert [val[i]["source"] for i in range(4)] == ["a:im000", "b:im000", "a:im001", "a:im002"]
+
+
+def test_a_text_head_beside_the_checkpoint_stays_out_of_training(tmp_path):
+    # load_model attaches `<stem>_text.safetensors` when it lies beside the model file (the shipped default
+    # has one); the trainer must neither train it nor write it into its checkpoints
+    from segany.checkpoint import save_model
+    from segany.checkpoint_text import new_text_head, save_text_head
+    from segany.training.trainer import build_model
+
+    torch.manual_seed(0)
+    start = build_sam(get_config("tiny_test"))
+    ckpt = tmp_path / "start.safetensors"
+    save_model(start, ckpt)
+    save_text_head(new_text_head(start), start, tmp_path / "start_text.safetensors")
+    assert load_model(ckpt).text_head is not None
+    model = build_model(tiny_cfg(tmp_path, checkpoint=str(ckpt)))
+    assert model.text_head is None and not any(k.startswith("text_head.") for k in model.state_dict())

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segany.checkpoint_text import new_text_head, save_text_head
+from segany.checkpoint_text import load_text_head, new_text_head, save_text_head
 from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_json
 from segany.modeling.text_encoder import load_sentence_encoder
@@ -50,6 +50,9 @@ class TextTrainConfig(Options):
 
     out_dir: str = "runs/text"
     base_model: str = "default"
+    #: a text head file to start from instead of a fresh head: fine-tuning after the base model's weights
+    #: changed (its architecture options must match the ones below)
+    init_head: str | None = None
     sentence_encoder: str = "all-MiniLM-L6-v2"
     num_tokens: int = 4
     hidden_dim: int = 256
@@ -215,7 +218,14 @@ def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
     head_cfg = TextHeadConfig(
         cfg.sentence_encoder, encoder.dim, cfg.num_tokens, cfg.hidden_dim, cfg.dense_bias, cfg.pixel_width
     )
-    head = new_text_head(model, head_cfg).train().requires_grad_(True)
+    if cfg.init_head:
+        head = load_text_head(cfg.init_head, model, check_base=False)
+        if head.config != head_cfg:
+            raise SegAnyError(f"init_head {cfg.init_head}: its options {head.config.to_dict()} differ from the "
+                              f"run's {head_cfg.to_dict()}")
+    else:
+        head = new_text_head(model, head_cfg)
+    head = head.train().requires_grad_(True)
     t0 = time.time()
     data = _Data(cfg, model, device)
     queries = {json.dumps(q, sort_keys=True) if isinstance(q, dict) else q: q

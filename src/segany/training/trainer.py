@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     from segany.modeling import SamConfig, build_sam, get_config
 
     if cfg.checkpoint:
-        model = load_model(cfg.checkpoint)
+        model = load_model(cfg.checkpoint, text_head=None)  # a text head beside it is not trained here
     else:
         sam_cfg = get_config(cfg.model) if isinstance(cfg.model, str) else SamConfig.from_dict(cfg.model)
         model = build_sam(sam_cfg)
