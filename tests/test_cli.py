@@ -121,6 +121,41 @@ def test_models_and_convert(capsys, tmp_path, tiny_checkpoint, tiny_model):
     assert code == 2 and ".safetensors" in err
 
 
+def test_convert_averages_several_checkpoints(capsys, tmp_path, tiny_model):
+    """Several sources: the written weights are their element-wise mean; another architecture is refused."""
+    import dataclasses
+
+    import torch
+
+    from segany import load_model
+    from segany.checkpoint import save_model
+    from segany.modeling import build_sam
+
+    paths, states = [], []
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        m = build_sam(tiny_model.config).eval()
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_model(m, paths[-1])
+        states.append(m.state_dict())
+    dst = tmp_path / "soup.safetensors"
+    code, out, err = run_cli(capsys, "convert", *paths, dst)
+    assert code == 0, err
+    assert "mean of" in out
+    soup = load_model(dst).state_dict()
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(soup[k], (states[0][k] + states[1][k] + states[2][k]) / 3)
+    assert not torch.equal(soup["mask_decoder.iou_token.weight"], states[0]["mask_decoder.iou_token.weight"])
+
+    other_cfg = dataclasses.replace(tiny_model.config, image_size=tiny_model.config.image_size * 2)
+    other = tmp_path / "other.safetensors"
+    save_model(build_sam(other_cfg), other)
+    code, _, err = run_cli(capsys, "convert", paths[0], other, tmp_path / "bad.safetensors")
+    assert code == 2 and "architecture differs" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_console_script_runs_without_traceback(tmp_path):
     """The installed entry point: a bad call exits 2 with one line on stderr."""
     proc = subprocess.run(

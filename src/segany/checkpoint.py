@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -363,9 +363,39 @@ def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
     atomic_write_bytes(path, save(sd, metadata=meta))
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> SamConfig:
-    """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config."""
-    model = load_model(src)
+def average_models(sources: Sequence[str | os.PathLike]) -> Sam:
+    """The uniform mean of the weights of checkpoints of one architecture (a "model soup": e.g. two
+    training stages of one model, where the mean often beats both; MODELS.md measures it).
+
+    Text heads are left out: a head is tied to the weights it was trained on."""
+    if not sources:
+        raise ValueError("no checkpoint to average")
+    models = [load_model(s, text_head=None) for s in sources]
+    first = models[0]
+    for src, m in zip(sources[1:], models[1:]):
+        if m.config != first.config:
+            raise SegAnyError(f"{src}: its architecture differs from {sources[0]}'s; only one model's weights average")
+    states = [m.state_dict() for m in models]
+    mean = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            mean[k] = (sum(sd[k].double() for sd in states) / len(states)).to(v.dtype)
+        else:
+            mean[k] = v
+    first.load_state_dict(mean)
+    return first
+
+
+def convert_checkpoint(
+    src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, half: bool = False
+) -> SamConfig:
+    """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
+
+    Several sources: their weights' uniform mean (:func:`average_models`) is written."""
+    if isinstance(src, (str, os.PathLike)):
+        model = load_model(src)
+    else:
+        model = average_models(list(src))
     save_model(model, dst, half=half)
     return model.config
 

@@ -82,7 +82,12 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint to read (.pth, .pt, .safetensors, or a Hugging Face SamModel folder)")
+    p.add_argument(
+        "src",
+        nargs="+",
+        help="checkpoint to read (.pth, .pt, .safetensors, or a Hugging Face SamModel folder); several of one "
+        "architecture: their weights' mean is written",
+    )
     p.add_argument("dst", help="output .safetensors")
     p.add_argument("--half", action="store_true", help="store fp16 (half the size)")
 
@@ -92,7 +97,9 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if not str(args.dst).endswith(".safetensors"):
         raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
-    cfg = convert_checkpoint(args.src, args.dst, half=args.half)
+    src = args.src[0] if len(args.src) == 1 else args.src
+    cfg = convert_checkpoint(src, args.dst, half=args.half)
     size = os.path.getsize(args.dst) / 1e6
-    print(f"{args.src} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}, {size:.1f} MB)")
+    what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
+    print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}, {size:.1f} MB)")
     return 0
