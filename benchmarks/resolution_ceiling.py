@@ -1,0 +1,103 @@
+"""The best IoU a model of a given input size and mask grid could reach on the held-out objects.
+
+    python benchmarks/resolution_ceiling.py [--model default] [--sets davis2016_val] [--by-sequence]
+
+A perfect prediction still makes the round trip every prediction makes: the object at the model's input
+size (the longest side resized to ``image_size``), averaged onto the low-res mask grid the decoder
+predicts (4x the embedding, e.g. 128 x 128 for a 512-px input), then upsampled back to the original frame
+and thresholded, as ``Sam.postprocess_masks`` does. The IoU of that round trip against the object's own
+mask bounds any model with that geometry: thin parts (lines, spokes, strings) narrower than a grid cell
+are lost whatever the weights. Printed for the model's geometry, a grid twice as fine, and the input
+resolution itself, and for SAM's geometry, with the objects chosen as ``benchmarks/eval_default.py`` chooses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segany import load_model
+from segany.evaluation.metrics import mask_iou
+from segany.evaluation.protocols import _select_objects, load_samples
+from segany.transforms import get_preprocess_shape
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = {"davis2016_val": "davis_val", "coco_panoptic200": "val2017", "coco_instances_mini": "val", "bsds500": "test"}
+
+
+def round_trip(gt: np.ndarray, image_size: int, grid: int) -> torch.Tensor:
+    """``H x W`` bool mask -> low-res logits ``1 x 1 x grid x grid`` of the perfect prediction."""
+    h, w = get_preprocess_shape(*gt.shape, image_size)
+    m = torch.from_numpy(gt.astype(np.float32))[None, None]
+    m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False, antialias=True)
+    m = F.pad(m, (0, image_size - w, 0, image_size - h))
+    return F.interpolate(m, (grid, grid), mode="area") - 0.5
+
+
+def upsample(logits: torch.Tensor, image_size: int, shape: tuple[int, int]) -> np.ndarray:
+    """What ``Sam.postprocess_masks`` does, for any geometry: low-res logits -> ``H x W`` bool."""
+    h, w = get_preprocess_shape(*shape, image_size)
+    up = F.interpolate(logits, (image_size, image_size), mode="bilinear", align_corners=False)[..., :h, :w]
+    return (F.interpolate(up, shape, mode="bilinear", align_corners=False) > 0)[0, 0].numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default", help="the geometry (input size, mask grid) of this model")
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--max-objects", type=int, default=10)
+    ap.add_argument("--min-area", type=int, default=100)
+    ap.add_argument("--by-sequence", action="store_true", help="also per video sequence (DAVIS)")
+    args = ap.parse_args()
+    model = load_model(args.model, text_head=None)
+    size, grid = model.image_size, model.prompt_encoder.mask_input_size[0]
+    geometries = {
+        f"{size} px, grid {grid}": (size, grid),
+        f"{size} px, grid {2 * grid}": (size, 2 * grid),
+        f"{size} px, grid {size}": (size, size),
+        "1024 px, grid 256 (SAM's)": (1024, 256),
+    }
+    for folder in args.sets:
+        if not (DATA / folder).is_dir():
+            print(f"skipping {folder}: {DATA / folder} not found")
+            continue
+        ious: dict[str, list[float]] = defaultdict(list)
+        groups: list[str] = []
+        for sample in load_samples(DATA / folder, SETS[folder]):
+            objects, _ = _select_objects(sample, args.min_area, args.max_objects)
+            for _, gt, ignore, _ in objects:
+                for name, (s, g) in geometries.items():
+                    logits = round_trip(gt, s, g)
+                    pred = upsample(logits, s, gt.shape)
+                    if (s, g) == (size, grid):  # the same geometry as the model's own postprocessing
+                        own = model.postprocess_masks(logits, get_preprocess_shape(*gt.shape, s), gt.shape, 0.0)
+                        assert np.array_equal(own[0, 0].numpy(), pred)
+                    ious[name].append(mask_iou(pred, gt, ignore))
+                groups.append(re.sub(r"_\d+$", "", sample.stem))
+        rows = {
+            name: {
+                "objects": len(v),
+                "mean": round(float(np.mean(v)), 4),
+                "p10": round(float(np.percentile(v, 10)), 4),
+                "below 0.85": int(np.sum(np.array(v) < 0.85)),
+            }
+            for name, v in ious.items()
+        }
+        print(json.dumps({"set": folder, "ceilings": rows}))
+        if args.by_sequence and (DATA / folder / "sequences.txt").is_file():
+            for g in sorted(set(groups)):
+                keep = np.array([x == g for x in groups])
+                means = {name: round(float(np.array(v)[keep].mean()), 3) for name, v in ious.items()}
+                print(json.dumps({"set": folder, "sequence": g, "objects": int(keep.sum()), **means}))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
