@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from segany.errors import SegAnyError
 from segany.evaluation.clicks import next_click
 from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
@@ -403,3 +404,37 @@ def test_free_clicks_are_decoded_without_gradient_before_the_trained_iterations(
     finally:
         model.mask_decoder.forward = orig
     assert all(g for g, _ in calls) and len(calls) == 2
+
+
+@pytest.mark.parametrize("resolution", ["low_res", "2x", "full"])
+def test_the_mask_loss_compares_at_the_configured_resolution(monkeypatch, resolution):
+    """low_res: the decoder's grid against the area-downsampled gt; 2x: logits upsampled to twice the grid;
+    full: logits upsampled to the input against the gt itself."""
+    import segany.training.step as step_module
+    from segany.training.config import TrainConfig
+    from segany.training.losses import loss_side
+
+    torch.manual_seed(8)
+    model = build_sam(get_config("tiny_test"))
+    s, low = model.image_size, 4 * model.prompt_encoder.image_embedding_size[0]
+    side = {"low_res": low, "2x": 2 * low, "full": s}[resolution]
+    assert loss_side(resolution, low, s) == side and loss_side("64x", low, s) == s  # never above the input
+    item = _random_image_item(s, [(10, 40, 10, 40), (60, 100, 50, 90)], num_masks=2)
+    seen = []
+    real = step_module.sam_mask_loss
+
+    def spy(logits, iou_pred, gt, valid, cfg):
+        seen.append((tuple(logits.shape[-2:]), tuple(gt.shape[-2:]), gt.float().mean().item()))
+        return real(logits, iou_pred, gt, valid, cfg)
+
+    monkeypatch.setattr(step_module, "sam_mask_loss", spy)
+    torch.manual_seed(0)
+    out = SamTrainStep(model, StepOptions(num_iterations=2, loss_resolution=resolution))(collate_for_training([item]))
+    assert torch.isfinite(out["loss"])
+    assert [shape for shape, _, _ in seen] == [(side, side)] * 2 and all(g == (side, side) for _, g, _ in seen)
+    area = (30 * 30 + 40 * 40) / (2 * s * s)  # the rectangles' share of the image, kept at every resolution
+    assert all(abs(frac - area) < 0.02 for _, _, frac in seen)
+    TrainConfig(loss_resolution=resolution)
+    for bad in ("half", "0x", "x", "2.5x"):
+        with pytest.raises(SegAnyError, match="loss_resolution"):
+            TrainConfig(loss_resolution=bad)

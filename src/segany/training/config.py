@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,7 +180,8 @@ class TrainConfig(Options):
     iou_weight: float = 1.0
     focal_alpha: float = 0.25  #: < 0 disables the alpha balancing
     focal_gamma: float = 2.0
-    loss_resolution: str = "low_res"  #: low_res (4h x 4w, gt area-downsampled) | full (S x S)
+    #: low_res (4h x 4w, gt area-downsampled) | full (S x S) | "<k>x" (k times low_res; training/losses.py)
+    loss_resolution: str = "low_res"
     iou_loss_on: str = "all"  #: multimask iteration: IoU-MSE on all 3 masks (all) or the best one
 
     # -- optimisation ------------------------------------------------------------------------------
@@ -259,8 +261,9 @@ class TrainConfig(Options):
                 raise bad(key, "must be in [0, 1]")
         if self.box_noise_std < 0 or self.box_noise_max < 0:
             raise SegAnyError("box_noise_std and box_noise_max must be >= 0")
-        if self.loss_resolution not in ("low_res", "full"):
-            raise bad("loss_resolution", "must be 'low_res' or 'full'")
+        resolution = str(self.loss_resolution)
+        if resolution not in ("low_res", "full") and not re.fullmatch(r"[1-9]\d*x", resolution):
+            raise bad("loss_resolution", "must be 'low_res', 'full' or a multiple of the low-res side such as '2x'")
         if self.iou_loss_on not in ("all", "best"):
             raise bad("iou_loss_on", "must be 'all' or 'best'")
         if self.precision not in PRECISIONS:

@@ -18,7 +18,7 @@ from torch import nn
 from segany.training.config import TrainConfig
 from segany.training.distributed import autocast
 from segany.training.embeddings_cache import encoder_input
-from segany.training.losses import LossConfig, downsample_targets, sam_mask_loss
+from segany.training.losses import LossConfig, downsample_targets, loss_side, sam_mask_loss
 from segany.training.prompts import (
     POINT,
     POSITIVE,
@@ -183,11 +183,8 @@ class SamTrainStep(nn.Module):
         content_hw = batch["valid_hw"].to(dev).index_select(0, img_idx)
         emb_m = emb.index_select(0, img_idx)
         image_pe = model.prompt_encoder.get_dense_pe()
-        low_hw = (4 * emb.shape[-2], 4 * emb.shape[-1])
-        if opt.loss_resolution == "low_res":
-            gt_l, valid_l = downsample_targets(gt, valid, low_hw)
-        else:
-            gt_l, valid_l = gt, valid
+        side = loss_side(opt.loss_resolution, 4 * emb.shape[-1], size)
+        gt_l, valid_l = downsample_targets(gt, valid, (side, side))  # gt and valid themselves when full
 
         prompts = initial_prompts(gt, valid, content_hw, num_box, opt.box_noise_std, opt.box_noise_max)
         if opt.clicker_prob > 0 and n > num_box:
@@ -219,8 +216,8 @@ class SamTrainStep(nn.Module):
                     low_res, iou_pred = model.mask_decoder(emb_m, image_pe, sparse, dense, multimask_output=False)
             logits = (
                 low_res
-                if opt.loss_resolution == "low_res"
-                else upsample_logits(low_res.flatten(0, 1), size).view(*low_res.shape[:2], size, size)
+                if side == low_res.shape[-1]
+                else upsample_logits(low_res.flatten(0, 1), side).view(*low_res.shape[:2], side, side)
             )
             out = sam_mask_loss(logits, iou_pred, gt_l, valid_l, opt.loss)
             for key in sums:
