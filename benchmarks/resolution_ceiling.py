@@ -8,7 +8,9 @@ predicts (4x the embedding, e.g. 128 x 128 for a 512-px input), then upsampled b
 and thresholded, as ``Sam.postprocess_masks`` does. The IoU of that round trip against the object's own
 mask bounds any model with that geometry: thin parts (lines, spokes, strings) narrower than a grid cell
 are lost whatever the weights. Printed for the model's geometry, a grid twice as fine, and the input
-resolution itself, and for SAM's geometry, with the objects chosen as ``benchmarks/eval_default.py`` chooses them.
+resolution itself, and for SAM's geometry; and for the model's grid with each cell wholly in or out, the
+bound of a model that places no boundary inside a cell. The objects are chosen as
+``benchmarks/eval_default.py`` chooses them.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {"davis2016_val": "davis_val", "coco_panoptic200": "val2017", "coco_instances_mini": "val", "bsds500": "test"}
 
 
-def round_trip(gt: np.ndarray, image_size: int, grid: int) -> torch.Tensor:
-    """``H x W`` bool mask -> low-res logits ``1 x 1 x grid x grid`` of the perfect prediction."""
+def round_trip(gt: np.ndarray, image_size: int, grid: int, hard: bool = False) -> torch.Tensor:
+    """``H x W`` bool mask -> low-res logits ``1 x 1 x grid x grid`` of the perfect prediction: each cell's
+    share of the object minus 1/2 (the boundary placed inside the cell), or with ``hard`` only its sign (each
+    cell wholly in or out: what a loss on thresholded low-res targets teaches, the trainer's ``low_res``)."""
     h, w = get_preprocess_shape(*gt.shape, image_size)
     m = torch.from_numpy(gt.astype(np.float32))[None, None]
     m = F.interpolate(m, (h, w), mode="bilinear", align_corners=False, antialias=True)
     m = F.pad(m, (0, image_size - w, 0, image_size - h))
-    return F.interpolate(m, (grid, grid), mode="area") - 0.5
+    share = F.interpolate(m, (grid, grid), mode="area") - 0.5
+    return torch.sign(share) if hard else share
 
 
 def upsample(logits: torch.Tensor, image_size: int, shape: tuple[int, int]) -> np.ndarray:
@@ -59,10 +64,11 @@ def main() -> None:
     model = load_model(args.model, text_head=None)
     size, grid = model.image_size, model.prompt_encoder.mask_input_size[0]
     geometries = {
-        f"{size} px, grid {grid}": (size, grid),
-        f"{size} px, grid {2 * grid}": (size, 2 * grid),
-        f"{size} px, grid {size}": (size, size),
-        "1024 px, grid 256 (SAM's)": (1024, 256),
+        f"{size} px, grid {grid}": (size, grid, False),
+        f"{size} px, grid {grid}, cells in or out": (size, grid, True),
+        f"{size} px, grid {2 * grid}": (size, 2 * grid, False),
+        f"{size} px, grid {size}": (size, size, False),
+        "1024 px, grid 256 (SAM's)": (1024, 256, False),
     }
     for folder in args.sets:
         if not (DATA / folder).is_dir():
@@ -73,10 +79,10 @@ def main() -> None:
         for sample in load_samples(DATA / folder, SETS[folder]):
             objects, _ = _select_objects(sample, args.min_area, args.max_objects)
             for _, gt, ignore, _ in objects:
-                for name, (s, g) in geometries.items():
-                    logits = round_trip(gt, s, g)
+                for name, (s, g, hard) in geometries.items():
+                    logits = round_trip(gt, s, g, hard)
                     pred = upsample(logits, s, gt.shape)
-                    if (s, g) == (size, grid):  # the same geometry as the model's own postprocessing
+                    if (s, g, hard) == (size, grid, False):  # the model's own postprocessing does the same
                         own = model.postprocess_masks(logits, get_preprocess_shape(*gt.shape, s), gt.shape, 0.0)
                         assert np.array_equal(own[0, 0].numpy(), pred)
                     ious[name].append(mask_iou(pred, gt, ignore))
