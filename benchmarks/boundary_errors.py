@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from eval_default import DATA, SPLITS, held_out_objects
 
 from segany import SamPredictor, load_model
 from segany.evaluation.metrics import mask_iou
-from segany.evaluation.protocols import _select_objects, click_object, load_samples
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SETS = {"davis2016_val": "davis_val", "coco_panoptic200": "val2017", "coco_instances_mini": "val", "bsds500": "test"}
+from segany.evaluation.protocols import click_object
 
 
 class LastMask:
@@ -52,7 +48,7 @@ def boundary_band(gt: np.ndarray, width: int) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--sets", nargs="+", default=["davis2016_val"], choices=list(SETS))
+    ap.add_argument("--sets", nargs="+", default=["davis2016_val"], choices=list(SPLITS))
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--band-cells", type=float, default=1.0)
     ap.add_argument("--max-images", type=int, default=None)
@@ -66,15 +62,10 @@ def main() -> None:
         if not (DATA / folder).is_dir():
             print(f"skipping {folder}: {DATA / folder} not found")
             continue
-        sequences = (DATA / folder / "sequences.txt").is_file()
         rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for sample in load_samples(DATA / folder, SETS[folder], args.max_images):
-            objects, _ = _select_objects(sample, args.min_area, args.max_objects)
-            if not objects:
-                continue
+        for sample, objects, group in held_out_objects(folder, args.max_images, args.min_area, args.max_objects):
             predictor.predictor.set_image(sample.image)
             width = max(1, round(args.band_cells * max(sample.image.shape[:2]) / grid))
-            group = re.sub(r"_\d+$", "", sample.stem) if sequences else None
             for _, gt, ignore, _ in objects:
                 ious, _ = click_object(predictor, gt, ignore, args.clicks)
                 pred, band = predictor.mask, boundary_band(gt, width)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from segany import SamPredictor, load_model
-from segany.evaluation.protocols import load_samples, run_box, run_clicks
+from segany.evaluation.protocols import _select_objects, load_samples, run_box, run_clicks
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = [
@@ -23,6 +25,19 @@ SETS = [
     ("COCO instances val", "coco_instances_mini", "val", True),
     ("BSDS500 test", "bsds500", "test", False),
 ]
+SPLITS = {folder: split for _, folder, split, _ in SETS}
+
+
+def held_out_objects(
+    folder: str, max_images: int | None = None, min_area: int = 100, max_objects: int | None = 10
+) -> Iterator[tuple]:
+    """``(sample, [(index, gt, ignore, area)], group)`` for each image of a held-out set that has objects, chosen
+    as the click protocol chooses them; ``group`` is the video sequence where the set has them, else None."""
+    sequences = (DATA / folder / "sequences.txt").is_file()
+    for sample in load_samples(DATA / folder, SPLITS[folder], max_images):
+        objects, _ = _select_objects(sample, min_area, max_objects)
+        if objects:
+            yield sample, objects, re.sub(r"_\d+$", "", sample.stem) if sequences else None
 
 
 def evaluate_set(

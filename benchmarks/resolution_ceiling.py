@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from eval_default import DATA, SPLITS, held_out_objects
 
 from segany import load_model
 from segany.evaluation.metrics import mask_iou
-from segany.evaluation.protocols import _select_objects, load_samples
 from segany.transforms import get_preprocess_shape
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SETS = {"davis2016_val": "davis_val", "coco_panoptic200": "val2017", "coco_instances_mini": "val", "bsds500": "test"}
 
 
 def round_trip(gt: np.ndarray, image_size: int, grid: int, hard: bool = False) -> torch.Tensor:
@@ -56,7 +51,7 @@ def upsample(logits: torch.Tensor, image_size: int, shape: tuple[int, int]) -> n
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="the geometry (input size, mask grid) of this model")
-    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--sets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     ap.add_argument("--max-objects", type=int, default=10)
     ap.add_argument("--min-area", type=int, default=100)
     ap.add_argument("--by-sequence", action="store_true", help="also per video sequence (DAVIS)")
@@ -75,9 +70,8 @@ def main() -> None:
             print(f"skipping {folder}: {DATA / folder} not found")
             continue
         ious: dict[str, list[float]] = defaultdict(list)
-        groups: list[str] = []
-        for sample in load_samples(DATA / folder, SETS[folder]):
-            objects, _ = _select_objects(sample, args.min_area, args.max_objects)
+        groups: list[str | None] = []
+        for _, objects, group in held_out_objects(folder, None, args.min_area, args.max_objects):
             for _, gt, ignore, _ in objects:
                 for name, (s, g, hard) in geometries.items():
                     logits = round_trip(gt, s, g, hard)
@@ -86,7 +80,7 @@ def main() -> None:
                         own = model.postprocess_masks(logits, get_preprocess_shape(*gt.shape, s), gt.shape, 0.0)
                         assert np.array_equal(own[0, 0].numpy(), pred)
                     ious[name].append(mask_iou(pred, gt, ignore))
-                groups.append(re.sub(r"_\d+$", "", sample.stem))
+                groups.append(group)
         rows = {
             name: {
                 "objects": len(v),
@@ -97,7 +91,7 @@ def main() -> None:
             for name, v in ious.items()
         }
         print(json.dumps({"set": folder, "ceilings": rows}))
-        if args.by_sequence and (DATA / folder / "sequences.txt").is_file():
+        if args.by_sequence and groups and groups[0] is not None:
             for g in sorted(set(groups)):
                 keep = np.array([x == g for x in groups])
                 means = {name: round(float(np.array(v)[keep].mean()), 3) for name, v in ious.items()}
