@@ -4,6 +4,7 @@ the server hands out besides the embedding."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -35,6 +36,10 @@ def _model(kind: str):
     torch.manual_seed(0)
     if kind == "sam2":
         return build_sam(get_config("sam2_tiny_test")).eval()
+    if kind == "sam_high_res":  # segany's EfficientNet model with SAM 2's high-resolution features
+        from tests.test_efficientnet import tiny_config
+
+        return build_sam(dataclasses.replace(tiny_config(16), high_res_features=True)).eval()
     cfg = SamHQConfig(**vars(get_config("tiny_test")))
     cfg.encoder = ViTConfig(embed_dim=32, depth=2, num_heads=2, window_size=4, global_attn_indexes=(1,))
     return build_sam(cfg).eval()
@@ -48,7 +53,7 @@ def _upload(c) -> str:
     return r.json()["image_id"]
 
 
-@pytest.mark.parametrize("kind", ["sam2", "sam_hq"])
+@pytest.mark.parametrize("kind", ["sam2", "sam_hq", "sam_high_res"])
 def test_predict_and_everything(kind):
     model = _model(kind)
     with TestClient(create_app(model)) as c:
@@ -72,7 +77,11 @@ def test_predict_and_everything(kind):
 
 @pytest.mark.parametrize(
     ("kind", "extra", "input_size"),
-    [("sam2", ["high_res_feats_0", "high_res_feats_1"], (128, 128)), ("sam_hq", ["hq_features"], (96, 128))],
+    [
+        ("sam2", ["high_res_feats_0", "high_res_feats_1"], (128, 128)),
+        ("sam_hq", ["hq_features"], (96, 128)),
+        ("sam_high_res", ["high_res_feats_0", "high_res_feats_1"], (96, 128)),
+    ],
 )
 def test_onnx_decoder_as_the_page_runs_it(kind, extra, input_size):
     """The decoder's extra image inputs (SAM 2: high-resolution features; SAM-HQ: fused HQ features) come

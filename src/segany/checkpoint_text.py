@@ -16,9 +16,12 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from segany.errors import SegAnyError
+from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.sam import Sam
+from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 from segany.modeling.text_prompt import TextHead, TextHeadConfig
 
 METADATA_KEY = "segany_text_head"
@@ -42,8 +45,29 @@ def base_fingerprint(model: Sam) -> str:
 
 def new_text_head(model: Sam, cfg: TextHeadConfig | None = None) -> TextHead:
     """A fresh head for ``model``: random projection, a copy of the model's mask decoder."""
-    head = TextHead(cfg or TextHeadConfig(), copy.deepcopy(model.mask_decoder))
+    head = TextHead(cfg or TextHeadConfig(), decoder_copy(model.mask_decoder))
     return head.to(model.device)
+
+
+def decoder_copy(decoder: nn.Module) -> MaskDecoder:
+    """The text head's copy of the base model's mask decoder. A decoder with SAM's heads and SAM 2's
+    high-resolution features is copied as SAM's plain decoder without its projections: text is decoded
+    from the embedding alone, as before those features (the copy is fine-tuned with the head)."""
+    if not (isinstance(decoder, Sam2MaskDecoder) and decoder.use_high_res_features):
+        return copy.deepcopy(decoder)
+    if decoder.pred_obj_scores or decoder.iou_prediction_use_sigmoid:
+        raise SegAnyError("a text head needs SAM's decoder heads (no object score, a linear IoU head)")
+    head = decoder.iou_prediction_head
+    plain = MaskDecoder(
+        decoder.transformer_dim,
+        copy.deepcopy(decoder.transformer),
+        decoder.num_multimask_outputs,
+        iou_head_depth=len(head.layers),
+        iou_head_hidden_dim=head.layers[0].out_features,
+    )
+    state = {k: v for k, v in decoder.state_dict().items() if not k.startswith(("conv_s0.", "conv_s1."))}
+    plain.load_state_dict(state)
+    return plain.to(next(decoder.parameters()).device)
 
 
 def save_text_head(head: TextHead, model: Sam, path: str | os.PathLike, half: bool = True) -> None:
@@ -85,7 +109,7 @@ def load_text_head(path: str | os.PathLike, model: Sam, check_base: bool = True)
         raise SegAnyError(f"{path}: bad text head metadata ({e})") from None
     if check_base and base is not None and base != base_fingerprint(model):
         raise SegAnyError(f"{path}: this text head was trained for other model weights")
-    head = TextHead(cfg, copy.deepcopy(model.mask_decoder))
+    head = TextHead(cfg, decoder_copy(model.mask_decoder))
     own = head.state_dict()
     if set(own) != set(sd) or any(own[k].shape != sd[k].shape for k in own):
         raise SegAnyError(f"{path}: the text head does not fit this model's mask decoder")

@@ -90,12 +90,12 @@ def export_decoder(
     family = _family(model)
     if hq_token_only and family != "sam_hq":
         raise SegAnyError("hq_token_only needs a SAM-HQ model")
-    if family == "sam2":
-        if use_stability_score:
+    if family in ("sam2", "sam_high_res"):
+        if use_stability_score and family == "sam2":
             raise SegAnyError("SAM 2's ONNX decoder returns predicted IoUs only (no use_stability_score)")
         from segany.export.onnx_sam2 import export_sam2_decoder  # SAM 2: two more inputs
 
-        return export_sam2_decoder(model, path, return_single_mask, opset, quantize)
+        return export_sam2_decoder(model, path, return_single_mask, opset, quantize, use_stability_score)
     if family == "sam_hq":
         from segany.export.onnx_sam_hq import export_sam_hq_decoder  # SAM-HQ: the early ViT features
 
@@ -119,7 +119,7 @@ def export_decoder(
 def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False) -> Path:
     """Export the image encoder (input ``image``: preprocessed ``1 x 3 x S x S``); returns the path."""
     family = _family(model)
-    if family == "sam2":
+    if family in ("sam2", "sam_high_res"):
         from segany.export.onnx_sam2 import export_sam2_encoder  # SAM 2: three outputs
 
         return export_sam2_encoder(model, path, opset, quantize)
@@ -135,11 +135,14 @@ def export_encoder(model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPS
 
 
 def _family(model: Sam) -> str | None:
-    """Which exporter serves ``model``: "sam" (SAM, MobileSAM, segany's models), "sam2", "sam_hq", or
-    None for a decoder with image inputs no exporter knows."""
+    """Which exporter serves ``model``: "sam" (SAM, MobileSAM, segany's models), "sam2", "sam_high_res"
+    (segany's models with SAM 2's high-resolution features), "sam_hq", or None for a decoder with image
+    inputs no exporter knows."""
     names = tuple(getattr(model, "decoder_input_names", ()))
     if getattr(model, "resize_mode", None) == "stretch":
         return "sam2"
+    if names == ("high_res_features",):
+        return "sam_high_res"
     if names == ("interm_embeddings",):
         return "sam_hq"
     return None if names else "sam"

@@ -97,6 +97,19 @@ class SamOnnxDecoder(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """See the module docstring for shapes; returns ``(masks, iou_predictions, low_res_masks)``, with
         ``return_extra_metrics`` ``(masks, iou_predictions, stability_scores, areas, low_res_masks)``."""
+        return self._decode(image_embeddings, {}, point_coords, point_labels, mask_input, has_mask_input, orig_im_size)
+
+    def _decode(
+        self,
+        image_embeddings: torch.Tensor,
+        image_inputs: dict[str, list[torch.Tensor]],
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` with the decoder's other image inputs (``high_res_features``) as keywords."""
         pe = self.model.prompt_encoder
         sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
         if getattr(pe, "dense_prompts", False):  # clicks and box drawn into the dense embedding
@@ -108,7 +121,8 @@ class SamOnnxDecoder(nn.Module):
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-        )
+            **image_inputs,
+        )[:2]
         if self.use_stability_score:
             iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)
         if self.return_single_mask:

@@ -15,8 +15,12 @@ import numpy as np
 
 from segany.errors import SegAnyError
 from segany.export.onnx import DECODER_INPUTS, ENCODER_INPUT, read_metadata
+from segany.export.onnx_sam2 import SAM2_DECODER_INPUTS
 from segany.prompts import check_prompts
 from segany.transforms import ResizeLongestSide, get_preprocess_shape
+
+#: The decoder inputs a SAM with high-resolution features adds after ``image_embeddings``.
+HIGH_RES_INPUTS = SAM2_DECODER_INPUTS[1:3]
 
 
 def _session(path: str | os.PathLike, threads: int | None):
@@ -60,16 +64,22 @@ class OnnxSamPredictor:
         self.single_mask_decoder = read_metadata(decoder_path).get("segany_return_single_mask") == "1"
         self.encoder = _session(encoder_path, threads) if encoder_path is not None else None
         self.decoder = _session(decoder_path, threads)
-        names = [i.name for i in self.decoder.get_inputs()]
-        if names != DECODER_INPUTS:
+        inputs = {i.name: i for i in self.decoder.get_inputs()}
+        names = list(inputs)
+        # A SAM with SAM 2's high-resolution features (segany_family sam_high_res) also takes the two maps
+        # its encoder returns; SAM 2 itself stretches the image, which this predictor does not.
+        extra = HIGH_RES_INPUTS if read_metadata(decoder_path).get("segany_family") == "sam_high_res" else []
+        if names != DECODER_INPUTS[:1] + extra + DECODER_INPUTS[1:]:
             raise SegAnyError(f"{decoder_path}: inputs {names}, expected the SAM decoder's {DECODER_INPUTS}")
-        self.low_res_side = int(self.decoder.get_inputs()[3].shape[-1])
+        self.image_input_names = extra
+        self.low_res_side = int(inputs["mask_input"].shape[-1])
         self.transform = ResizeLongestSide(self.image_size)
         self.reset_image()
 
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features: np.ndarray | None = None
+        self.image_inputs: dict[str, np.ndarray] = {}
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
 
@@ -94,12 +104,20 @@ class OnnxSamPredictor:
             image = image[..., ::-1]
         if self.encoder is None:
             raise SegAnyError("this predictor has no encoder: give embeddings with set_embedding")
-        features = self.encoder.run(None, {ENCODER_INPUT: self.preprocess(image)})[0]
-        self.set_embedding(features, image.shape[:2])
+        outputs = self.encoder.run(None, {ENCODER_INPUT: self.preprocess(image)})
+        names = [o.name for o in self.encoder.get_outputs()]
+        self.set_embedding(outputs[0], image.shape[:2], dict(zip(names[1:], outputs[1:])))
 
-    def set_embedding(self, embedding: np.ndarray, original_size: tuple[int, int]) -> None:
-        """Reuse a ``1 x C x h x w`` float32 embedding computed elsewhere (e.g. by the torch encoder)."""
+    def set_embedding(
+        self, embedding: np.ndarray, original_size: tuple[int, int], image_inputs: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Reuse a ``1 x C x h x w`` float32 embedding computed elsewhere (e.g. by the torch encoder), with
+        the decoder's other image inputs by name where it has them (``high_res_feats_0`` / ``_1``)."""
+        missing = [n for n in self.image_input_names if n not in (image_inputs or {})]
+        if missing:
+            raise SegAnyError(f"this decoder also needs the image's {', '.join(missing)}")
         self.reset_image()
+        self.image_inputs = {n: np.ascontiguousarray(image_inputs[n], dtype=np.float32) for n in self.image_input_names}
         self.features = np.ascontiguousarray(embedding, dtype=np.float32)
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = get_preprocess_shape(*self.original_size, self.image_size)
@@ -137,6 +155,7 @@ class OnnxSamPredictor:
             mask, has_mask = np.zeros((1, 1, side, side), np.float32), np.zeros(1, np.float32)
         return {
             "image_embeddings": self.features,
+            **self.image_inputs,
             "point_coords": coords[None].astype(np.float32),
             "point_labels": labels[None].astype(np.float32),
             "mask_input": mask,

@@ -1,4 +1,6 @@
 """ONNX export of SAM 2 / 2.1 image models: the decoder and the encoder with the high-resolution features.
+The same interface serves segany's SAM models with SAM 2's high-resolution features (``high_res_features``:
+SAM's prompts, padding and post-processing; ``segany_family`` ``sam_high_res``).
 
 The decoder has SAM's ONNX interface (:mod:`segany.export.onnx`) plus two inputs, the image's projected
 high-resolution features:
@@ -41,6 +43,7 @@ from segany.export.onnx_common import (
     write_image_encoder,
 )
 from segany.modeling.prompt_encoder import PromptEncoder
+from segany.modeling.sam import Sam
 from segany.modeling.sam2 import Sam2
 
 SAM2_DECODER_INPUTS = [
@@ -87,10 +90,31 @@ class Sam2OnnxDecoder(SamOnnxDecoder):
         return self._postprocess(low_res, orig_im_size), iou, low_res
 
 
+class SamHighResOnnxDecoder(SamOnnxDecoder):
+    """:class:`SamOnnxDecoder` for a :class:`Sam` whose decoder adds high-resolution features (segany's
+    ``high_res_features`` models): SAM's prompts and post-processing, SAM 2's two extra inputs."""
+
+    @torch.no_grad()
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        high_res = {"high_res_features": [high_res_feats_0, high_res_feats_1]}
+        return self._decode(image_embeddings, high_res, point_coords, point_labels, mask_input, has_mask_input,
+                            orig_im_size)
+
+
 class Sam2OnnxEncoder(nn.Module):
     """``1 x 3 x S x S`` preprocessed input -> ``image_embeddings``, ``high_res_feats_0``, ``high_res_feats_1``."""
 
-    def __init__(self, model: Sam2) -> None:
+    def __init__(self, model: Sam) -> None:
         super().__init__()
         self.model = model
 
@@ -101,14 +125,20 @@ class Sam2OnnxEncoder(nn.Module):
         return embedding, high_0, high_1
 
 
+def _family(model: Sam) -> str:
+    return "sam2" if isinstance(model, Sam2) else "sam_high_res"
+
+
 def export_sam2_decoder(
-    model: Sam2,
+    model: Sam,
     path: str | os.PathLike,
     return_single_mask: bool = False,
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
+    use_stability_score: bool = False,
 ) -> Path:
-    """Export a SAM 2 model's prompt encoder + mask decoder to ``path``; returns the path."""
+    """Export the prompt encoder + mask decoder of a SAM 2 model, or of a SAM with high-resolution
+    features (``use_stability_score``: that one only), to ``path``; returns the path."""
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
@@ -117,16 +147,21 @@ def export_sam2_decoder(
     high_res = (torch.randn(1, c // 8, 4 * e, 4 * e), torch.randn(1, c // 4, 2 * e, 2 * e))
     args = (torch.randn(1, c, e, e), *high_res, *prompt_example_inputs(model))
     dynamic = prompt_dynamic_axes()
-    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": "sam2"}
-    wrapper = Sam2OnnxDecoder(model, return_single_mask)
+    family = _family(model)
+    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": family}
+    if family == "sam2":
+        wrapper: SamOnnxDecoder = Sam2OnnxDecoder(model, return_single_mask)
+    else:
+        wrapper = SamHighResOnnxDecoder(model, return_single_mask, use_stability_score)
     _write(wrapper, args, path, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
     return path
 
 
 def export_sam2_encoder(
-    model: Sam2, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
+    model: Sam, path: str | os.PathLike, opset: int = DEFAULT_OPSET, quantize: bool = False
 ) -> Path:
-    """Export a SAM 2 model's image encoder (input ``image``: preprocessed ``1 x 3 x S x S``)."""
+    """Export the image encoder of a SAM 2 model or of a SAM with high-resolution features (input
+    ``image``: preprocessed ``1 x 3 x S x S``; outputs the embedding and the two projected maps)."""
     model = _on_cpu(model)
-    meta = {"segany_family": "sam2"}
+    meta = {"segany_family": _family(model)}
     return write_image_encoder(Sam2OnnxEncoder(model), model, path, SAM2_ENCODER_OUTPUTS, opset, quantize, meta)

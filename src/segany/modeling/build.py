@@ -10,6 +10,7 @@ from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam import Sam
+from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 from segany.modeling.tiny_vit import TinyViT
 from segany.modeling.transformer import TwoWayTransformer
 
@@ -44,7 +45,9 @@ def build_image_encoder(cfg: SamConfig, fast: bool = True):
             out_chans=cfg.prompt_embed_dim,
         )
     if isinstance(enc, EfficientNetConfig):
-        return EfficientNetLiteEncoder(cfg.image_size, cfg.prompt_embed_dim, enc.neck_dim, enc.stride)
+        return EfficientNetLiteEncoder(
+            cfg.image_size, cfg.prompt_embed_dim, enc.neck_dim, enc.stride, high_res=cfg.high_res_features
+        )
     raise TypeError(f"unknown encoder config {type(enc).__name__}")
 
 
@@ -68,18 +71,34 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size
     d = cfg.prompt_embed_dim
+    image_encoder = build_image_encoder(cfg, fast)
+    transformer = TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
+    heads = dict(
+        num_multimask_outputs=cfg.num_multimask_outputs,
+        iou_head_depth=cfg.iou_head_depth,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
+    if cfg.high_res_features:
+        if not isinstance(image_encoder, EfficientNetLiteEncoder):
+            raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
+        # SAM 2's decoder with SAM's heads: no object-score token, a linear IoU head, no stability fallback.
+        mask_decoder = fast_class(Sam2MaskDecoder, fast)(
+            d,
+            transformer,
+            **heads,
+            high_res_in_chans=image_encoder.high_res_channels,
+            iou_prediction_use_sigmoid=False,
+            pred_obj_scores=False,
+            dynamic_multimask_via_stability=False,
+        )
+    else:
+        mask_decoder = fast_class(MaskDecoder, fast)(d, transformer, **heads)
     return fast_class(Sam, fast)(
-        image_encoder=build_image_encoder(cfg, fast),
+        image_encoder=image_encoder,
         prompt_encoder=(DensePromptEncoder if cfg.dense_prompts else fast_class(PromptEncoder, fast))(
             d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
         ),
-        mask_decoder=fast_class(MaskDecoder, fast)(
-            d,
-            TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
+        mask_decoder=mask_decoder,
         image_size=cfg.image_size,
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),

@@ -89,6 +89,9 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     #: clicks and box also drawn as maps into the dense embedding (DensePromptEncoder; not in SAM)
     dense_prompts: bool = False
+    #: the decoder's upscaling also adds the encoder's stride-4 and stride-8 maps, as SAM 2's does
+    #: (:class:`~segany.modeling.sam2_mask_decoder.Sam2MaskDecoder`; EfficientNet encoder only; not in SAM)
+    high_res_features: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

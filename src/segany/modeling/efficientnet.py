@@ -7,7 +7,9 @@ carries its batch norm folded in (the lite models are meant for fixed-statistics
 with 8 images a step could not estimate batch statistics anyway), so a trunk block is conv + bias + ReLU6.
 
 The neck merges the trunk's features from ``out_stride`` (8 or 16) to stride 32 top-down (FPN) into the
-embedding ``B x 3 x S x S -> B x out_chans x S/out_stride x S/out_stride``.
+embedding ``B x 3 x S x S -> B x out_chans x S/out_stride x S/out_stride``. With ``high_res`` the encoder also
+returns the trunk's own stride-4 and stride-8 maps, which a SAM 2 style decoder adds inside its upscaling
+(the low-res mask grid is stride 4: the decoder then sees image edges at the resolution it draws at).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 STEM_CHANNELS = 32
 #: The output stride of each stage that can feed the neck.
 PYRAMID_STAGES: dict[int, int] = {2: 8, 4: 16, 6: 32}
+#: The stages whose outputs are at strides 4 and 8 (24 and 40 channels): the ``high_res`` maps.
+HIGH_RES_STAGES: tuple[int, int] = (1, 2)
 
 
 class ConvAct(nn.Conv2d):
@@ -75,14 +79,24 @@ class MBConv(nn.Module):
 class EfficientNetLiteEncoder(nn.Module):
     """EfficientNet-Lite trunk + FPN neck: ``B x 3 x S x S`` -> ``B x out_chans x S/out_stride x S/out_stride``.
 
-    ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``).
+    ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``). ``high_res``: return
+    ``[B x 24 x S/4 x S/4, B x 40 x S/8 x S/8, embedding]`` (the trunk's stride-4 and stride-8 stage outputs
+    first, as SAM 2's encoder lists its maps) instead of the embedding alone.
     """
 
-    def __init__(self, img_size: int = 512, out_chans: int = 128, neck_dim: int = 96, out_stride: int = 16) -> None:
+    def __init__(
+        self,
+        img_size: int = 512,
+        out_chans: int = 128,
+        neck_dim: int = 96,
+        out_stride: int = 16,
+        high_res: bool = False,
+    ) -> None:
         super().__init__()
         if out_stride not in (8, 16):
             raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
         self.img_size = img_size
+        self.high_res = high_res
         self.pyramid = tuple(i for i, stride in PYRAMID_STAGES.items() if stride >= out_stride)
         self.stem = ConvAct(3, STEM_CHANNELS, 3, stride=2)
         stages, cin = [], STEM_CHANNELS
@@ -116,17 +130,23 @@ class EfficientNetLiteEncoder(nn.Module):
         the rest of the network in bf16 moves them by under 0.5."""
         return (self.stem, self.stages[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    #: Channels of the stride-4 and stride-8 maps that ``high_res`` returns.
+    high_res_channels: tuple[int, int] = (LITE0_STAGES[HIGH_RES_STAGES[0]][4], LITE0_STAGES[HIGH_RES_STAGES[1]][4])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = self.stem(x)
-        feats = []
+        feats, high = [], []
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.pyramid:
                 feats.append(x)
+            if self.high_res and i in HIGH_RES_STAGES:
+                high.append(x)
         top = self.lateral[-1](feats[-1])
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        return self.neck(self.smooth(top) + top)
+        emb = self.neck(self.smooth(top) + top)
+        return [*high, emb] if self.high_res else emb
 
 
 def imagenet_weights_path() -> Path:

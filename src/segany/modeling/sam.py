@@ -67,14 +67,24 @@ class Sam(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    #: Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`).
-    decoder_input_names: tuple[str, ...] = ()
+    @property
+    def decoder_input_names(self) -> tuple[str, ...]:
+        """Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`)."""
+        return ("high_res_features",) if getattr(self.mask_decoder, "use_high_res_features", False) else ()
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the mask decoder's other
-        image inputs as keyword arguments (none for SAM; SAM 2's high-resolution features, SAM-HQ's early
-        ViT features)."""
-        return self.image_encoder(x), {}
+        image inputs as keyword arguments (none for SAM; the projected stride-4 / stride-8 maps for a
+        decoder with high-resolution features, as SAM 2's; SAM-HQ's early ViT features)."""
+        return self.split_encoder_output(self.image_encoder(x))
+
+    def split_encoder_output(self, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The image encoder's output -> :meth:`embed_image`'s (apart, so that training can run a frozen
+        encoder without gradient and the decoder's projections with it)."""
+        if not self.decoder_input_names:
+            return out, {}
+        feat_s0, feat_s1, emb = out
+        return emb, {"high_res_features": self.mask_decoder.project_high_res(feat_s0, feat_s1)}
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize pixel values and pad bottom/right to ``image_size`` (``B x 3 x h x w``)."""

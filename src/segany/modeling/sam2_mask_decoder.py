@@ -21,6 +21,8 @@ class Sam2MaskDecoder(MaskDecoder):
     Args:
         use_high_res_features: add projected stride-8 / stride-4 features (``conv_s1`` / ``conv_s0``, applied
             once per image by :meth:`project_high_res`) inside the two upscaling steps.
+        high_res_in_chans: channels of the stride-4 and stride-8 maps (SAM 2's neck: ``transformer_dim``
+            both; segany's EfficientNet encoder hands over its trunk's own maps).
         iou_prediction_use_sigmoid: IoU head output through a sigmoid.
         pred_obj_scores / pred_obj_scores_mlp: an object-score token read by a linear layer or a 3-layer MLP.
         dynamic_multimask_via_stability: single-mask output falls back to the best multimask output when
@@ -36,6 +38,7 @@ class Sam2MaskDecoder(MaskDecoder):
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
         use_high_res_features: bool = True,
+        high_res_in_chans: tuple[int, int] | None = None,
         iou_prediction_use_sigmoid: bool = True,
         pred_obj_scores: bool = True,
         pred_obj_scores_mlp: bool = True,
@@ -51,15 +54,16 @@ class Sam2MaskDecoder(MaskDecoder):
             self.pred_obj_score_head = MLP(d, d, 1, 3) if pred_obj_scores_mlp else nn.Linear(d, 1)
         self.use_high_res_features = use_high_res_features
         if use_high_res_features:
-            self.conv_s0 = nn.Conv2d(d, d // 8, kernel_size=1)
-            self.conv_s1 = nn.Conv2d(d, d // 4, kernel_size=1)
+            c0, c1 = high_res_in_chans or (d, d)
+            self.conv_s0 = nn.Conv2d(c0, d // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(c1, d // 4, kernel_size=1)
         self.iou_prediction_use_sigmoid = iou_prediction_use_sigmoid
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
         self.dynamic_multimask_stability_thresh = dynamic_multimask_stability_thresh
 
     def project_high_res(self, feat_s0: torch.Tensor, feat_s1: torch.Tensor) -> list[torch.Tensor]:
-        """Neck maps at strides 4 and 8 (``B x C x 4h x 4w``, ``B x C x 2h x 2w``) -> the projected
+        """Maps at strides 4 and 8 (``B x C0 x 4h x 4w``, ``B x C1 x 2h x 2w``) -> the projected
         ``B x C/8 x 4h x 4w`` and ``B x C/4 x 2h x 2w`` that :meth:`forward` takes (once per image)."""
         return [self.conv_s0(feat_s0), self.conv_s1(feat_s1)]
 

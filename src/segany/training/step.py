@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from segany.errors import SegAnyError
 from segany.training.config import TrainConfig
 from segany.training.distributed import autocast
 from segany.training.embeddings_cache import encoder_input
@@ -103,17 +104,23 @@ class SamTrainStep(nn.Module):
             return torch.zeros(0, dtype=torch.int64, device=device)
         return (torch.rand(n) < self.opt.clicker_prob).nonzero()[:, 0].to(device)
 
-    def embed_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "embedding" in batch:
-            return batch["embedding"].float()
+    def embed_images(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The images' embeddings ``B x C x h x w`` and the decoder's high-resolution features (the
+        projected stride-4 / stride-8 maps; an empty list for a decoder without them)."""
         model = self.model
+        if "embedding" in batch:
+            if model.decoder_input_names:
+                raise SegAnyError("cached embeddings hold no high-resolution features: train without the cache")
+            return batch["embedding"].float(), []
         x = encoder_input(model, batch["image"], batch["valid_hw"])
         if self.opt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         grad = torch.is_grad_enabled() and not self.freeze_image_encoder
         with torch.set_grad_enabled(grad), self._autocast(x.device):
-            emb = model.image_encoder(x)
-        return emb.float()
+            out = model.image_encoder(x)
+        with self._autocast(x.device):  # the projections are the decoder's: trained with it
+            emb, inputs = model.split_encoder_output(out)
+        return emb.float(), [f.float() for f in inputs.get("high_res_features") or []]
 
     def _encode_prompts(self, prompts: PromptSet, mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.model.prompt_encoder
@@ -148,6 +155,7 @@ class SamTrainStep(nn.Module):
         image_pe: torch.Tensor,
         gt: torch.Tensor,
         valid: torch.Tensor,
+        high_res: dict[str, list[torch.Tensor]],
     ) -> tuple[PromptSet, torch.Tensor]:
         """A random ``0..max_free_clicks`` corrective clicks decoded with no gradient (RITM's trick)."""
         count = int(torch.randint(0, self.opt.max_free_clicks + 1, (1,)))
@@ -156,7 +164,7 @@ class SamTrainStep(nn.Module):
             prompts = self._next_points(prompts, pred_full, gt, valid)
             sparse, dense = self._encode_prompts(prompts, mask_input)
             with self._autocast(gt.device):
-                low_res, _ = self.model.mask_decoder(emb, image_pe, sparse, dense, multimask_output=False)
+                low_res, _ = self.model.mask_decoder(emb, image_pe, sparse, dense, multimask_output=False, **high_res)
             mask_input = low_res.float()
         return prompts, mask_input
 
@@ -177,11 +185,13 @@ class SamTrainStep(nn.Module):
         img_idx = batch["mask_image"].index_select(0, perm_d)
         weight = batch["mask_weight"].index_select(0, perm_d).float()
 
-        emb = self.embed_images(batch)  # B x C x h x w
+        emb, high_res = self.embed_images(batch)  # B x C x h x w, [B x C/8 x 4h x 4w, B x C/4 x 2h x 2w]
         content = content_masks(batch["valid_hw"], size, dev)
         valid = (content & ~batch["ignore"]).index_select(0, img_idx)  # N x S x S
         content_hw = batch["valid_hw"].to(dev).index_select(0, img_idx)
         emb_m = emb.index_select(0, img_idx)
+        # the decoder's keyword for the high-resolution features, per mask (none without them)
+        high_m = {"high_res_features": [f.index_select(0, img_idx) for f in high_res]} if high_res else {}
         image_pe = model.prompt_encoder.get_dense_pe()
         side = loss_side(opt.loss_resolution, 4 * emb.shape[-1], size)
         gt_l, valid_l = downsample_targets(gt, valid, (side, side))  # gt and valid themselves when full
@@ -207,13 +217,15 @@ class SamTrainStep(nn.Module):
                 if k == 0:
                     # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
                     # single-output token, which is what predict(box=..., multimask_output=False) uses.
-                    low_res, iou_pred = model.mask_decoder.predict_masks(emb_m, image_pe, sparse, dense)
+                    low_res, iou_pred = model.mask_decoder.predict_masks(emb_m, image_pe, sparse, dense, **high_m)[:2]
                     single, multi = low_res[:, :1], low_res[:, 1:]
                     is_box = (torch.arange(n, device=dev) < prompts.num_box)[:, None]
                     low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
                     iou_pred = torch.where(is_box, iou_pred[:, :1].expand_as(iou_pred[:, 1:]), iou_pred[:, 1:])
                 else:
-                    low_res, iou_pred = model.mask_decoder(emb_m, image_pe, sparse, dense, multimask_output=False)
+                    low_res, iou_pred = model.mask_decoder(
+                        emb_m, image_pe, sparse, dense, multimask_output=False, **high_m
+                    )
             logits = (
                 low_res
                 if side == low_res.shape[-1]
@@ -226,7 +238,10 @@ class SamTrainStep(nn.Module):
             chosen = low_res.gather(1, out["best"][:, None, None, None].expand(-1, 1, *low_res.shape[-2:]))
             mask_input = chosen.detach().float()  # N x 1 x h x w, fed back as the mask prompt
             if k == 0 and opt.max_free_clicks > 0 and len(schedule) > 1:
-                prompts, mask_input = self._free_clicks(prompts, mask_input, emb_m.detach(), image_pe, gt, valid)
+                high_free = {k: [f.detach() for f in v] for k, v in high_m.items()}
+                prompts, mask_input = self._free_clicks(
+                    prompts, mask_input, emb_m.detach(), image_pe, gt, valid, high_free
+                )
             if k + 1 < len(schedule) and schedule[k + 1] == POINT:
                 with torch.no_grad():
                     pred_full = upsample_logits(mask_input[:, 0], size) > 0

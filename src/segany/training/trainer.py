@@ -77,6 +77,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
     if cfg.checkpoint:
         model = load_model(cfg.checkpoint, text_head=None)  # a text head beside it is not trained here
+        if cfg.model_changes:
+            model = changed_model(model, cfg.model_changes)
     else:
         sam_cfg = get_config(cfg.model) if isinstance(cfg.model, str) else SamConfig.from_dict(cfg.model)
         model = build_sam(sam_cfg)
@@ -97,6 +99,32 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             rebuilt.load_state_dict(model.state_dict())
             model = rebuilt
     return model
+
+
+def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
+    """``model`` rebuilt with its config's fields ``changes`` replaced, its weights copied in; the parameters
+    only the new model has start at zero (a zero projection adds nothing: the outputs stay the same)."""
+    from segany.modeling import SamConfig, build_sam
+
+    if not isinstance(model.config, SamConfig):
+        raise SegAnyError("model_changes needs a model built from a SamConfig (segany's own layouts)")
+    try:
+        new_cfg = SamConfig.from_dict({**model.config.to_dict(), **changes})
+        rebuilt = build_sam(new_cfg)
+    except ValueError as e:
+        raise SegAnyError(f"training option model_changes={changes!r}: {e}") from None
+    try:
+        result = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    except RuntimeError as e:  # a changed shape
+        raise SegAnyError(f"training option model_changes={changes!r}: the weights do not fit ({e})") from None
+    if result.unexpected_keys:
+        raise SegAnyError(f"training option model_changes={changes!r} drops weights: {result.unexpected_keys}")
+    params = dict(rebuilt.named_parameters())
+    with torch.no_grad():
+        for key in result.missing_keys:
+            if key in params:
+                params[key].zero_()
+    return rebuilt
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
