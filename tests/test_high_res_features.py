@@ -99,3 +99,17 @@ def test_onnx_export_of_a_high_res_model_matches_torch(tmp_path):
         _compare(torch_p, onnx_p, multimask)
     with pytest.raises(SegAnyError, match="high_res_feats_0"):
         onnx_p.set_embedding(onnx_p.get_image_embedding(), (H, W))
+
+
+def test_lr_scales_give_named_parameters_their_own_lr():
+    from segany.training.optim import build_optimizer
+
+    model = build_sam(dataclasses.replace(tiny_config(16), high_res_features=True))
+    opt = build_optimizer(model, 1e-3, lr_scales={"mask_decoder.conv_s": 10})
+    scaled = {id(p) for g in opt.param_groups if g["lr"] == pytest.approx(1e-2) for p in g["params"]}
+    expected = {id(p) for n, p in model.named_parameters() if n.startswith("mask_decoder.conv_s")}
+    assert scaled == expected and len(expected) == 4
+    with pytest.raises(SegAnyError, match="lr_scales"):
+        build_optimizer(model, 1e-3, lr_scales={"mask_decoder.nope": 10})
+    with pytest.raises(SegAnyError, match="lr_scales"):
+        TrainConfig(lr_scales={"mask_decoder.conv_s": -1})

@@ -194,6 +194,9 @@ class TrainConfig(Options):
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     layer_decay: float = 1.0  #: layer-wise lr decay of the image encoder (1.0: off)
+    #: lr multipliers by parameter-name prefix, e.g. ``{mask_decoder.conv_s: 10}`` for parameters a
+    #: ``model_changes`` start adds at zero into trained weights
+    lr_scales: dict | None = None
     warmup_steps: int = 250
     lr_decay_at: list = field(default_factory=lambda: [0.6667, 0.8889])  #: fractions of max_steps
     lr_decay_factor: float = 0.1
@@ -296,6 +299,11 @@ class TrainConfig(Options):
             raise bad("augment", "must be true, false or a dict of augmentation settings")
         if self.model_changes is not None and (not isinstance(self.model_changes, dict) or not self.checkpoint):
             raise bad("model_changes", "must be a mapping of model config fields, used with checkpoint")
+        if self.lr_scales is not None and not (
+            isinstance(self.lr_scales, dict)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_scales.values())
+        ):
+            raise bad("lr_scales", "must be a mapping of parameter-name prefix: positive number")
         if not isinstance(self.model, (str, dict)):
             raise bad("model", "must be a config name or a config dict")
         for key in ("train_data", "val_data"):

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from segany.errors import SegAnyError
 
 _NO_DECAY_NAME = re.compile(
     r"(^|\.)(pos_embed|rel_pos_h|rel_pos_w|rel_pos|attention_biases|positional_encoding_gaussian_matrix)$"
@@ -82,10 +84,13 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     layer_decay: float = 1.0,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups of a :class:`~segany.modeling.sam.Sam` (only parameters that require grad).
 
     Each group has ``params``, ``weight_decay``, ``lr_scale`` and a ``name`` (``"<layer id>_decay"`` ...).
+    ``lr_scales``: parameter-name prefix -> lr multiplier (the first matching prefix; its own group), e.g.
+    for parameters that start at zero in an otherwise trained model.
     """
     no_decay = no_weight_decay_names(model)
     encoder = getattr(model, "image_encoder", None)
@@ -101,10 +106,17 @@ def param_groups(
         scale = float(layer_decay ** (n_layers + 1 - layer))
         decay = name not in no_decay
         key = f"layer{layer}_{'decay' if decay else 'no_decay'}"
+        prefix = next((k for k in lr_scales or {} if name.startswith(k)), None)
+        if prefix is not None:
+            scale *= float(lr_scales[prefix])
+            key += f"_{prefix}"
         g = groups.setdefault(
             key, {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale, "name": key}
         )
         g["params"].append(p)
+    unused = [k for k in lr_scales or {} if not any(g["name"].endswith(f"_{k}") for g in groups.values())]
+    if unused:
+        raise SegAnyError(f"training option lr_scales: no trainable parameter's name starts with {unused}")
     return list(groups.values())
 
 
@@ -116,12 +128,13 @@ def build_optimizer(
     eps: float = 1e-8,
     layer_decay: float = 1.0,
     fused: bool | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; each group's lr is ``lr * lr_scale``.
 
     ``fused`` defaults to True when the parameters live on CUDA (one kernel for the whole update).
     """
-    groups = param_groups(model, weight_decay, layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay, lr_scales)
     if not groups:
         raise ValueError("no trainable parameters")
     for g in groups:

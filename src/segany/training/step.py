@@ -238,7 +238,7 @@ class SamTrainStep(nn.Module):
             chosen = low_res.gather(1, out["best"][:, None, None, None].expand(-1, 1, *low_res.shape[-2:]))
             mask_input = chosen.detach().float()  # N x 1 x h x w, fed back as the mask prompt
             if k == 0 and opt.max_free_clicks > 0 and len(schedule) > 1:
-                high_free = {k: [f.detach() for f in v] for k, v in high_m.items()}
+                high_free = {name: [f.detach() for f in v] for name, v in high_m.items()}
                 prompts, mask_input = self._free_clicks(
                     prompts, mask_input, emb_m.detach(), image_pe, gt, valid, high_free
                 )

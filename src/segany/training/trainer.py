@@ -203,7 +203,9 @@ class _SamTraining:
             model, StepOptions.from_config(cfg, self.autocast_dtype), cfg.freeze_image_encoder
         )
         self.step_module.train()
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.layer_decay)
+        self.optimizer = build_optimizer(
+            model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.layer_decay, lr_scales=cfg.lr_scales
+        )
         self.scheduler = build_scheduler(
             self.optimizer, cfg.max_steps, cfg.warmup_steps, cfg.lr_decay_at, cfg.lr_decay_factor
         )
