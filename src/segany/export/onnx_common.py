@@ -97,19 +97,15 @@ class SamOnnxDecoder(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """See the module docstring for shapes; returns ``(masks, iou_predictions, low_res_masks)``, with
         ``return_extra_metrics`` ``(masks, iou_predictions, stability_scores, areas, low_res_masks)``."""
-        return self._decode(image_embeddings, {}, point_coords, point_labels, mask_input, has_mask_input, orig_im_size)
+        prompts = (point_coords, point_labels, mask_input, has_mask_input, orig_im_size)
+        return self._decode(image_embeddings, {}, prompts)
 
     def _decode(
-        self,
-        image_embeddings: torch.Tensor,
-        image_inputs: dict[str, list[torch.Tensor]],
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
+        self, image_embeddings: torch.Tensor, image_inputs: dict[str, list[torch.Tensor]], prompts: tuple
     ) -> tuple[torch.Tensor, ...]:
-        """:meth:`forward` with the decoder's other image inputs (``high_res_features``) as keywords."""
+        """:meth:`forward` with the decoder's other image inputs (``high_res_features``) as keywords and
+        the five prompt inputs as one tuple (``point_coords`` ... ``orig_im_size``)."""
+        point_coords, point_labels, mask_input, has_mask_input, orig_im_size = prompts
         pe = self.model.prompt_encoder
         sparse = pe._embed_points(point_coords, point_labels.to(torch.int64), pad=False)
         if getattr(pe, "dense_prompts", False):  # clicks and box drawn into the dense embedding

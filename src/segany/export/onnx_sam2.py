@@ -42,7 +42,6 @@ from segany.export.onnx_common import (
     prompt_example_inputs,
     write_image_encoder,
 )
-from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam import Sam
 from segany.modeling.sam2 import Sam2
 
@@ -59,40 +58,9 @@ SAM2_DECODER_INPUTS = [
 SAM2_ENCODER_OUTPUTS = ["image_embeddings", "high_res_feats_0", "high_res_feats_1"]
 
 
-class Sam2OnnxDecoder(SamOnnxDecoder):
-    """:class:`SamOnnxDecoder` for a :class:`Sam2`: high-resolution features in, one resize out."""
-
-    def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
-        orig = orig_im_size.to(torch.int64)
-        return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
-
-    @torch.no_grad()
-    def forward(  # type: ignore[override]
-        self,
-        image_embeddings: torch.Tensor,
-        high_res_feats_0: torch.Tensor,
-        high_res_feats_1: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        pe = self.model.prompt_encoder
-        # SAM's point embedding (Sam2PromptEncoder only rewrites boxes as points, which the caller does).
-        sparse = PromptEncoder._embed_points(pe, point_coords, point_labels.to(torch.int64), pad=False)
-        dense = self._embed_masks(mask_input, has_mask_input)
-        low_res, iou, _tokens, _obj = self.model.mask_decoder.predict_masks(
-            image_embeddings, pe.get_dense_pe(), sparse, dense, [high_res_feats_0, high_res_feats_1]
-        )
-        if self.return_single_mask:
-            low_res, iou = self._select_single(low_res, iou, point_coords.shape[1])
-        return self._postprocess(low_res, orig_im_size), iou, low_res
-
-
-class SamHighResOnnxDecoder(SamOnnxDecoder):
-    """:class:`SamOnnxDecoder` for a :class:`Sam` whose decoder adds high-resolution features (segany's
-    ``high_res_features`` models): SAM's prompts and post-processing, SAM 2's two extra inputs."""
+class HighResOnnxDecoder(SamOnnxDecoder):
+    """:class:`SamOnnxDecoder` with the image's two projected high-resolution maps as inputs (segany's
+    ``high_res_features`` models as they are: SAM's prompts, padding and post-processing)."""
 
     @torch.no_grad()
     def forward(  # type: ignore[override]
@@ -107,8 +75,17 @@ class SamHighResOnnxDecoder(SamOnnxDecoder):
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         high_res = {"high_res_features": [high_res_feats_0, high_res_feats_1]}
-        return self._decode(image_embeddings, high_res, point_coords, point_labels, mask_input, has_mask_input,
-                            orig_im_size)
+        prompts = (point_coords, point_labels, mask_input, has_mask_input, orig_im_size)
+        return self._decode(image_embeddings, high_res, prompts)
+
+
+class Sam2OnnxDecoder(HighResOnnxDecoder):
+    """:class:`HighResOnnxDecoder` for a :class:`Sam2`: one resize out (the image was stretched). Its
+    prompt encoder embeds points as SAM's (it only rewrites boxes as points, which the caller does)."""
+
+    def _postprocess(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        orig = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(orig[0], orig[1]), mode="bilinear", align_corners=False)
 
 
 class Sam2OnnxEncoder(nn.Module):
@@ -152,7 +129,7 @@ def export_sam2_decoder(
     if family == "sam2":
         wrapper: SamOnnxDecoder = Sam2OnnxDecoder(model, return_single_mask)
     else:
-        wrapper = SamHighResOnnxDecoder(model, return_single_mask, use_stability_score)
+        wrapper = HighResOnnxDecoder(model, return_single_mask, use_stability_score)
     _write(wrapper, args, path, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
     return path
 
