@@ -380,7 +380,12 @@ def average_models(sources: Sequence[str | os.PathLike]) -> Sam:
     mean = {}
     for k, v in states[0].items():
         if v.is_floating_point():
-            mean[k] = (sum(sd[k].double() for sd in states) / len(states)).to(v.dtype)
+            # summed from the first tensor, not from 0: 0 + (-0.0) is +0.0, and a part the checkpoints share
+            # must come out bit for bit (a text head's base fingerprint reads the bytes)
+            total = v.double()
+            for sd in states[1:]:
+                total = total + sd[k].double()
+            mean[k] = (total / len(states)).to(v.dtype)
         else:
             mean[k] = v
     first.load_state_dict(mean)
