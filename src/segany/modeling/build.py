@@ -71,7 +71,11 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
     emb = cfg.embedding_size
     d = cfg.prompt_embed_dim
+    # built in this order (encoder, prompt encoder, decoder): a seeded build draws the same initial values
     image_encoder = build_image_encoder(cfg, fast)
+    prompt_encoder = (DensePromptEncoder if cfg.dense_prompts else fast_class(PromptEncoder, fast))(
+        d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
+    )
     transformer = TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
     heads = dict(
         num_multimask_outputs=cfg.num_multimask_outputs,
@@ -95,9 +99,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         mask_decoder = fast_class(MaskDecoder, fast)(d, transformer, **heads)
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
-        prompt_encoder=(DensePromptEncoder if cfg.dense_prompts else fast_class(PromptEncoder, fast))(
-            d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
-        ),
+        prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
         image_size=cfg.image_size,
         pixel_mean=tuple(cfg.pixel_mean),
