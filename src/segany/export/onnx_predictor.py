@@ -61,14 +61,15 @@ class OnnxSamPredictor:
         self.pixel_mean = np.array(json.loads(meta["segany_pixel_mean"]), dtype=np.float32).reshape(1, 1, 3)
         self.pixel_std = np.array(json.loads(meta["segany_pixel_std"]), dtype=np.float32).reshape(1, 1, 3)
         self.mask_threshold = float(meta.get("segany_mask_threshold", 0.0))
-        self.single_mask_decoder = read_metadata(decoder_path).get("segany_return_single_mask") == "1"
+        decoder_meta = read_metadata(decoder_path)
+        self.single_mask_decoder = decoder_meta.get("segany_return_single_mask") == "1"
         self.encoder = _session(encoder_path, threads) if encoder_path is not None else None
         self.decoder = _session(decoder_path, threads)
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         names = list(inputs)
         # A SAM with SAM 2's high-resolution features (segany_family sam_high_res) also takes the two maps
         # its encoder returns; SAM 2 itself stretches the image, which this predictor does not.
-        extra = HIGH_RES_INPUTS if read_metadata(decoder_path).get("segany_family") == "sam_high_res" else []
+        extra = HIGH_RES_INPUTS if decoder_meta.get("segany_family") == "sam_high_res" else []
         if names != DECODER_INPUTS[:1] + extra + DECODER_INPUTS[1:]:
             raise SegAnyError(f"{decoder_path}: inputs {names}, expected the SAM decoder's {DECODER_INPUTS}")
         self.image_input_names = extra

@@ -27,7 +27,6 @@ on the host, everything else on the device); the metrics are read back every ``l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -92,12 +91,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             load_imagenet_weights(model.image_encoder)
     if cfg.drop_path_rate is not None and model.config is not None:
         if model.config.encoder.drop_path_rate != cfg.drop_path_rate:
-            new_cfg = dataclasses.replace(
-                model.config, encoder=dataclasses.replace(model.config.encoder, drop_path_rate=cfg.drop_path_rate)
-            )
-            rebuilt = build_sam(new_cfg)
-            rebuilt.load_state_dict(model.state_dict())
-            model = rebuilt
+            encoder = {**model.config.to_dict()["encoder"], "drop_path_rate": cfg.drop_path_rate}
+            model = changed_model(model, {"encoder": encoder})
     return model
 
 
