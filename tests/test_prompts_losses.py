@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,7 @@ from segany.training.prompts import (
     MASK_ONLY,
     POINT,
     PROMPT,
+    batched_clicker_points,
     clicker_points,
     error_region_points,
     initial_prompts,
@@ -100,7 +102,12 @@ def test_error_region_points_labels():
     assert l2.tolist() == [-1] and c2.tolist() == [[0.0, 0.0]]
 
 
-def test_clicker_points_are_the_evaluation_clickers():
+def _exact_depth(region: np.ndarray) -> np.ndarray:
+    padded = np.pad(region, 1).astype(np.uint8)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def test_clicker_points_are_the_evaluation_clickers_on_the_cpu():
     s = 40
     gt = torch.stack([_disk(s, 12, 14, 8), _disk(s, 25, 25, 10), _disk(s, 20, 20, 6)])
     pred = torch.stack([torch.zeros(s, s, dtype=torch.bool), _disk(s, 25, 25, 14), _disk(s, 20, 20, 6)])
@@ -111,7 +118,32 @@ def test_clicker_points_are_the_evaluation_clickers():
         click = next_click(gt[i].numpy(), pred[i].numpy(), (~valid[i]).numpy())
         assert (int(coords[i, 0]), int(coords[i, 1])) == (click.x, click.y)
         assert int(labels[i]) == (1 if click.is_positive else 0)
-    assert int(coords[0, 0]) >= 12 and int(labels[0]) == 1  # first click: inside the object, not ignored
+    assert int(labels[2]) == -1 and coords[2].abs().sum() == 0  # nothing to correct: a padding point
+
+
+@pytest.mark.parametrize("s", [40, 512])
+def test_batched_clicker_points_follow_the_evaluation_clicker(s):
+    k = s / 40  # the same scenes at 40 px (exact grid) and 512 px (coarse grid + thin-region fallback)
+    gt = torch.stack(
+        [_disk(s, 12 * k, 14 * k, 8 * k), _disk(s, 25 * k, 25 * k, 10 * k), _disk(s, 20 * k, 20 * k, 6 * k)]
+    )
+    pred = torch.stack([torch.zeros(s, s, dtype=torch.bool), _disk(s, 25 * k, 25 * k, 14 * k), gt[2]])
+    thin = torch.zeros(s, s, dtype=torch.bool)
+    thin[s // 2 : s // 2 + 2, 5:-5] = True  # a 2-pixel-wide object: no whole cell of the coarse grid
+    gt, pred = torch.cat([gt, thin[None]]), torch.cat([pred, torch.zeros(1, s, s, dtype=torch.bool)])
+    valid = torch.ones_like(gt)
+    valid[0, :, : int(12 * k)] = False  # the left half of the first object is ignored
+    coords, labels = batched_clicker_points(pred, gt, valid)
+    for i in (0, 1, 3):
+        g, p, keep = gt[i].numpy(), pred[i].numpy(), valid[i].numpy()
+        click = next_click(g, p, ~keep)
+        assert int(labels[i]) == (1 if click.is_positive else 0)
+        region = (g & ~p if click.is_positive else ~g & p) & keep
+        depth = _exact_depth(region)
+        x, y = int(coords[i, 0]), int(coords[i, 1])
+        assert region[y, x]  # inside the error it corrects, never in ignored pixels
+        # chessboard depth: the point reaches at least 1/sqrt(2) of the deepest pixel's Euclidean depth
+        assert depth[y, x] >= depth.max() / 2**0.5 - 1.0
     assert int(labels[1]) == 0  # the spill ring is the largest error: a negative click in it
     assert int(labels[2]) == -1 and coords[2].abs().sum() == 0  # nothing to correct: a padding point
 

@@ -30,8 +30,9 @@ __all__ = [
 MAX_LABELS = 65535 - 1
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """Encode ``H x W`` (uint8 / uint16 gray), ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA) uint8 as PNG."""
+def encode_png(array: np.ndarray, compression: int | None = None) -> bytes:
+    """Encode ``H x W`` (uint8 / uint16 gray), ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA) uint8 as PNG
+    (``compression`` 0..9: zlib's level, OpenCV's default when None)."""
     array = np.asarray(array)
     ok_gray = array.ndim == 2 and array.dtype in (np.uint8, np.uint16)
     ok_color = array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8
@@ -43,7 +44,8 @@ def encode_png(array: np.ndarray) -> bytes:
     if array.ndim == 3:  # OpenCV stores BGR(A); our arrays are RGB(A)
         code = cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
         array = cv2.cvtColor(np.ascontiguousarray(array), code)
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
+    params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array), params)
     if not ok:
         raise SegAnyError(f"PNG encoding failed for an array of shape {array.shape}")
     return buf.tobytes()

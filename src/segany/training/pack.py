@@ -84,7 +84,7 @@ def pack_one(
             img_bytes = raw
     if meta_src.is_file():
         atomic_write_bytes(meta_out, meta_src.read_bytes())
-    atomic_write_bytes(mask_out, encode_png(lm))
+    atomic_write_bytes(mask_out, encode_png(lm, compression=9))  # about half of the default's size
     atomic_write_bytes(img_out, img_bytes)  # last: its presence marks the item done
     return True
 
