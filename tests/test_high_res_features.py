@@ -16,7 +16,7 @@ from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
 from segany.training.config import TrainConfig
 from segany.training.trainer import changed_model, train
-from tests.test_efficientnet import tiny_config
+from tests.test_efficientnet import cv2_free_shapes, dense_config, tiny_config
 from tests.test_training import tiny_cfg
 
 
@@ -113,3 +113,52 @@ def test_lr_scales_give_named_parameters_their_own_lr():
         build_optimizer(model, 1e-3, lr_scales={"mask_decoder.nope": 10})
     with pytest.raises(SegAnyError, match="lr_scales"):
         TrainConfig(lr_scales={"mask_decoder.conv_s": -1})
+
+
+def _dense_high_res_model() -> torch.nn.Module:
+    """The default model's layout in small: clicks drawn into the dense embedding, high-resolution features,
+    random decoder, downscaler and projection values of a useful size (the defaults are all 0 / 1)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(dense_config(), high_res_features=True)
+    model = build_sam(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in [*model.mask_decoder.named_parameters(), *model.prompt_encoder.named_parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.3) + ("norm" in name))
+    return model
+
+
+def test_fast_paths_of_a_high_res_model_with_dense_clicks_are_the_plain_decoder():
+    """Clicks drawn into the dense embedding go through SAM 2's re-associated decoder (their few dense cells
+    as extra rows) in the predictor and the automatic generator, with the plain decoder's results."""
+    from segany import SamAutomaticMaskGenerator
+    from segany.modeling.fast.sam2_decoder import Sam2ReassociatedDecoder, reassociated_class
+
+    model = _dense_high_res_model()
+    plain = build_sam(model.config, fast=False).eval()
+    plain.load_state_dict(model.state_dict())
+    assert reassociated_class(model) is Sam2ReassociatedDecoder and reassociated_class(plain) is None
+    image = cv2_free_shapes(np.random.default_rng(2))
+    got, want = SamPredictor(model), SamPredictor(plain)
+    got.set_image(image)
+    want.set_image(image)
+    for pts, labels in (([[30, 20]], [1]), ([[30, 20], [90, 70]], [1, 0])):
+        for multi in (True, False):
+            kw = {"point_coords": np.array(pts), "point_labels": np.array(labels), "multimask_output": multi}
+            a, b = got.predict(**kw, return_logits=True), want.predict(**kw, return_logits=True)
+            np.testing.assert_allclose(a[0], b[0], atol=1e-4 * max(1.0, np.abs(b[0]).max()))
+            np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    assert model.mask_decoder._reassociated_cache is not None  # the clicks took the re-associated path
+    kwargs = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    fast, slow = SamAutomaticMaskGenerator(model, **kwargs), SamAutomaticMaskGenerator(model, **kwargs)
+    slow.fast_decoder = False
+    assert fast.fast_decoder
+    with torch.inference_mode():
+        records = [
+            sorted(g.generate(image), key=lambda r: (r["point_coords"], r["predicted_iou"])) for g in (fast, slow)
+        ]
+    assert len(records[0]) == len(records[1]) == 3 * 8 * 8
+    for r, w in zip(*records):
+        assert r["point_coords"] == w["point_coords"]
+        assert r["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-5)
+        assert (r["segmentation"] != w["segmentation"]).sum() <= max(2, 0.001 * w["segmentation"].sum())

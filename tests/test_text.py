@@ -29,8 +29,15 @@ needs_minilm = pytest.mark.skipif(not _have_minilm(), reason='needs the text ext
 
 @pytest.mark.parametrize(
     "raw, clean",
-    [("sky-other-merged", "sky"), ("wall-brick", "brick wall"), ("floor-wood", "wood floor"),
-     ("person", "person"), ("dining table", "dining table"), ("door-stuff", "door"), ("playingfield", "playing field")],
+    [
+        ("sky-other-merged", "sky"),
+        ("wall-brick", "brick wall"),
+        ("floor-wood", "wood floor"),
+        ("person", "person"),
+        ("dining table", "dining table"),
+        ("door-stuff", "door"),
+        ("playingfield", "playing field"),
+    ],
 )
 def test_clean_category(raw: str, clean: str) -> None:
     assert clean_category(raw) == clean
@@ -152,8 +159,15 @@ def trained_tiny(tmp_path_factory, tiny_checkpoint):
     out = tmp_path_factory.mktemp("text_run")
     cfg_path = out / "cfg.yaml"
     cfg = {
-        "out_dir": str(out / "run"), "base_model": str(tiny_checkpoint), "train_data": [{"type": "synthetic", "n": 6}],
-        "steps": 6, "batch_size": 2, "queries_per_image": 4, "ckpt_every": 3, "log_every": 3, "num_threads": 1,
+        "out_dir": str(out / "run"),
+        "base_model": str(tiny_checkpoint),
+        "train_data": [{"type": "synthetic", "n": 6}],
+        "steps": 6,
+        "batch_size": 2,
+        "queries_per_image": 4,
+        "ckpt_every": 3,
+        "log_every": 3,
+        "num_threads": 1,
         "point_prob": 0.5,
     }
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -200,8 +214,33 @@ def test_training_can_start_from_a_head_trained_for_other_weights(trained_tiny, 
     assert set(start) == set(written) and all(torch.equal(start[k], written[k]) for k in start)
     load_text_head(out, other)  # the fingerprint is the other model's
     with pytest.raises(SegAnyError, match="init_head .* differ"):
-        train_text_head(TextTrainConfig.from_yaml(cfg_path, {**base, "num_tokens": 2, "out_dir": str(tmp_path / "b")}),
-                        progress=False)
+        train_text_head(
+            TextTrainConfig.from_yaml(cfg_path, {**base, "num_tokens": 2, "out_dir": str(tmp_path / "b")}),
+            progress=False,
+        )
+
+
+def test_training_on_a_model_with_high_res_features(trained_tiny, tmp_path) -> None:
+    """The embedding cache keeps a high-resolution encoder's embedding (its stride-4 and stride-8 maps feed
+    the model's decoder, not the text head), and the head answers text on that model."""
+    import dataclasses
+
+    from segany import SamPredictor, load_model
+    from segany.checkpoint import save_model
+    from segany.modeling import build_sam
+    from segany.training.text_train import TextTrainConfig, train_text_head
+    from tests.conftest import synthetic_image
+    from tests.test_efficientnet import tiny_config
+
+    cfg_path, _, _ = trained_tiny
+    torch.manual_seed(3)
+    save_model(build_sam(dataclasses.replace(tiny_config(16), high_res_features=True)), tmp_path / "hr.safetensors")
+    options = {"base_model": str(tmp_path / "hr.safetensors"), "steps": 2, "out_dir": str(tmp_path / "run")}
+    head_path = train_text_head(TextTrainConfig.from_yaml(cfg_path, options), progress=False)
+    p = SamPredictor(load_model(tmp_path / "hr.safetensors", text_head=head_path))
+    p.set_image(synthetic_image(60, 90))
+    masks, iou, _ = p.predict(text="the red rectangle")
+    assert masks.shape == (1, 60, 90) and np.isfinite(iou).all()
 
 
 def test_head_attaches_and_answers_text(trained_tiny, tiny_checkpoint) -> None:

@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from segany.errors import SegAnyError
 from segany.modeling.fast import postprocess
 from segany.modeling.fast.decoder import ReassociatedDecoder
-from segany.modeling.fast.mask_decoder import FastMaskDecoder
+from segany.modeling.fast.sam2_decoder import reassociated_class, reassociated_decoder
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.utils.masks import (
@@ -64,7 +64,6 @@ FILTERS = (
     "min_mask_region_area",
     "max_mask_region_fraction",
 )
-
 
 
 def describe_filter_counts(counts: dict[str, int]) -> str:
@@ -227,7 +226,7 @@ class SamAutomaticMaskGenerator:
         self.filter_counts: dict[str, int] = {}
         # The re-associated decoder (same results, less work) for a model built with the fast paths; the
         # model's own decoder otherwise.
-        self.fast_decoder = isinstance(model.mask_decoder, FastMaskDecoder) and ReassociatedDecoder.supports(model)
+        self.fast_decoder = reassociated_class(model) is not None
 
     @torch.inference_mode()
     def generate(self, image: np.ndarray, embedding: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -259,7 +258,9 @@ class SamAutomaticMaskGenerator:
             removed["max_mask_region_fraction"] += len(areas) - int(keep.sum())
             areas = [a for a, k in zip(areas, keep.tolist()) if k]
         self.filter_counts = {
-            "candidates": removed["candidates"], **{f: removed[f] for f in FILTERS}, "kept": len(areas)
+            "candidates": removed["candidates"],
+            **{f: removed[f] for f in FILTERS},
+            "kept": len(areas),
         }
         return self._records(data, areas)
 
@@ -326,9 +327,8 @@ class SamAutomaticMaskGenerator:
             self.predictor.set_embedding(**embedding)
         else:
             self.predictor.set_image(cropped)
-        decoder = (
-            ReassociatedDecoder.for_model(self.predictor.model, self.predictor.features) if self.fast_decoder else None
-        )
+        p = self.predictor
+        decoder = reassociated_decoder(p.model, p.features, p.decoder_inputs) if self.fast_decoder else None
         points_scale = np.array(cropped_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         acc = _Masks()

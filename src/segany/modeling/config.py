@@ -222,3 +222,10 @@ def segany_default_v2() -> SamConfig:
         iou_head_hidden_dim=128,
     )
 
+
+@register_config("segany_default_v3")
+def segany_default_v3() -> SamConfig:
+    """``segany_default_v2`` with SAM 2's high-resolution features in the decoder (the trunk's stride-4
+    and stride-8 maps): the shipped default model since 2026-12-04 (MODELS.md)."""
+    return dataclasses.replace(segany_default_v2(), high_res_features=True)
+

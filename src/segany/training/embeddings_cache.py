@@ -161,6 +161,8 @@ def build_embedding_cache(
                 x = encoder_input(model, batch["image"].to(device), batch["valid_hw"])
                 with autocast(device, autocast_dtype):
                     emb = encoder(x)
+                if isinstance(emb, (list, tuple)):  # a high-resolution encoder: [stride 4, stride 8, embedding]
+                    emb = emb[-1]
                 emb = emb.to(_DTYPES[dtype]).cpu()
                 shape = list(emb.shape[1:])
                 for j, idx in enumerate(batch["index"].tolist()):

@@ -20,7 +20,39 @@ MAX_DENSE_CELLS = 64
 DENSE_CELL_TOL = 1e-5
 
 
-class FastMaskDecoder(MaskDecoder):
+class DenseCellsDecoder(nn.Module):
+    """What a fast mask decoder needs to decode clicks that are drawn into the dense embedding through its
+    re-associated decoder: the prompt encoder that draws them (:meth:`use_dense_cells`) and, for a call,
+    the per-image dense vector and the prompts' differing cells (:meth:`dense_parts`). A mixin of
+    :class:`FastMaskDecoder` and SAM 2's :class:`~segany.modeling.fast.sam2_decoder.FastSam2MaskDecoder`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Not a submodule: the prompt encoder belongs to the model, and the state dict stays the plain one.
+        object.__setattr__(self, "_dense_source", None)
+
+    def use_dense_cells(self, prompt_encoder: nn.Module) -> None:
+        """Decode point prompts of ``prompt_encoder`` (one that draws clicks into its dense embedding, cell
+        by cell: :mod:`~segany.modeling.fast.dense_cells`) through the re-associated decoder too."""
+        if getattr(prompt_encoder, "dense_prompts", False) and cell_size(prompt_encoder) is not None:
+            object.__setattr__(self, "_dense_source", prompt_encoder)
+
+    def dense_parts(self, dense: torch.Tensor) -> tuple[torch.Tensor, DenseCells | None] | None:
+        """``dense`` (``B x C x h x w``) as the per-image vector and each prompt's cells that differ from it
+        (None: one vector for every pixel and prompt); None where the re-associated decoder does not apply
+        (a mask input, a box, or more than :data:`MAX_DENSE_CELLS` cells)."""
+        if dense.ndim != 4:
+            return None
+        if self._dense_source is not None:
+            vec = constant_dense(self._dense_source)
+            cells = _differing_cells(dense, vec)
+            return None if cells is None else (vec, cells)
+        if dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
+            return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
+        return dense[0, :, 0, 0], None
+
+
+class FastMaskDecoder(DenseCellsDecoder, MaskDecoder):
     """:class:`MaskDecoder` that decodes through :class:`ReassociatedDecoder` (same outputs, a fraction of
     the work) where it applies; the plain forward everywhere else."""
 
@@ -30,15 +62,6 @@ class FastMaskDecoder(MaskDecoder):
         self._reassociated_cache: tuple | None = None
         # (weak ref to the positional encoding, {key: product}): see ReassociatedDecoder.pe_products.
         self._pe_products: tuple | None = None
-        # The prompt encoder that draws clicks into the dense embedding (set by use_dense_cells); not a
-        # submodule: it belongs to the model, and the state dict stays the plain decoder's.
-        object.__setattr__(self, "_dense_source", None)
-
-    def use_dense_cells(self, prompt_encoder: nn.Module) -> None:
-        """Decode point prompts of ``prompt_encoder`` (one that draws clicks into its dense embedding, cell
-        by cell: :mod:`~segany.modeling.fast.dense_cells`) through the re-associated decoder too."""
-        if getattr(prompt_encoder, "dense_prompts", False) and cell_size(prompt_encoder) is not None:
-            object.__setattr__(self, "_dense_source", prompt_encoder)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -67,25 +90,16 @@ class FastMaskDecoder(MaskDecoder):
     def _reassociated(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
     ) -> tuple[ReassociatedDecoder, DenseCells | None] | None:
-        """The re-associated decoder when it applies: inference, one image embedding, and one dense
-        embedding for every pixel and prompt (no mask input), or (:meth:`use_dense_cells`) one that differs
-        from the per-image vector on a few cells per prompt (their :class:`DenseCells` come along). Its
-        per-image part is kept for the next call on the same image (:func:`per_image_decoder`).
+        """The re-associated decoder when it applies: inference, one image embedding, and a dense embedding
+        that :meth:`dense_parts` splits. Its per-image part is kept for the next call on the same image
+        (:func:`per_image_decoder`).
         """
-        if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
+        if not active(self) or image_embeddings.shape[0] != 1:
             return None
-        cells = None
-        if self._dense_source is not None:
-            vec = constant_dense(self._dense_source)
-            cells = _differing_cells(dense, vec)
-            if cells is None:
-                return None
-        elif dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
-            return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
-        else:
-            vec = dense[0, :, 0, 0]
-        if not ReassociatedDecoder.supports(self):
+        parts = self.dense_parts(dense)
+        if parts is None or not ReassociatedDecoder.supports(self):
             return None
+        vec, cells = parts
         dec = per_image_decoder(
             self, image_embeddings, image_pe, vec, lambda: ReassociatedDecoder(self, image_embeddings, vec, image_pe)
         )

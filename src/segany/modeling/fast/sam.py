@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from segany.modeling.fast import postprocess
-from segany.modeling.fast.mask_decoder import FastMaskDecoder
+from segany.modeling.fast.mask_decoder import DenseCellsDecoder
 from segany.modeling.sam import Sam
 
 
@@ -16,12 +16,13 @@ class FastSam(Sam):
     full-size logits kept for the batch). The logits may be only the top-left part of the low-res map (the
     rows and columns the input reads, as the re-associated decoder makes them:
     :func:`~segany.modeling.fast.decoder.low_res_rows`). A prompt encoder that draws clicks into the dense
-    embedding is introduced to a :class:`FastMaskDecoder`, which then decodes clicks through the
+    embedding is introduced to its fast mask decoder
+    (:class:`~segany.modeling.fast.mask_decoder.DenseCellsDecoder`), which then decodes clicks through the
     re-associated decoder too."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(self.mask_decoder, FastMaskDecoder):
+        if isinstance(self.mask_decoder, DenseCellsDecoder):
             self.mask_decoder.use_dense_cells(self.prompt_encoder)
 
     def postprocess_masks(

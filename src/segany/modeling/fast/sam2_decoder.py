@@ -18,7 +18,10 @@ from torch import nn
 
 from segany.modeling.fast.common import activate_, active, linear_act
 from segany.modeling.fast.decoder import ReassociatedDecoder, per_image_decoder
+from segany.modeling.fast.dense_cells import DenseCells
 from segany.modeling.fast.factored import FactoredTokens, TokenProduct
+from segany.modeling.fast.mask_decoder import DenseCellsDecoder, FastMaskDecoder
+from segany.modeling.sam2 import Sam2
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 
 
@@ -63,7 +66,7 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
         queries = qpe
         x: FactoredTokens | None = None
         for j, layer in enumerate(tr.layers):
-            queries, x = self.block(j, layer, queries, qpe, x)
+            queries, x = self.block(j, layer, queries, qpe, x, cells if j == 0 else None)
         q = queries + qpe
         queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, x, q))
         iou = md.iou_prediction_head(queries[:, s])
@@ -91,10 +94,11 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
         return m.reshape(k, 4 * h, 4 * w)
 
 
-class FastSam2MaskDecoder(Sam2MaskDecoder):
+class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
     """:class:`Sam2MaskDecoder` that decodes prompts without a mask input through
     :class:`Sam2ReassociatedDecoder` at inference (same outputs up to float rounding, a fraction of the
-    work); the plain forward everywhere else."""
+    work), clicks drawn into the dense embedding too (segany's own models with high-resolution features);
+    the plain forward everywhere else."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -116,10 +120,10 @@ class FastSam2MaskDecoder(Sam2MaskDecoder):
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dec = None
+        found = None
         if high_res_features is not None and supports(self):
-            dec = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
-        if dec is None:
+            found = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
+        if found is None:
             return super().forward(
                 image_embeddings,
                 image_pe,
@@ -128,6 +132,7 @@ class FastSam2MaskDecoder(Sam2MaskDecoder):
                 multimask_output,
                 high_res_features,
             )
+        dec, cells = found
         dec.set_high_res(high_res_features)
         n = self.num_mask_tokens
         if multimask_output:
@@ -136,7 +141,7 @@ class FastSam2MaskDecoder(Sam2MaskDecoder):
             which = list(range(n))  # the fallback reads all of them
         else:
             which = [0]
-        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0)
+        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0, cells=cells)
         masks = low.view(iou.shape[0], len(which), *low.shape[-2:])
         if not multimask_output and self.dynamic_multimask_via_stability:
             return self._dynamic_multimask_via_stability(masks, iou)
@@ -144,20 +149,22 @@ class FastSam2MaskDecoder(Sam2MaskDecoder):
 
     def _reassociated(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
-    ) -> Sam2ReassociatedDecoder | None:
-        """The re-associated decoder where it applies: inference, one image embedding, one dense embedding
-        for every pixel and prompt (no mask input). Its per-image part is kept for the next call with the
-        same image (:func:`~segany.modeling.fast.decoder.per_image_decoder`)."""
-        if not active(self) or image_embeddings.shape[0] != 1 or dense.ndim != 4:
+    ) -> tuple[Sam2ReassociatedDecoder, DenseCells | None] | None:
+        """The re-associated decoder where it applies: inference, one image embedding, a dense embedding
+        that :meth:`~segany.modeling.fast.mask_decoder.DenseCellsDecoder.dense_parts` splits (no mask
+        input). Its per-image part is kept for the next call with the same image
+        (:func:`~segany.modeling.fast.decoder.per_image_decoder`)."""
+        if not active(self) or image_embeddings.shape[0] != 1:
             return None
-        if dense.stride(-1) or dense.stride(-2) or (dense.shape[0] > 1 and dense.stride(0)):
-            return None  # a dense embedding that differs from pixel to pixel or from prompt to prompt
-        vec = dense[0, :, 0, 0]
+        parts = self.dense_parts(dense)
+        if parts is None:
+            return None
+        vec, cells = parts
 
         def make() -> Sam2ReassociatedDecoder:
             return Sam2ReassociatedDecoder(self, image_embeddings, vec, image_pe)
 
-        return per_image_decoder(self, image_embeddings, image_pe, vec, make)
+        return per_image_decoder(self, image_embeddings, image_pe, vec, make), cells
 
 
 def supports(decoder: nn.Module) -> bool:
@@ -165,3 +172,30 @@ def supports(decoder: nn.Module) -> bool:
     return (
         isinstance(decoder, Sam2MaskDecoder) and decoder.use_high_res_features and ReassociatedDecoder.supports(decoder)
     )
+
+
+def reassociated_class(model: nn.Module) -> type[ReassociatedDecoder] | None:
+    """The re-associated decoder class for "one image, many prompts without a mask input" of a model built
+    with the fast paths (same results, less work), or None where the model's own decoder must run: SAM's
+    layout, and SAM 2's decoder in segany's own models (high-resolution features on a SAM model; SAM 2
+    itself keeps its decoder, whose image inputs its model prepares differently)."""
+    md = model.mask_decoder
+    if not ReassociatedDecoder.supports(model):
+        return None
+    if isinstance(md, FastMaskDecoder):
+        return ReassociatedDecoder
+    if isinstance(md, FastSam2MaskDecoder) and supports(md) and not isinstance(model, Sam2):
+        return Sam2ReassociatedDecoder
+    return None
+
+
+def reassociated_decoder(model: nn.Module, features: torch.Tensor, decoder_inputs: dict) -> ReassociatedDecoder:
+    """The :func:`reassociated_class` decoder of one image: its embedding ``1 x C x h x w`` and its other
+    decoder inputs (``SamPredictor.decoder_inputs``: the high-resolution features, where the model has them)."""
+    cls = reassociated_class(model)
+    if cls is None:
+        raise ValueError("this model's decoder has no re-associated form")
+    dec = cls.for_model(model, features)
+    if isinstance(dec, Sam2ReassociatedDecoder):
+        dec.set_high_res(decoder_inputs["high_res_features"])
+    return dec

@@ -101,9 +101,7 @@ def conv_layer(layer: ConvLayer, x: torch.Tensor) -> torch.Tensor:
     return patch_merging(layer.downsample, x)
 
 
-def basic_layer(
-    layer: BasicLayer, x: torch.Tensor, hw: tuple[int, int]
-) -> tuple[torch.Tensor, tuple[int, int]]:
+def basic_layer(layer: BasicLayer, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     for blk in layer.blocks:
         x = block(blk, x, hw)
     if layer.downsample is not None:
