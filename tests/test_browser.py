@@ -72,7 +72,7 @@ def server(tmp_path_factory):
         model, name = load_model(DEFAULT_WEIGHTS), "default"
     else:
         torch.manual_seed(0)
-        model, name = build_sam(get_config("segany_default_v2")).eval(), "segany_default_v2 (random weights)"
+        model, name = build_sam(get_config("segany_default_v3")).eval(), "segany_default_v3 (random weights)"
     datasets = tmp_path_factory.mktemp("datasets")
     with running_server(create_app(model, ServerSettings(cache_mb=64, dataset_dir=datasets), model_name=name)) as url:
         yield url, name, datasets

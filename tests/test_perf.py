@@ -260,13 +260,14 @@ def _iou(a, b):
 
 # Tolerances about 3x what was measured (default_v1, TinyViT: bf16 logits within 0.14, masks differing where
 # the fp32 logit is within 0.06 of the threshold, IoU 0.958 on the small rectangle; int8: 0.49, 0.17, 0.876;
-# default, EfficientNet with its first layers kept in fp32: bf16 0.46, 0.05, 0.983): a reduced precision
-# moves the logits a little, so the pixels right at a mask's edge may flip, and on a small mask a few edge
-# pixels weigh in the IoU. A broken mode moves logits by whole units (their range is ~15; default in bf16
-# with its first layers in bf16 too moved them by 7.9, IoU 0.58).
+# default, EfficientNet with its first layers and the stages of its high-resolution maps kept in fp32: bf16
+# 0.53, 0.15, 0.894): a reduced precision moves the logits a little, so the pixels right at a mask's edge may
+# flip, and on a small mask with a soft edge those weigh in the IoU. A broken mode moves logits by whole
+# units (their range is ~30; default in bf16 with its first layers in bf16 too moved them by 7.9, IoU 0.58,
+# and with its high-resolution stages in bf16 by 2.6, IoU 0.64).
 @pytest.mark.parametrize(
     ("name", "precision", "logit_tol", "min_iou"),
-    [("default", "bf16", 1.5, 0.9), ("default_v1", "bf16", 0.5, 0.9), ("default_v1", "int8", 1.5, 0.8)],
+    [("default", "bf16", 1.5, 0.8), ("default_v1", "bf16", 0.5, 0.9), ("default_v1", "int8", 1.5, 0.8)],
 )
 def test_precision_modes_keep_the_shipped_models_masks(name, precision, logit_tol, min_iou):
     if precision == "bf16" and not perf.bf16_supported("cpu"):

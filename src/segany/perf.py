@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -60,11 +60,13 @@ def _autocast_forward(module: nn.Module, dtype: torch.dtype | None) -> None:
     inner = module.forward
     device_type = next(module.parameters()).device.type
 
-    def forward(*args, **kwargs) -> torch.Tensor:
+    def forward(*args, **kwargs) -> Any:
         if dtype is None:
             args = tuple(a.float() if torch.is_tensor(a) else a for a in args)
         with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return inner(*args, **kwargs).float()
+            out = inner(*args, **kwargs)
+        # an encoder with high-resolution features returns [stride 4, stride 8, embedding]
+        return [t.float() for t in out] if isinstance(out, (list, tuple)) else out.float()
 
     module.forward = forward  # type: ignore[method-assign]
 
