@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from eval_default import held_out_objects
 
+from segany.evaluation.clicks import inner_distance
 from segany.training.prompts import batched_clicker_points, clicker_points
 
 
@@ -67,7 +68,7 @@ def main() -> None:
                 continue
             p = pred[i].numpy()
             region = (g & ~p) if int(labels[i]) == 1 else (~g & p)
-            depth = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+            depth = inner_distance(region)
             ratios.append(depth[int(coords[i, 1]), int(coords[i, 0])] / max(float(depth.max()), 1e-6))
         agree = float((labels == exact_labels).float().mean())
         print(

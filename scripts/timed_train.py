@@ -68,16 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     base = TrainConfig.from_yaml(args.config, options)
     out = Path(base.out_dir)
-    probe_cfg = TrainConfig.from_yaml(
-        args.config,
-        {
-            **options,
-            "out_dir": str(out / "probe"),
-            "max_steps": args.probe_steps,
-            "log_every": max(1, args.probe_steps // 2),
-            "val_data": [],
-            "ckpt_every": 10**9,
-        },
+    probe_cfg = dataclasses.replace(
+        base,
+        out_dir=str(out / "probe"),
+        max_steps=args.probe_steps,
+        log_every=max(1, args.probe_steps // 2),
+        val_data=[],
+        ckpt_every=10**9,
     )
     if args.steps_per_s:
         rate = args.steps_per_s

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from segany.errors import SegAnyError
-from segany.evaluation.clicks import next_click
+from segany.evaluation.clicks import inner_distance, next_click
 from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
 from segany.training.loader import collate_for_training
@@ -102,11 +101,6 @@ def test_error_region_points_labels():
     assert l2.tolist() == [-1] and c2.tolist() == [[0.0, 0.0]]
 
 
-def _exact_depth(region: np.ndarray) -> np.ndarray:
-    padded = np.pad(region, 1).astype(np.uint8)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-
-
 def test_clicker_points_are_the_evaluation_clickers_on_the_cpu():
     s = 40
     gt = torch.stack([_disk(s, 12, 14, 8), _disk(s, 25, 25, 10), _disk(s, 20, 20, 6)])
@@ -139,7 +133,7 @@ def test_batched_clicker_points_follow_the_evaluation_clicker(s):
         click = next_click(g, p, ~keep)
         assert int(labels[i]) == (1 if click.is_positive else 0)
         region = (g & ~p if click.is_positive else ~g & p) & keep
-        depth = _exact_depth(region)
+        depth = inner_distance(region)
         x, y = int(coords[i, 0]), int(coords[i, 1])
         assert region[y, x]  # inside the error it corrects, never in ignored pixels
         # chessboard depth: the point reaches at least 1/sqrt(2) of the deepest pixel's Euclidean depth

@@ -32,7 +32,7 @@ def _check_mask(name: str, mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     return mask.astype(bool, copy=False)
 
 
-def _inner_distance(region: np.ndarray) -> np.ndarray:
+def inner_distance(region: np.ndarray) -> np.ndarray:
     """Exact Euclidean distance of each ``region`` pixel (``H x W`` bool) to the nearest non-region pixel.
 
     The map is padded with one pixel of False first so that the image border counts as a region border
@@ -66,8 +66,8 @@ def next_click(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = Non
         keep = ~_check_mask("ignore", ignore, gt.shape)
         fn &= keep
         fp &= keep
-    fn_dist = _inner_distance(fn)
-    fp_dist = _inner_distance(fp)
+    fn_dist = inner_distance(fn)
+    fp_dist = inner_distance(fp)
     fn_max = float(fn_dist.max(initial=0.0))
     fp_max = float(fp_dist.max(initial=0.0))
     if fn_max == 0.0 and fp_max == 0.0:  # every pixel outside `ignore` is already right

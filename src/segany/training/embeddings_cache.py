@@ -160,9 +160,7 @@ def build_embedding_cache(
             for batch in it:
                 x = encoder_input(model, batch["image"].to(device), batch["valid_hw"])
                 with autocast(device, autocast_dtype):
-                    emb = encoder(x)
-                if isinstance(emb, (list, tuple)):  # a high-resolution encoder: [stride 4, stride 8, embedding]
-                    emb = emb[-1]
+                    emb = model.embed_image(x)[0]  # the model's own embedding (its other decoder inputs unused)
                 emb = emb.to(_DTYPES[dtype]).cpu()
                 shape = list(emb.shape[1:])
                 for j, idx in enumerate(batch["index"].tolist()):
