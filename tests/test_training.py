@@ -100,6 +100,9 @@ def test_config_yaml_roundtrip_and_errors(tmp_path):
     p.write_text("max_stpes: 3\n")
     with pytest.raises(SegAnyError, match="max_stpes"):
         TrainConfig.from_yaml(p)
+    p.write_text("# nothing set\n")
+    with pytest.raises(SegAnyError, match="config file is empty"):
+        TrainConfig.from_yaml(p)
     with pytest.raises(SegAnyError, match="loss_resolution"):
         TrainConfig(loss_resolution="half")
     with pytest.raises(SegAnyError, match="freeze_image_encoder"):

@@ -41,9 +41,11 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise SegAnyError(f"{p}: no such training config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SegAnyError(f"{p}: not valid YAML ({e})") from None
+    if data is None:  # an empty file is a mistake more often than a wish for every default
+        raise SegAnyError(f"{p}: the config file is empty (leave out --config for the defaults)")
     if not isinstance(data, dict):
         raise SegAnyError(f"{p}: a training config must be a mapping of option: value")
     return data
