@@ -13,7 +13,7 @@ from PIL import Image
 
 from segany.checkpoint import load_model
 from segany.errors import SegAnyError
-from segany.modeling import build_sam, get_config
+from segany.modeling import SamConfig, build_sam, get_config
 from segany.training.config import TrainConfig
 from segany.training.distributed import weights_sha256
 from segany.training.loader import InfiniteDistributedSampler, collate_for_training
@@ -353,7 +353,13 @@ def test_tiny_training_learns(tmp_path):
 def test_resume_is_exact(tmp_path):
     """3 steps + resume to 6 == 6 straight steps (model, optimizer, schedule, data order, prompts)."""
     # no step decay: the schedule must not depend on max_steps for the 3-step run to be a prefix
-    kw = dict(grad_clip=1.0, augment={"scale_min": 0.5, "scale_max": 1.5}, lr_decay_at=[], warmup_steps=4)
+    from segany.checkpoint import save_model
+
+    torch.manual_seed(0)
+    start = tmp_path / "start.safetensors"  # a decoder head count that the weights' shapes do not tell
+    save_model(build_sam(SamConfig.from_dict({**get_config("tiny_test").to_dict(), "decoder_num_heads": 4})), start)
+    kw = dict(grad_clip=1.0, augment={"scale_min": 0.5, "scale_max": 1.5}, lr_decay_at=[], warmup_steps=4,
+              checkpoint=str(start))
     full = train(tiny_cfg(tmp_path, max_steps=6, out_dir=str(tmp_path / "full"), **kw))
     part = tmp_path / "part"
     train(tiny_cfg(tmp_path, max_steps=3, out_dir=str(part), **kw))
@@ -367,6 +373,8 @@ def test_resume_is_exact(tmp_path):
     assert a == pytest.approx(b, rel=1e-6)
     state = torch.load(part / "last.pt", weights_only=True)
     assert state["step"] == 6 and "optimizer" in state and "rng" in state
+    last = load_model(part / "last.pt")  # last.pt carries the architecture, as final.safetensors does
+    assert last.config == resumed.model.config and weights_sha256(last) == weights_sha256(resumed.model)
 
 
 def test_frozen_encoder_with_embedding_cache(tmp_path):

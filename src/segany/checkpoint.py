@@ -121,11 +121,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise SegAnyError(
             f"{path}: cannot read the checkpoint ({first[:200]}); is it truncated or not a model file?"
         ) from None
+    meta = {}
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        if isinstance(obj.get("model_config"), str):  # segany's training checkpoints (last.pt)
+            meta[CONFIG_METADATA_KEY] = obj["model_config"]
         obj = obj["model"]  # training checkpoints wrap the weights
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SegAnyError(f"{path}: the checkpoint is not a state dict of tensors")
-    return dict(obj), {}
+    return dict(obj), meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -341,6 +341,9 @@ class _SamTraining:
                 "best_step": self.best_step,
                 "rng": rng_state(),
                 "config": json.dumps(self.cfg.to_dict(), default=str),
+                # the architecture, as final.safetensors carries it: load_model reads it (some of it,
+                # such as the decoder's head count, cannot be read off the weights)
+                "model_config": json.dumps(self.model.config.to_dict()),
             }
         )
 
