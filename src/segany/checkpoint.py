@@ -121,7 +121,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise SegAnyError(
             f"{path}: cannot read the checkpoint ({first[:200]}); is it truncated or not a model file?"
         ) from None
-    meta = {}
+    meta: dict[str, str] = {}
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         if isinstance(obj.get("model_config"), str):  # segany's training checkpoints (last.pt)
             meta[CONFIG_METADATA_KEY] = obj["model_config"]
