@@ -94,10 +94,10 @@ class FastMaskDecoder(DenseCellsDecoder, MaskDecoder):
         that :meth:`dense_parts` splits. Its per-image part is kept for the next call on the same image
         (:func:`per_image_decoder`).
         """
-        if not active(self) or image_embeddings.shape[0] != 1:
+        if not active(self) or image_embeddings.shape[0] != 1 or not ReassociatedDecoder.supports(self):
             return None
-        parts = self.dense_parts(dense)
-        if parts is None or not ReassociatedDecoder.supports(self):
+        parts = self.dense_parts(dense)  # after the cheap checks: it compares the prompts' cells
+        if parts is None:
             return None
         vec, cells = parts
         dec = per_image_decoder(
