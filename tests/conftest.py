@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random models and small synthetic images (no downloads, no ../shared)."""
+"""Shared fixtures: tiny random models and small synthetic images (no downloads, no ../shared), and the
+hooks that print and write the reliability tallies (tests/reliability_tally.py) at the end of the session.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +52,34 @@ def image_file(tmp_path) -> Path:
     path = tmp_path / "img.png"
     Image.fromarray(synthetic_image()).save(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability tallies (tests/reliability_tally.py): printed and written once, at the end of the session
+
+
+def _tally():
+    """The tally module if a test file imported it, else None: nothing was tallied."""
+    return sys.modules.get("tests.reliability_tally")
+
+
+def pytest_runtest_logreport(report):
+    tally = _tally()
+    if tally is not None and report.when == "call":
+        if report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in tally.FUZZ_FILES:
+            tally.FUZZ_SECONDS[0] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    tally = _tally()
+    lines = tally.summary_lines() if tally is not None else []
+    if lines:
+        terminalreporter.section("reliability tallies")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session):
+    tally = _tally()
+    if tally is not None:
+        tally.write_session_tallies()

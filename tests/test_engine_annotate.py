@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import synthetic_image
-from reliability_tally import KILL_ENV, write_tally
 
 from segany.cli import main
 from segany.engine.annotate import PAUSE_ENV
 from segany.io.sa1b import read_sa1b
+from tests.reliability_tally import KILL_ENV, write_tally
 
 # Tiny model, few prompts, no quality filters: fast, and the random model still yields masks.
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
