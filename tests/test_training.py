@@ -420,6 +420,28 @@ def test_frozen_encoder_with_embedding_cache(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
+def test_train_only_trains_the_named_parameters_alone(tmp_path):
+    from segany.checkpoint import save_model
+
+    torch.manual_seed(0)
+    start = build_sam(get_config("tiny_test"))
+    ckpt = tmp_path / "start.safetensors"
+    save_model(start, ckpt)
+    head = "mask_decoder.iou_prediction_head."
+    common = dict(checkpoint=str(ckpt), freeze_image_encoder=True, freeze_prompt_encoder=True, val_data=[])
+    res = train(tiny_cfg(tmp_path, train_only=[head], max_steps=3, **common))
+    sd0, sd1 = start.state_dict(), res.model.cpu().state_dict()
+    assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith(head))
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0 if not k.startswith(head))
+    # a prefix that names no trainable parameter (here: a frozen part's) is an error, before any step
+    with pytest.raises(SegAnyError, match="train_only.*prompt_encoder"):
+        train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "frozen"), train_only=["prompt_encoder."], **common))
+    with pytest.raises(SegAnyError, match="freeze_image_encoder"):
+        TrainConfig(train_only=["mask_decoder."])
+    with pytest.raises(SegAnyError, match="train_only"):
+        TrainConfig(train_only=[], freeze_image_encoder=True)
+
+
 def test_frozen_stages_keep_the_stem_and_first_stages_of_an_efficientnet(tmp_path):
     from segany.checkpoint import save_model
     from tests.test_efficientnet import tiny_config

@@ -148,6 +148,9 @@ class TrainConfig(Options):
     frozen_stages: int = 0
     freeze_prompt_encoder: bool = False
     freeze_mask_decoder: bool = False
+    #: parameter-name prefixes, e.g. ``[mask_decoder.iou_prediction_head]``: only the parameters they name
+    #: train (within the parts not frozen above); None: every parameter of those parts
+    train_only: list | None = None
     cache_embeddings: bool = False  #: with freeze_image_encoder: embed un-augmented images once, to disk
     cache_dir: str | None = None  #: default ``out_dir/embeddings``
     cache_dtype: str = "float16"  #: float16 | bfloat16 | float32 (on-disk embeddings)
@@ -297,6 +300,16 @@ class TrainConfig(Options):
             raise SegAnyError("cache_embeddings needs freeze_image_encoder: true (a trained encoder changes)")
         if self.freeze_image_encoder and self.freeze_prompt_encoder and self.freeze_mask_decoder:
             raise SegAnyError("every part of the model is frozen: nothing to train")
+        if self.train_only is not None:
+            if not (
+                isinstance(self.train_only, list)
+                and self.train_only
+                and all(isinstance(k, str) and k for k in self.train_only)
+            ):
+                raise bad("train_only", "must be a non-empty list of parameter-name prefixes")
+            if not self.freeze_image_encoder and not any(k.startswith("image_encoder") for k in self.train_only):
+                # else the encoder's forward would keep its gradients and batch-norm updates for nothing
+                raise bad("train_only", "trains no image_encoder parameter: set freeze_image_encoder: true")
         if not isinstance(self.augment, (bool, dict)):
             raise bad("augment", "must be true, false or a dict of augmentation settings")
         if self.model_changes is not None and (not isinstance(self.model_changes, dict) or not self.checkpoint):

@@ -150,6 +150,13 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
             freeze_stages(cfg.frozen_stages)
         except ValueError as e:
             raise SegAnyError(f"training option frozen_stages={cfg.frozen_stages}: {e}") from None
+    if cfg.train_only:
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        unused = [k for k in cfg.train_only if not any(name.startswith(k) for name, _ in trainable)]
+        if unused:
+            raise SegAnyError(f"training option train_only: no trainable parameter's name starts with {unused}")
+        for name, p in trainable:
+            p.requires_grad_(any(name.startswith(k) for k in cfg.train_only))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
