@@ -27,6 +27,7 @@ from segany.errors import SegAnyError
 from segany.io.rle import decode_rle, encode_rle
 from tests.fuzz_helpers import FAST, SLOW, mutated_image
 from tests.reliability_tally import RUNS
+from tests.test_hostile_files import coco_doc, sa1b_doc
 
 # ------------------------------------------------------------------------------------------------
 # the format readers on fuzzed JSON
@@ -39,52 +40,14 @@ json_value = st.recursive(
 )
 
 
-def _sa1b_base():
-    m = np.zeros((6, 6), bool)
-    m[1:3, 1:4] = True
-    return {
-        "image": {"image_id": 1, "width": 6, "height": 6, "file_name": "a.jpg"},
-        "annotations": [
-            {
-                "id": 1,
-                "segmentation": encode_rle(m),
-                "bbox": [1.0, 1.0, 3.0, 2.0],
-                "area": 6,
-                "predicted_iou": 0.9,
-                "stability_score": 0.95,
-                "point_coords": [[2.0, 2.0]],
-                "crop_box": [0.0, 0.0, 6.0, 6.0],
-            }
-        ],
-    }
-
-
 def _coco_base():
-    m = np.zeros((6, 6), bool)
-    m[1:3, 1:4] = True
-    return {
-        "images": [{"id": 1, "width": 6, "height": 6, "file_name": "a.jpg"}],
-        "annotations": [
-            {
-                "id": 1,
-                "image_id": 1,
-                "category_id": 1,
-                "segmentation": encode_rle(m),
-                "bbox": [1, 1, 3, 2],
-                "area": 6,
-                "iscrowd": 0,
-            },
-            {
-                "id": 2,
-                "image_id": 1,
-                "category_id": 1,
-                "segmentation": [[0, 0, 4, 0, 4, 4]],
-                "bbox": [0, 0, 4, 4],
-                "area": 8,
-            },
-        ],
-        "categories": [{"id": 1, "name": "object"}],
-    }
+    """The hostile tests' COCO document plus a polygon annotation."""
+    doc = coco_doc()
+    polygon = [[0, 0, 4, 0, 4, 4]]
+    doc["annotations"].append(
+        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": polygon, "bbox": [0, 0, 4, 4], "area": 8}
+    )
+    return doc
 
 
 def _paths(doc, prefix=()):
@@ -128,7 +91,7 @@ def read_fuzzed(reader, doc, raw: bytes | None = None) -> None:
 
 
 @FAST
-@given(st.one_of(json_value, mutated_doc(_sa1b_base)), st.one_of(st.none(), st.binary(max_size=64)))
+@given(st.one_of(json_value, mutated_doc(sa1b_doc)), st.one_of(st.none(), st.binary(max_size=64)))
 def test_fuzz_read_sa1b(doc, raw):
     from segany.io.sa1b import read_sa1b
 
