@@ -1,6 +1,6 @@
 """Quality of a model on the held-out real images named by the default-model issue.
 
-    python benchmarks/eval_default.py [--model default] [--max-objects 10] [--out runs/eval_default]
+    python benchmarks/eval_default.py [--model default] [--max-objects 10] [--out runs/eval_default] [--zoom-in]
 
 Held-out sets: the last 5 davis2016_val sequences, coco_panoptic200 val2017, coco_instances_mini val
 (clicks: mIoU@1, @5, NoC@85/90; box: mIoU) and bsds500 test (clicks). Prints a Markdown table (pasted
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from segany import SamPredictor, load_model
 from segany.evaluation.protocols import _select_objects, load_samples, run_box, run_clicks
+from segany.zoom_in import ZoomInPredictor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = [
@@ -77,8 +78,11 @@ def main() -> None:
     ap.add_argument("--max-clicks", type=int, default=5)
     ap.add_argument("--out", default="runs/eval_default")
     ap.add_argument("--sets", nargs="+", help="only these folders (e.g. davis2016_val coco_instances_mini)")
+    ap.add_argument("--zoom-in", action="store_true", help="clicks after the first on a crop around the object (RITM)")
     args = ap.parse_args()
     predictor = SamPredictor(load_model(args.model))
+    if args.zoom_in:
+        predictor = ZoomInPredictor(predictor)
     rows = []
     for title, folder, split, with_box in SETS:
         if args.sets and folder not in args.sets:

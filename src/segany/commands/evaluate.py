@@ -28,6 +28,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--points-per-side", type=int, default=32,
         help="everything protocol: a grid of N x N point prompts (default: 32)",
     )
+    p.add_argument(
+        "--zoom-in", action="store_true",
+        help="clicks protocol: answer clicks after the first on a crop around the object, as RITM's evaluation "
+        "does (a new image embedding whenever the crop moves)",
+    )
     add_model_arg(p)
 
 
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "min_area" else 1):
             raise SegAnyError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.zoom_in and args.protocol != "clicks":
+        raise SegAnyError(f"--zoom-in applies to the clicks protocol, not {args.protocol}")
     if not Path(args.data).is_dir():
         raise SegAnyError(f"{args.data}: no such folder")
     found = load_samples(args.data, args.split, args.max_images)
@@ -50,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
     samples = tqdm(found, total=len(found), desc=f"eval {args.protocol}", unit="img", file=sys.stderr,
                    dynamic_ncols=True)
     if args.protocol == "clicks":
+        from segany.zoom_in import ZoomInPredictor
+
+        predictor = SamPredictor(model)
         res = run_clicks(
-            SamPredictor(model),
+            ZoomInPredictor(predictor) if args.zoom_in else predictor,
             samples,
             max_clicks=args.max_clicks,
             min_area=args.min_area,
@@ -66,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         res = run_everything(gen.generate, samples, min_area=args.min_area, max_objects_per_image=args.max_objects)
     summary = res.summary()
     summary.update({"data": str(args.data), "split": args.split, "model": str(args.model), "protocol": args.protocol})
+    if args.zoom_in:
+        summary["zoom_in"] = True
     if args.out:
         res.write(args.out)
     print(json.dumps(summary, indent=2))

@@ -1,0 +1,174 @@
+"""Zoom-in for interactive clicks: after the first clicks, predict on a crop around the object.
+
+RITM's "ZoomIn" (Sofiiuk et al., "Reviving Iterative Training with Mask Guidance for Interactive
+Segmentation", 2021), which its published click figures use: once a first prediction exists, the image is
+cropped to the box around that mask and every click so far, widened by ``expand``, and the crop is encoded
+at the model's full input size, so the low-resolution mask grid covers the object instead of the whole
+picture. Small objects and boundaries gain most; a zoomed click costs an image embedding whenever the crop
+moves (MODELS.md has the figures).
+
+:class:`ZoomInPredictor` wraps a :class:`~segany.predictor.SamPredictor` and keeps its ``set_image`` /
+``predict`` API, so the evaluation protocols and any SAM click loop run unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segany.errors import SegAnyError
+from segany.predictor import SamPredictor
+from segany.transforms import get_preprocess_shape
+
+#: logit given to pixels outside the crop (the crop holds the previous mask and every click, widened)
+OUTSIDE_LOGIT = -20.0
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
+
+
+class ZoomInPredictor:
+    """A :class:`SamPredictor` that answers later clicks on a crop around the object.
+
+    Args:
+        predictor: the predictor to wrap (its image is replaced by the crops as they are needed).
+        skip_clicks: clicks answered on the whole image before zooming (1: the first click sees it all).
+        expand: the crop is the box around the previous mask and every click, this many times wider and taller.
+        min_side: the crop's smallest width and height, in image pixels.
+        recompute_iou: the crop is kept while the new box overlaps it by at least this IoU and holds every
+            click (RITM's rule: fewer embeddings, steadier crops).
+
+    The previous prediction is the mask whose low-res logits the caller sends back as ``mask_input`` (SAM's
+    click loop); those logits may be in a crop's frame, so the wrapper maps its own full-resolution copy of
+    that mask into the next crop. A call without ``mask_input``, with a box, or with at most
+    ``skip_clicks`` points is answered on the whole image, exactly as the wrapped predictor answers it.
+    """
+
+    def __init__(
+        self,
+        predictor: SamPredictor,
+        skip_clicks: int = 1,
+        expand: float = 2.0,
+        min_side: int = 100,
+        recompute_iou: float = 0.5,
+    ) -> None:
+        if skip_clicks < 1 or expand < 1 or min_side < 1 or not 0 <= recompute_iou <= 1:
+            raise ValueError(
+                "ZoomInPredictor needs skip_clicks >= 1, expand >= 1, min_side >= 1, recompute_iou in [0, 1]"
+            )
+        self.predictor = predictor
+        self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
+        self.model = predictor.model
+        self.image: np.ndarray | None = None
+        self._crop: Box | None = None  # the crop the wrapped predictor holds now
+        self._last: tuple[Box, np.ndarray, np.ndarray] | None = None  # crop, low-res C x s x s, logits C x H x W
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Set the whole image (``H x W x 3`` uint8) and forget the previous prediction."""
+        self.predictor.set_image(image, image_format)
+        self.image = np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)  # crops go in as RGB
+        self._crop = self.full_box
+        self._last = None
+
+    @property
+    def full_box(self) -> Box:
+        assert self.image is not None
+        return (0, 0, self.image.shape[1], self.image.shape[0])
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`SamPredictor.predict`: masks (or logits) ``C x H x W`` in the whole image's frame, IoU
+        predictions ``C`` and the low-res logits ``C x s x s`` of the frame they were predicted in."""
+        if self.image is None:
+            raise SegAnyError("an image must be set with set_image(...) before predicting")
+        previous = self._previous(mask_input)
+        n = 0 if point_coords is None else len(point_coords)
+        zoom = box is None and previous is not None and n > self.skip_clicks and bool((previous > 0).any())
+        crop = self._next_crop(previous > 0, np.asarray(point_coords, dtype=np.float32)) if zoom else self.full_box
+        if crop == self.full_box and (previous is None or self._last is None or self._last[0] == crop):
+            mask_in = mask_input  # the caller's own logits, in this frame already: the official call
+        else:
+            mask_in = self._low_res(previous, crop) if previous is not None else None
+        self._use(crop)
+        x0, y0, x1, y1 = crop
+        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float32) - [x0, y0]
+        box_in = None if box is None else np.asarray(box, dtype=np.float32)
+        logits, scores, low = self.predictor.predict(
+            coords, point_labels, box_in, mask_in, multimask_output, return_logits=True
+        )
+        full = np.full((logits.shape[0], *self.image.shape[:2]), OUTSIDE_LOGIT, dtype=np.float32)
+        full[:, y0:y1, x0:x1] = logits
+        self._last = (crop, low, full)
+        return (full if return_logits else full > self.model.mask_threshold), scores, low
+
+    # -- the previous mask and the crop ------------------------------------------------------------
+
+    def _previous(self, mask_input: np.ndarray | None) -> np.ndarray | None:
+        """Full-resolution logits (``H x W``) of the mask the caller sent back, if it is one of ours."""
+        if mask_input is None or self._last is None:
+            return None
+        _, low, full = self._last
+        sent = np.asarray(mask_input, dtype=np.float32).reshape(-1, *low.shape[-2:])[0]
+        for k in range(low.shape[0]):
+            if np.array_equal(sent, low[k]):
+                return full[k]
+        return None
+
+    def _next_crop(self, mask: np.ndarray, coords: np.ndarray) -> Box:
+        """The box around ``mask`` and ``coords``, widened, at least ``min_side``, inside the image; the
+        current crop instead while it still fits (``recompute_iou``)."""
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask)
+        xs = np.concatenate([xs, coords[:, 0]])
+        ys = np.concatenate([ys, coords[:, 1]])
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        bw = min(max((xs.max() + 1 - xs.min()) * self.expand, self.min_side), w)
+        bh = min(max((ys.max() + 1 - ys.min()) * self.expand, self.min_side), h)
+        x0 = int(np.clip(round(cx - bw / 2), 0, w - round(bw)))
+        y0 = int(np.clip(round(cy - bh / 2), 0, h - round(bh)))
+        new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
+        old = self._crop
+        if old is not None and old != self.full_box and _box_iou(old, new) >= self.recompute_iou:
+            inside = (
+                (coords[:, 0] >= old[0]) & (coords[:, 0] < old[2]) & (coords[:, 1] >= old[1]) & (coords[:, 1] < old[3])
+            )
+            if inside.all():
+                return old
+        return new
+
+    def _low_res(self, logits: np.ndarray, crop: Box) -> np.ndarray:
+        """``logits`` (``H x W``, whole image) as the ``1 x s x s`` mask prompt of ``crop``: cropped, resized
+        as the image is (longest side to the model's input), padded, and brought to the low-res grid."""
+        x0, y0, x1, y1 = crop
+        size = self.model.image_size
+        side_h, side_w = get_preprocess_shape(y1 - y0, x1 - x0, size)
+        part = torch.from_numpy(np.ascontiguousarray(logits[y0:y1, x0:x1]))[None, None]
+        resized = F.interpolate(part, (side_h, side_w), mode="bilinear", align_corners=False)
+        padded = torch.full((1, 1, size, size), OUTSIDE_LOGIT)
+        padded[..., :side_h, :side_w] = resized
+        low = F.interpolate(
+            padded, tuple(self.model.prompt_encoder.mask_input_size), mode="bilinear", align_corners=False
+        )
+        return low[0].numpy()
+
+    def _use(self, crop: Box) -> None:
+        """Let the wrapped predictor hold ``crop`` (one embedding per new crop)."""
+        if crop != self._crop:
+            x0, y0, x1, y1 = crop
+            self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
+            self._crop = crop
+
+
+def _box_iou(a: Box, b: Box) -> float:
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

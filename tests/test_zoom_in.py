@@ -1,0 +1,120 @@
+"""ZoomInPredictor: later clicks answered on a crop around the object (tiny random model, small images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segany.errors import SegAnyError
+from segany.evaluation.protocols import click_object
+from segany.predictor import SamPredictor
+from segany.zoom_in import OUTSIDE_LOGIT, ZoomInPredictor
+from tests.conftest import synthetic_image
+
+
+class CountingPredictor(SamPredictor):
+    """Counts the images it embeds and remembers the last one."""
+
+    def set_image(self, image, image_format="RGB"):
+        self.embedded = getattr(self, "embedded", []) + [image.shape[:2]]
+        super().set_image(image, image_format)
+
+
+@pytest.fixture()
+def zoom(tiny_model):
+    z = ZoomInPredictor(CountingPredictor(tiny_model), skip_clicks=1, expand=1.4, min_side=20)
+    z.set_image(synthetic_image(96, 128))
+    return z
+
+
+def test_first_clicks_are_the_plain_predictors_answer(tiny_model, zoom):
+    plain = SamPredictor(tiny_model)
+    plain.set_image(synthetic_image(96, 128))
+    pt, lab = np.array([[40.0, 30.0]]), np.array([1])
+    for kw in ({"point_coords": pt, "point_labels": lab}, {"box": np.array([10.0, 10.0, 60.0, 50.0])}):
+        a, b = plain.predict(**kw, multimask_output=True), zoom.predict(**kw, multimask_output=True)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    # a later click without mask_input has no previous mask to zoom on: the plain answer too
+    pts, labs = np.array([[40.0, 30.0], [90.0, 70.0]]), np.array([1, 0])
+    np.testing.assert_array_equal(plain.predict(pts, labs)[0], zoom.predict(pts, labs)[0])
+    assert zoom.predictor.embedded == [(96, 128)]
+
+
+def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom):
+    h, w = 96, 128
+    previous = np.full((h, w), -5.0, np.float32)
+    previous[30:50, 40:70] = 5.0  # a 30 x 20 mask
+    zoom._last = (zoom.full_box, np.zeros((1, 4, 4), np.float32), previous[None])
+    sent = np.zeros((1, 4, 4), np.float32)
+    clicks, labels = np.array([[50.0, 40.0], [75.0, 45.0]]), np.array([1, 1])
+    masks, scores, low = zoom.predict(clicks, labels, mask_input=sent, multimask_output=False)
+    x0, y0, x1, y1 = zoom._crop
+    # the box around the mask (x 40..70) and the clicks (x up to 75), 1.4 times wider, holds both
+    assert x0 <= 40 and x1 >= 76 and y0 <= 30 and y1 >= 50 and (x1, y1) != (w, h)
+    assert x1 - x0 == pytest.approx(36 * 1.4, abs=1) and y1 - y0 == pytest.approx(20 * 1.4, abs=1)
+    assert zoom.predictor.embedded[-1] == (y1 - y0, x1 - x0)
+    assert masks.shape == (1, h, w) and scores.shape == (1,)
+    outside = np.ones((h, w), bool)
+    outside[y0:y1, x0:x1] = False
+    assert not masks[0][outside].any()
+    zoom.recompute_iou = 0.0  # keep the crop while it holds every click, whatever the new mask
+    logits = zoom.predict(clicks, labels, mask_input=low, multimask_output=False, return_logits=True)[0]
+    assert (logits[0][outside] == OUTSIDE_LOGIT).all()
+    # the second call sent back the first call's low-res logits: recognised, same crop, no new embedding
+    assert len(zoom.predictor.embedded) == 2
+
+
+def test_the_previous_mask_becomes_the_crops_mask_prompt(zoom):
+    h, w = 96, 128
+    logits = np.full((h, w), -8.0, np.float32)
+    logits[20:60, 30:90] = 8.0
+    crop = (20, 10, 100, 70)
+    low = zoom._low_res(logits, crop)
+    s = zoom.model.prompt_encoder.mask_input_size
+    assert low.shape == (1, *s)
+    # back up to the crop's frame (the input is the crop's longest side at model.image_size, padded)
+    import torch
+    import torch.nn.functional as F
+
+    size = zoom.model.image_size
+    up = F.interpolate(torch.from_numpy(low)[None], (size, size), mode="bilinear", align_corners=False)[0, 0]
+    scale = size / max(crop[2] - crop[0], crop[3] - crop[1])
+    inside = up[int((25 - crop[1]) * scale), int((40 - crop[0]) * scale)]
+    outside = up[int((65 - crop[1]) * scale), int((95 - crop[0]) * scale)]
+    assert inside > 0 > outside
+    assert (up[int(60 * scale) + 2 :, :] < 0).all()  # the padding below the crop is background
+
+
+def test_click_loop_runs_with_zoom_and_reuses_crops(tiny_model, zoom):
+    gt = np.zeros((96, 128), bool)
+    gt[20:60, 30:90] = True
+    ious, clicks = click_object(zoom, gt, None, max_clicks=6)
+    assert len(ious) == 6 and all(0.0 <= v <= 1.0 for v in ious)
+    # at most one embedding per click, plus the whole image
+    assert 1 <= len(zoom.predictor.embedded) <= 1 + len(clicks)
+
+
+def test_bad_settings_and_no_image(tiny_model):
+    with pytest.raises(ValueError, match="skip_clicks"):
+        ZoomInPredictor(SamPredictor(tiny_model), skip_clicks=0)
+    with pytest.raises(ValueError, match="expand"):
+        ZoomInPredictor(SamPredictor(tiny_model), expand=0.5)
+    with pytest.raises(SegAnyError, match="set_image"):
+        ZoomInPredictor(SamPredictor(tiny_model)).predict(np.array([[1.0, 1.0]]), np.array([1]))
+
+
+def test_segany_eval_zoom_in(tmp_path, tiny_checkpoint, capsys):
+    import json
+
+    from segany.cli import main
+    from tests.test_first_hour import _label_map_folder
+
+    data = _label_map_folder(tmp_path / "data")
+    args = ["eval", "--data", str(data), "--max-clicks", "3", "--model", str(tiny_checkpoint)]
+    assert main([*args, "--zoom-in"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["zoom_in"] is True and summary["num_objects"] == 4 and 0.0 <= summary["mIoU@3"] <= 1.0
+    assert main([*args, "--zoom-in", "--protocol", "box"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--zoom-in applies to the clicks protocol, not box") and "Traceback" not in "".join(err)
