@@ -28,6 +28,7 @@ def zoom(tiny_model):
 
 
 def test_first_clicks_are_the_plain_predictors_answer(tiny_model, zoom):
+    zoom.refine_first = False
     plain = SamPredictor(tiny_model)
     plain.set_image(synthetic_image(96, 128))
     pt, lab = np.array([[40.0, 30.0]]), np.array([1])
@@ -39,6 +40,31 @@ def test_first_clicks_are_the_plain_predictors_answer(tiny_model, zoom):
     pts, labs = np.array([[40.0, 30.0], [90.0, 70.0]]), np.array([1, 0])
     np.testing.assert_array_equal(plain.predict(pts, labs)[0], zoom.predict(pts, labs)[0])
     assert zoom.predictor.embedded == [(96, 128)]
+
+
+def test_the_first_click_is_refined_on_a_crop_around_the_best_mask(tiny_model, zoom):
+    plain = SamPredictor(tiny_model)
+    plain.set_image(synthetic_image(96, 128))
+    pt, lab = np.array([[40.0, 30.0]]), np.array([1])
+    masks, scores, _ = plain.predict(pt, lab, multimask_output=True, return_logits=True)
+    best = masks[int(np.argmax(scores))] > 0
+    refined, refined_scores, low = zoom.predict(pt, lab, multimask_output=True)
+    assert refined.shape == (1, 96, 128) and refined_scores.shape == (1,) and low.shape[0] == 1
+    assert best.any()  # (seed 0: the tiny model's best mask has 1,114 pixels)
+    # the crop holds the best whole-image mask and the click; nothing outside it is mask
+    x0, y0, x1, y1 = zoom._crop
+    ys, xs = np.nonzero(best)
+    assert x0 <= min(xs.min(), 40) and x1 > max(xs.max(), 40) and y0 <= min(ys.min(), 30) and y1 > max(ys.max(), 30)
+    assert zoom.predictor.embedded[-1] == (y1 - y0, x1 - x0)
+    outside = np.ones((96, 128), bool)
+    outside[y0:y1, x0:x1] = False
+    assert not refined[0][outside].any()
+    # a box is answered on the whole image, exactly, from the kept embedding (no new one)
+    count = len(zoom.predictor.embedded)
+    b = np.array([10.0, 10.0, 60.0, 50.0])
+    for x, y in zip(plain.predict(box=b), zoom.predict(box=b)):
+        np.testing.assert_array_equal(x, y)
+    assert len(zoom.predictor.embedded) == count
 
 
 def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom):

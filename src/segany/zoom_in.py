@@ -1,11 +1,12 @@
-"""Zoom-in for interactive clicks: after the first clicks, predict on a crop around the object.
+"""Zoom-in for interactive clicks: predict on a crop around the object instead of the whole picture.
 
 RITM's "ZoomIn" (Sofiiuk et al., "Reviving Iterative Training with Mask Guidance for Interactive
-Segmentation", 2021), which its published click figures use: once a first prediction exists, the image is
+Segmentation", 2021), which its published click figures use: once a prediction exists, the image is
 cropped to the box around that mask and every click so far, widened by ``expand``, and the crop is encoded
 at the model's full input size, so the low-resolution mask grid covers the object instead of the whole
-picture. Small objects and boundaries gain most; a zoomed click costs an image embedding whenever the crop
-moves (MODELS.md has the figures).
+picture. The first click's answer is refined the same way (``refine_first``). Small objects and boundaries
+gain most; the price is an image embedding for each first click and whenever the crop moves (MODELS.md
+has the figures).
 
 :class:`ZoomInPredictor` wraps a :class:`~segany.predictor.SamPredictor` and keeps its ``set_image`` /
 ``predict`` API, so the evaluation protocols and any SAM click loop run unchanged.
@@ -28,7 +29,7 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
 
 
 class ZoomInPredictor:
-    """A :class:`SamPredictor` that answers later clicks on a crop around the object.
+    """A :class:`SamPredictor` that answers clicks on a crop around the object.
 
     Args:
         predictor: the predictor to wrap (its image is replaced by the crops as they are needed).
@@ -37,11 +38,15 @@ class ZoomInPredictor:
         min_side: the crop's smallest width and height, in image pixels.
         recompute_iou: the crop is kept while the new box overlaps it by at least this IoU and holds every
             click (RITM's rule: fewer embeddings, steadier crops).
+        refine_first: the first clicks' answer (at most ``skip_clicks`` points, no box, no ``mask_input``) is
+            predicted again on a crop around the best whole-image mask, with that mask as the prompt: one
+            mask, whatever ``multimask_output``, for one more embedding.
 
     The previous prediction is the mask whose low-res logits the caller sends back as ``mask_input`` (SAM's
     click loop); those logits may be in a crop's frame, so the wrapper maps its own full-resolution copy of
-    that mask into the next crop. A call without ``mask_input``, with a box, or with at most
-    ``skip_clicks`` points is answered on the whole image, exactly as the wrapped predictor answers it.
+    that mask into the next crop. Calls with a box, with no previous mask, or with at most ``skip_clicks``
+    points are answered on the whole image, exactly as the wrapped predictor answers them (and then, for
+    the first clicks with ``refine_first``, once more on a crop).
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class ZoomInPredictor:
         expand: float = 2.0,
         min_side: int = 100,
         recompute_iou: float = 0.5,
+        refine_first: bool = True,
     ) -> None:
         if skip_clicks < 1 or expand < 1 or min_side < 1 or not 0 <= recompute_iou <= 1:
             raise ValueError(
@@ -58,6 +64,7 @@ class ZoomInPredictor:
             )
         self.predictor = predictor
         self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
+        self.refine_first = refine_first
         self.model = predictor.model
         self.image: np.ndarray | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
@@ -66,6 +73,9 @@ class ZoomInPredictor:
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Set the whole image (``H x W x 3`` uint8) and forget the previous prediction."""
         self.predictor.set_image(image, image_format)
+        # the whole image's embedding, kept: each object's first click comes back to it
+        p = self.predictor
+        self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
         self.image = np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)  # crops go in as RGB
         self._crop = self.full_box
         self._last = None
@@ -88,20 +98,43 @@ class ZoomInPredictor:
         predictions ``C`` and the low-res logits ``C x s x s`` of the frame they were predicted in."""
         if self.image is None:
             raise SegAnyError("an image must be set with set_image(...) before predicting")
+        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float32)
         previous = self._previous(mask_input)
-        n = 0 if point_coords is None else len(point_coords)
-        zoom = box is None and previous is not None and n > self.skip_clicks and bool((previous > 0).any())
-        crop = self._next_crop(previous > 0, np.asarray(point_coords, dtype=np.float32)) if zoom else self.full_box
-        if crop == self.full_box and (previous is None or self._last is None or self._last[0] == crop):
-            mask_in = mask_input  # the caller's own logits, in this frame already: the official call
-        else:
-            mask_in = self._low_res(previous, crop) if previous is not None else None
+        n = 0 if coords is None else len(coords)
+        if box is None and previous is not None and n > self.skip_clicks and (previous > 0).any():
+            crop = self._next_crop(previous > 0, coords)
+            return self._predict_on(
+                crop, coords, point_labels, None, self._low_res(previous, crop), multimask_output, return_logits
+            )
+        if previous is not None and self._last is not None and self._last[0] != self.full_box:
+            mask_input = self._low_res(previous, self.full_box)  # the caller's logits are in a crop's frame
+        whole = self._predict_on(self.full_box, coords, point_labels, box, mask_input, multimask_output, return_logits)
+        if not self.refine_first or box is not None or mask_input is not None or not 0 < n <= self.skip_clicks:
+            return whole  # exactly the wrapped predictor's answer
+        # the first clicks: the best whole-image mask again, on a crop around it, with itself as the mask prompt
+        best = self._last[2][int(np.argmax(whole[1]))]
+        if not (best > 0).any():
+            return whole
+        crop = self._next_crop(best > 0, coords)
+        return self._predict_on(crop, coords, point_labels, None, self._low_res(best, crop), False, return_logits)
+
+    def _predict_on(
+        self,
+        crop: Box,
+        coords: np.ndarray | None,
+        labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The wrapped predictor's answer on ``crop`` (prompts in the whole image's frame, ``mask_input`` in
+        the crop's), pasted into the whole image; remembered as the previous prediction."""
         self._use(crop)
         x0, y0, x1, y1 = crop
-        coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float32) - [x0, y0]
-        box_in = None if box is None else np.asarray(box, dtype=np.float32)
+        shifted = None if coords is None else coords - np.array([x0, y0], dtype=np.float32)
         logits, scores, low = self.predictor.predict(
-            coords, point_labels, box_in, mask_in, multimask_output, return_logits=True
+            shifted, labels, box, mask_input, multimask_output, return_logits=True
         )
         full = np.full((logits.shape[0], *self.image.shape[:2]), OUTSIDE_LOGIT, dtype=np.float32)
         full[:, y0:y1, x0:x1] = logits
@@ -159,10 +192,14 @@ class ZoomInPredictor:
         return low[0].numpy()
 
     def _use(self, crop: Box) -> None:
-        """Let the wrapped predictor hold ``crop`` (one embedding per new crop)."""
+        """Let the wrapped predictor hold ``crop`` (one embedding per new crop; the whole image's is kept)."""
         if crop != self._crop:
             x0, y0, x1, y1 = crop
-            self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
+            if crop == self.full_box:
+                embedding, original_size, input_size, decoder_inputs = self._whole
+                self.predictor.set_embedding(embedding, original_size, input_size, decoder_inputs=decoder_inputs)
+            else:
+                self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
             self._crop = crop
 
 

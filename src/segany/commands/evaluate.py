@@ -30,8 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--zoom-in", action="store_true",
-        help="clicks protocol: answer clicks after the first on a crop around the object, as RITM's evaluation "
-        "does (a new image embedding whenever the crop moves)",
+        help="clicks protocol: answer clicks on a crop around the object (the first refined there, later ones "
+        "predicted there), as RITM's evaluation does (an image embedding whenever the crop moves)",
     )
     add_model_arg(p)
 
