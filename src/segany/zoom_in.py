@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from segany.errors import SegAnyError
 from segany.predictor import SamPredictor
 from segany.transforms import get_preprocess_shape
+from segany.utils.masks import box_iou
 
 #: logit given to pixels outside the crop (the crop holds the previous mask and every click, widened)
 OUTSIDE_LOGIT = -20.0
@@ -68,13 +69,13 @@ class ZoomInPredictor:
         self.model = predictor.model
         self.image: np.ndarray | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
+        self._whole: tuple | None = None  # the whole image's embedding, original and input sizes, decoder inputs
         self._last: tuple[Box, np.ndarray, np.ndarray] | None = None  # crop, low-res C x s x s, logits C x H x W
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Set the whole image (``H x W x 3`` uint8) and forget the previous prediction."""
         self.predictor.set_image(image, image_format)
-        # the whole image's embedding, kept: each object's first click comes back to it
-        p = self.predictor
+        p = self.predictor  # its whole-image embedding is kept: each object's first click comes back to it
         self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
         self.image = np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)  # crops go in as RGB
         self._crop = self.full_box
@@ -148,7 +149,10 @@ class ZoomInPredictor:
         if mask_input is None or self._last is None:
             return None
         _, low, full = self._last
-        sent = np.asarray(mask_input, dtype=np.float32).reshape(-1, *low.shape[-2:])[0]
+        sent = np.asarray(mask_input, dtype=np.float32)
+        if sent.size != low[0].size:
+            return None  # not one of ours; the wrapped predictor checks its shape
+        sent = sent.reshape(low[0].shape)
         for k in range(low.shape[0]):
             if np.array_equal(sent, low[k]):
                 return full[k]
@@ -168,7 +172,11 @@ class ZoomInPredictor:
         y0 = int(np.clip(round(cy - bh / 2), 0, h - round(bh)))
         new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
         old = self._crop
-        if old is not None and old != self.full_box and _box_iou(old, new) >= self.recompute_iou:
+        if (
+            old is not None
+            and old != self.full_box
+            and float(box_iou(torch.tensor([old]), torch.tensor([new]))[0, 0]) >= self.recompute_iou
+        ):
             inside = (
                 (coords[:, 0] >= old[0]) & (coords[:, 0] < old[2]) & (coords[:, 1] >= old[1]) & (coords[:, 1] < old[3])
             )
@@ -201,11 +209,3 @@ class ZoomInPredictor:
             else:
                 self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
             self._crop = crop
-
-
-def _box_iou(a: Box, b: Box) -> float:
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
