@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--max-clicks", type=int, default=5)
     ap.add_argument("--out", default="runs/eval_default")
     ap.add_argument("--sets", nargs="+", help="only these folders (e.g. davis2016_val coco_instances_mini)")
-    ap.add_argument("--zoom-in", action="store_true", help="clicks on a crop around the object (RITM's zoom-in)")
+    ap.add_argument("--zoom-in", action="store_true", help="clicks, boxes on a crop around the object (RITM)")
     args = ap.parse_args()
     predictor = SamPredictor(load_model(args.model))
     if args.zoom_in:

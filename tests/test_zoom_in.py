@@ -28,7 +28,7 @@ def zoom(tiny_model):
 
 
 def test_first_clicks_are_the_plain_predictors_answer(tiny_model, zoom):
-    zoom.refine_first = False
+    zoom.refine_first = zoom.zoom_box = False
     plain = SamPredictor(tiny_model)
     plain.set_image(synthetic_image(96, 128))
     pt, lab = np.array([[40.0, 30.0]]), np.array([1])
@@ -59,12 +59,22 @@ def test_the_first_click_is_refined_on_a_crop_around_the_best_mask(tiny_model, z
     outside = np.ones((96, 128), bool)
     outside[y0:y1, x0:x1] = False
     assert not refined[0][outside].any()
-    # a box is answered on the whole image, exactly, from the kept embedding (no new one)
+    # without zoom_box a box is answered on the whole image, exactly, from the kept embedding (no new one)
     count = len(zoom.predictor.embedded)
     b = np.array([10.0, 10.0, 60.0, 50.0])
+    zoom.zoom_box = False
     for x, y in zip(plain.predict(box=b), zoom.predict(box=b)):
         np.testing.assert_array_equal(x, y)
     assert len(zoom.predictor.embedded) == count
+    # with it, on a crop around the box (corners as pixels: 51 x 41), 1.4 times as wide and tall (the fixture's expand)
+    zoom.zoom_box = True
+    masks, _, _ = zoom.predict(box=b, multimask_output=False)
+    x0, y0, x1, y1 = zoom._crop
+    assert (x1 - x0, y1 - y0) == (round(51 * 1.4), round(41 * 1.4)) and x0 <= 10 and x1 >= 60 and y0 <= 10 and y1 >= 50
+    assert zoom.predictor.embedded[-1] == (y1 - y0, x1 - x0) and masks.shape == (1, 96, 128)
+    outside = np.ones((96, 128), bool)
+    outside[y0:y1, x0:x1] = False
+    assert not masks[0][outside].any()
 
 
 def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom):
@@ -141,6 +151,9 @@ def test_segany_eval_zoom_in(tmp_path, tiny_checkpoint, capsys):
     assert main([*args, "--zoom-in"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["zoom_in"] is True and summary["num_objects"] == 4 and 0.0 <= summary["mIoU@3"] <= 1.0
-    assert main([*args, "--zoom-in", "--protocol", "box"]) == 2
+    assert main([*args, "--zoom-in", "--protocol", "box"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_objects"] == 4
+    assert main([*args, "--zoom-in", "--protocol", "everything"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--zoom-in applies to the clicks protocol, not box") and "Traceback" not in "".join(err)
+    assert err[-1].endswith("--zoom-in applies to the clicks and box protocols, not everything")
+    assert "Traceback" not in "".join(err)

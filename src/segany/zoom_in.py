@@ -1,12 +1,12 @@
-"""Zoom-in for interactive clicks: predict on a crop around the object instead of the whole picture.
+"""Zoom-in for interactive prompts: predict on a crop around the object instead of the whole picture.
 
 RITM's "ZoomIn" (Sofiiuk et al., "Reviving Iterative Training with Mask Guidance for Interactive
 Segmentation", 2021), which its published click figures use: once a prediction exists, the image is
 cropped to the box around that mask and every click so far, widened by ``expand``, and the crop is encoded
 at the model's full input size, so the low-resolution mask grid covers the object instead of the whole
-picture. The first click's answer is refined the same way (``refine_first``). Small objects and boundaries
-gain most; the price is an image embedding for each first click and whenever the crop moves (MODELS.md
-has the figures).
+picture. The first click's answer is refined the same way (``refine_first``) and a box is answered on a
+crop around it (``zoom_box``). Small objects and boundaries gain most; the price is an image embedding
+for each first click or box and whenever the crop moves (MODELS.md has the figures).
 
 :class:`ZoomInPredictor` wraps a :class:`~segany.predictor.SamPredictor` and keeps its ``set_image`` /
 ``predict`` API, so the evaluation protocols and any SAM click loop run unchanged.
@@ -30,7 +30,7 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
 
 
 class ZoomInPredictor:
-    """A :class:`SamPredictor` that answers clicks on a crop around the object.
+    """A :class:`SamPredictor` that answers clicks and boxes on a crop around the object.
 
     Args:
         predictor: the predictor to wrap (its image is replaced by the crops as they are needed).
@@ -42,12 +42,14 @@ class ZoomInPredictor:
         refine_first: the first clicks' answer (at most ``skip_clicks`` points, no box, no ``mask_input``) is
             predicted again on a crop around the best whole-image mask, with that mask as the prompt: one
             mask, whatever ``multimask_output``, for one more embedding.
+        zoom_box: a box (with any clicks) is answered on a crop around it, widened by ``expand`` (unless it
+            comes with a ``mask_input`` that is not one of ours: the whole image then).
 
     The previous prediction is the mask whose low-res logits the caller sends back as ``mask_input`` (SAM's
     click loop); those logits may be in a crop's frame, so the wrapper maps its own full-resolution copy of
-    that mask into the next crop. Calls with a box, with no previous mask, or with at most ``skip_clicks``
-    points are answered on the whole image, exactly as the wrapped predictor answers them (and then, for
-    the first clicks with ``refine_first``, once more on a crop).
+    that mask into the next crop. Calls with no previous mask or with at most ``skip_clicks`` points are
+    answered on the whole image, exactly as the wrapped predictor answers them (and then, for the first
+    clicks with ``refine_first``, once more on a crop); so are boxes without ``zoom_box``.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ZoomInPredictor:
         min_side: int = 100,
         recompute_iou: float = 0.5,
         refine_first: bool = True,
+        zoom_box: bool = True,
     ) -> None:
         if skip_clicks < 1 or expand < 1 or min_side < 1 or not 0 <= recompute_iou <= 1:
             raise ValueError(
@@ -65,7 +68,7 @@ class ZoomInPredictor:
             )
         self.predictor = predictor
         self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
-        self.refine_first = refine_first
+        self.refine_first, self.zoom_box = refine_first, zoom_box
         self.model = predictor.model
         self.image: np.ndarray | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
@@ -107,6 +110,14 @@ class ZoomInPredictor:
             return self._predict_on(
                 crop, coords, point_labels, None, self._low_res(previous, crop), multimask_output, return_logits
             )
+        if box is not None and self.zoom_box and (mask_input is None or previous is not None):
+            # a box: its crop, widened as a mask's box is (its corners and any clicks in it)
+            b = np.asarray(box, dtype=np.float32).reshape(4)
+            corners = np.concatenate([b.reshape(2, 2), coords if coords is not None else np.zeros((0, 2), np.float32)])
+            crop = self._next_crop(np.zeros(self.image.shape[:2], bool), corners, keep=False)
+            prompt = None if previous is None else self._low_res(previous, crop)
+            shift = np.array(crop[:2] * 2, dtype=np.float32)
+            return self._predict_on(crop, coords, point_labels, b - shift, prompt, multimask_output, return_logits)
         if previous is not None and self._last is not None and self._last[0] != self.full_box:
             mask_input = self._low_res(previous, self.full_box)  # the caller's logits are in a crop's frame
         whole = self._predict_on(self.full_box, coords, point_labels, box, mask_input, multimask_output, return_logits)
@@ -158,9 +169,9 @@ class ZoomInPredictor:
                 return full[k]
         return None
 
-    def _next_crop(self, mask: np.ndarray, coords: np.ndarray) -> Box:
-        """The box around ``mask`` and ``coords``, widened, at least ``min_side``, inside the image; the
-        current crop instead while it still fits (``recompute_iou``)."""
+    def _next_crop(self, mask: np.ndarray, coords: np.ndarray, keep: bool = True) -> Box:
+        """The box around ``mask`` and ``coords`` (``N x 2``), widened, at least ``min_side``, inside the image;
+        with ``keep``, the current crop instead while it still fits (``recompute_iou``)."""
         h, w = mask.shape
         ys, xs = np.nonzero(mask)
         xs = np.concatenate([xs, coords[:, 0]])
@@ -173,7 +184,8 @@ class ZoomInPredictor:
         new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
         old = self._crop
         if (
-            old is not None
+            keep
+            and old is not None
             and old != self.full_box
             and float(box_iou(torch.tensor([old]), torch.tensor([new]))[0, 0]) >= self.recompute_iou
         ):

@@ -30,8 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--zoom-in", action="store_true",
-        help="clicks protocol: answer clicks on a crop around the object (the first refined there, later ones "
-        "predicted there), as RITM's evaluation does (an image embedding whenever the crop moves)",
+        help="clicks and box protocols: answer on a crop around the object (the first click refined there, later "
+        "ones and boxes predicted there), as RITM's evaluation does (an image embedding whenever the crop moves)",
     )
     add_model_arg(p)
 
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "min_area" else 1):
             raise SegAnyError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.zoom_in and args.protocol != "clicks":
-        raise SegAnyError(f"--zoom-in applies to the clicks protocol, not {args.protocol}")
+    if args.zoom_in and args.protocol == "everything":
+        raise SegAnyError("--zoom-in applies to the clicks and box protocols, not everything")
     if not Path(args.data).is_dir():
         raise SegAnyError(f"{args.data}: no such folder")
     found = load_samples(args.data, args.split, args.max_images)
@@ -56,19 +56,15 @@ def run(args: argparse.Namespace) -> int:
     # Progress on stderr (stdout carries the JSON summary).
     samples = tqdm(found, total=len(found), desc=f"eval {args.protocol}", unit="img", file=sys.stderr,
                    dynamic_ncols=True)
-    if args.protocol == "clicks":
+    if args.protocol in ("clicks", "box"):
         from segany.zoom_in import ZoomInPredictor
 
-        predictor = SamPredictor(model)
-        res = run_clicks(
-            ZoomInPredictor(predictor) if args.zoom_in else predictor,
-            samples,
-            max_clicks=args.max_clicks,
-            min_area=args.min_area,
-            max_objects_per_image=args.max_objects,
-        )
-    elif args.protocol == "box":
-        res = run_box(SamPredictor(model), samples, min_area=args.min_area, max_objects_per_image=args.max_objects)
+        predictor = ZoomInPredictor(SamPredictor(model)) if args.zoom_in else SamPredictor(model)
+        common = dict(min_area=args.min_area, max_objects_per_image=args.max_objects)
+        if args.protocol == "clicks":
+            res = run_clicks(predictor, samples, max_clicks=args.max_clicks, **common)
+        else:
+            res = run_box(predictor, samples, **common)
     else:
         from segany.automatic import SamAutomaticMaskGenerator
 
