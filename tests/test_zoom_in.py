@@ -81,8 +81,9 @@ def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom
     h, w = 96, 128
     previous = np.full((h, w), -5.0, np.float32)
     previous[30:50, 40:70] = 5.0  # a 30 x 20 mask
-    zoom._last = (zoom.full_box, np.zeros((1, 4, 4), np.float32), previous[None])
-    sent = np.zeros((1, 4, 4), np.float32)
+    side = tuple(zoom.model.prompt_encoder.mask_input_size)
+    zoom._last = (zoom.full_box, np.zeros((1, *side), np.float32), previous[None])
+    sent = np.zeros((1, *side), np.float32)
     clicks, labels = np.array([[50.0, 40.0], [75.0, 45.0]]), np.array([1, 1])
     masks, scores, low = zoom.predict(clicks, labels, mask_input=sent, multimask_output=False)
     x0, y0, x1, y1 = zoom._crop
@@ -138,6 +139,11 @@ def test_bad_settings_and_no_image(tiny_model):
         ZoomInPredictor(SamPredictor(tiny_model), expand=0.5)
     with pytest.raises(SegAnyError, match="set_image"):
         ZoomInPredictor(SamPredictor(tiny_model)).predict(np.array([[1.0, 1.0]]), np.array([1]))
+    zoom = ZoomInPredictor(SamPredictor(tiny_model))
+    zoom.set_image(synthetic_image(32, 40))
+    for kw in ({"box": np.array([1.0, np.nan, 5.0, 5.0])}, {"box": np.zeros(3)}, {"point_coords": np.ones((1, 3))}):
+        with pytest.raises(SegAnyError):
+            zoom.predict(point_labels=np.array([1]) if "point_coords" in kw else None, **kw)
 
 
 def test_segany_eval_zoom_in(tmp_path, tiny_checkpoint, capsys):

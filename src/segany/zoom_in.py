@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from segany.errors import SegAnyError
 from segany.predictor import SamPredictor
+from segany.prompts import check_prompts
 from segany.transforms import get_preprocess_shape
 from segany.utils.masks import box_iou
 
@@ -102,6 +103,8 @@ class ZoomInPredictor:
         predictions ``C`` and the low-res logits ``C x s x s`` of the frame they were predicted in."""
         if self.image is None:
             raise SegAnyError("an image must be set with set_image(...) before predicting")
+        # the prompts' checks first (one-line SegAnyError), before any crop arithmetic on them
+        check_prompts(point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size)
         coords = None if point_coords is None else np.asarray(point_coords, dtype=np.float32)
         previous = self._previous(mask_input)
         n = 0 if coords is None else len(coords)
