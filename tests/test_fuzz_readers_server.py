@@ -2,7 +2,8 @@
 arbitrary requests into the server's predict and upload endpoints; each may only answer with a
 SegAnyError (HTTP 4xx for the server) or a valid result. Crashes found by fuzzing are kept as explicit
 regression tests at the end. Part 1 (properties, the image decoder, prompts and the CLI parser) is
-tests/test_fuzz.py; the settings and strategies both use are in tests/fuzz_helpers.py.
+tests/test_fuzz.py; the settings and strategies both use are in tests/fuzz_helpers.py, the seed SA-1B
+and COCO documents come from tests/test_hostile_files.py.
 
 ``RUNS`` (tests/reliability_tally.py) counts the examples each test executed; the hooks in
 tests/conftest.py print them and write them as JSON to ``$SEGANY_RELIABILITY_FUZZ_JSON`` when set.
