@@ -109,15 +109,15 @@ class ZoomInPredictor:
         previous = self._previous(mask_input)
         n = 0 if coords is None else len(coords)
         if box is None and previous is not None and n > self.skip_clicks and (previous > 0).any():
-            crop = self._next_crop(previous > 0, coords)
+            crop = self._next_crop(_with_box_of(previous > 0, coords), coords)
             return self._predict_on(
                 crop, coords, point_labels, None, self._low_res(previous, crop), multimask_output, return_logits
             )
         if box is not None and self.zoom_box and (mask_input is None or previous is not None):
             # a box: its crop, widened as a mask's box is (its corners and any clicks in it)
             b = np.asarray(box, dtype=np.float32).reshape(4)
-            corners = np.concatenate([b.reshape(2, 2), coords if coords is not None else np.zeros((0, 2), np.float32)])
-            crop = self._next_crop(np.zeros(self.image.shape[:2], bool), corners, keep=False)
+            held = b.reshape(2, 2) if coords is None else np.concatenate([b.reshape(2, 2), coords])
+            crop = self._next_crop(held)  # a box is a new prompt: a new crop
             prompt = None if previous is None else self._low_res(previous, crop)
             shift = np.array(crop[:2] * 2, dtype=np.float32)
             return self._predict_on(crop, coords, point_labels, b - shift, prompt, multimask_output, return_logits)
@@ -130,7 +130,7 @@ class ZoomInPredictor:
         best = self._last[2][int(np.argmax(whole[1]))]
         if not (best > 0).any():
             return whole
-        crop = self._next_crop(best > 0, coords)
+        crop = self._next_crop(_with_box_of(best > 0, coords), coords)
         return self._predict_on(crop, coords, point_labels, None, self._low_res(best, crop), False, return_logits)
 
     def _predict_on(
@@ -172,13 +172,11 @@ class ZoomInPredictor:
                 return full[k]
         return None
 
-    def _next_crop(self, mask: np.ndarray, coords: np.ndarray, keep: bool = True) -> Box:
-        """The box around ``mask`` and ``coords`` (``N x 2``), widened, at least ``min_side``, inside the image;
-        with ``keep``, the current crop instead while it still fits (``recompute_iou``)."""
-        h, w = mask.shape
-        ys, xs = np.nonzero(mask)
-        xs = np.concatenate([xs, coords[:, 0]])
-        ys = np.concatenate([ys, coords[:, 1]])
+    def _next_crop(self, points: np.ndarray, clicks: np.ndarray | None = None) -> Box:
+        """The box around ``points`` (``N x 2`` pixel positions, x y), widened, at least ``min_side``, inside the
+        image; given the ``clicks``, the current crop instead while it still fits them (``recompute_iou``)."""
+        h, w = self.image.shape[:2]
+        xs, ys = points[:, 0], points[:, 1]
         cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
         bw = min(max((xs.max() + 1 - xs.min()) * self.expand, self.min_side), w)
         bh = min(max((ys.max() + 1 - ys.min()) * self.expand, self.min_side), h)
@@ -187,13 +185,13 @@ class ZoomInPredictor:
         new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
         old = self._crop
         if (
-            keep
+            clicks is not None
             and old is not None
             and old != self.full_box
             and float(box_iou(torch.tensor([old]), torch.tensor([new]))[0, 0]) >= self.recompute_iou
         ):
             inside = (
-                (coords[:, 0] >= old[0]) & (coords[:, 0] < old[2]) & (coords[:, 1] >= old[1]) & (coords[:, 1] < old[3])
+                (clicks[:, 0] >= old[0]) & (clicks[:, 0] < old[2]) & (clicks[:, 1] >= old[1]) & (clicks[:, 1] < old[3])
             )
             if inside.all():
                 return old
@@ -224,3 +222,10 @@ class ZoomInPredictor:
             else:
                 self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
             self._crop = crop
+
+
+def _with_box_of(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """The corners of ``mask``'s tight box (``H x W`` bool, not empty) and the clicks ``coords``: ``N x 2`` (x, y)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    corners = np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]], dtype=np.float32)
+    return np.concatenate([corners, coords])
