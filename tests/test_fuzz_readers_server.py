@@ -241,3 +241,22 @@ def test_server_nonfinite_values_inside_valid_shapes_are_400(server):
     ):
         r = client.post(f"/api/images/{image_id}/predict", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (body, r.status_code, r.text)
+
+
+def test_regression_tiff_tag_of_the_wrong_type_is_refused():
+    """Found by test_fuzz_decode_image_mutated_files: a TIFF whose strip offsets are typed RATIONAL made
+    Pillow raise TypeError out of decode_image."""
+    import struct
+
+    from segany.io.images import decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets: LONG -> RATIONAL
+            struct.pack_into("<H", data, entry + 2, 5)
+    with pytest.raises(SegAnyError, match="truncated or corrupt"):
+        decode_image(bytes(data), "x.tif")

@@ -63,7 +63,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
         raise SegAnyError(f"{name}: refused, the image decodes to too many pixels ({e})") from None
     except UnidentifiedImageError:
         raise SegAnyError(f"{name}: not an image in a format we can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    # TypeError: Pillow's TIFF decoder on a tag of the wrong type (e.g. rational strip offsets)
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as e:
         raise SegAnyError(f"{name}: the image is truncated or corrupt ({e})") from None
     return np.ascontiguousarray(arr)
 
