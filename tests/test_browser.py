@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -207,6 +208,21 @@ def test_page_segments_in_the_browser(browser, server, tmp_path, tmp_path_factor
     assert np.array_equal(mask, keep_parts_touching_box(mask, [x0, y0, x1, y1]))
     page.click("#undo")
     assert page.evaluate("window.segany.box") is None
+
+    # A second click refines the selected mask, zoomed in (the "Zoom in" box is ticked by default): the
+    # request carries the previous mask's logits handle and zoom_in.
+    assert page.is_checked("#zoom-in") and page.evaluate("window.segany.points.length") == 0
+    page.mouse.click(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.35)
+    page.wait_for_function("window.segany.points.length === 1 && window.segany.candidates.length === 3", timeout=30_000)
+    with page.expect_request(lambda r: r.url.endswith("/predict")) as sent:
+        page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55)
+    body = json.loads(sent.value.post_data)
+    assert body["zoom_in"] is True and len(body["points"]) == 2 and isinstance(body["mask_input"], str)
+    page.wait_for_function("window.segany.points.length === 2 && window.segany.candidates.length === 3 && "
+                           "!document.getElementById('status').textContent.startsWith('Predicting')", timeout=30_000)
+    assert "failed" not in page.inner_text("#status")
+    page.click("#reset")
+    assert page.evaluate("window.segany.points.length + window.segany.candidates.length") == 0
 
     # Everything (server side), on a coarse grid to keep the test short. With thresholds no mask passes,
     # the status line says what each filter removed.

@@ -277,7 +277,7 @@ def test_unknown_image_id(client):
 
 def test_lru_eviction_under_a_small_cache(tiny_model):
     per_image = len(png_bytes()) + 32 * 8 * 8 * 4  # the file + the float32 embedding
-    settings = ServerSettings(cache_mb=2.5 * per_image / MB)  # 7/8 of it for images: room for 2
+    settings = ServerSettings(cache_mb=3 * per_image / MB)  # 3/4 of it for images: room for 2
     with TestClient(create_app(tiny_model, settings)) as c:
         ids = [upload(c, png_bytes(seed=s)) for s in range(3)]
         assert len(set(ids)) == 3

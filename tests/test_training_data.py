@@ -158,7 +158,7 @@ def test_zoom_options_are_checked() -> None:
     with pytest.raises(ValueError, match="probabilities"):
         AugmentConfig(zoom_p=1.5)
     with pytest.raises(ValueError, match="zoom_context_min"):
-        AugmentConfig(zoom_context_min=0.5)
+        AugmentConfig(zoom_context_min=0.4)
 
 
 def test_large_masks_dropped_and_cap() -> None:

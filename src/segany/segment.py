@@ -35,6 +35,7 @@ def segment_image(
     text: str | None = None,
     instances: int | None = None,
     detector: str | None = None,
+    zoom_in: bool = False,
 ) -> dict[str, Any]:
     """Run the predictor on one image and write ``mask*.png``, ``overlay.png`` and ``result.json``.
 
@@ -43,6 +44,9 @@ def segment_image(
 
     ``text``: a text prompt (with or without points / box); ``instances``: with a text alone, one mask per
     matching object, at most that many; ``detector``: an open-vocabulary detector folder for the text.
+    ``zoom_in``: points and a box answered on a crop around the object (:class:`segany.zoom_in.ZoomInPredictor`:
+    the whole image's best mask predicted again on a crop around it, one mask, unless ``multimask``; a box on
+    a crop around it).
     """
     from segany.checkpoint import load_model
     from segany.io.atomic import atomic_write_json
@@ -53,6 +57,8 @@ def segment_image(
     from segany.utils.masks import keep_parts_touching_box
     from segany.viz import overlay_masks, save_png
 
+    if zoom_in and text is not None:
+        raise SegAnyError("--zoom-in answers points and boxes; a text prompt is answered on the whole image")
     image = load_image(image_path)
     h, w = image.shape[:2]
     check_prompts_in_image(points, box, h, w)
@@ -65,6 +71,10 @@ def segment_image(
 
         text_detector = OpenVocabularyDetector.from_pretrained(detector, device=device)
     predictor = SamPredictor(sam, text_detector=text_detector)
+    if zoom_in:
+        from segany.zoom_in import ZoomInPredictor
+
+        predictor = ZoomInPredictor(predictor, refine_first=not multimask)  # --multimask: the whole image's 3
     predictor.set_image(image)
     coords = np.array([p for p, _ in points], dtype=np.float64) if points else None
     labels = np.array([lab for _, lab in points], dtype=np.int64) if points else None
@@ -75,8 +85,9 @@ def segment_image(
     else:
         # One ambiguous prompt: ask for 3 masks and keep the best, as the paper recommends.
         ambiguous = box is None and len(points) == 1 and text is None
+        text_kw = {} if text is None else {"text": text}  # ZoomInPredictor takes no text (checked above)
         masks, scores, _ = predictor.predict(
-            coords, labels, box_arr, multimask_output=multimask or ambiguous, text=text
+            coords, labels, box_arr, multimask_output=multimask or ambiguous, **text_kw
         )
         order = np.argsort(-scores)
         if not multimask:

@@ -9,10 +9,16 @@ crop around it (``zoom_box``). Small objects and boundaries gain most; the price
 for each first click or box and whenever the crop moves (MODELS.md has the figures).
 
 :class:`ZoomInPredictor` wraps a :class:`~segany.predictor.SamPredictor` and keeps its ``set_image`` /
-``predict`` API, so the evaluation protocols and any SAM click loop run unchanged.
+``predict`` API, so the evaluation protocols and any SAM click loop run unchanged. A caller that keeps no
+predictor between calls (the server) rebuilds one from the whole image's cached embedding
+(:meth:`ZoomInPredictor.set_embedding`), hands back the previous answer's crop and logits
+(:meth:`ZoomInPredictor.remember`) and may keep the crops' embeddings in its own bounded cache
+(``crop_cache``).
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +34,16 @@ from segany.utils.masks import box_iou
 OUTSIDE_LOGIT = -20.0
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
+#: a crop's embedding, original size, input size and the decoder's other image inputs
+CropEmbedding = tuple[torch.Tensor, tuple[int, int], tuple[int, int], dict[str, Any]]
+
+
+class CropCache(Protocol):
+    """Where crops' embeddings are kept between calls (the server's is byte-bounded)."""
+
+    def get(self, crop: Box) -> CropEmbedding | None: ...
+
+    def put(self, crop: Box, value: CropEmbedding) -> None: ...
 
 
 class ZoomInPredictor:
@@ -45,6 +61,8 @@ class ZoomInPredictor:
             mask, whatever ``multimask_output``, for one more embedding.
         zoom_box: a box (with any clicks) is answered on a crop around it, widened by ``expand`` (unless it
             comes with a ``mask_input`` that is not one of ours: the whole image then).
+        crop_cache: optional store of crops' embeddings (``get`` / ``put`` by crop box), for callers that
+            rebuild the predictor at each call.
 
     The previous prediction is the mask whose low-res logits the caller sends back as ``mask_input`` (SAM's
     click loop); those logits may be in a crop's frame, so the wrapper maps its own full-resolution copy of
@@ -62,6 +80,7 @@ class ZoomInPredictor:
         recompute_iou: float = 0.5,
         refine_first: bool = True,
         zoom_box: bool = True,
+        crop_cache: CropCache | None = None,
     ) -> None:
         if skip_clicks < 1 or expand < 1 or min_side < 1 or not 0 <= recompute_iou <= 1:
             raise ValueError(
@@ -69,7 +88,7 @@ class ZoomInPredictor:
             )
         self.predictor = predictor
         self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
-        self.refine_first, self.zoom_box = refine_first, zoom_box
+        self.refine_first, self.zoom_box, self.crop_cache = refine_first, zoom_box, crop_cache
         self.model = predictor.model
         self.image: np.ndarray | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
@@ -84,6 +103,46 @@ class ZoomInPredictor:
         self.image = np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)  # crops go in as RGB
         self._crop = self.full_box
         self._last = None
+
+    def set_embedding(
+        self,
+        image: np.ndarray,
+        embedding: torch.Tensor,
+        input_size: tuple[int, int] | None = None,
+        decoder_inputs: dict[str, Any] | None = None,
+    ) -> None:
+        """Set the whole image (``H x W x 3`` uint8 RGB, for its crops) with its cached embedding, as
+        :meth:`SamPredictor.set_embedding`; forgets the previous prediction."""
+        self.image = np.ascontiguousarray(image)
+        self.predictor.set_embedding(embedding, self.image.shape[:2], input_size, decoder_inputs=decoder_inputs)
+        p = self.predictor
+        self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
+        self._crop = self.full_box
+        self._last = None
+
+    def remember(self, crop: Box, low_res_logits: np.ndarray) -> None:
+        """Take ``low_res_logits`` (``C x s x s``, predicted on ``crop``: an earlier answer's :attr:`last_crop`)
+        as the previous prediction, as if this predictor had made it; a ``mask_input`` equal to one of them
+        then refines that mask."""
+        if self.image is None:
+            raise SegAnyError("an image must be set before remember(...)")
+        x0, y0, x1, y1 = (int(v) for v in crop)
+        h, w = self.image.shape[:2]
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise SegAnyError(f"crop {crop} is not inside the {w}x{h} image")
+        low = np.asarray(low_res_logits, dtype=np.float32)
+        size = self.model.image_size
+        logits = self.model.postprocess_masks(
+            torch.from_numpy(low)[None], get_preprocess_shape(y1 - y0, x1 - x0, size), (y1 - y0, x1 - x0)
+        )[0].numpy()
+        full = np.full((low.shape[0], h, w), OUTSIDE_LOGIT, dtype=np.float32)
+        full[:, y0:y1, x0:x1] = logits
+        self._last = ((x0, y0, x1, y1), low, full)
+
+    @property
+    def last_crop(self) -> Box | None:
+        """The crop (``x0, y0, x1, y1``, pixels, end exclusive) the last answer was predicted on."""
+        return None if self._last is None else self._last[0]
 
     @property
     def full_box(self) -> Box:
@@ -183,7 +242,7 @@ class ZoomInPredictor:
         x0 = int(np.clip(round(cx - bw / 2), 0, w - round(bw)))
         y0 = int(np.clip(round(cy - bh / 2), 0, h - round(bh)))
         new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
-        old = self._crop
+        old = self.last_crop
         if (
             clicks is not None
             and old is not None
@@ -216,11 +275,19 @@ class ZoomInPredictor:
         """Let the wrapped predictor hold ``crop`` (one embedding per new crop; the whole image's is kept)."""
         if crop != self._crop:
             x0, y0, x1, y1 = crop
-            if crop == self.full_box:
-                embedding, original_size, input_size, decoder_inputs = self._whole
+            cached = self._whole if crop == self.full_box else None
+            if cached is None and self.crop_cache is not None:
+                cached = self.crop_cache.get(crop)
+            if cached is not None:
+                embedding, original_size, input_size, decoder_inputs = cached
                 self.predictor.set_embedding(embedding, original_size, input_size, decoder_inputs=decoder_inputs)
             else:
-                self.predictor.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
+                p = self.predictor
+                p.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
+                if self.crop_cache is not None:
+                    self.crop_cache.put(
+                        crop, (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
+                    )
             self._crop = crop
 
 

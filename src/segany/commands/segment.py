@@ -23,6 +23,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="with --text: one mask per matching object, at most N, best first (default: one mask for all of them)",
     )
     p.add_argument("--detector", metavar="DIR", help="with --text: an OWLv2 / Grounding DINO folder on disk")
+    p.add_argument(
+        "--zoom-in", action="store_true",
+        help="answer points and a box on a crop around the object (RITM's zoom-in: finer masks, one more "
+        "image embedding; a click's best mask refined on a crop, unless --multimask)",
+    )
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
     add_model_arg(p)
 
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = segment_image(
         Path(args.image), points, box, Path(args.out), model=args.model, device=args.device, multimask=args.multimask,
-        text=args.text, instances=args.instances, detector=args.detector,
+        text=args.text, instances=args.instances, detector=args.detector, zoom_in=args.zoom_in,
     )
     took = f"-> {args.out} ({time.perf_counter() - t0:.2f} s)"
     if not result["masks"]:

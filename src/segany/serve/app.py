@@ -7,6 +7,8 @@ Endpoints (OpenAPI docs at ``/docs``):
 - ``POST /api/images/{id}/predict``: points / box / earlier logits / text -> masks (COCO RLE or PNG),
   scores, and a ``logits`` handle per mask to refine it with the next call; ``text`` with ``instances``:
   one mask per object the text names. With a box, parts of a mask wholly outside the box are dropped.
+  ``zoom_in``: clicks and boxes answered on a crop around the object (``segany.zoom_in``; the crops'
+  embeddings are cached too).
 - ``POST /api/images/{id}/everything``: automatic masks (bounded generator options), with what each of the
   generator's filters removed (``filters``, ``summary``), so that an empty answer says why.
 - ``GET /api/images/{id}/embedding``: the raw embedding (float32 / float16, little-endian) with its shape
@@ -43,11 +45,12 @@ from segany.errors import SegAnyError
 from segany.io.images import decode_image
 from segany.modeling.sam import Sam
 from segany.serve.annotations import dataset_folder, save_annotations
-from segany.serve.cache import ByteLRU, ImageEntry, LogitsStore
+from segany.serve.cache import ByteLRU, CropEmbeddings, ImageEntry, LogitsStore
 from segany.serve.engine import ServedModel, mask_record
 from segany.serve.limits import BodySizeLimit, image_header, read_upload
 from segany.serve.schemas import IMAGE_ID_PATTERN, AnnotationRequest, EverythingRequest, PredictRequest
 from segany.utils.masks import keep_parts_touching_box
+from segany.zoom_in import CropEmbedding
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -86,10 +89,12 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
     """The FastAPI application serving ``model`` (see the module docstring for the endpoints)."""
     s = settings or ServerSettings()
     served = ServedModel(model, model_name)
-    # One budget: 7/8 for the images and their embeddings, 1/8 for the refinement logits.
+    # One budget: 3/4 for the images and their embeddings, 1/8 for the refinement logits, 1/8 for zoom-in's
+    # crop embeddings.
     budget = max(16, int(s.cache_mb * MB))
     logits = LogitsStore(budget // 8)
-    cache: ByteLRU[ImageEntry] = ByteLRU(budget - budget // 8)
+    crops: ByteLRU[CropEmbedding] = ByteLRU(budget // 8)
+    cache: ByteLRU[ImageEntry] = ByteLRU(budget - 2 * (budget // 8))
     max_upload = int(s.max_upload_mb * MB)
 
     @asynccontextmanager
@@ -173,22 +178,35 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
             inst, inst_scores = served.predict_instances(entry, req.text, req.instances)
             return {"image_id": image_id, "width": entry.width, "height": entry.height,
                     "masks": [mask_record(m, float(sc), req.format) for m, sc in zip(inst, inst_scores)]}
-        mask_input = None
+        mask_input, previous_crop = None, None
         if req.mask_input is not None:
-            previous = logits.get(image_id, req.mask_input)
-            if previous is None:
+            stored = logits.get(image_id, req.mask_input)
+            if stored is None:
                 raise HTTPException(404, f"unknown or expired logits handle {req.mask_input!r}")
-            mask_input = previous[None]
+            mask_input, previous_crop = stored[0][None], stored[1]
+        if req.text is not None and (req.zoom_in or previous_crop is not None):
+            raise HTTPException(400, "a text prompt is answered on the whole image: leave out zoom_in "
+                                     "(and a mask_input predicted with it)")
         points = np.array(req.points, dtype=np.float64) if req.points else None
         labels = np.array(req.labels, dtype=np.int64) if req.points else None
         box = np.array(req.box, dtype=np.float64) if req.box is not None else None
-        masks, scores, low_res = served.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
+        crop = None
+        if req.zoom_in or previous_crop is not None:  # a zoomed mask_input is in its crop's frame
+            image = decode_image(entry.data, name="upload", max_pixels=s.max_pixels)
+            masks, scores, low_res, crop = served.predict_zoomed(
+                entry, image, CropEmbeddings(crops, image_id), points, labels, box, mask_input, previous_crop,
+                req.multimask, zoom_in=req.zoom_in,
+            )
+            crop = None if crop == (0, 0, entry.width, entry.height) else crop
+        else:
+            masks, scores, low_res = served.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
         out = []
         for m, sc, lr in zip(masks, scores, low_res):
             if box is not None:  # specks wholly outside the box are not the object (as `segany segment`)
                 m = keep_parts_touching_box(m, box)
             rec = mask_record(m, float(sc), req.format)
-            rec["logits"] = logits.add(image_id, lr)
+            rec["logits"] = logits.add(image_id, lr, crop)
+            rec["crop"] = None if crop is None else list(crop)  # zoom-in: the crop it was predicted on
             out.append(rec)
         return {"image_id": image_id, "width": entry.width, "height": entry.height, "masks": out}
 
@@ -240,7 +258,8 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         return served.info() | {
             "annotation_mode": s.dataset_dir is not None,
             "cache": {"images": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
-                      "logits_bytes": logits.nbytes, "logits_max_bytes": logits.max_bytes},
+                      "logits_bytes": logits.nbytes, "logits_max_bytes": logits.max_bytes,
+                      "crop_bytes": crops.nbytes, "crop_max_bytes": crops.max_bytes},
             "ort_web": (ort_web_dir() / "ort.wasm.min.js").is_file(),
         }
 

@@ -1,8 +1,8 @@
 """A least-recently-used map bounded by bytes, and the per-image entry the server keeps in it.
 
 The server computes an image's embedding once and answers every later prompt from here; the bound is on
-the bytes held (embedding + encoded image; refinement logits in their own bounded store), not on a
-count, so the server's memory stays flat however many images come in.
+the bytes held (embedding + encoded image; refinement logits and zoom-in's crop embeddings in their own
+bounded stores), not on a count, so the server's memory stays flat however many images come in.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
+
+from segany.zoom_in import Box, CropEmbedding
 
 V = TypeVar("V")
 
@@ -117,21 +119,23 @@ class LogitsStore:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        self._lru: ByteLRU[tuple[str, np.ndarray]] = ByteLRU(max_bytes)
+        self._lru: ByteLRU[tuple[str, np.ndarray, Box | None]] = ByteLRU(max_bytes)
 
-    def add(self, image_id: str, logits: np.ndarray) -> str:
-        """Keep one ``4e x 4e`` logits map of ``image_id``; returns its handle."""
+    def add(self, image_id: str, logits: np.ndarray, crop: Box | None = None) -> str:
+        """Keep one ``4e x 4e`` logits map of ``image_id``, predicted on the whole image or on ``crop``
+        (zoom-in: ``x0, y0, x1, y1`` pixels); returns its handle."""
         handle = secrets.token_hex(8)
         arr = np.ascontiguousarray(logits, dtype=np.float16)
-        self._lru.put(handle, (image_id, arr), arr.nbytes + 64)
+        self._lru.put(handle, (image_id, arr, crop), arr.nbytes + 96)
         return handle
 
-    def get(self, image_id: str, handle: str) -> np.ndarray | None:
-        """The ``4e x 4e`` float32 logits, or None when unknown, expired or of another image."""
+    def get(self, image_id: str, handle: str) -> tuple[np.ndarray, Box | None] | None:
+        """The ``4e x 4e`` float32 logits and their crop (None: the whole image), or None when unknown,
+        expired or of another image."""
         item = self._lru.get(handle)
         if item is None or item[0] != image_id:
             return None
-        return item[1].astype(np.float32)
+        return item[1].astype(np.float32), item[2]
 
     @property
     def nbytes(self) -> int:
@@ -140,3 +144,31 @@ class LogitsStore:
     @property
     def max_bytes(self) -> int:
         return self._lru.max_bytes
+
+
+class CropEmbeddings:
+    """Zoom-in's crop embeddings of one image, kept in a byte-bounded LRU shared by all images
+    (:class:`segany.zoom_in.CropCache`): a click that keeps its crop costs no embedding."""
+
+    def __init__(self, lru: ByteLRU[CropEmbedding], image_id: str) -> None:
+        self._lru, self._image_id = lru, image_id
+
+    def _key(self, crop: Box) -> str:
+        return f"{self._image_id}:{','.join(str(int(v)) for v in crop)}"
+
+    def get(self, crop: Box) -> CropEmbedding | None:
+        return self._lru.get(self._key(crop))
+
+    def put(self, crop: Box, value: CropEmbedding) -> None:
+        embedding, original_size, input_size, inputs = value
+        cpu = {k: cpu_copy(v) for k, v in inputs.items()}
+        tensors = [embedding, *(t for v in cpu.values() for t in (v if isinstance(v, list) else [v]))]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors) + 256
+        self._lru.put(self._key(crop), (cpu_copy(embedding), original_size, input_size, cpu), nbytes)
+
+
+def cpu_copy(value: Any) -> Any:
+    """A tensor (or a list of tensors) as float32 CPU copies, for the caches."""
+    if isinstance(value, list):
+        return [cpu_copy(v) for v in value]
+    return value.detach().to("cpu", torch.float32).clone()

@@ -26,7 +26,8 @@ from segany.io.png import encode_png
 from segany.io.rle import encode_rle, rle_area, rle_to_bbox
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
-from segany.serve.cache import ImageEntry
+from segany.serve.cache import CropEmbeddings, ImageEntry, cpu_copy
+from segany.zoom_in import Box, ZoomInPredictor
 
 T = TypeVar("T")
 
@@ -114,7 +115,7 @@ class ServedModel:
             predictor.set_image(image)
             text = predictor.get_text_features() if self.model.text_head is not None else None
             cpu = None if text is None else tuple(t.detach().to("cpu", torch.float32).clone() for t in text)
-            inputs = {k: _to_cpu(v) for k, v in predictor.get_decoder_inputs().items()}
+            inputs = {k: cpu_copy(v) for k, v in predictor.get_decoder_inputs().items()}
             return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size, cpu, inputs
 
         return self.run(work)
@@ -147,6 +148,41 @@ class ServedModel:
                 points, labels, box, mask_input, multimask_output=multimask, text=text
             )
         )
+
+    def predict_zoomed(
+        self,
+        entry: ImageEntry,
+        image: np.ndarray,
+        crops: CropEmbeddings,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        box: np.ndarray | None,
+        mask_input: np.ndarray | None,
+        previous_crop: Box | None,
+        multimask: bool,
+        zoom_in: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Box]:
+        """:class:`ZoomInPredictor` on the cached embedding (``image``: the decoded upload, for its crops):
+        masks ``C x H x W`` in the image's frame, scores ``C``, low-res logits ``C x 4e x 4e`` and the crop
+        they were predicted on. ``mask_input`` comes from an answer on ``previous_crop`` (None: the whole
+        image). A first click asked for one mask is refined on a crop around it (``refine_first``); asked
+        for three, they are the whole image's. With ``zoom_in`` False only ``mask_input`` is brought back to
+        the whole image's frame."""
+
+        def work() -> tuple[np.ndarray, np.ndarray, np.ndarray, Box]:
+            # zoom_in False: never zoom (no point count reaches skip_clicks), only map the previous mask. A
+            # first click asked for three candidates keeps the whole image's three (the page offers the choice).
+            options = {"refine_first": not multimask}
+            if not zoom_in:
+                options = {"skip_clicks": 1 << 30, "refine_first": False, "zoom_box": False}
+            zoom = ZoomInPredictor(SamPredictor(self.model), crop_cache=crops, **options)
+            zoom.set_embedding(image, entry.embedding, entry.input_size, entry.decoder_inputs)
+            if mask_input is not None:
+                zoom.remember(previous_crop or zoom.full_box, mask_input)
+            masks, scores, low_res = zoom.predict(points, labels, box, mask_input, multimask_output=multimask)
+            return masks, scores, low_res, zoom.last_crop
+
+        return self.run(work)
 
     def predict_instances(self, entry: ImageEntry, text: str, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
         """``SamPredictor.predict_instances``: one mask per object the text names, best first."""
@@ -185,13 +221,6 @@ class ServedModel:
                     path = self.run(lambda: export(Path(tmp) / "decoder.onnx"))
                     self._decoder = path.read_bytes()
             return self._decoder
-
-
-def _to_cpu(value: Any) -> Any:
-    """A tensor (or a list of tensors) as float32 CPU copies, for the cache."""
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    return value.detach().to("cpu", torch.float32).clone()
 
 
 def mask_record(mask: np.ndarray, score: float, fmt: str) -> dict[str, Any]:

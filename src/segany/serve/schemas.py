@@ -32,6 +32,8 @@ class PredictRequest(BaseModel):
     instances: int | None = Field(None, ge=1, le=MAX_INSTANCES,
                                   description="with a text alone: one mask per matching object, at most this many")
     format: Literal["rle", "png"] = Field("rle", description="COCO RLE, or PNG as base64")
+    zoom_in: bool = Field(False, description="answer clicks and boxes on a crop around the object (RITM's "
+                                             "zoom-in: finer masks, an image embedding when the crop moves)")
 
 
 class EverythingRequest(BaseModel):

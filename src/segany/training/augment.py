@@ -35,7 +35,8 @@ class AugmentConfig:
     fraction of the full hue circle, drawn from ``[-hue, hue]``. ``color_p``: probability of colour jitter.
     ``zoom_p``: probability of a crop zoomed on one object (see the module docstring); its window's side is
     the object's longer box side times a factor drawn from ``[zoom_context_min, zoom_context_max]``, and
-    the zoomed image is between 1 and ``zoom_max_scale`` times its plain resize.
+    the zoomed image is between 1 and ``zoom_max_scale`` times its plain resize. A factor below 1 cuts
+    the object at the window's sides: an object larger than the frame, as in a close-up.
     """
 
     scale_min: float = 0.1
@@ -56,8 +57,8 @@ class AugmentConfig:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
         if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1 or not 0 <= self.zoom_p <= 1:
             raise ValueError("probabilities must be in [0, 1]")
-        if not 1 <= self.zoom_context_min <= self.zoom_context_max or self.zoom_max_scale < 1:
-            raise ValueError("need 1 <= zoom_context_min <= zoom_context_max and zoom_max_scale >= 1")
+        if not 0.5 <= self.zoom_context_min <= self.zoom_context_max or self.zoom_max_scale < 1:
+            raise ValueError("need 0.5 <= zoom_context_min <= zoom_context_max and zoom_max_scale >= 1")
 
 
 @dataclass(frozen=True)

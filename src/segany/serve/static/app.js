@@ -259,10 +259,13 @@ async function predict() {
     labels: S.points.map((p) => p[2]),
     box: S.box,
     // Refine the mask picked so far (its low-res logits), as SAM was trained to.
-    mask_input: prev && prev.logits && S.points.length > 1 ? prev.logits : null,
+    // (A mask zoomed in on, prev.crop, is refined only with zoom-in: a text prompt sees the whole image.)
+    mask_input: prev && prev.logits && S.points.length > 1 && !(S.text && prev.crop) ? prev.logits : null,
     // One output for a box (the official guidance: a box is not ambiguous), three for points alone.
     multimask: !S.text && !S.box,
     text: S.text,
+    // Later clicks and boxes on a crop around the object (RITM's zoom-in); a text is answered on the whole image.
+    zoom_in: $("zoom-in").checked && !S.text,
   };
   // A text alone may ask for one mask per object it names.
   if (S.text && instances > 0 && !S.points.length && !S.box) { body.instances = instances; body.mask_input = null; }
