@@ -7,7 +7,8 @@ one prompt to one full-size mask <= 15 ms, ``segany everything`` <= 10 s). The t
 examples/cat.jpg resized to ``--size`` on its longest side. The embedding time includes the resize to the
 model's input size and normalisation (what ``SamPredictor.set_image`` does); the prompt time is one
 ``predict`` call with one point and ``multimask_output=False``, returning the binary mask at the original
-image size; "everything" is one ``SamAutomaticMaskGenerator.generate`` at the official defaults.
+image size; "everything" is one ``SamAutomaticMaskGenerator.generate`` at the official defaults. Zoom-in's
+costs (``segany.zoom_in``, the web tool's default) are printed beside them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ def main() -> None:
     print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}")
     print(f"image {w}x{h}: embedding median {emb:.1f} ms (target <= 300 ms at 1024 px, 1 thread)")
     print(f"one point -> full-size mask: median {one:.2f} ms (single; target <= 15 ms), {multi:.2f} ms (3 masks)")
+    # Zoom-in (segany.zoom_in; the web tool's default): a first click refined on a crop costs an embedding
+    # of the crop; a later click whose crop is kept, a decoder call on it.
+    from segany.zoom_in import ZoomInPredictor
+
+    zoom = ZoomInPredictor(SamPredictor(model))
+    zoom.set_image(image)
+
+    def first() -> np.ndarray:
+        zoom._crop = zoom.full_box  # as after set_image: the crop is embedded again every time
+        zoom._last = None
+        return zoom.predict(pt, lab, multimask_output=True)[2]
+
+    refined = median_ms(first, args.repeats)
+    low = first()
+    crop = zoom.last_crop
+    later_pt = np.array([[w / 2, h / 2], [(crop[0] + w / 2) / 2, (crop[1] + h / 2) / 2]])  # inside the crop
+    later = median_ms(lambda: zoom.predict(later_pt, np.array([1, 0]), mask_input=low, multimask_output=False),
+                      args.repeats * 5)
+    half = np.ascontiguousarray(image[: h // 2, : w // 2])
+    moved = median_ms(lambda: pred.set_image(half), args.repeats)
+    print(f"zoom-in: first click refined on a {crop[2] - crop[0]}x{crop[3] - crop[1]} crop {refined:.1f} ms, "
+          f"a later click on the kept crop {later:.2f} ms (crop kept: {zoom.last_crop == crop}), a click that "
+          f"moves the crop + one embedding of it ({w // 2}x{h // 2}: {moved:.1f} ms)")
     if not args.no_everything:
         generator = SamAutomaticMaskGenerator(model)
         t = time.perf_counter()

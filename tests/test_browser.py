@@ -209,9 +209,11 @@ def test_page_segments_in_the_browser(browser, server, tmp_path, tmp_path_factor
     page.click("#undo")
     assert page.evaluate("window.segany.box") is None
 
-    # A second click refines the selected mask, zoomed in (the "Zoom in" box is ticked by default): the
-    # request carries the previous mask's logits handle and zoom_in.
-    assert page.is_checked("#zoom-in") and page.evaluate("window.segany.points.length") == 0
+    # A second click refines the selected mask, zoomed in: the request carries the previous mask's logits
+    # handle and zoom_in. The box starts ticked: the server advises it for the default architecture on a CPU
+    # (a crop's embedding is cheap).
+    assert page.is_checked("#zoom-in") and page.evaluate("window.segany.info.zoom_in_default") is True
+    assert page.evaluate("window.segany.points.length") == 0
     page.mouse.click(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.35)
     page.wait_for_function("window.segany.points.length === 1 && window.segany.candidates.length === 3", timeout=30_000)
     with page.expect_request(lambda r: r.url.endswith("/predict")) as sent:

@@ -113,6 +113,19 @@ def test_server_zoom_in_first_click_keeps_three_candidates_or_refines_one(served
     assert one["crop"] == (None if zoom.last_crop == zoom.full_box else list(zoom.last_crop))
 
 
+def test_zoom_in_default_follows_the_embeddings_cost(served, tiny_model):
+    from segany.modeling import build_sam, get_config
+    from segany.serve.engine import ServedModel
+
+    client, _ = served
+    assert client.get("/api/info").json()["zoom_in_default"] is False  # a ViT on a CPU: a crop costs a ViT pass
+    small = ServedModel(build_sam(get_config("segany_default_v3")))  # EfficientNet-Lite0 on a CPU: cheap
+    try:
+        assert small.info()["zoom_in_default"] is True
+    finally:
+        small.close()
+
+
 def test_remember_checks_its_crop(tiny_model):
     zoom = ZoomInPredictor(SamPredictor(tiny_model))
     with pytest.raises(SegAnyError, match="image must be set"):

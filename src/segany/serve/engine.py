@@ -49,6 +49,10 @@ class ServedModel:
         # The generator's default for this model's family (SAM 0.88, SAM 2 0.8): what "everything" uses
         # when a request leaves pred_iou_thresh out, shown by /api/info for the page's field.
         self.pred_iou_thresh = float(SamAutomaticMaskGenerator(self.model, points_per_side=1).pred_iou_thresh)
+        # The page's "Zoom in" starts ticked where a crop's embedding is cheap (a click that moves the crop
+        # waits for one): the small encoders on a CPU, any model on a GPU; SAM's ViTs and SAM 2 on a CPU not.
+        kind = getattr(getattr(getattr(self.model, "config", None), "encoder", None), "kind", None)
+        self.zoom_in_default = self.model.device.type != "cpu" or kind in ("tiny_vit", "efficientnet_lite")
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the inference thread and wait for its result (exceptions are re-raised here)."""
@@ -74,6 +78,7 @@ class ServedModel:
             "low_res_side": self.low_res_side,
             "mask_threshold": float(self.model.mask_threshold),
             "pred_iou_thresh": self.pred_iou_thresh,
+            "zoom_in_default": self.zoom_in_default,
             # The ONNX decoder's image inputs besides image_embeddings (GET .../embedding?part=NAME).
             "extra_decoder_inputs": list(self.onnx_image_inputs_names()),
         }

@@ -589,10 +589,13 @@ function bindEvents() {
 }
 
 bindEvents();
+$("zoom-in").addEventListener("change", () => { $("zoom-in").dataset.touched = "1"; });
 window.addEventListener("resize", fitCanvases);
 api("/api/info").then((r) => r.json()).then((info) => {
   S.info = info;
   // The generator's default for this model's family, unless the user typed a threshold already.
   if ($("pred-iou-thresh").value === "" && info.pred_iou_thresh != null) $("pred-iou-thresh").value = info.pred_iou_thresh;
+  // Zoom-in ticked where the server says a crop's embedding is cheap, unless the user set the box already.
+  if (!$("zoom-in").dataset.touched) $("zoom-in").checked = !!info.zoom_in_default;
   updateButtons();
 }).catch(() => {});
