@@ -194,3 +194,39 @@ def test_unwritable_output_is_a_clear_error(capsys, tmp_path, image_file, tiny_c
     assert code == 1, err
     assert err.startswith("segany segment: error: ") and "internal error" not in err
     assert str(blocker) in err and err.count("\n") == 1
+
+
+def test_convert_changes_the_input_size_of_an_efficientnet_model(capsys, tmp_path, tiny_checkpoint):
+    """--image-size: the same weights at another input size (the grids follow it); ViT-type encoders refuse."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from segany import SamPredictor, load_model
+    from segany.checkpoint import save_model
+    from segany.modeling import build_sam, get_config
+    from segany.modeling.config import EfficientNetConfig
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_config("tiny_test"), encoder=EfficientNetConfig(neck_dim=16))
+    src = tmp_path / "effnet.safetensors"
+    save_model(build_sam(cfg).eval(), src)
+    dst = tmp_path / "effnet_192.safetensors"
+    code, _, err = run_cli(capsys, "convert", src, dst, "--image-size", "192")
+    assert code == 0, err
+    small, large = load_model(src), load_model(dst)
+    assert (small.image_size, large.image_size) == (128, 192)
+    assert tuple(large.prompt_encoder.image_embedding_size) == (12, 12)
+    for k, v in small.state_dict().items():
+        torch.testing.assert_close(large.state_dict()[k], v)
+    predictor = SamPredictor(large)
+    predictor.set_image(np.zeros((96, 120, 3), np.uint8))
+    masks, _, low = predictor.predict(np.array([[40, 30]]), np.array([1]))
+    assert masks.shape == (3, 96, 120) and low.shape == (3, 48, 48)
+    for args, message in (
+        ([tiny_checkpoint, tmp_path / "vit.safetensors", "--image-size", "192"], "EfficientNet-Lite models only"),
+        ([src, tmp_path / "odd.safetensors", "--image-size", "200"], "multiple of 32"),
+    ):
+        code, _, err = run_cli(capsys, "convert", *args)
+        assert code == 2 and message in err and "Traceback" not in err

@@ -319,3 +319,27 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     ys, xs = np.nonzero(gt)
     masks, _, _ = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]), multimask_output=False)
     assert mask_iou(masks[0], gt > 0) > 0.7  # 0.97 measured (0.86 with the stage-1 weights)
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+def test_fast_encoder_is_the_plain_function(high_res):
+    """FastEfficientNetLite (channels-last weights and activations) gives the plain encoder's
+    maps, contiguous, at inference; in training mode it is the plain forward (autograd intact)."""
+    from segany.modeling.fast import FastEfficientNetLite
+
+    torch.manual_seed(0)
+    plain = EfficientNetLiteEncoder(img_size=160, out_chans=32, neck_dim=16, high_res=high_res).eval()
+    fast = FastEfficientNetLite(img_size=160, out_chans=32, neck_dim=16, high_res=high_res).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.stem.weight.is_contiguous(memory_format=torch.channels_last)  # kept through the load
+    x = torch.randn(1, 3, 160, 144)  # not square: the stride-2 layers pad unevenly
+    with torch.inference_mode():
+        want, got = plain(x), fast(x)
+    want, got = (want, got) if high_res else ([want], [got])
+    for a, b in zip(want, got):
+        assert b.is_contiguous() and a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    fast.train()
+    out = fast(x)
+    (out[-1] if high_res else out).sum().backward()
+    assert fast.stem.weight.grad is not None

@@ -294,7 +294,7 @@ def test_compile_mode_gives_the_same_embedding():
 
 
 def test_int8_refuses_an_encoder_without_linear_layers():
-    with pytest.raises(SegAnyError, match="EfficientNetLiteEncoder has none"):
+    with pytest.raises(SegAnyError, match="EfficientNetLite has none"):
         perf.optimize(build_sam(get_config("segany_default_v2")), "int8")
 
 

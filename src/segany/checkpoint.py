@@ -396,17 +396,37 @@ def average_models(sources: Sequence[str | os.PathLike]) -> Sam:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, half: bool = False
+    src: str | os.PathLike | Sequence[str | os.PathLike],
+    dst: str | os.PathLike,
+    half: bool = False,
+    image_size: int | None = None,
 ) -> SamConfig:
     """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
 
-    Several sources: their weights' uniform mean (:func:`average_models`) is written."""
+    Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``: the
+    model's input size changed (:func:`with_image_size`)."""
     if isinstance(src, (str, os.PathLike)):
         model = load_model(src)
     else:
         model = average_models(list(src))
+    if image_size is not None:
+        model = with_image_size(model, image_size)
     save_model(model, dst, half=half)
     return model.config
+
+
+def with_image_size(model: Sam, image_size: int) -> Sam:
+    """The same weights run at another input size (longest side, pixels; the embedding, mask and prompt
+    grids follow it). Only for encoders whose weights do not depend on it: EfficientNet-Lite's
+    convolutions (segany's default); a ViT's position embeddings and TinyViT's attention biases have one size."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, SamConfig) or not isinstance(cfg.encoder, EfficientNetConfig):
+        raise SegAnyError("the input size can be changed for EfficientNet-Lite models only (segany's default)")
+    if image_size % 32 or not 128 <= image_size <= 2048:
+        raise SegAnyError(f"image size {image_size}: must be a multiple of 32 in [128, 2048]")
+    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), "image_size": image_size})).eval()
+    _load_weights(resized, model.state_dict(), f"the model at {image_size} px")
+    return resized.to(model.device)
 
 
 def load_weights(model: Sam, path: str | os.PathLike) -> Sam:

@@ -95,6 +95,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("dst", help="output .safetensors")
     p.add_argument("--half", action="store_true", help="store fp16 (half the size)")
+    p.add_argument(
+        "--image-size", type=int, metavar="N",
+        help="run the model at this input size (longest side, pixels; EfficientNet-Lite models only)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -103,7 +107,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if not str(args.dst).endswith(".safetensors"):
         raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
     src = args.src[0] if len(args.src) == 1 else args.src
-    cfg = convert_checkpoint(src, args.dst, half=args.half)
+    cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size)
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}, {size:.1f} MB)")

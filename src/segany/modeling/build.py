@@ -45,7 +45,7 @@ def build_image_encoder(cfg: SamConfig, fast: bool = True):
             out_chans=cfg.prompt_embed_dim,
         )
     if isinstance(enc, EfficientNetConfig):
-        return EfficientNetLiteEncoder(
+        return fast_class(EfficientNetLiteEncoder, fast)(
             cfg.image_size, cfg.prompt_embed_dim, enc.neck_dim, enc.stride, high_res=cfg.high_res_features
         )
     raise TypeError(f"unknown encoder config {type(enc).__name__}")

@@ -9,6 +9,7 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
 * :class:`FastImageEncoderViT` (``image_encoder.py``): blocks computed in place, in pieces that stay in
   the caches; global attention by blocks of query rows.
 * :class:`FastTinyViT` (``tiny_vit.py``): folded batch norms, channels-last convolutions, in-place GELU.
+* :class:`FastEfficientNetLite` (``efficientnet.py``): channels-last convolutions.
 * :class:`FastPromptEncoder` (``prompt_encoder.py``): the positional encoding kept between calls.
 * :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
@@ -29,7 +30,9 @@ from typing import TypeVar
 
 from torch import nn
 
+from segany.modeling.efficientnet import EfficientNetLiteEncoder
 from segany.modeling.fast.common import active
+from segany.modeling.fast.efficientnet import FastEfficientNetLite
 from segany.modeling.fast.hiera import FastHiera
 from segany.modeling.fast.image_encoder import FastImageEncoderViT
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
@@ -52,6 +55,7 @@ M = TypeVar("M", bound=nn.Module)
 FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     ImageEncoderViT: FastImageEncoderViT,
     TinyViT: FastTinyViT,
+    EfficientNetLiteEncoder: FastEfficientNetLite,
     PromptEncoder: FastPromptEncoder,
     MaskDecoder: FastMaskDecoder,
     Sam: FastSam,
@@ -70,6 +74,7 @@ def fast_class(cls: type[M], fast: bool = True) -> type[M]:
 
 __all__ = [
     "FAST_CLASSES",
+    "FastEfficientNetLite",
     "FastImageEncoderViT",
     "FastMaskDecoder",
     "FastHiera",
