@@ -67,11 +67,10 @@ def main() -> None:
     from segany.zoom_in import ZoomInPredictor
 
     zoom = ZoomInPredictor(SamPredictor(model))
-    zoom.set_image(image)
+    whole = (pred.get_image_embedding(), pred.original_size, image, pred.input_size, pred.get_decoder_inputs())
 
     def first() -> np.ndarray:
-        zoom._crop = zoom.full_box  # as after set_image: the crop is embedded again every time
-        zoom._last = None
+        zoom.set_embedding(*whole)  # as after set_image (not timed again): the crop is embedded every time
         return zoom.predict(pt, lab, multimask_output=True)[2]
 
     refined = median_ms(first, args.repeats)

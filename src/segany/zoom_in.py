@@ -18,6 +18,7 @@ predictor between calls (the server) rebuilds one from the whole image's cached 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -90,7 +91,9 @@ class ZoomInPredictor:
         self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
         self.refine_first, self.zoom_box, self.crop_cache = refine_first, zoom_box, crop_cache
         self.model = predictor.model
-        self.image: np.ndarray | None = None
+        self._hw: tuple[int, int] | None = None  # the whole image's height and width
+        # the whole image as RGB pixels, or the function that decodes them when a crop first needs them
+        self._pixels: np.ndarray | Callable[[], np.ndarray] | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
         self._whole: tuple | None = None  # the whole image's embedding, original and input sizes, decoder inputs
         self._last: tuple[Box, np.ndarray, np.ndarray] | None = None  # crop, low-res C x s x s, logits C x H x W
@@ -98,46 +101,46 @@ class ZoomInPredictor:
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Set the whole image (``H x W x 3`` uint8) and forget the previous prediction."""
         self.predictor.set_image(image, image_format)
-        p = self.predictor  # its whole-image embedding is kept: each object's first click comes back to it
-        self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
-        self.image = np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)  # crops go in as RGB
-        self._crop = self.full_box
-        self._last = None
+        self._keep_whole(np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image))  # crops: RGB
 
     def set_embedding(
         self,
-        image: np.ndarray,
         embedding: torch.Tensor,
+        original_size: tuple[int, int],
+        image: np.ndarray | Callable[[], np.ndarray],
         input_size: tuple[int, int] | None = None,
         decoder_inputs: dict[str, Any] | None = None,
     ) -> None:
-        """Set the whole image (``H x W x 3`` uint8 RGB, for its crops) with its cached embedding, as
-        :meth:`SamPredictor.set_embedding`; forgets the previous prediction."""
-        self.image = np.ascontiguousarray(image)
-        self.predictor.set_embedding(embedding, self.image.shape[:2], input_size, decoder_inputs=decoder_inputs)
-        p = self.predictor
+        """Set the whole image from its cached embedding, as :meth:`SamPredictor.set_embedding`; ``image``:
+        its pixels (``H x W x 3`` uint8 RGB) or a function returning them, called only when a crop must be
+        embedded (a server keeps the encoded upload, and a click on a kept crop needs no decoding).
+        Forgets the previous prediction."""
+        self.predictor.set_embedding(embedding, original_size, input_size, decoder_inputs=decoder_inputs)
+        self._keep_whole(image)
+
+    def _keep_whole(self, image: np.ndarray | Callable[[], np.ndarray]) -> None:
+        p = self.predictor  # its whole-image embedding is kept: each object's first click comes back to it
         self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
+        self._hw, self._pixels = p.original_size, image
         self._crop = self.full_box
         self._last = None
+
+    @property
+    def image(self) -> np.ndarray | None:
+        """The whole image (``H x W x 3`` uint8 RGB), decoded on first use when it was given as a function."""
+        if callable(self._pixels):
+            self._pixels = np.ascontiguousarray(self._pixels())
+        return self._pixels
 
     def remember(self, crop: Box, low_res_logits: np.ndarray) -> None:
         """Take ``low_res_logits`` (``C x s x s``, predicted on ``crop``: an earlier answer's :attr:`last_crop`)
         as the previous prediction, as if this predictor had made it; a ``mask_input`` equal to one of them
         then refines that mask."""
-        if self.image is None:
+        if self._hw is None:
             raise SegAnyError("an image must be set before remember(...)")
-        x0, y0, x1, y1 = (int(v) for v in crop)
-        h, w = self.image.shape[:2]
-        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-            raise SegAnyError(f"crop {crop} is not inside the {w}x{h} image")
         low = np.asarray(low_res_logits, dtype=np.float32)
-        size = self.model.image_size
-        logits = self.model.postprocess_masks(
-            torch.from_numpy(low)[None], get_preprocess_shape(y1 - y0, x1 - x0, size), (y1 - y0, x1 - x0)
-        )[0].numpy()
-        full = np.full((low.shape[0], h, w), OUTSIDE_LOGIT, dtype=np.float32)
-        full[:, y0:y1, x0:x1] = logits
-        self._last = ((x0, y0, x1, y1), low, full)
+        crop = tuple(int(v) for v in crop)
+        self._last = (crop, low, paste_logits(self.model, low, crop, self._hw))
 
     @property
     def last_crop(self) -> Box | None:
@@ -146,8 +149,8 @@ class ZoomInPredictor:
 
     @property
     def full_box(self) -> Box:
-        assert self.image is not None
-        return (0, 0, self.image.shape[1], self.image.shape[0])
+        assert self._hw is not None
+        return (0, 0, self._hw[1], self._hw[0])
 
     def predict(
         self,
@@ -160,7 +163,7 @@ class ZoomInPredictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As :meth:`SamPredictor.predict`: masks (or logits) ``C x H x W`` in the whole image's frame, IoU
         predictions ``C`` and the low-res logits ``C x s x s`` of the frame they were predicted in."""
-        if self.image is None:
+        if self._hw is None:
             raise SegAnyError("an image must be set with set_image(...) before predicting")
         # the prompts' checks first (one-line SegAnyError), before any crop arithmetic on them
         check_prompts(point_coords, point_labels, box, mask_input, self.model.prompt_encoder.mask_input_size)
@@ -210,7 +213,7 @@ class ZoomInPredictor:
         logits, scores, low = self.predictor.predict(
             shifted, labels, box, mask_input, multimask_output, return_logits=True
         )
-        full = np.full((logits.shape[0], *self.image.shape[:2]), OUTSIDE_LOGIT, dtype=np.float32)
+        full = np.full((logits.shape[0], *self._hw), OUTSIDE_LOGIT, dtype=np.float32)
         full[:, y0:y1, x0:x1] = logits
         self._last = (crop, low, full)
         return (full if return_logits else full > self.model.mask_threshold), scores, low
@@ -234,7 +237,7 @@ class ZoomInPredictor:
     def _next_crop(self, points: np.ndarray, clicks: np.ndarray | None = None) -> Box:
         """The box around ``points`` (``N x 2`` pixel positions, x y), widened, at least ``min_side``, inside the
         image; given the ``clicks``, the current crop instead while it still fits them (``recompute_iou``)."""
-        h, w = self.image.shape[:2]
+        h, w = self._hw
         xs, ys = points[:, 0], points[:, 1]
         cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
         bw = min(max((xs.max() + 1 - xs.min()) * self.expand, self.min_side), w)
@@ -257,19 +260,8 @@ class ZoomInPredictor:
         return new
 
     def _low_res(self, logits: np.ndarray, crop: Box) -> np.ndarray:
-        """``logits`` (``H x W``, whole image) as the ``1 x s x s`` mask prompt of ``crop``: cropped, resized
-        as the image is (longest side to the model's input), padded, and brought to the low-res grid."""
-        x0, y0, x1, y1 = crop
-        size = self.model.image_size
-        side_h, side_w = get_preprocess_shape(y1 - y0, x1 - x0, size)
-        part = torch.from_numpy(np.ascontiguousarray(logits[y0:y1, x0:x1]))[None, None]
-        resized = F.interpolate(part, (side_h, side_w), mode="bilinear", align_corners=False)
-        padded = torch.full((1, 1, size, size), OUTSIDE_LOGIT)
-        padded[..., :side_h, :side_w] = resized
-        low = F.interpolate(
-            padded, tuple(self.model.prompt_encoder.mask_input_size), mode="bilinear", align_corners=False
-        )
-        return low[0].numpy()
+        """:func:`mask_prompt` with this predictor's model."""
+        return mask_prompt(self.model, logits, crop)
 
     def _use(self, crop: Box) -> None:
         """Let the wrapped predictor hold ``crop`` (one embedding per new crop; the whole image's is kept)."""
@@ -296,3 +288,41 @@ def _with_box_of(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     corners = np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]], dtype=np.float32)
     return np.concatenate([corners, coords])
+
+
+def mask_prompt(model: Any, logits: np.ndarray, crop: Box) -> np.ndarray:
+    """``logits`` (``H x W``, whole image) as the ``1 x s x s`` mask prompt of ``crop``: cropped, resized
+    as the image is (longest side to the model's input), padded, and brought to the low-res grid."""
+    x0, y0, x1, y1 = crop
+    size = model.image_size
+    side_h, side_w = get_preprocess_shape(y1 - y0, x1 - x0, size)
+    part = torch.from_numpy(np.ascontiguousarray(logits[y0:y1, x0:x1]))[None, None]
+    resized = F.interpolate(part, (side_h, side_w), mode="bilinear", align_corners=False)
+    padded = torch.full((1, 1, size, size), OUTSIDE_LOGIT)
+    padded[..., :side_h, :side_w] = resized
+    low = F.interpolate(padded, tuple(model.prompt_encoder.mask_input_size), mode="bilinear", align_corners=False)
+    return low[0].numpy()
+
+
+def paste_logits(model: Any, low_res_logits: np.ndarray, crop: Box, image_hw: tuple[int, int]) -> np.ndarray:
+    """Low-res logits (``C x s x s``) predicted on ``crop`` as full-resolution logits of the whole
+    ``image_hw`` image (``C x H x W``; :data:`OUTSIDE_LOGIT` outside the crop)."""
+    x0, y0, x1, y1 = crop
+    h, w = image_hw
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise SegAnyError(f"crop {tuple(crop)} is not inside the {w}x{h} image")
+    low = torch.from_numpy(np.asarray(low_res_logits, dtype=np.float32))[None]
+    size = model.image_size
+    logits = model.postprocess_masks(low, get_preprocess_shape(y1 - y0, x1 - x0, size), (y1 - y0, x1 - x0))[0]
+    full = np.full((low.shape[1], h, w), OUTSIDE_LOGIT, dtype=np.float32)
+    full[:, y0:y1, x0:x1] = logits.numpy()
+    return full
+
+
+def whole_image_mask_prompt(
+    model: Any, low_res_logits: np.ndarray, crop: Box, image_hw: tuple[int, int]
+) -> np.ndarray:
+    """A mask predicted on ``crop`` (``1 x s x s`` low-res logits) as a mask prompt of the whole image
+    (``1 x s x s``): to refine a zoomed mask without zooming."""
+    full = paste_logits(model, low_res_logits, crop, image_hw)
+    return mask_prompt(model, full[0], (0, 0, image_hw[1], image_hw[0]))

@@ -49,14 +49,18 @@ class ConvAct(nn.Conv2d):
         super().__init__(cin, cout, k, stride, padding=0 if stride > 1 else k // 2, groups=groups, bias=True)
         self.act = act
 
+    def pad_same(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded for a stride-2 layer as TensorFlow's "SAME" does; unchanged for stride 1."""
+        if self.stride[0] == 1:
+            return x
+        k, s = self.kernel_size[0], self.stride[0]
+        h, w = x.shape[-2:]
+        ph = max((-(-h // s) - 1) * s + k - h, 0)
+        pw = max((-(-w // s) - 1) * s + k - w, 0)
+        return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
-            k, s = self.kernel_size[0], self.stride[0]
-            h, w = x.shape[-2:]
-            ph = max((-(-h // s) - 1) * s + k - h, 0)
-            pw = max((-(-w // s) - 1) * s + k - w, 0)
-            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        x = super().forward(x)
+        x = super().forward(self.pad_same(x))
         return F.relu6(x) if self.act else x
 
 

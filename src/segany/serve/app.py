@@ -191,14 +191,15 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         labels = np.array(req.labels, dtype=np.int64) if req.points else None
         box = np.array(req.box, dtype=np.float64) if req.box is not None else None
         crop = None
-        if req.zoom_in or previous_crop is not None:  # a zoomed mask_input is in its crop's frame
-            image = decode_image(entry.data, name="upload", max_pixels=s.max_pixels)
+        if req.zoom_in:
             masks, scores, low_res, crop = served.predict_zoomed(
-                entry, image, CropEmbeddings(crops, image_id), points, labels, box, mask_input, previous_crop,
-                req.multimask, zoom_in=req.zoom_in,
+                entry, lambda: decode_image(entry.data, name="upload", max_pixels=s.max_pixels),
+                CropEmbeddings(crops, image_id), points, labels, box, mask_input, previous_crop, req.multimask,
             )
             crop = None if crop == (0, 0, entry.width, entry.height) else crop
         else:
+            if previous_crop is not None:  # a zoomed mask_input is in its crop's frame
+                mask_input = served.whole_image_mask_input(entry, mask_input, previous_crop)
             masks, scores, low_res = served.predict(entry, points, labels, box, mask_input, req.multimask, req.text)
         out = []
         for m, sc, lr in zip(masks, scores, low_res):

@@ -105,9 +105,7 @@ class ImageEntry:
     @property
     def nbytes(self) -> int:
         """Bytes to count in the cache."""
-        extra = [t for v in (self.decoder_inputs or {}).values() for t in (v if isinstance(v, list) else [v])]
-        tensors = (self.embedding, *(self.text_features or ()), *extra)
-        return len(self.data) + sum(t.numel() * t.element_size() for t in tensors)
+        return len(self.data) + tensor_bytes(self.embedding, *(self.text_features or ()), self.decoder_inputs or {})
 
 
 class LogitsStore:
@@ -161,10 +159,9 @@ class CropEmbeddings:
 
     def put(self, crop: Box, value: CropEmbedding) -> None:
         embedding, original_size, input_size, inputs = value
-        cpu = {k: cpu_copy(v) for k, v in inputs.items()}
-        tensors = [embedding, *(t for v in cpu.values() for t in (v if isinstance(v, list) else [v]))]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors) + 256
-        self._lru.put(self._key(crop), (cpu_copy(embedding), original_size, input_size, cpu), nbytes)
+        embedding, inputs = cpu_copy(embedding), {k: cpu_copy(v) for k, v in inputs.items()}
+        nbytes = tensor_bytes(embedding, inputs) + 256
+        self._lru.put(self._key(crop), (embedding, original_size, input_size, inputs), nbytes)
 
 
 def cpu_copy(value: Any) -> Any:
@@ -172,3 +169,16 @@ def cpu_copy(value: Any) -> Any:
     if isinstance(value, list):
         return [cpu_copy(v) for v in value]
     return value.detach().to("cpu", torch.float32).clone()
+
+
+def tensor_bytes(*values: Any) -> int:
+    """Bytes held by tensors, lists of them and dicts of either."""
+    total = 0
+    for v in values:
+        if isinstance(v, dict):
+            total += tensor_bytes(*v.values())
+        elif isinstance(v, list):
+            total += tensor_bytes(*v)
+        else:
+            total += v.numel() * v.element_size()
+    return total

@@ -27,7 +27,7 @@ from segany.io.rle import encode_rle, rle_area, rle_to_bbox
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.serve.cache import CropEmbeddings, ImageEntry, cpu_copy
-from segany.zoom_in import Box, ZoomInPredictor
+from segany.zoom_in import Box, ZoomInPredictor, whole_image_mask_prompt
 
 T = TypeVar("T")
 
@@ -157,7 +157,7 @@ class ServedModel:
     def predict_zoomed(
         self,
         entry: ImageEntry,
-        image: np.ndarray,
+        decode: Callable[[], np.ndarray],
         crops: CropEmbeddings,
         points: np.ndarray | None,
         labels: np.ndarray | None,
@@ -165,29 +165,29 @@ class ServedModel:
         mask_input: np.ndarray | None,
         previous_crop: Box | None,
         multimask: bool,
-        zoom_in: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Box]:
-        """:class:`ZoomInPredictor` on the cached embedding (``image``: the decoded upload, for its crops):
-        masks ``C x H x W`` in the image's frame, scores ``C``, low-res logits ``C x 4e x 4e`` and the crop
-        they were predicted on. ``mask_input`` comes from an answer on ``previous_crop`` (None: the whole
-        image). A first click asked for one mask is refined on a crop around it (``refine_first``); asked
-        for three, they are the whole image's. With ``zoom_in`` False only ``mask_input`` is brought back to
-        the whole image's frame."""
+        """:class:`ZoomInPredictor` on the cached embedding: masks ``C x H x W`` in the image's frame, scores
+        ``C``, low-res logits ``C x 4e x 4e`` and the crop they were predicted on. ``decode`` returns the
+        upload's pixels, called only when a crop must be embedded; ``mask_input`` comes from an answer on
+        ``previous_crop`` (None: the whole image). A first click asked for one mask is refined on a crop
+        around it (``refine_first``); asked for three, they are the whole image's (the page offers the choice)."""
 
         def work() -> tuple[np.ndarray, np.ndarray, np.ndarray, Box]:
-            # zoom_in False: never zoom (no point count reaches skip_clicks), only map the previous mask. A
-            # first click asked for three candidates keeps the whole image's three (the page offers the choice).
-            options = {"refine_first": not multimask}
-            if not zoom_in:
-                options = {"skip_clicks": 1 << 30, "refine_first": False, "zoom_box": False}
-            zoom = ZoomInPredictor(SamPredictor(self.model), crop_cache=crops, **options)
-            zoom.set_embedding(image, entry.embedding, entry.input_size, entry.decoder_inputs)
+            zoom = ZoomInPredictor(SamPredictor(self.model), refine_first=not multimask, crop_cache=crops)
+            zoom.set_embedding(
+                entry.embedding, (entry.height, entry.width), decode, entry.input_size, entry.decoder_inputs
+            )
             if mask_input is not None:
                 zoom.remember(previous_crop or zoom.full_box, mask_input)
             masks, scores, low_res = zoom.predict(points, labels, box, mask_input, multimask_output=multimask)
             return masks, scores, low_res, zoom.last_crop
 
         return self.run(work)
+
+    def whole_image_mask_input(self, entry: ImageEntry, mask_input: np.ndarray, crop: Box) -> np.ndarray:
+        """A mask predicted with zoom-in on ``crop`` (``1 x 4e x 4e`` low-res logits) as a mask prompt of the
+        whole image, for a request that refines it without zoom-in."""
+        return self.run(lambda: whole_image_mask_prompt(self.model, mask_input, crop, (entry.height, entry.width)))
 
     def predict_instances(self, entry: ImageEntry, text: str, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
         """``SamPredictor.predict_instances``: one mask per object the text names, best first."""

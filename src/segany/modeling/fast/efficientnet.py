@@ -34,12 +34,7 @@ def conv_act(m: ConvAct, x: torch.Tensor) -> torch.Tensor:
         and not torch.is_autocast_enabled("cpu")
     ):
         return m(x)
-    if m.stride[0] > 1:  # TensorFlow's "SAME" padding, as ConvAct.forward pads
-        k, s = m.kernel_size[0], m.stride[0]
-        h, w = x.shape[-2:]
-        ph = max((-(-h // s) - 1) * s + k - h, 0)
-        pw = max((-(-w // s) - 1) * s + k - w, 0)
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    x = m.pad_same(x)
     attr, scalars = ("hardtanh", [0.0, 6.0]) if m.act else ("none", [])
     return torch.ops.mkldnn._convolution_pointwise(
         x, m.weight, m.bias, list(m.padding), list(m.stride), list(m.dilation), m.groups, attr, scalars, ""
