@@ -6,7 +6,8 @@ The CSV holds one row per evaluated checkpoint, every figure from ``benchmarks/e
 whole held-out set (DAVIS's last 5 sequences, COCO instances val; standard clicker): ``stage``,
 ``images_seen``, ``davis_miou1``, ``davis_miou5``, ``davis_box``, ``coco_miou1``, ``coco_miou5``,
 ``coco_box``, ``shipped`` (1 on the rows that were shipped as ``default``). Issue 17's targets are drawn
-as dashed lines.
+as dashed lines. Rows whose stage says "not shipped" are branches: each stage's rows are drawn thin,
+from the last row of the line before them in the file, so the line itself joins only what was built on.
 """
 
 from __future__ import annotations
@@ -34,17 +35,34 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def branches(rows: list[dict[str, str]]) -> tuple[list[int], list[list[int]]]:
+    """Indices of the main line and of each branch (a branch's first index is the main-line row it left)."""
+    line: list[int] = []
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if "not shipped" in r["stage"]:
+            groups.setdefault(r["stage"], [line[-1]] if line else []).append(i)
+        else:
+            line.append(i)
+    return line, list(groups.values())
+
+
 def plot(rows: list[dict[str, str]], out: Path) -> None:
     fig = Figure(figsize=(10, 3.8), dpi=100)
     FigureCanvasAgg(fig)
     x = [int(r["images_seen"]) for r in rows]
-    # a stage starts where the previous one's last checkpoint stands
-    starts = sorted({int(prev["images_seen"]) for r, prev in zip(rows[1:], rows) if r["stage"] != prev["stage"]})
+    line, side = branches(rows)
+    # a stage of the main line starts where the previous one's last checkpoint stands
+    starts = sorted({x[j] for i, j in zip(line[1:], line) if rows[i]["stage"] != rows[j]["stage"]})
     for i, panel in enumerate(("davis", "coco")):
         ax = fig.add_subplot(1, 2, i + 1)
         for key, label, color, marker in SERIES:
             y = [float(r[f"{panel}_{key}"]) for r in rows]
-            ax.plot(x, y, color=color, marker=marker, markersize=3, label=label)
+            ax.plot([x[j] for j in line], [y[j] for j in line], color=color, marker=marker, markersize=3,
+                    label=label)
+            for b in side:
+                ax.plot([x[j] for j in b], [y[j] for j in b], color=color, marker=marker, markersize=2,
+                        linewidth=0.7, alpha=0.45)
             shipped = [(xi, yi) for xi, yi, r in zip(x, y, rows) if r.get("shipped") == "1"]
             if shipped:
                 ax.plot(*zip(*shipped), linestyle="none", marker="*", markersize=11, color=color)
@@ -58,8 +76,8 @@ def plot(rows: list[dict[str, str]], out: Path) -> None:
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle("default: held-out learning curve (standard clicker; star: shipped; dashed: issue 17 targets)",
-                 fontsize=10)
+    fig.suptitle("default: held-out learning curve (standard clicker; star: shipped; faint: branches not shipped;"
+                 " dashed: issue 17 targets)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, format="png")
 

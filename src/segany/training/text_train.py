@@ -91,12 +91,47 @@ def _wording(query: str | dict, rng: np.random.Generator) -> str:
     return attribute_phrase(query, rng) if isinstance(query, dict) else category_phrase(query, rng)
 
 
+class _Usable(torch.utils.data.Dataset):
+    """A cached text item with only the queries whose low-res target is large enough (``None``: none is)."""
+
+    def __init__(self, ds: TextItemDataset, cached: CachedEmbeddingDataset, min_pixels: int) -> None:
+        self.ds, self.cached, self.min_pixels = ds, cached, min_pixels
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        it = self.ds[i]
+        keep = [j for j in range(len(it["queries"])) if int(it["targets"][j].sum()) >= self.min_pixels]
+        if not keep:
+            return None
+        return {
+            "embedding": self.cached.embedding(i),
+            "image": it["image"],  # the pixel path trains on the pixels
+            "valid_hw": it["valid_hw"],
+            "targets": it["targets"][keep],
+            "valid": it["valid"],
+            "queries": [it["queries"][j] for j in keep],
+        }
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+def _own(item: dict[str, Any]) -> dict[str, Any]:
+    # a worker's tensors live in shared memory; the run keeps thousands of them, so they move to its own
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+
 class _Data:
     """Cached embeddings + low-res targets of every training image, in memory."""
 
     def __init__(self, cfg: TextTrainConfig, model, device: torch.device) -> None:
         s = model.image_size
         cache_root = Path(cfg.cache_dir or Path(cfg.out_dir) / "embeddings")
+        # decoding the images and label maps again is the slow part of a start: one worker per thread
+        workers = max(1, cfg.num_threads or torch.get_num_threads())
         self.sets = []
         for spec in cfg.train_data:
             ds = TextItemDataset(build_source(spec, s), s, cfg.max_queries)
@@ -104,20 +139,11 @@ class _Data:
             # one folder per data spec (not per position in the list), so runs with other mixes share it
             folder = cache_root / hashlib.sha256(desc.encode()).hexdigest()[:16]
             fp = build_embedding_cache(model, ds, folder, desc, device=device, dtype="float16")
-            cached = CachedEmbeddingDataset(ds, folder, fp)
-            items = []
-            for i in range(len(ds)):
-                it = ds[i]
-                keep = [j for j in range(len(it["queries"])) if int(it["targets"][j].sum()) >= cfg.min_target_pixels]
-                if keep:
-                    items.append({
-                        "embedding": cached.embedding(i),
-                        "image": it["image"],  # the pixel path trains on the pixels
-                        "valid_hw": it["valid_hw"],
-                        "targets": it["targets"][keep],
-                        "valid": it["valid"],
-                        "queries": [it["queries"][j] for j in keep],
-                    })
+            usable = _Usable(ds, CachedEmbeddingDataset(ds, folder, fp), cfg.min_target_pixels)
+            loader = torch.utils.data.DataLoader(
+                usable, batch_size=1, collate_fn=_first, num_workers=workers if len(ds) > 1 else 0
+            )
+            items = [_own(it) for it in loader if it is not None]
             if not items:
                 raise SegAnyError(f"text data {spec}: no image has a usable query")
             self.sets.append(items)
