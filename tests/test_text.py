@@ -195,6 +195,21 @@ def test_training_writes_a_head_and_resumes(trained_tiny) -> None:
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 9
 
 
+def test_training_items_are_kept_packed_and_unpack_exactly() -> None:
+    from segany.training.text_data import TextItemDataset, build_source
+    from segany.training.text_train import _Packed
+
+    ds = TextItemDataset(build_source({"type": "synthetic", "n": 3, "seed": 1}, 96), 96, 8)
+    for i in range(len(ds)):
+        item = ds[i]
+        packed = _Packed(item, torch.zeros(4, 6, 6, dtype=torch.float16))
+        assert torch.equal(packed.image(), item["image"])  # lossless, zero padding restored
+        assert packed.png.nbytes < item["image"].numel()
+        for j in range(len(item["queries"])):
+            assert torch.equal(packed.target(j), item["targets"][j])
+        assert packed.queries == item["queries"] and torch.equal(packed.valid, item["valid"])
+
+
 def test_training_can_start_from_a_head_trained_for_other_weights(trained_tiny, tmp_path) -> None:
     from safetensors.torch import load_file
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -91,6 +92,38 @@ def _wording(query: str | dict, rng: np.random.Generator) -> str:
     return attribute_phrase(query, rng) if isinstance(query, dict) else category_phrase(query, rng)
 
 
+class _Packed:
+    """One training image's cached item, kept small: the embedding (float16), the content's pixels as a PNG
+    (lossless), the targets bit-packed. Held for every image of a run, so RAM stays a few GB at 640 px
+    (the plain tensors took 15 GB); unpacking a step's 8 images costs milliseconds."""
+
+    def __init__(self, item: dict[str, Any], embedding: torch.Tensor) -> None:
+        self.embedding = embedding
+        self.valid_hw = item["valid_hw"]
+        self.size = int(item["image"].shape[-1])
+        vh, vw = (int(v) for v in self.valid_hw)
+        ok, png = cv2.imencode(".png", item["image"][:, :vh, :vw].permute(1, 2, 0).numpy(),
+                               [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise SegAnyError("could not encode a training image in memory")
+        self.png = png
+        self.side = int(item["targets"].shape[-1])
+        self.bits = np.packbits(item["targets"].numpy(), axis=-1)
+        self.valid = item["valid"]
+        self.queries = item["queries"]
+
+    def image(self) -> torch.Tensor:
+        """``3 x S x S`` uint8, zero outside the content (what encoder_input zeroes anyway)."""
+        hwc = cv2.imdecode(self.png, cv2.IMREAD_UNCHANGED)
+        out = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        out[:, : hwc.shape[0], : hwc.shape[1]] = torch.from_numpy(hwc).permute(2, 0, 1)
+        return out
+
+    def target(self, j: int) -> torch.Tensor:
+        """Query ``j``'s ``L x L`` bool target."""
+        return torch.from_numpy(np.unpackbits(self.bits[j], axis=-1, count=self.side).astype(bool))
+
+
 class _Usable(torch.utils.data.Dataset):
     """A cached text item with only the queries whose low-res target is large enough (``None``: none is)."""
 
@@ -100,28 +133,23 @@ class _Usable(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> _Packed | None:
         it = self.ds[i]
         keep = [j for j in range(len(it["queries"])) if int(it["targets"][j].sum()) >= self.min_pixels]
         if not keep:
             return None
-        return {
-            "embedding": self.cached.embedding(i),
-            "image": it["image"],  # the pixel path trains on the pixels
-            "valid_hw": it["valid_hw"],
-            "targets": it["targets"][keep],
-            "valid": it["valid"],
-            "queries": [it["queries"][j] for j in keep],
-        }
+        kept = dict(it, targets=it["targets"][keep], queries=[it["queries"][j] for j in keep])
+        return _Packed(kept, self.cached.embedding(i))
 
 
 def _first(batch: list[Any]) -> Any:
     return batch[0]
 
 
-def _own(item: dict[str, Any]) -> dict[str, Any]:
+def _own(item: _Packed) -> _Packed:
     # a worker's tensors live in shared memory; the run keeps thousands of them, so they move to its own
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+    item.embedding, item.valid_hw, item.valid = item.embedding.clone(), item.valid_hw.clone(), item.valid.clone()
+    return item
 
 
 class _Data:
@@ -176,14 +204,14 @@ class _TextStep:
             items = data.sets[int(rng.choice(len(data.sets), p=data.weights))]
             it = items[int(rng.integers(len(items)))]
             picked.append(it)
-            k = len(it["queries"])
+            k = len(it.queries)
             for j in rng.choice(k, size=min(k, cfg.queries_per_image), replace=False):
                 owner.append(b)
-                texts.append(self.vectors[_wording(it["queries"][j], rng)])
-                gts.append(it["targets"][j])
-                valids.append(it["valid"])
+                texts.append(self.vectors[_wording(it.queries[j], rng)])
+                gts.append(it.target(j))
+                valids.append(it.valid)
                 points.append(
-                    _sample_point(it["targets"][j], rng, self.scale) if rng.random() < cfg.point_prob else None
+                    _sample_point(gts[-1], rng, self.scale) if rng.random() < cfg.point_prob else None
                 )
         return {"picked": picked, "owner": owner, "texts": texts, "gts": gts, "valids": valids, "points": points}
 
@@ -200,9 +228,9 @@ class _TextStep:
         model, head, device = self.model, self.head, self.device
         picked, points = batch["picked"], batch["points"]
         # float16 cache entries are cast one by one: CPU autocast has no rule for stacking float16
-        emb = torch.stack([it["embedding"].float() for it in picked]).to(device)
-        x = encoder_input(model, torch.stack([it["image"] for it in picked]).to(device),
-                          torch.stack([it["valid_hw"] for it in picked]))
+        emb = torch.stack([it.embedding.float() for it in picked]).to(device)
+        x = encoder_input(model, torch.stack([it.image() for it in picked]).to(device),
+                          torch.stack([it.valid_hw for it in picked]))
         pixel = head.image_features(x)
         text = torch.stack(batch["texts"]).to(device)
         owner_t = torch.tensor(batch["owner"], device=device)
@@ -255,7 +283,7 @@ def train_text_head(cfg: TextTrainConfig, progress: bool = True) -> Path:
     t0 = time.time()
     data = _Data(cfg, model, device)
     queries = {json.dumps(q, sort_keys=True) if isinstance(q, dict) else q: q
-               for items in data.sets for it in items for q in it["queries"]}
+               for items in data.sets for it in items for q in it.queries}
     phrases = sorted({w for q in queries.values() for w in wordings(q)})
     vectors = {}
     for i in range(0, len(phrases), 256):
