@@ -94,8 +94,8 @@ def _wording(query: str | dict, rng: np.random.Generator) -> str:
 
 class _Packed:
     """One training image's cached item, kept small: the embedding (float16), the content's pixels as a PNG
-    (lossless), the targets bit-packed. Held for every image of a run, so RAM stays a few GB at 640 px
-    (the plain tensors took 15 GB); unpacking a step's 8 images costs milliseconds."""
+    (lossless), the targets bit-packed. A run holds one for every image, so packing halves its RAM (MODELS.md,
+    the text head's section); unpacking a step's few images is cheap next to the step."""
 
     def __init__(self, item: dict[str, Any], embedding: torch.Tensor) -> None:
         self.embedding = embedding
