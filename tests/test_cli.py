@@ -205,17 +205,21 @@ def test_convert_changes_the_input_size_of_an_efficientnet_model(capsys, tmp_pat
 
     from segany import SamPredictor, load_model
     from segany.checkpoint import save_model
+    from segany.checkpoint_text import new_text_head, save_text_head, text_head_path
     from segany.modeling import build_sam, get_config
     from segany.modeling.config import EfficientNetConfig
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(get_config("tiny_test"), encoder=EfficientNetConfig(neck_dim=16))
     src = tmp_path / "effnet.safetensors"
-    save_model(build_sam(cfg).eval(), src)
+    base = build_sam(cfg).eval()
+    save_model(base, src)
+    # a text head beside the source (as the shipped default has) is not in the way
+    save_text_head(new_text_head(base), base, text_head_path(src))
     dst = tmp_path / "effnet_192.safetensors"
     code, _, err = run_cli(capsys, "convert", src, dst, "--image-size", "192")
     assert code == 0, err
-    small, large = load_model(src), load_model(dst)
+    small, large = load_model(src, text_head=None), load_model(dst)
     assert (small.image_size, large.image_size) == (128, 192)
     assert tuple(large.prompt_encoder.image_embedding_size) == (12, 12)
     for k, v in small.state_dict().items():

@@ -406,7 +406,7 @@ def convert_checkpoint(
     Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``: the
     model's input size changed (:func:`with_image_size`)."""
     if isinstance(src, (str, os.PathLike)):
-        model = load_model(src)
+        model = load_model(src, text_head=None)  # the text head keeps its own file (save_model skips it)
     else:
         model = average_models(list(src))
     if image_size is not None:
