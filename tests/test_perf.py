@@ -146,6 +146,8 @@ def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch, size):
         (64, 256, (256, 13), (200, 10)),
         (256, 1024, (683, 1024), (681, 1024)),
         (32, 128, (128, 128), (128, 128)),
+        (160, 640, (426, 640), (681, 1024)),  # a photo larger than the model's input
+        (64, 256, (171, 256), (400, 600)),
     ],
 )
 def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input_size, original_size):
@@ -156,6 +158,24 @@ def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input
     got = postprocess_masks(masks, image_size, input_size, original_size)
     assert got.shape == want.shape
     assert float((got - want).abs().max()) < 1e-5
+
+
+def test_matrix_path_takes_photos_larger_than_the_input():
+    """A 640-px model answering a 1024 x 681 photo post-processes as matrix products; much larger photos
+    go to the interpolations (float logits sooner than boolean masks)."""
+    from segany.modeling.fast import postprocess
+
+    low = torch.zeros(1, 3, 160, 160)
+    with torch.inference_mode():
+        for size, as_masks, as_logits in (
+            ((681, 1024), True, True),
+            ((1536, 2048), True, True),  # 7.7x the input's area
+            ((2048, 2048), True, False),  # 10.2x
+            ((2448, 3264), False, False),  # 19.5x
+        ):
+            assert postprocess.use_matrix_path(low, 640, size, thresholded=True) == as_masks, size
+            assert postprocess.use_matrix_path(low, 640, size) == as_logits, size
+    assert not postprocess.use_matrix_path(low, 640, (681, 1024), thresholded=True)  # autograd on: plain path
 
 
 @pytest.mark.parametrize("masks_per_call", [3, 24])

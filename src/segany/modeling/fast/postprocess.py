@@ -9,9 +9,9 @@ the ``1024 x 1024`` intermediate map is never built: a dense product along the w
 side, then a sparse one along the height (each output row mixes 2 or 3 low-res rows). Where the two
 resizes along the width are one bilinear resize of the whole low-res width (the long side of a landscape
 image up to the model's size, or exactly half of it), the height goes first, on the low-res side, and the
-width is one interpolation pass. Binary masks are thresholded as each one is made. For larger
-outputs the dense product's cost (``w x W`` per low-res row) stops paying and the interpolations
-are used.
+width is one interpolation pass. Binary masks are thresholded as each one is made. For much larger
+outputs the products' cost (``w x W`` per low-res row, then every output row written through a sparse
+product) stops paying and the interpolations are used (see :func:`use_matrix_path`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from segany.modeling.fast.workers import map_on_workers
 # Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks); below it
 # the calling thread was faster.
 MIN_MASKS_FOR_WORKERS = 16
+# Largest output, in multiples of the model input's area, post-processed as matrix products (beyond it
+# the two interpolations were as fast or faster: `python benchmarks/postprocess_speed.py`): boolean masks
+# up to 16x (a 4000 x 3000 photo at 1024 px), float logits up to 8x.
+MAX_AREA_MASKS = 16
+MAX_AREA_LOGITS = 8
 
 
 @functools.lru_cache(maxsize=64)
@@ -53,14 +58,18 @@ def _sparse_rows(low_len: int, image_size: int, input_len: int, out_len: int) ->
     return m.T.contiguous().to_sparse()
 
 
-def use_matrix_path(masks: torch.Tensor, image_size: int, original_size: tuple[int, ...]) -> bool:
-    """True where :func:`postprocess_masks` is the faster way (CPU, no autograd, output no larger than
-    the model input)."""
+def use_matrix_path(
+    masks: torch.Tensor, image_size: int, original_size: tuple[int, ...], thresholded: bool = False
+) -> bool:
+    """True where :func:`postprocess_masks` is the faster way: CPU, no autograd, and an output no larger
+    than ``MAX_AREA_MASKS`` (boolean masks) or ``MAX_AREA_LOGITS`` (float logits) times the model input's
+    area. A 640-px model answering a 1024 x 681 photo is 1.7 times its input."""
+    limit = MAX_AREA_MASKS if thresholded else MAX_AREA_LOGITS
     return (
         masks.device.type == "cpu"
         and masks.ndim == 4
         and active()
-        and int(original_size[0]) * int(original_size[1]) <= image_size * image_size
+        and int(original_size[0]) * int(original_size[1]) <= limit * image_size * image_size
     )
 
 

@@ -33,7 +33,7 @@ class FastSam(Sam):
         threshold: float | None = None,
     ) -> torch.Tensor:
         full = tuple(self.prompt_encoder.mask_input_size)
-        if postprocess.use_matrix_path(masks, self.image_size, original_size):
+        if postprocess.use_matrix_path(masks, self.image_size, original_size, threshold is not None):
             return postprocess.postprocess_masks(
                 masks, self.image_size, input_size, original_size, full, threshold=threshold
             )

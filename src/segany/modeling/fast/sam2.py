@@ -89,7 +89,9 @@ class FastSam2(Sam2):
         threshold: float | None = None,
     ) -> torch.Tensor:
         low = int(masks.shape[-1])
-        if masks.shape[-2] == low and postprocess.use_matrix_path(masks, self.image_size, original_size):
+        if masks.shape[-2] == low and postprocess.use_matrix_path(
+            masks, self.image_size, original_size, threshold is not None
+        ):
             # Model size = low-res size: the first resize of SAM's post-processing is the identity.
             return postprocess.postprocess_masks(masks, low, (low, low), original_size, threshold=threshold)
         out = super().postprocess_masks(masks, input_size, original_size)

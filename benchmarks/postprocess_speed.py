@@ -1,0 +1,77 @@
+"""Mask post-processing on the CPU: SAM's two interpolations against the matrix products of
+``segany.modeling.fast.postprocess``, side by side, for the output sizes around ``use_matrix_path``'s limits.
+
+    python benchmarks/postprocess_speed.py [--threads 1] [--repeats 10]
+
+For each model input size, photo size and mask count it prints the median time of both ways, their ratio,
+the largest logit difference (the same function up to float rounding), and which way the fast model takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from segany.modeling.fast import postprocess
+from segany.predictor import get_preprocess_shape
+
+SIZES = [(681, 1024), (1080, 1920), (1536, 2048), (2448, 3264), (3000, 4000), (4000, 6000)]
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def interpolations(x: torch.Tensor, image_size: int, input_size, original_size) -> torch.Tensor:
+    """``Sam.postprocess_masks``'s two resizes (the plain model's way)."""
+    up = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
+    up = up[..., : input_size[0], : input_size[1]]
+    return F.interpolate(up, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| model input | photo | masks | output | interpolations (ms) | matrix (ms) | ratio | max diff | fast path takes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for image_size in (640, 1024):
+            low = image_size // 4
+            for size in SIZES:
+                inp = get_preprocess_shape(size[0], size[1], image_size)
+                for masks, thresholded in ((1, True), (3, True), (1, False)):
+                    x = torch.randn(1, masks, low, low) * 4
+                    thr = 0.0 if thresholded else None
+
+                    def plain(x=x, inp=inp, size=size, thr=thr):
+                        out = interpolations(x, image_size, inp, size)
+                        return out if thr is None else postprocess.greater(out, thr)
+
+                    def matrix(x=x, inp=inp, size=size, thr=thr):
+                        return postprocess.postprocess_masks(x, image_size, inp, size, threshold=thr)
+
+                    a, b = median_ms(plain, args.repeats), median_ms(matrix, args.repeats)
+                    diff = float((postprocess.postprocess_masks(x, image_size, inp, size)
+                                  - interpolations(x, image_size, inp, size)).abs().max())
+                    takes = "matrix" if postprocess.use_matrix_path(x, image_size, size, thresholded) else "interp."
+                    kind = "masks" if thresholded else "logits"
+                    print(f"| {image_size} | {size[1]}x{size[0]} | {masks} | {kind} | {a:.2f} | {b:.2f} | "
+                          f"{a / b:.2f}x | {diff:.1e} | {takes} |")
+
+
+if __name__ == "__main__":
+    main()
