@@ -3,33 +3,23 @@
 
     python benchmarks/postprocess_speed.py [--threads 1] [--repeats 10]
 
-For each model input size, photo size and mask count it prints the median time of both ways, their ratio,
-the largest logit difference (the same function up to float rounding), and which way the fast model takes.
+For each model input size, photo size and mask count it prints the median time of both ways (timed in
+alternation), their ratio, the largest logit difference (the same function up to float rounding), and which
+way the fast model takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import interleaved, median
 
 from segany.modeling.fast import postprocess
 from segany.predictor import get_preprocess_shape
 
 SIZES = [(681, 1024), (1080, 1920), (1536, 2048), (2448, 3264), (3000, 4000), (4000, 6000)]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def interpolations(x: torch.Tensor, image_size: int, input_size, original_size) -> torch.Tensor:
@@ -45,7 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model input | photo | masks | output | interpolations (ms) | matrix (ms) | ratio | max diff | fast path takes |")
+    print("| model input | photo | masks | output | interpolations (ms) | matrix (ms) | ratio | max diff "
+          "| fast path takes |")
     print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -57,14 +48,15 @@ def main() -> None:
                     x = torch.randn(1, masks, low, low) * 4
                     thr = 0.0 if thresholded else None
 
-                    def plain(x=x, inp=inp, size=size, thr=thr):
-                        out = interpolations(x, image_size, inp, size)
+                    def plain(x=x, s=image_size, inp=inp, size=size, thr=thr):
+                        out = interpolations(x, s, inp, size)
                         return out if thr is None else postprocess.greater(out, thr)
 
-                    def matrix(x=x, inp=inp, size=size, thr=thr):
-                        return postprocess.postprocess_masks(x, image_size, inp, size, threshold=thr)
+                    def matrix(x=x, s=image_size, inp=inp, size=size, thr=thr):
+                        return postprocess.postprocess_masks(x, s, inp, size, threshold=thr)
 
-                    a, b = median_ms(plain, args.repeats), median_ms(matrix, args.repeats)
+                    times = interleaved({"plain": plain, "matrix": matrix}, args.repeats)
+                    a, b = (median(times[k]) * 1000 for k in ("plain", "matrix"))
                     diff = float((postprocess.postprocess_masks(x, image_size, inp, size)
                                   - interpolations(x, image_size, inp, size)).abs().max())
                     takes = "matrix" if postprocess.use_matrix_path(x, image_size, size, thresholded) else "interp."

@@ -30,9 +30,9 @@ from segany.modeling.fast.workers import map_on_workers
 MIN_MASKS_FOR_WORKERS = 16
 # Largest output, in multiples of the model input's area, post-processed as matrix products (beyond it
 # the two interpolations were as fast or faster: `python benchmarks/postprocess_speed.py`): boolean masks
-# up to 16x (a 4000 x 3000 photo at 1024 px), float logits up to 8x.
+# up to 16x (a 4000 x 3000 photo at 1024 px), float logits up to 6x.
 MAX_AREA_MASKS = 16
-MAX_AREA_LOGITS = 8
+MAX_AREA_LOGITS = 6
 
 
 @functools.lru_cache(maxsize=64)
