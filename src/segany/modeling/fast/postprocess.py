@@ -1,17 +1,17 @@
 """SAM's mask post-processing (upsample to the input size, crop the padding, resize to the original
 size) as two small matrix products, for the CPU.
 
-Both bilinear resizes are linear and separable, so their composition is ``A_h @ X @ A_w^T`` with
-``A_h`` (``H x h``) and ``A_w`` (``W x w``) built by running the same two resizes on an identity
-matrix. Same function as ``Sam.postprocess_masks`` (differences are float rounding, ~1e-6 of the
-logits' scale); on a CPU it is faster for outputs up to several times the model input's area (several
-times faster up to about that area), because the ``1024 x 1024`` intermediate map is never built: a
-dense product along the width on the low-res side, then a sparse one along the height (each output row mixes 2 or 3 low-res rows). Where the two
+Both bilinear resizes are linear and separable, so their composition is ``A_h @ X @ A_w^T`` with ``A_h``
+(``H x h``) and ``A_w`` (``W x w``) built by running the same two resizes on an identity matrix. Same
+function as ``Sam.postprocess_masks`` (differences are float rounding, ~1e-6 of the logits' scale); on a CPU
+it is faster for outputs up to several times the model input's area (several times faster up to about that
+area), because the ``1024 x 1024`` intermediate map is never built: a dense product along the width on the
+low-res side, then a sparse one along the height (each output row mixes 2 or 3 low-res rows). Where the two
 resizes along the width are one bilinear resize of the whole low-res width (the long side of a landscape
 image up to the model's size, or exactly half of it), the height goes first, on the low-res side, and the
-width is one interpolation pass. Binary masks are thresholded as each one is made. For much larger
-outputs the products' cost (``w x W`` per low-res row, then every output row written through a sparse
-product) stops paying and the interpolations are used (see :func:`use_matrix_path`).
+width is one interpolation pass. Binary masks are thresholded as each one is made. For much larger outputs
+the products' cost (``w x W`` per low-res row, then every output row written through a sparse product) stops
+paying and the interpolations are used (see :func:`use_matrix_path`).
 """
 
 from __future__ import annotations
