@@ -224,6 +224,14 @@ def test_convert_changes_the_input_size_of_an_efficientnet_model(capsys, tmp_pat
     assert tuple(large.prompt_encoder.image_embedding_size) == (12, 12)
     for k, v in small.state_dict().items():
         torch.testing.assert_close(large.state_dict()[k], v)
+    # in Python, an attached text head comes along (the encoders it is tied to are the same weights)
+    from segany.checkpoint import with_image_size
+    from segany.checkpoint_text import base_fingerprint
+
+    with_head = load_model(src)
+    moved = with_image_size(with_head, 192)
+    assert moved.text_head is with_head.text_head and moved.image_size == 192
+    assert base_fingerprint(moved) == base_fingerprint(with_head)
     predictor = SamPredictor(large)
     predictor.set_image(np.zeros((96, 120, 3), np.uint8))
     masks, _, low = predictor.predict(np.array([[40, 30]]), np.array([1]))

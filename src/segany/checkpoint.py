@@ -418,14 +418,18 @@ def convert_checkpoint(
 def with_image_size(model: Sam, image_size: int) -> Sam:
     """The same weights run at another input size (longest side, pixels; the embedding, mask and prompt
     grids follow it). Only for encoders whose weights do not depend on it: EfficientNet-Lite's
-    convolutions (segany's default); a ViT's position embeddings and TinyViT's attention biases have one size."""
+    convolutions (segany's default); a ViT's position embeddings and TinyViT's attention biases have one size.
+    An attached text head comes along."""
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, SamConfig) or not isinstance(cfg.encoder, EfficientNetConfig):
         raise SegAnyError("the input size can be changed for EfficientNet-Lite models only (segany's default)")
     if image_size % 32 or not 128 <= image_size <= 2048:
         raise SegAnyError(f"image size {image_size}: must be a multiple of 32 in [128, 2048]")
     resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), "image_size": image_size})).eval()
-    _load_weights(resized, model.state_dict(), f"the model at {image_size} px")
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")}
+    _load_weights(resized, weights, f"the model at {image_size} px")
+    if getattr(model, "text_head", None) is not None:  # tied to the encoders' weights, which are the same
+        resized.text_head = model.text_head
     return resized.to(model.device)
 
 
