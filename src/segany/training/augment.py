@@ -37,6 +37,9 @@ class AugmentConfig:
     the object's longer box side times a factor drawn from ``[zoom_context_min, zoom_context_max]``, and
     the zoomed image is between 1 and ``zoom_max_scale`` times its plain resize. A factor below 1 cuts
     the object at the window's sides: an object larger than the frame, as in a close-up.
+    ``copy_paste_p``: probability that label-map items get 1 to ``copy_paste_max_objects`` objects of another
+    image of their folder pasted in, scaled by ``[copy_paste_scale_min, copy_paste_scale_max]`` times the
+    fit (:mod:`segany.training.copy_paste`).
     """
 
     scale_min: float = 0.1
@@ -51,14 +54,21 @@ class AugmentConfig:
     zoom_context_min: float = 1.2
     zoom_context_max: float = 2.0
     zoom_max_scale: float = 4.0
+    copy_paste_p: float = 0.0
+    copy_paste_max_objects: int = 3
+    copy_paste_scale_min: float = 0.3
+    copy_paste_scale_max: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
-        if not 0 <= self.hflip_p <= 1 or not 0 <= self.color_p <= 1 or not 0 <= self.zoom_p <= 1:
+        probabilities = (self.hflip_p, self.color_p, self.zoom_p, self.copy_paste_p)
+        if not all(0 <= p <= 1 for p in probabilities):
             raise ValueError("probabilities must be in [0, 1]")
         if not 0.5 <= self.zoom_context_min <= self.zoom_context_max or self.zoom_max_scale < 1:
             raise ValueError("need 0.5 <= zoom_context_min <= zoom_context_max and zoom_max_scale >= 1")
+        if self.copy_paste_max_objects < 1 or not 0 < self.copy_paste_scale_min <= self.copy_paste_scale_max:
+            raise ValueError("need copy_paste_max_objects >= 1 and 0 < copy_paste_scale_min <= copy_paste_scale_max")
 
 
 @dataclass(frozen=True)

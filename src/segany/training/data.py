@@ -52,6 +52,7 @@ from segany.training.augment import (
     warp_label_map,
     warp_masks,
 )
+from segany.training.copy_paste import paste_from_folder
 
 #: Default number of mask slots per item.
 DEFAULT_MAX_MASKS = 16
@@ -290,10 +291,14 @@ class LabelMapDataset(_Base):
         index = self._check_index(index)
         stem = self.folder.stems[index]
         image, lm, names, ignore_ids = self.folder.load_raw(stem)
+        rng = self.rng(index)
+        aug = self.cfg.augment
+        if rng is not None and aug.copy_paste_p > 0 and rng.random() < aug.copy_paste_p:
+            image, lm, names = paste_from_folder(self.folder, image, lm, names, aug, rng)
         return to_training_item(
             image,
             self.cfg,
-            self.rng(index),
+            rng,
             label_map=lm,
             names_by_id=names,
             ignore_ids=ignore_ids,
