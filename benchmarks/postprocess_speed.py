@@ -13,20 +13,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from _common import interleaved, median
 
 from segany.modeling.fast import postprocess
-from segany.predictor import get_preprocess_shape
+from segany.modeling.sam import interpolate_masks
+from segany.transforms import get_preprocess_shape
 
 SIZES = [(681, 1024), (1080, 1920), (1536, 2048), (2448, 3264), (3000, 4000), (4000, 6000)]
-
-
-def interpolations(x: torch.Tensor, image_size: int, input_size, original_size) -> torch.Tensor:
-    """``Sam.postprocess_masks``'s two resizes (the plain model's way)."""
-    up = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
-    up = up[..., : input_size[0], : input_size[1]]
-    return F.interpolate(up, tuple(original_size), mode="bilinear", align_corners=False)
 
 
 def main() -> None:
@@ -49,7 +42,7 @@ def main() -> None:
                     thr = 0.0 if thresholded else None
 
                     def plain(x=x, s=image_size, inp=inp, size=size, thr=thr):
-                        out = interpolations(x, s, inp, size)
+                        out = interpolate_masks(x, (s, s), inp, size)
                         return out if thr is None else postprocess.greater(out, thr)
 
                     def matrix(x=x, s=image_size, inp=inp, size=size, thr=thr):
@@ -58,7 +51,7 @@ def main() -> None:
                     times = interleaved({"plain": plain, "matrix": matrix}, args.repeats)
                     a, b = (median(times[k]) * 1000 for k in ("plain", "matrix"))
                     diff = float((postprocess.postprocess_masks(x, image_size, inp, size)
-                                  - interpolations(x, image_size, inp, size)).abs().max())
+                                  - interpolate_masks(x, (image_size, image_size), inp, size)).abs().max())
                     takes = "matrix" if postprocess.use_matrix_path(x, image_size, size, thresholded) else "interp."
                     kind = "masks" if thresholded else "logits"
                     print(f"| {image_size} | {size[1]}x{size[0]} | {masks} | {kind} | {a:.2f} | {b:.2f} | "

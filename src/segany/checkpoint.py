@@ -343,6 +343,12 @@ def load_model(
     return model.eval()
 
 
+def model_weights(model: Sam) -> dict[str, torch.Tensor]:
+    """The model's own state dict: without an attached text head's, which has its own file
+    (:mod:`segany.checkpoint_text`)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")}
+
+
 def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
     """Write ``model`` as ``.safetensors`` with its config in the metadata (atomically).
 
@@ -356,9 +362,7 @@ def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:
     if model.config is None:
         raise ValueError("the model has no config; build it with build_sam(config)")
     sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("text_head."):  # the text head has its own file (segany.checkpoint_text)
-            continue
+    for k, v in model_weights(model).items():
         v = v.detach().cpu().contiguous()
         if half and v.is_floating_point():
             v = v.half()
@@ -426,8 +430,7 @@ def with_image_size(model: Sam, image_size: int) -> Sam:
     if image_size % 32 or not 128 <= image_size <= 2048:
         raise SegAnyError(f"image size {image_size}: must be a multiple of 32 in [128, 2048]")
     resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), "image_size": image_size})).eval()
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")}
-    _load_weights(resized, weights, f"the model at {image_size} px")
+    _load_weights(resized, model_weights(model), f"the model at {image_size} px")
     if getattr(model, "text_head", None) is not None:  # tied to the encoders' weights, which are the same
         resized.text_head = model.text_head
     return resized.to(model.device)

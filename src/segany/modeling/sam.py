@@ -21,6 +21,17 @@ def _one_image(value: Any, i: int) -> Any:
     return None if value is None else value[i : i + 1]
 
 
+
+def interpolate_masks(
+    masks: torch.Tensor, upsampled_size: tuple[int, int], input_size: tuple[int, ...], original_size: tuple[int, ...]
+) -> torch.Tensor:
+    """SAM's post-processing by interpolation: ``B x M x h x w`` logits upsampled (bilinear) to
+    ``upsampled_size`` (the padded input frame, or the top-left part of it that the masks cover), the
+    padding cropped to ``input_size``, then resized (bilinear) to ``original_size``."""
+    masks = F.interpolate(masks, tuple(upsampled_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
 class Sam(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
@@ -104,9 +115,7 @@ class Sam(nn.Module):
 
         Upsample to the padded input size, drop the padding, then resize to the original size.
         """
-        masks = F.interpolate(masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        masks = F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        masks = interpolate_masks(masks, (self.image_size, self.image_size), input_size, original_size)
         return masks if threshold is None else masks > threshold
 
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from segany.modeling.fast import postprocess
 from segany.modeling.fast.mask_decoder import DenseCellsDecoder
-from segany.modeling.sam import Sam
+from segany.modeling.sam import Sam, interpolate_masks
 
 
 class FastSam(Sam):
@@ -41,7 +40,5 @@ class FastSam(Sam):
             logits = super().postprocess_masks(masks, input_size, original_size)
         else:  # a top-left part: the same exact-factor upsampling, crop and resize, without the padding's pixels
             f = self.image_size // full[0]
-            x = F.interpolate(masks, (masks.shape[-2] * f, masks.shape[-1] * f), mode="bilinear", align_corners=False)
-            x = x[..., : input_size[0], : input_size[1]]
-            logits = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+            logits = interpolate_masks(masks, (masks.shape[-2] * f, masks.shape[-1] * f), input_size, original_size)
         return logits if threshold is None else postprocess.greater(logits, threshold)
