@@ -54,13 +54,14 @@ def main() -> None:
     h, w = image.shape[:2]
     pred = SamPredictor(model)
     emb = median_ms(lambda: pred.set_image(image), args.repeats)
+    grid = pred.model.image_size  # the model's input size, or larger for a larger image (max_image_size)
     pt, lab = np.array([[w / 2, h / 2]]), np.array([1])
     one = median_ms(lambda: pred.predict(pt, lab, multimask_output=False), args.repeats * 5)
     multi = median_ms(lambda: pred.predict(pt, lab, multimask_output=True), args.repeats * 5)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     threads = torch.get_num_threads()
     print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}")
-    print(f"image {w}x{h}: embedding median {emb:.1f} ms (target <= 300 ms at 1024 px, 1 thread)")
+    print(f"image {w}x{h} (encoded at {grid} px): embedding median {emb:.1f} ms (target <= 300 ms at 1024 px)")
     print(f"one point -> full-size mask: median {one:.2f} ms (single; target <= 15 ms), {multi:.2f} ms (3 masks)")
     # Zoom-in (segany.zoom_in; the web tool's default): a first click refined on a crop costs an embedding
     # of the crop; a later click whose crop is kept, a decoder call on it.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from segany.errors import SegAnyError
-from segany.modeling.build import build_sam
+from segany.modeling.build import at_image_size, build_sam
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
 from segany.modeling.sam import Sam
 
@@ -404,36 +404,39 @@ def convert_checkpoint(
     dst: str | os.PathLike,
     half: bool = False,
     image_size: int | None = None,
+    max_image_size: int | None | str = "keep",
 ) -> SamConfig:
     """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
 
-    Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``: the
-    model's input size changed (:func:`with_image_size`)."""
+    Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``,
+    ``max_image_size``: the model's input sizes changed (:func:`with_image_size`)."""
     if isinstance(src, (str, os.PathLike)):
         model = load_model(src, text_head=None)  # the text head keeps its own file (save_model skips it)
     else:
         model = average_models(list(src))
-    if image_size is not None:
-        model = with_image_size(model, image_size)
+    if image_size is not None or max_image_size != "keep":
+        model = with_image_size(model, image_size, max_image_size)
     save_model(model, dst, half=half)
     return model.config
 
 
-def with_image_size(model: Sam, image_size: int) -> Sam:
+def with_image_size(model: Sam, image_size: int | None = None, max_image_size: int | None | str = "keep") -> Sam:
     """The same weights run at another input size (longest side, pixels; the embedding, mask and prompt
-    grids follow it). Only for encoders whose weights do not depend on it: EfficientNet-Lite's
-    convolutions (segany's default); a ViT's position embeddings and TinyViT's attention biases have one size.
-    An attached text head comes along."""
+    grids follow it) or with another ``max_image_size`` (:class:`SamConfig`; "keep": the model's where it
+    is at least the new size, else none), sharing ``model``'s parameters. Only for encoders whose weights do
+    not depend on the input size: EfficientNet-Lite's convolutions (segany's default); a ViT's position
+    embeddings and TinyViT's attention biases have one size. An attached text head comes along."""
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, SamConfig) or not isinstance(cfg.encoder, EfficientNetConfig):
         raise SegAnyError("the input size can be changed for EfficientNet-Lite models only (segany's default)")
-    if image_size % 32 or not 128 <= image_size <= 2048:
-        raise SegAnyError(f"image size {image_size}: must be a multiple of 32 in [128, 2048]")
-    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), "image_size": image_size})).eval()
-    _load_weights(resized, model_weights(model), f"the model at {image_size} px")
-    if getattr(model, "text_head", None) is not None:  # tied to the encoders' weights, which are the same
-        resized.text_head = model.text_head
-    return resized.to(model.device)
+    size = cfg.image_size if image_size is None else image_size
+    if size % 32 or not 128 <= size <= 2048:
+        raise SegAnyError(f"image size {size}: must be a multiple of 32 in [128, 2048]")
+    if max_image_size == "keep":
+        max_image_size = cfg.max_image_size if (cfg.max_image_size or 0) >= size else None
+    if max_image_size is not None and (max_image_size % 32 or not size <= max_image_size <= 2048):
+        raise SegAnyError(f"max image size {max_image_size}: must be a multiple of 32 in [{size}, 2048]")
+    return at_image_size(model, size, max_image_size)
 
 
 def load_weights(model: Sam, path: str | os.PathLike) -> Sam:

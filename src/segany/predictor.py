@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from segany.errors import SegAnyError
+from segany.modeling.build import at_image_size, input_side
 from segany.modeling.sam import Sam
 from segany.prompts import check_fits_float32, check_image, check_prompts
 from segany.transforms import get_preprocess_shape, transform_for
@@ -36,7 +37,28 @@ class SamPredictor:
         self.model = sam_model
         self.transform = transform_for(sam_model)
         self.text_detector = text_detector
+        # the model on each input grid it has met (config.max_image_size: larger images on larger grids)
+        self._sized: dict[int, Sam] = {sam_model.image_size: sam_model}
+        cfg = getattr(sam_model, "config", None)
+        self._max_side: int | None = getattr(cfg, "max_image_size", None)
         self.reset_image()
+
+    def _use_size(self, size: int) -> None:
+        """``self.model``: the given model on a ``size``-pixel grid (:meth:`_is_input_side`), sharing its weights."""
+        if size != self.model.image_size:
+            if size not in self._sized:
+                self._sized[size] = at_image_size(self._sized_base, size, self._max_side)
+            self.model = self._sized[size]
+            self.transform = transform_for(self.model)
+
+    @property
+    def _sized_base(self) -> Sam:
+        return next(iter(self._sized.values()))  # the model given, inserted first
+
+    def _is_input_side(self, size: int) -> bool:
+        """Whether ``size`` is a grid this predictor's model encodes some image at."""
+        base = self._sized_base.image_size
+        return size == base or (self._max_side is not None and size % 32 == 0 and base < size <= self._max_side)
 
     # -- image -------------------------------------------------------------------------------------
 
@@ -47,6 +69,7 @@ class SamPredictor:
         check_image(image)
         if image_format != self.model.image_format:
             image = image[..., ::-1]
+        self._use_size(input_side(self._sized_base, *image.shape[:2]))
         input_image = self.transform.apply_image(np.ascontiguousarray(image))
         input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
         self.set_torch_image(input_torch, image.shape[:2])
@@ -60,12 +83,13 @@ class SamPredictor:
         if (
             transformed_image.ndim != 4
             or transformed_image.shape[1] != 3
-            or max(*transformed_image.shape[2:]) != self.model.image_size
+            or not self._is_input_side(max(*transformed_image.shape[2:]))
         ):
             raise SegAnyError(
                 f"set_torch_image expects 1x3xHxW with the longest side {self.model.image_size}, "
                 f"got {tuple(transformed_image.shape)}"
             )
+        self._use_size(max(*transformed_image.shape[2:]))
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
@@ -87,6 +111,10 @@ class SamPredictor:
         prompts the text head's pixel features (:meth:`get_text_features`) of the same image, and for
         SAM 2 / SAM-HQ the decoder's other image inputs (:meth:`get_decoder_inputs`)."""
         self.reset_image()
+        if self._max_side is not None:  # the embedding's width says which grid it is of
+            side = embedding.shape[-1] * self._sized_base.config.encoder.stride
+            if self._is_input_side(side):
+                self._use_size(side)
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = input_size or get_preprocess_shape(*self.original_size, self.model.image_size)
         self.features = embedding.to(self.device)

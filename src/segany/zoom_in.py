@@ -90,13 +90,18 @@ class ZoomInPredictor:
         self.predictor = predictor
         self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
         self.refine_first, self.zoom_box, self.crop_cache = refine_first, zoom_box, crop_cache
-        self.model = predictor.model
         self._hw: tuple[int, int] | None = None  # the whole image's height and width
         # the whole image as RGB pixels, or the function that decodes them when a crop first needs them
         self._pixels: np.ndarray | Callable[[], np.ndarray] | None = None
         self._crop: Box | None = None  # the crop the wrapped predictor holds now
         self._whole: tuple | None = None  # the whole image's embedding, original and input sizes, decoder inputs
         self._last: tuple[Box, np.ndarray, np.ndarray] | None = None  # crop, low-res C x s x s, logits C x H x W
+
+
+    @property
+    def model(self) -> Any:
+        """The wrapped predictor's model, on the grid of the crop it holds (``config.max_image_size``)."""
+        return self.predictor.model
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Set the whole image (``H x W x 3`` uint8) and forget the previous prediction."""

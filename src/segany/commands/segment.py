@@ -99,6 +99,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         "--image-size", type=int, metavar="N",
         help="run the model at this input size (longest side, pixels; EfficientNet-Lite models only)",
     )
+    p.add_argument(
+        "--max-image-size", type=int, metavar="N",
+        help="encode a larger image at its own longest side (rounded up to 32) up to N pixels rather than "
+        "shrink it to the input size; 0: always the input size (EfficientNet-Lite models only)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -107,8 +112,10 @@ def run_convert(args: argparse.Namespace) -> int:
     if not str(args.dst).endswith(".safetensors"):
         raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
     src = args.src[0] if len(args.src) == 1 else args.src
-    cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size)
+    cap = "keep" if args.max_image_size is None else (args.max_image_size or None)
+    cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap)
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
-    print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}, {size:.1f} MB)")
+    larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
+    print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}, {size:.1f} MB)")
     return 0

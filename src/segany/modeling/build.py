@@ -69,11 +69,17 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         return build_sam_hq(cfg, build_image_encoder(cfg, fast), fast)
     if cfg.image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16, got {cfg.image_size}")
+    cap = cfg.max_image_size
+    if cap is not None and (not isinstance(cfg.encoder, EfficientNetConfig) or cap % 32 or cap < cfg.image_size):
+        raise ValueError(
+            f"max_image_size {cfg.max_image_size}: needs the EfficientNet encoder and a multiple of 32 "
+            f"no smaller than image_size ({cfg.image_size})"
+        )
     emb = cfg.embedding_size
     d = cfg.prompt_embed_dim
     # built in this order (encoder, prompt encoder, decoder): a seeded build draws the same initial values
     image_encoder = build_image_encoder(cfg, fast)
-    prompt_encoder = (DensePromptEncoder if cfg.dense_prompts else fast_class(PromptEncoder, fast))(
+    prompt_encoder = fast_class(DensePromptEncoder if cfg.dense_prompts else PromptEncoder, fast)(
         d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
     )
     transformer = TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
@@ -106,3 +112,32 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         pixel_std=tuple(cfg.pixel_std),
         config=cfg,
     )
+
+
+def input_side(model: Sam, height: int, width: int) -> int:
+    """The square input side a ``height x width`` image is encoded at: the model's ``image_size``, or for a
+    model with ``config.max_image_size``, a larger image's longest side rounded up to 32, at most that."""
+    cfg = getattr(model, "config", None)
+    cap = getattr(cfg, "max_image_size", None)
+    side = max(height, width)
+    if cap is None or side <= model.image_size:
+        return model.image_size
+    return min(cap, -(-side // 32) * 32)
+
+
+def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None) -> Sam:
+    """``model`` on another input grid (longest side ``image_size``; the embedding, mask and prompt grids
+    follow it; ``max_image_size`` as in :class:`SamConfig`), sharing its parameters and buffers, in its mode
+    and on its device. Only for encoders whose weights do not depend on the input size (EfficientNet-Lite);
+    an attached text head comes along."""
+    cfg = model.config
+    if not isinstance(cfg.encoder, EfficientNetConfig):
+        raise ValueError("the input size can be changed for EfficientNet-Lite models only")
+    changes = {"image_size": image_size, "max_image_size": max_image_size}
+    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), **changes}))
+    head = getattr(model, "text_head", None)
+    shared = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith("text_head.")}
+    resized.load_state_dict(shared, assign=True)
+    if head is not None:  # tied to the encoders' weights, which are these
+        resized.text_head = head
+    return resized.to(model.device).train(model.training)

@@ -92,6 +92,9 @@ class SamConfig:
     #: the decoder's upscaling also adds the encoder's stride-4 and stride-8 maps, as SAM 2's does
     #: (:class:`~segany.modeling.sam2_mask_decoder.Sam2MaskDecoder`; EfficientNet encoder only; not in SAM)
     high_res_features: bool = False
+    #: a larger image is encoded at its own longest side rounded up to 32 pixels, up to this many, rather
+    #: than shrunk to ``image_size`` (the same weights on a larger grid: EfficientNet encoder only; not in SAM)
+    max_image_size: int | None = None
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -24,6 +24,7 @@ import torch
 from segany.automatic import SamAutomaticMaskGenerator
 from segany.io.png import encode_png
 from segany.io.rle import encode_rle, rle_area, rle_to_bbox
+from segany.modeling.build import at_image_size
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.serve.cache import CropEmbeddings, ImageEntry, cpu_copy
@@ -41,6 +42,9 @@ class ServedModel:
     """
 
     def __init__(self, model: Sam, name: str = "model") -> None:
+        if getattr(getattr(model, "config", None), "max_image_size", None) is not None:
+            # the page decodes with one ONNX decoder, exported for one grid: every image on the model's own
+            model = at_image_size(model, model.image_size, None)
         self.model = model.eval()
         self.name = name
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-inference")

@@ -10,7 +10,8 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
   the caches; global attention by blocks of query rows.
 * :class:`FastTinyViT` (``tiny_vit.py``): folded batch norms, channels-last convolutions, in-place GELU.
 * :class:`FastEfficientNetLite` (``efficientnet.py``): channels-last convolutions.
-* :class:`FastPromptEncoder` (``prompt_encoder.py``): the positional encoding kept between calls.
+* :class:`FastPromptEncoder`, :class:`FastDensePromptEncoder` (``prompt_encoder.py``): the positional
+  encoding kept between calls.
 * :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
 * :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
@@ -30,13 +31,14 @@ from typing import TypeVar
 
 from torch import nn
 
+from segany.modeling.dense_prompt_encoder import DensePromptEncoder
 from segany.modeling.efficientnet import EfficientNetLiteEncoder
 from segany.modeling.fast.common import active
 from segany.modeling.fast.efficientnet import FastEfficientNetLite
 from segany.modeling.fast.hiera import FastHiera
 from segany.modeling.fast.image_encoder import FastImageEncoderViT
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
-from segany.modeling.fast.prompt_encoder import FastPromptEncoder
+from segany.modeling.fast.prompt_encoder import FastDensePromptEncoder, FastPromptEncoder
 from segany.modeling.fast.sam import FastSam
 from segany.modeling.fast.sam2 import FastSam2, FastSam2PromptEncoder
 from segany.modeling.fast.sam2_decoder import FastSam2MaskDecoder
@@ -57,6 +59,7 @@ FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     TinyViT: FastTinyViT,
     EfficientNetLiteEncoder: FastEfficientNetLite,
     PromptEncoder: FastPromptEncoder,
+    DensePromptEncoder: FastDensePromptEncoder,
     MaskDecoder: FastMaskDecoder,
     Sam: FastSam,
     Hiera: FastHiera,
@@ -78,6 +81,7 @@ __all__ = [
     "FastImageEncoderViT",
     "FastMaskDecoder",
     "FastHiera",
+    "FastDensePromptEncoder",
     "FastPromptEncoder",
     "FastSam",
     "FastSam2",

@@ -1,16 +1,17 @@
-"""The prompt encoder with its positional encoding kept between calls at inference."""
+"""The prompt encoders with their positional encoding kept between calls at inference."""
 
 from __future__ import annotations
 
 import torch
 
+from segany.modeling.dense_prompt_encoder import DensePromptEncoder
 from segany.modeling.fast.common import active
 from segany.modeling.prompt_encoder import PromptEncoder
 
 
-class FastPromptEncoder(PromptEncoder):
-    """:class:`PromptEncoder` whose :meth:`get_dense_pe` returns the same tensor again at inference while
-    the Gaussian matrix is unchanged: the encoding is the same for every prompt, and the fast mask
+class KeptDensePE:
+    """Mixin for a :class:`PromptEncoder`: :meth:`get_dense_pe` returns the same tensor again at inference
+    while the Gaussian matrix is unchanged: the encoding is the same for every prompt, and the fast mask
     decoder recognises it (its per-model products of the encoding are kept while it is the same tensor)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -35,3 +36,11 @@ class FastPromptEncoder(PromptEncoder):
             pe = super().get_dense_pe().contiguous()
             cached = self._dense_pe = (key, pe)
         return cached[1]
+
+
+class FastPromptEncoder(KeptDensePE, PromptEncoder):
+    """:class:`PromptEncoder` with its positional encoding kept (:class:`KeptDensePE`)."""
+
+
+class FastDensePromptEncoder(KeptDensePE, DensePromptEncoder):
+    """:class:`DensePromptEncoder` (segany's default model) with its positional encoding kept."""
