@@ -130,3 +130,40 @@ def test_at_image_size_keeps_mode_and_head():
     moved = at_image_size(model, 160, 192)
     assert moved.training and moved.config.max_image_size == 192
     assert all(a is b for a, b in zip(moved.parameters(), model.parameters()))
+
+
+def test_a_larger_grid_keeps_the_speed_mode():
+    from segany.perf import bf16_supported, optimize
+
+    if not bf16_supported("cpu"):
+        pytest.skip("no native bf16 on this CPU")
+    model = optimize(default_like(), "bf16")  # its convolution weights now stored in bf16
+    predictor = SamPredictor(model)
+    predictor.set_image(image(150, 170))
+    assert predictor.model.image_size == 192 and predictor.model.speed_mode == ("bf16", False)
+    masks, scores, _ = predictor.predict(np.array([[60, 50]]), np.array([1]))
+    assert masks.shape == (3, 150, 170) and np.isfinite(scores).all()
+
+
+def test_zoom_in_crops_on_their_own_grid():
+    """The whole image on the capped grid, a crop of it on the model's own: the previous mask goes from one
+    grid to the other (as a mask prompt, and as remembered low-res logits)."""
+    from segany.zoom_in import paste_logits
+
+    model = default_like()
+    img = image(300, 340)
+    crop = (100, 80, 200, 190)
+    on_crop = SamPredictor(model)
+    on_crop.set_image(np.ascontiguousarray(img[80:190, 100:200]))
+    low = on_crop.predict(np.array([[50, 50]]), np.array([1]))[2]
+    assert on_crop.model is model and low.shape[-1] == 32  # the crop on the 128-px grid
+    zoom = ZoomInPredictor(SamPredictor(model), min_side=40)
+    zoom.set_image(img)
+    assert zoom.model.image_size == 192  # the whole image on the capped grid
+    zoom.remember(crop, low)
+    np.testing.assert_allclose(zoom._last[2], paste_logits(model, low, crop, (300, 340)), rtol=1e-5, atol=1e-4)
+    # a mask of the whole image sent back as the prompt of a crop: brought to the crop's grid
+    best = np.full((300, 340), -20.0, np.float32)
+    best[120:160, 130:170] = 20.0
+    masks, _, low2 = zoom._predict_on(crop, np.array([[150, 140]], np.float32), np.array([1]), None, best, False, False)
+    assert masks.shape == (1, 300, 340) and low2.shape == (1, 32, 32) and zoom.model is model

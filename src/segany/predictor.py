@@ -14,6 +14,7 @@ import torch
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, input_side
 from segany.modeling.sam import Sam
+from segany.perf import optimize
 from segany.prompts import check_fits_float32, check_image, check_prompts
 from segany.transforms import get_preprocess_shape, transform_for
 from segany.utils.masks import mask_instances
@@ -47,7 +48,10 @@ class SamPredictor:
         """``self.model``: the given model on a ``size``-pixel grid (:meth:`_is_input_side`), sharing its weights."""
         if size != self.model.image_size:
             if size not in self._sized:
-                self._sized[size] = at_image_size(self._sized_base, size, self._max_side)
+                base = self._sized_base
+                sized = at_image_size(base, size, self._max_side)
+                mode = getattr(base, "speed_mode", None)  # segany.perf.optimize's, set on the given model
+                self._sized[size] = optimize(sized, *mode) if mode not in (None, ("fp32", False)) else sized
             self.model = self._sized[size]
             self.transform = transform_for(self.model)
 
@@ -85,8 +89,9 @@ class SamPredictor:
             or transformed_image.shape[1] != 3
             or not self._is_input_side(max(*transformed_image.shape[2:]))
         ):
+            larger = f" (or a multiple of 32 up to {self._max_side} for a larger image)" if self._max_side else ""
             raise SegAnyError(
-                f"set_torch_image expects 1x3xHxW with the longest side {self.model.image_size}, "
+                f"set_torch_image expects 1x3xHxW with the longest side {self._sized_base.image_size}{larger}, "
                 f"got {tuple(transformed_image.shape)}"
             )
         self._use_size(max(*transformed_image.shape[2:]))

@@ -97,7 +97,6 @@ class ZoomInPredictor:
         self._whole: tuple | None = None  # the whole image's embedding, original and input sizes, decoder inputs
         self._last: tuple[Box, np.ndarray, np.ndarray] | None = None  # crop, low-res C x s x s, logits C x H x W
 
-
     @property
     def model(self) -> Any:
         """The wrapped predictor's model, on the grid of the crop it holds (``config.max_image_size``)."""
@@ -145,6 +144,8 @@ class ZoomInPredictor:
             raise SegAnyError("an image must be set before remember(...)")
         low = np.asarray(low_res_logits, dtype=np.float32)
         crop = tuple(int(v) for v in crop)
+        if low.shape[-1] != self.model.prompt_encoder.mask_input_size[-1]:
+            self._use(crop)  # predicted on another grid than the one held (max_image_size): the crop's
         self._last = (crop, low, paste_logits(self.model, low, crop, self._hw))
 
     @property
@@ -177,19 +178,16 @@ class ZoomInPredictor:
         n = 0 if coords is None else len(coords)
         if box is None and previous is not None and n > self.skip_clicks and (previous > 0).any():
             crop = self._next_crop(_with_box_of(previous > 0, coords), coords)
-            return self._predict_on(
-                crop, coords, point_labels, None, self._low_res(previous, crop), multimask_output, return_logits
-            )
+            return self._predict_on(crop, coords, point_labels, None, previous, multimask_output, return_logits)
         if box is not None and self.zoom_box and (mask_input is None or previous is not None):
             # a box: its crop, widened as a mask's box is (its corners and any clicks in it)
             b = np.asarray(box, dtype=np.float32).reshape(4)
             held = b.reshape(2, 2) if coords is None else np.concatenate([b.reshape(2, 2), coords])
             crop = self._next_crop(held)  # a box is a new prompt: a new crop
-            prompt = None if previous is None else self._low_res(previous, crop)
             shift = np.array(crop[:2] * 2, dtype=np.float32)
-            return self._predict_on(crop, coords, point_labels, b - shift, prompt, multimask_output, return_logits)
+            return self._predict_on(crop, coords, point_labels, b - shift, previous, multimask_output, return_logits)
         if previous is not None and self._last is not None and self._last[0] != self.full_box:
-            mask_input = self._low_res(previous, self.full_box)  # the caller's logits are in a crop's frame
+            mask_input = previous  # the caller's logits are in a crop's frame: ours, at full resolution
         whole = self._predict_on(self.full_box, coords, point_labels, box, mask_input, multimask_output, return_logits)
         if not self.refine_first or box is not None or mask_input is not None or not 0 < n <= self.skip_clicks:
             return whole  # exactly the wrapped predictor's answer
@@ -198,7 +196,7 @@ class ZoomInPredictor:
         if not (best > 0).any():
             return whole
         crop = self._next_crop(_with_box_of(best > 0, coords), coords)
-        return self._predict_on(crop, coords, point_labels, None, self._low_res(best, crop), False, return_logits)
+        return self._predict_on(crop, coords, point_labels, None, best, False, return_logits)
 
     def _predict_on(
         self,
@@ -210,9 +208,13 @@ class ZoomInPredictor:
         multimask_output: bool,
         return_logits: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The wrapped predictor's answer on ``crop`` (prompts in the whole image's frame, ``mask_input`` in
-        the crop's), pasted into the whole image; remembered as the previous prediction."""
+        """The wrapped predictor's answer on ``crop`` (prompts in the whole image's frame; ``mask_input`` the
+        caller's low-res logits in the crop's frame, or full-resolution logits ``H x W`` of the whole image,
+        brought to the crop's grid once the predictor holds it: a crop's grid may differ from the whole
+        image's with ``max_image_size``), pasted into the whole image; remembered as the previous prediction."""
         self._use(crop)
+        if mask_input is not None and mask_input.shape == self._hw:
+            mask_input = self._low_res(mask_input, crop)
         x0, y0, x1, y1 = crop
         shifted = None if coords is None else coords - np.array([x0, y0], dtype=np.float32)
         logits, scores, low = self.predictor.predict(
