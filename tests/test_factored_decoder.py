@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from segany.modeling import build_sam, get_config
+from segany.modeling.dense_prompt_encoder import DensePromptEncoder
 from segany.modeling.fast.decoder import ReassociatedDecoder
 from segany.modeling.fast.dense_cells import cell_size, constant_dense
 from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens
@@ -216,7 +217,7 @@ def test_dense_cells_are_the_encoders_dense_embedding():
     click's nearby cells are listed (at most 3 x 3 per click here)."""
     pe = _dense_model(2).prompt_encoder
     with torch.inference_mode():
-        want = pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]  # B x C x 8 x 8
+        want = DensePromptEncoder.dense_embedding(pe, DENSE_CLICKS, None, None, 5)  # the maps: B x C x 8 x 8
         sparse, cells = ReassociatedDecoder.embed_points(pe, DENSE_CLICKS)
         got = constant_dense(pe)[None, :, None].repeat(5, 1, 64)  # B x C x N
         got.scatter_add_(2, cells.index[:, None].expand(-1, got.shape[1], -1), cells.delta.transpose(1, 2))
@@ -231,6 +232,23 @@ def test_dense_cells_are_the_encoders_dense_embedding():
         index = index[delta.abs().amax(-1) > 0].tolist()
         assert len(set(index)) == len(index)
     assert 18 in cells.index[2].tolist()  # that cell, (2, 2)
+
+
+def test_the_fast_dense_encoder_draws_clicks_cell_by_cell():
+    """At inference the default's prompt encoder builds a clicks-only dense embedding from the clicks' cells
+    (the maps' result) and hands those cells to the fast decoder; a box or a mask input takes the maps."""
+    pe = _dense_model(2).prompt_encoder
+    with torch.inference_mode():
+        want = DensePromptEncoder.dense_embedding(pe, DENSE_CLICKS, None, None, 5)
+        got = pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]
+        assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+        vec, cells = pe.cells_of(got)
+        assert torch.equal(vec, constant_dense(pe)) and cells.index.shape[0] == 5
+        assert pe.cells_of(got.clone()) is None  # only the tensor it made
+        boxed = pe(points=DENSE_CLICKS, boxes=torch.tensor([[10.0, 10.0, 60.0, 60.0]] * 5), masks=None)[1]
+        assert pe.cells_of(boxed) is None and pe.cells_of(got) is None  # forgotten after the next call
+    with torch.no_grad():  # not an inference tensor: the decoder compares the cells itself
+        assert pe.cells_of(pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]) is None
 
 
 @pytest.mark.parametrize("depth", [2, 3])

@@ -44,6 +44,9 @@ class DenseCellsDecoder(nn.Module):
         if dense.ndim != 4:
             return None
         if self._dense_source is not None:
+            kept = getattr(self._dense_source, "cells_of", lambda _: None)(dense)  # clicks it drew cell by cell
+            if kept is not None:
+                return None if kept[1].index.shape[1] > MAX_DENSE_CELLS else kept
             vec = constant_dense(self._dense_source)
             cells = _differing_cells(dense, vec)
             return None if cells is None else (vec, cells)

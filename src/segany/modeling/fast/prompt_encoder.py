@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from segany.modeling.dense_prompt_encoder import DensePromptEncoder
 from segany.modeling.fast.common import active
+from segany.modeling.fast.dense_cells import DenseCells, cell_size, click_cells, constant_dense
 from segany.modeling.prompt_encoder import PromptEncoder
 
 
@@ -43,4 +46,53 @@ class FastPromptEncoder(KeptDensePE, PromptEncoder):
 
 
 class FastDensePromptEncoder(KeptDensePE, DensePromptEncoder):
-    """:class:`DensePromptEncoder` (segany's default model) with its positional encoding kept."""
+    """:class:`DensePromptEncoder` (segany's default model) with its positional encoding kept, and at
+    inference the dense embedding of clicks alone (no box, no mask input) built from the few cells the
+    clicks touch (:func:`~segany.modeling.fast.dense_cells.click_cells`) on the per-image vector, rather than
+    from maps of the whole grid; the fast mask decoder takes those cells back (:meth:`cells_of`) instead of
+    finding them by comparing every cell."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._clicks: tuple | None = None  # (weak ref to the last dense embedding of clicks, vector, cells)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_clicks"] = None  # a weak reference does not pickle; it is only a cache
+        return state
+
+    def dense_embedding(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        bs: int,
+        has_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._clicks = None
+        if (
+            not active(self)
+            or points is None
+            or boxes is not None
+            or masks is not None
+            or points[1].shape[0] != bs
+            or cell_size(self) is None
+            or bool((points[1] > 1).any())
+        ):
+            return super().dense_embedding(points, boxes, masks, bs, has_mask)
+        cells = click_cells(self, points)
+        vec = constant_dense(self)
+        h, w = self.image_embedding_size
+        index = cells.index[:, None, :].expand(-1, vec.shape[0], -1)
+        dense = vec[None, :, None].repeat(bs, 1, h * w).scatter_add_(2, index, cells.delta.transpose(1, 2))
+        dense = dense.view(bs, -1, h, w)
+        self._clicks = (weakref.ref(dense), vec, cells)
+        return dense
+
+    def cells_of(self, dense: torch.Tensor) -> tuple[torch.Tensor, DenseCells] | None:
+        """The per-image vector and the clicks' cells of ``dense`` when it is this encoder's last dense
+        embedding of clicks (the same tensor; inference tensors are not written in place), else None."""
+        kept = self._clicks
+        if kept is None or kept[0]() is not dense or not dense.is_inference():
+            return None
+        return kept[1], kept[2]
