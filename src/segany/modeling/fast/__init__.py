@@ -11,7 +11,7 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
 * :class:`FastTinyViT` (``tiny_vit.py``): folded batch norms, channels-last convolutions, in-place GELU.
 * :class:`FastEfficientNetLite` (``efficientnet.py``): channels-last convolutions.
 * :class:`FastPromptEncoder`, :class:`FastDensePromptEncoder` (``prompt_encoder.py``): the positional
-  encoding kept between calls.
+  encoding kept between calls; the default's clicks drawn cell by cell (``dense_cells.py``).
 * :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
 * :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).

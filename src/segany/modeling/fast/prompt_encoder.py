@@ -91,7 +91,8 @@ class FastDensePromptEncoder(KeptDensePE, DensePromptEncoder):
 
     def cells_of(self, dense: torch.Tensor) -> tuple[torch.Tensor, DenseCells] | None:
         """The per-image vector and the clicks' cells of ``dense`` when it is this encoder's last dense
-        embedding of clicks (the same tensor; inference tensors are not written in place), else None."""
+        embedding of clicks (the same inference tensor: like the decoder's per-image cache, this trusts that
+        nobody writes into it in between, as the predictor never does), else None."""
         kept = self._clicks
         if kept is None or kept[0]() is not dense or not dense.is_inference():
             return None
