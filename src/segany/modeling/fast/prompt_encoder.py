@@ -61,13 +61,9 @@ class FastDensePromptEncoder(KeptDensePE, DensePromptEncoder):
         state["_clicks"] = None  # a weak reference does not pickle; it is only a cache
         return state
 
-    def dense_embedding(
-        self,
-        points: tuple[torch.Tensor, torch.Tensor] | None,
-        boxes: torch.Tensor | None,
-        masks: torch.Tensor | None,
-        bs: int,
-        has_mask: torch.Tensor | None = None,
+    def dense_embedding(  # DensePromptEncoder's, for clicks alone cell by cell
+        self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
+        masks: torch.Tensor | None, bs: int, has_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._clicks = None
         if (
