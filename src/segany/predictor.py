@@ -29,7 +29,11 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 class SamPredictor:
-    """Efficient repeated prompting of one image with a :class:`Sam` model."""
+    """Efficient repeated prompting of one image with a :class:`Sam` model.
+
+    For a model whose config sets ``max_image_size`` (segany's default), an image larger than the input size
+    is encoded on a larger grid, and ``self.model`` / ``self.transform`` are then the given model's on that
+    grid (the same weights; :func:`~segany.modeling.build.at_image_size`) until the next image."""
 
     def __init__(self, sam_model: Sam, text_detector=None) -> None:
         """``text_detector``: an optional open-vocabulary detector
