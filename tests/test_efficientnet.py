@@ -308,8 +308,8 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     from segany.evaluation.metrics import mask_iou
 
     sam = load_model("default", text_head=None)
-    # run at 640 px, a larger image at its own size up to 768
-    assert sam.config == dataclasses.replace(get_config("segany_default_v3"), image_size=640, max_image_size=768)
+    # run at 640 px, a larger image at its own size up to 832
+    assert sam.config == dataclasses.replace(get_config("segany_default_v3"), image_size=640, max_image_size=832)
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.normal(120, 25, (240, 320, 3)).clip(0, 255).astype(np.uint8), (5, 5), 0)
     gt = np.zeros((240, 320), np.uint8)
