@@ -20,7 +20,7 @@ import torch
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, build_sam
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
-from segany.modeling.sam import Sam
+from segany.modeling.sam import Sam, model_weights
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONFIG_METADATA_KEY = "segany_config"
@@ -341,12 +341,6 @@ def load_model(
     except (RuntimeError, AssertionError) as e:
         raise SegAnyError(f"cannot use device {device!r}: {e}") from None
     return model.eval()
-
-
-def model_weights(model: Sam) -> dict[str, torch.Tensor]:
-    """The model's own state dict: without an attached text head's, which has its own file
-    (:mod:`segany.checkpoint_text`)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")}
 
 
 def save_model(model: Sam, path: str | os.PathLike, half: bool = False) -> None:

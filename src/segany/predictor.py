@@ -43,6 +43,7 @@ class SamPredictor:
         self.transform = transform_for(sam_model)
         self.text_detector = text_detector
         # the model on each input grid it has met (config.max_image_size: larger images on larger grids)
+        self._given = sam_model
         self._sized: dict[int, Sam] = {sam_model.image_size: sam_model}
         cfg = getattr(sam_model, "config", None)
         self._max_side: int | None = getattr(cfg, "max_image_size", None)
@@ -52,20 +53,15 @@ class SamPredictor:
         """``self.model``: the given model on a ``size``-pixel grid (:meth:`_is_input_side`), sharing its weights."""
         if size != self.model.image_size:
             if size not in self._sized:
-                base = self._sized_base
-                sized = at_image_size(base, size, self._max_side)
-                mode = getattr(base, "speed_mode", None)  # segany.perf.optimize's, set on the given model
+                sized = at_image_size(self._given, size, self._max_side)
+                mode = getattr(self._given, "speed_mode", None)  # segany.perf.optimize's, set on the given model
                 self._sized[size] = optimize(sized, *mode) if mode not in (None, ("fp32", False)) else sized
             self.model = self._sized[size]
             self.transform = transform_for(self.model)
 
-    @property
-    def _sized_base(self) -> Sam:
-        return next(iter(self._sized.values()))  # the model given, inserted first
-
     def _is_input_side(self, size: int) -> bool:
         """Whether ``size`` is a grid this predictor's model encodes some image at."""
-        base = self._sized_base.image_size
+        base = self._given.image_size
         return size == base or (self._max_side is not None and size % 32 == 0 and base < size <= self._max_side)
 
     # -- image -------------------------------------------------------------------------------------
@@ -77,7 +73,7 @@ class SamPredictor:
         check_image(image)
         if image_format != self.model.image_format:
             image = image[..., ::-1]
-        self._use_size(input_side(self._sized_base, *image.shape[:2]))
+        self._use_size(input_side(self._given, *image.shape[:2]))
         input_image = self.transform.apply_image(np.ascontiguousarray(image))
         input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
         self.set_torch_image(input_torch, image.shape[:2])
@@ -95,7 +91,7 @@ class SamPredictor:
         ):
             larger = f" (or a multiple of 32 up to {self._max_side} for a larger image)" if self._max_side else ""
             raise SegAnyError(
-                f"set_torch_image expects 1x3xHxW with the longest side {self._sized_base.image_size}{larger}, "
+                f"set_torch_image expects 1x3xHxW with the longest side {self._given.image_size}{larger}, "
                 f"got {tuple(transformed_image.shape)}"
             )
         self._use_size(max(*transformed_image.shape[2:]))
@@ -121,7 +117,7 @@ class SamPredictor:
         SAM 2 / SAM-HQ the decoder's other image inputs (:meth:`get_decoder_inputs`)."""
         self.reset_image()
         if self._max_side is not None:  # the embedding's width says which grid it is of
-            side = embedding.shape[-1] * self._sized_base.config.encoder.stride
+            side = embedding.shape[-1] * self._given.config.encoder.stride
             if self._is_input_side(side):
                 self._use_size(side)
         self.original_size = (int(original_size[0]), int(original_size[1]))

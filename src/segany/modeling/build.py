@@ -9,7 +9,7 @@ from segany.modeling.fast import fast_class
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
-from segany.modeling.sam import Sam
+from segany.modeling.sam import Sam, model_weights
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 from segany.modeling.tiny_vit import TinyViT
 from segany.modeling.transformer import TwoWayTransformer
@@ -136,8 +136,7 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     changes = {"image_size": image_size, "max_image_size": max_image_size}
     resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), **changes}))
     head = getattr(model, "text_head", None)
-    shared = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith("text_head.")}
-    resized.load_state_dict(shared, assign=True)
+    resized.load_state_dict(model_weights(model, keep_vars=True), assign=True)
     if head is not None:  # tied to the encoders' weights, which are these
         resized.text_head = head
     return resized.to(model.device).train(model.training)

@@ -21,7 +21,6 @@ def _one_image(value: Any, i: int) -> Any:
     return None if value is None else value[i : i + 1]
 
 
-
 def interpolate_masks(
     masks: torch.Tensor, upsampled_size: tuple[int, int], input_size: tuple[int, ...], original_size: tuple[int, ...]
 ) -> torch.Tensor:
@@ -31,6 +30,13 @@ def interpolate_masks(
     masks = F.interpolate(masks, tuple(upsampled_size), mode="bilinear", align_corners=False)
     masks = masks[..., : input_size[0], : input_size[1]]
     return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def model_weights(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The model's own state dict: without an attached text head's, which has its own file
+    (:mod:`segany.checkpoint_text`). ``keep_vars``: the parameters themselves (to share them)."""
+    return {k: v for k, v in model.state_dict(keep_vars=keep_vars).items() if not k.startswith("text_head.")}
+
 
 class Sam(nn.Module):
     mask_threshold: float = 0.0
