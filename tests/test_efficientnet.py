@@ -344,3 +344,45 @@ def test_fast_encoder_is_the_plain_function(high_res):
     out = fast(x)
     (out[-1] if high_res else out).sum().backward()
     assert fast.stem.weight.grad is not None
+
+
+def test_context_blocks_start_as_the_identity_and_train(tmp_path):
+    """Context blocks added to trained weights (training's ``model_changes``) keep their own initialisation
+    (only the output projections at zero): the encoder's maps are unchanged at the start, yet every block
+    weight gets a gradient at once; the saved model loads back, and its tensors say how many blocks."""
+    from segany.training.trainer import changed_model
+
+    torch.manual_seed(0)
+    base = build_sam(tiny_config(16)).eval()
+    cfg = base.config.encoder
+    grown = changed_model(base, {"encoder": {**dataclasses.asdict(cfg), "context_blocks": 2}}).eval()
+    assert grown.config.encoder.context_blocks == 2
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.image_encoder(x), base.image_encoder(x))
+    q = grown.image_encoder.context[0].attn.q_proj.weight
+    assert float(q.detach().abs().sum()) > 0  # not zeroed as the other added parameters are
+    grown.train()
+    grown.image_encoder(x).square().sum().backward()
+    for name, p in grown.image_encoder.context.named_parameters():
+        if name.endswith(("out_proj.weight", "lin2.weight", "pos.weight")):
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    path = tmp_path / "ctx.safetensors"
+    save_model(grown, path)
+    assert load_model(path, text_head=None).config == grown.config
+    assert infer_config(grown.state_dict(), image_size=128).encoder.context_blocks == 2
+
+
+def test_fast_encoder_with_context_blocks_is_the_plain_function():
+    from segany.modeling.fast import FastEfficientNetLite
+
+    torch.manual_seed(0)
+    plain = EfficientNetLiteEncoder(img_size=160, out_chans=32, neck_dim=16, context_blocks=1).eval()
+    for p in plain.context.parameters():  # past the identity start
+        torch.nn.init.normal_(p, std=0.2)
+    fast = FastEfficientNetLite(img_size=160, out_chans=32, neck_dim=16, context_blocks=1).eval()
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 160, 224)
+    with torch.inference_mode():
+        want, got = plain(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -216,7 +216,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
             size = image_size or 1024
         elif "image_encoder.stem.weight" in sd:
             laterals = _count(sd, r"image_encoder\.lateral\.(\d+)\.")
-            enc = EfficientNetConfig(neck_dim=sd["image_encoder.lateral.0.weight"].shape[0], stride=64 >> laterals)
+            enc = EfficientNetConfig(
+                neck_dim=sd["image_encoder.lateral.0.weight"].shape[0],
+                stride=64 >> laterals,
+                context_blocks=_count(sd, r"image_encoder\.context\.(\d+)\."),
+            )
             size = image_size or 512
         else:
             raise SegAnyError(

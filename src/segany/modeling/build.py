@@ -46,7 +46,12 @@ def build_image_encoder(cfg: SamConfig, fast: bool = True):
         )
     if isinstance(enc, EfficientNetConfig):
         return fast_class(EfficientNetLiteEncoder, fast)(
-            cfg.image_size, cfg.prompt_embed_dim, enc.neck_dim, enc.stride, high_res=cfg.high_res_features
+            cfg.image_size,
+            cfg.prompt_embed_dim,
+            enc.neck_dim,
+            enc.stride,
+            high_res=cfg.high_res_features,
+            context_blocks=enc.context_blocks,
         )
     raise TypeError(f"unknown encoder config {type(enc).__name__}")
 

@@ -63,6 +63,7 @@ class EfficientNetConfig:
     kind: Literal["efficientnet_lite"] = "efficientnet_lite"
     neck_dim: int = 96
     stride: int = 16
+    context_blocks: int = 0  #: transformer blocks on the stride-32 map (``ContextBlock``)
 
 
 EncoderConfig = ViTConfig | TinyViTConfig | EfficientNetConfig

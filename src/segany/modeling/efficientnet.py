@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.errors import SegAnyError
-from segany.modeling.common import LayerNorm2d
+from segany.modeling.common import LayerNorm2d, MLPBlock
+from segany.modeling.transformer import Attention
 
 #: EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, out channels); stem 32 channels.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -80,12 +81,43 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
+class ContextBlock(nn.Module):
+    """A transformer block over the stride-32 map, ``B x C x h x w -> B x C x h x w``: every cell sees the
+    whole image (the trunk's convolutions see a neighbourhood), with the position from a depth-wise
+    convolution (CPVT's PEG: any input size). Its attention's and MLP's output projections start at zero,
+    so a block added to trained weights starts as the identity while its other weights learn at once."""
+
+    #: :func:`segany.training.trainer.changed_model` keeps this module's own initialisation
+    keeps_own_init = True
+
+    def __init__(self, dim: int, num_heads: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, dim * mlp_ratio)
+        for proj in (self.pos, self.attn.out_proj, self.mlp.lin2):
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x + self.pos(x)
+        t = x.flatten(2).transpose(1, 2)  # B x hw x C
+        n = self.norm1(t)
+        t = t + self.attn(n, n, n)
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
 class EfficientNetLiteEncoder(nn.Module):
     """EfficientNet-Lite trunk + FPN neck: ``B x 3 x S x S`` -> ``B x out_chans x S/out_stride x S/out_stride``.
 
     ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``). ``high_res``: return
     ``[B x 24 x S/4 x S/4, B x 40 x S/8 x S/8, embedding]`` (the trunk's stride-4 and stride-8 stage outputs
-    first, as SAM 2's encoder lists its maps) instead of the embedding alone.
+    first, as SAM 2's encoder lists its maps) instead of the embedding alone. ``context_blocks``:
+    :class:`ContextBlock` s on the stride-32 map before the top-down merge.
     """
 
     def __init__(
@@ -95,6 +127,7 @@ class EfficientNetLiteEncoder(nn.Module):
         neck_dim: int = 96,
         out_stride: int = 16,
         high_res: bool = False,
+        context_blocks: int = 0,
     ) -> None:
         super().__init__()
         if out_stride not in (8, 16):
@@ -111,6 +144,7 @@ class EfficientNetLiteEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         pyramid_chans = [LITE0_STAGES[i][4] for i in self.pyramid]
         self.lateral = nn.ModuleList(nn.Conv2d(c, neck_dim, 1) for c in pyramid_chans)
+        self.context = nn.Sequential(*(ContextBlock(neck_dim) for _ in range(context_blocks)))
         self.smooth = nn.Conv2d(neck_dim, neck_dim, 3, padding=1, groups=neck_dim)
         self.neck = nn.Sequential(
             nn.Conv2d(neck_dim, out_chans, 1, bias=False),
@@ -149,11 +183,15 @@ class EfficientNetLiteEncoder(nn.Module):
                 feats.append(x)
             if self.high_res and i in HIGH_RES_STAGES:
                 high.append(x)
-        top = self.lateral[-1](feats[-1])
+        emb = self.merge(feats)
+        return [*high, emb] if self.high_res else emb
+
+    def merge(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The neck: the trunk's pyramid maps (finest first) -> the embedding."""
+        top = self.context(self.lateral[-1](feats[-1]))
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        emb = self.neck(self.smooth(top) + top)
-        return [*high, emb] if self.high_res else emb
+        return self.neck(self.smooth(top) + top)
 
 
 def imagenet_weights_path() -> Path:

@@ -98,7 +98,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
     """``model`` rebuilt with its config's fields ``changes`` replaced, its weights copied in; the parameters
-    only the new model has start at zero (a zero projection adds nothing: the outputs stay the same)."""
+    only the new model has start at zero (a zero projection adds nothing: the outputs stay the same), but
+    for modules that say their own initialisation already starts as the identity (``keeps_own_init``)."""
     from segany.modeling import SamConfig, build_sam
 
     if not isinstance(model.config, SamConfig):
@@ -115,9 +116,10 @@ def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
     if result.unexpected_keys:
         raise SegAnyError(f"training option model_changes={changes!r} drops weights: {result.unexpected_keys}")
     params = dict(rebuilt.named_parameters())
+    own = [f"{name}." for name, m in rebuilt.named_modules() if getattr(m, "keeps_own_init", False)]
     with torch.no_grad():
         for key in result.missing_keys:
-            if key in params:
+            if key in params and not key.startswith(tuple(own)):
                 params[key].zero_()
     return rebuilt
 

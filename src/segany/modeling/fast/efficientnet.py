@@ -81,10 +81,7 @@ class FastEfficientNetLite(EfficientNetLiteEncoder):
                 feats.append(x)
             if self.high_res and i in HIGH_RES_STAGES:
                 high.append(x.contiguous())
-        top = self.lateral[-1](feats[-1])
-        for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
-            top = lateral(f) + F.interpolate(top, size=f.shape[-2:], mode="nearest")
-        emb = self.neck(self.smooth(top) + top).contiguous()
+        emb = self.merge(feats).contiguous()
         return [*high, emb] if self.high_res else emb
 
 
