@@ -386,3 +386,5 @@ def test_fast_encoder_with_context_blocks_is_the_plain_function():
     with torch.inference_mode():
         want, got = plain(x), fast(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="context_blocks"):
+        EfficientNetLiteEncoder(context_blocks=-1)

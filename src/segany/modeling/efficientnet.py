@@ -116,8 +116,8 @@ class EfficientNetLiteEncoder(nn.Module):
 
     ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``). ``high_res``: return
     ``[B x 24 x S/4 x S/4, B x 40 x S/8 x S/8, embedding]`` (the trunk's stride-4 and stride-8 stage outputs
-    first, as SAM 2's encoder lists its maps) instead of the embedding alone. ``context_blocks``:
-    :class:`ContextBlock` s on the stride-32 map before the top-down merge.
+    first, as SAM 2's encoder lists its maps) instead of the embedding alone. ``context_blocks``: how
+    many :class:`ContextBlock` to run on the stride-32 map before the top-down merge.
     """
 
     def __init__(
@@ -132,6 +132,8 @@ class EfficientNetLiteEncoder(nn.Module):
         super().__init__()
         if out_stride not in (8, 16):
             raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
+        if context_blocks < 0:
+            raise ValueError(f"context_blocks must be >= 0, got {context_blocks}")
         self.img_size = img_size
         self.high_res = high_res
         self.pyramid = tuple(i for i, stride in PYRAMID_STAGES.items() if stride >= out_stride)
