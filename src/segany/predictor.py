@@ -60,9 +60,9 @@ class SamPredictor:
             self.transform = transform_for(self.model)
 
     def _is_input_side(self, size: int) -> bool:
-        """Whether ``size`` is a grid this predictor's model encodes some image at."""
-        base = self._given.image_size
-        return size == base or (self._max_side is not None and size % 32 == 0 and base < size <= self._max_side)
+        """Whether ``size`` is a grid this predictor's model encodes some image at: the grid of a ``size``-pixel
+        image (one rule, :func:`~segany.modeling.build.input_side`)."""
+        return input_side(self._given, size, size) == size
 
     # -- image -------------------------------------------------------------------------------------
 
