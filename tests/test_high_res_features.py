@@ -162,3 +162,61 @@ def test_fast_paths_of_a_high_res_model_with_dense_clicks_are_the_plain_decoder(
         assert r["point_coords"] == w["point_coords"]
         assert r["predicted_iou"] == pytest.approx(w["predicted_iou"], abs=1e-5)
         assert (r["segmentation"] != w["segmentation"]).sum() <= max(2, 0.001 * w["segmentation"].sum())
+
+
+
+def test_mask_skip_starts_as_the_identity_and_moves_only_masks_with_a_mask_input(tmp_path):
+    """``mask_skip``: a mask input's logits at the mask grid through a zero-started, bias-free convolution into
+    the stride-4 features. Added by model_changes it changes nothing; trained, it moves the masks of prompts
+    with a mask input and no others (so the fast paths of first clicks, boxes and "everything" stay exact);
+    saved, it loads back with the config read from the tensors."""
+    base = _dense_high_res_model()
+    skip = changed_model(base, {"mask_skip": True}).eval()
+    assert skip.mask_decoder.conv_m0.weight.abs().sum() == 0 and skip.mask_decoder.conv_m0.bias is None
+    image = cv2_free_shapes(np.random.default_rng(2))
+    pts, labels = np.array([[30, 20], [90, 70]]), np.array([1, 0])
+
+    def clicks(model):
+        predictor = SamPredictor(model)
+        predictor.set_image(image)
+        first = predictor.predict(pts[:1], labels[:1], multimask_output=False, return_logits=True)
+        later = predictor.predict(pts, labels, mask_input=first[2], multimask_output=False, return_logits=True)
+        return first[0], later[0]
+
+    before = clicks(base)
+    for got, want in zip(clicks(skip), before):
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+    with torch.no_grad():
+        skip.mask_decoder.conv_m0.weight.normal_(std=0.3)
+    first, later = clicks(skip)
+    np.testing.assert_allclose(first, before[0], atol=1e-4 * max(1.0, np.abs(before[0]).max()))
+    assert np.abs(later - before[1]).max() > 1e-2
+    saved = tmp_path / "skip.safetensors"
+    save_model(skip, saved)
+    back = load_model(saved, text_head=None)
+    assert back.config.mask_skip and infer_config(back.state_dict(), 128).mask_skip
+    np.testing.assert_allclose(clicks(back)[1], later, atol=1e-4 * max(1.0, np.abs(later).max()))
+    with pytest.raises(ValueError, match="mask_skip"):
+        build_sam(dataclasses.replace(dense_config(), mask_skip=True))
+
+
+def test_onnx_export_of_a_mask_skip_model_matches_torch(tmp_path):
+    """The exported decoder (the web page's) adds the mask input through ``conv_m0`` as PyTorch does, and
+    nothing without one."""
+    pytest.importorskip("onnxruntime")
+    from segany.export.onnx import export_decoder, export_encoder
+    from segany.export.onnx_predictor import OnnxSamPredictor
+    from tests.test_onnx import H, W, _compare, synthetic_image
+
+    model = changed_model(_dense_high_res_model(), {"mask_skip": True}).eval()
+    with torch.no_grad():
+        model.mask_decoder.conv_m0.weight.normal_(std=0.3)
+    enc, dec = export_encoder(model, tmp_path / "e.onnx"), export_decoder(model, tmp_path / "d.onnx")
+    image = synthetic_image(H, W)
+    torch_p = SamPredictor(model)
+    torch_p.set_image(image)
+    onnx_p = OnnxSamPredictor(enc, dec, threads=1)
+    onnx_p.set_image(image)
+    low = torch_p.predict(np.array([[40, 30]]), np.array([1]), multimask_output=False)[2]
+    _compare(torch_p, onnx_p, False)
+    _compare(torch_p, onnx_p, False, mask_input=low)

@@ -261,15 +261,21 @@ class SamPredictor:
             return self._text_head().decode(
                 text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
             )
-        return self.decode(sparse, dense, multimask_output, hq_token_only)
+        return self.decode(sparse, dense, multimask_output, hq_token_only, self.model.prompt_inputs(mask_input))
 
     @torch.inference_mode()
     def decode(
-        self, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool = True, hq_token_only: bool = False
+        self,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        prompt_inputs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's mask decoder on the current image for prompt embeddings (``B x T x C`` sparse,
-        ``B x C x h x w`` dense): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
-        extra = dict(self.decoder_inputs)
+        ``B x C x h x w`` dense; ``prompt_inputs``: the model's :meth:`~segany.modeling.sam.Sam.prompt_inputs`
+        for them): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
+        extra = {**self.decoder_inputs, **(prompt_inputs or {})}
         if hq_token_only:  # SAM-HQ: the HQ token's mask alone (upstream's option)
             if "interm_embeddings" not in extra:
                 raise SegAnyError("hq_token_only needs a SAM-HQ model")

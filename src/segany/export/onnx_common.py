@@ -118,6 +118,8 @@ class SamOnnxDecoder(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             **image_inputs,
+            # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
+            **self.model.prompt_inputs(mask_input * has_mask_input),
         )[:2]
         if self.use_stability_score:
             iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)

@@ -93,6 +93,8 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         iou_head_depth=cfg.iou_head_depth,
         iou_head_hidden_dim=cfg.iou_head_hidden_dim,
     )
+    if cfg.mask_skip and not cfg.high_res_features:
+        raise ValueError("mask_skip needs high_res_features")
     if cfg.high_res_features:
         if not isinstance(image_encoder, EfficientNetLiteEncoder):
             raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
@@ -102,6 +104,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
             transformer,
             **heads,
             high_res_in_chans=image_encoder.high_res_channels,
+            mask_skip=cfg.mask_skip,
             iou_prediction_use_sigmoid=False,
             pred_obj_scores=False,
             dynamic_multimask_via_stability=False,

@@ -93,6 +93,9 @@ class SamConfig:
     #: the decoder's upscaling also adds the encoder's stride-4 and stride-8 maps, as SAM 2's does
     #: (:class:`~segany.modeling.sam2_mask_decoder.Sam2MaskDecoder`; EfficientNet encoder only; not in SAM)
     high_res_features: bool = False
+    #: a mask input's logits also added at the mask grid inside the upscaling (a 3 x 3 convolution into the
+    #: stride-4 features), so a correction keeps the previous mask's detail (needs ``high_res_features``; not in SAM)
+    mask_skip: bool = False
     #: a larger image is encoded at its own longest side rounded up to 32 pixels, up to this many, rather
     #: than shrunk to ``image_size`` (the same weights on a larger grid: EfficientNet encoder only; not in SAM)
     max_image_size: int | None = None

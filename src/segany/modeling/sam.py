@@ -89,6 +89,13 @@ class Sam(nn.Module):
         """Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`)."""
         return ("high_res_features",) if getattr(self.mask_decoder, "use_high_res_features", False) else ()
 
+    def prompt_inputs(self, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The mask decoder's per-prompt inputs besides the prompt embeddings, as keyword arguments: the mask
+        prompt ``B x 1 x 4h x 4w`` itself for a decoder with ``mask_skip``, else none."""
+        if masks is None or not getattr(self.mask_decoder, "mask_skip", False):
+            return {}
+        return {"mask_input": masks}
+
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the mask decoder's other
         image inputs as keyword arguments (none for SAM; the projected stride-4 / stride-8 maps for a
@@ -141,6 +148,7 @@ class Sam(nn.Module):
                 dense,
                 multimask_output,
                 **{name: _one_image(value, i) for name, value in inputs.items()},
+                **self.prompt_inputs(record.get("mask_inputs")),
             )
             masks = self.postprocess_masks(
                 low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold

@@ -28,6 +28,9 @@ class Sam2MaskDecoder(MaskDecoder):
         dynamic_multimask_via_stability: single-mask output falls back to the best multimask output when
             the single mask's stability score (IoU of the masks at logit > delta and > -delta) is below
             ``dynamic_multimask_stability_thresh`` (at inference only, as upstream).
+        mask_skip: also add a mask input's logits (``mask_input``, at the mask grid) through a 3 x 3
+            convolution (``conv_m0``, no bias: nothing without a mask input) to the stride-4 features, so a
+            correction can keep the previous mask's detail (not in SAM 2).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class Sam2MaskDecoder(MaskDecoder):
         dynamic_multimask_via_stability: bool = True,
         dynamic_multimask_stability_delta: float = 0.05,
         dynamic_multimask_stability_thresh: float = 0.98,
+        mask_skip: bool = False,
     ) -> None:
         super().__init__(transformer_dim, transformer, num_multimask_outputs, iou_head_depth, iou_head_hidden_dim)
         d = transformer_dim
@@ -57,6 +61,11 @@ class Sam2MaskDecoder(MaskDecoder):
             c0, c1 = high_res_in_chans or (d, d)
             self.conv_s0 = nn.Conv2d(c0, d // 8, kernel_size=1)
             self.conv_s1 = nn.Conv2d(c1, d // 4, kernel_size=1)
+        if mask_skip and not use_high_res_features:
+            raise ValueError("mask_skip needs use_high_res_features")
+        self.mask_skip = mask_skip
+        if mask_skip:
+            self.conv_m0 = nn.Conv2d(1, d // 8, kernel_size=3, padding=1, bias=False)
         self.iou_prediction_use_sigmoid = iou_prediction_use_sigmoid
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
@@ -75,17 +84,24 @@ class Sam2MaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             image_embeddings: ``1 x C x h x w`` (shared by all prompt sets) or ``B x C x h x w``.
             image_pe: ``1 x C x h x w``; sparse: ``B x T x C``; dense: ``B x C x h x w``.
             high_res_features: from :meth:`project_high_res` (required when ``use_high_res_features``).
+            mask_input: the mask prompt's logits ``B x 1 x 4h x 4w``, for ``mask_skip`` (none: no mask prompt).
         Returns:
             masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``, M = 3 or 1.
         """
         masks, iou, _tokens, _obj = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, high_res_features
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            high_res_features,
+            mask_input,
         )
         if multimask_output:
             return masks[:, 1:], iou[:, 1:]
@@ -100,6 +116,7 @@ class Sam2MaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All masks ``B x M x 4h x 4w``, IoUs ``B x M``, mask tokens ``B x M x C`` (SAM 2's object
         pointers are made from them) and object-score logits ``B x 1``."""
@@ -123,6 +140,8 @@ class Sam2MaskDecoder(MaskDecoder):
                 raise ValueError("this decoder needs the image's high-resolution features")
             dc1, ln1, act1, dc2, act2 = self.output_upscaling
             feat_s0, feat_s1 = high_res_features
+            if self.mask_skip and mask_input is not None:
+                feat_s0 = feat_s0 + self.conv_m0(mask_input.to(feat_s0.dtype))
             upscaled = act1(ln1(dc1(src) + feat_s1))
             upscaled = act2(dc2(upscaled) + feat_s0)
         else:

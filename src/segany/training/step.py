@@ -122,18 +122,24 @@ class SamTrainStep(nn.Module):
             emb, inputs = model.split_encoder_output(out)
         return emb.float(), [f.float() for f in inputs.get("high_res_features") or []]
 
-    def _encode_prompts(self, prompts: PromptSet, mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompts(
+        self, prompts: PromptSet, mask_input: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Sparse and dense embeddings of every mask's prompts, and the decoder's other per-prompt inputs
+        (:meth:`~segany.modeling.sam.Sam.prompt_inputs`) as keyword arguments."""
         pe = self.model.prompt_encoder
-        sparse, dense = [], []
+        sparse, dense, extra = [], [], []
         # fp32: the Fourier features of coordinates lose their precision in bf16
         with torch.autocast(device_type=prompts.points.device.type, enabled=False):
             for rows, pts, boxes in prompts.encoder_args():
-                s, d = pe(points=pts, boxes=boxes, masks=mask_input[rows] if mask_input is not None else None)
+                masks = mask_input[rows] if mask_input is not None else None
+                s, d = pe(points=pts, boxes=boxes, masks=masks)
                 sparse.append(s)
                 dense.append(d)
+                extra.append(self.model.prompt_inputs(masks))
         if len(sparse) == 1:
-            return sparse[0], dense[0]
-        return torch.cat(sparse), torch.cat(dense)
+            return sparse[0], dense[0], extra[0]
+        return torch.cat(sparse), torch.cat(dense), {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
 
     def _next_points(
         self, prompts: PromptSet, pred_full: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor
@@ -162,9 +168,11 @@ class SamTrainStep(nn.Module):
         for _ in range(count):
             pred_full = upsample_logits(mask_input[:, 0], gt.shape[-1]) > 0
             prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense = self._encode_prompts(prompts, mask_input)
+            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
             with self._autocast(gt.device):
-                low_res, _ = self.model.mask_decoder(emb, image_pe, sparse, dense, multimask_output=False, **high_res)
+                low_res, _ = self.model.mask_decoder(
+                    emb, image_pe, sparse, dense, multimask_output=False, **high_res, **extra
+                )
             mask_input = low_res.float()
         return prompts, mask_input
 
@@ -212,19 +220,21 @@ class SamTrainStep(nn.Module):
             if kind == POINT:
                 assert pred_full is not None
                 prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense = self._encode_prompts(prompts, mask_input)
+            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
             with self._autocast(dev):
                 if k == 0:
                     # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
                     # single-output token, which is what predict(box=..., multimask_output=False) uses.
-                    low_res, iou_pred = model.mask_decoder.predict_masks(emb_m, image_pe, sparse, dense, **high_m)[:2]
+                    low_res, iou_pred = model.mask_decoder.predict_masks(
+                        emb_m, image_pe, sparse, dense, **high_m, **extra
+                    )[:2]
                     single, multi = low_res[:, :1], low_res[:, 1:]
                     is_box = (torch.arange(n, device=dev) < prompts.num_box)[:, None]
                     low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
                     iou_pred = torch.where(is_box, iou_pred[:, :1].expand_as(iou_pred[:, 1:]), iou_pred[:, 1:])
                 else:
                     low_res, iou_pred = model.mask_decoder(
-                        emb_m, image_pe, sparse, dense, multimask_output=False, **high_m
+                        emb_m, image_pe, sparse, dense, multimask_output=False, **high_m, **extra
                     )
             logits = (
                 low_res

@@ -119,9 +119,10 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         found = None
-        if high_res_features is not None and supports(self):
+        if high_res_features is not None and mask_input is None and supports(self):
             found = self._reassociated(image_embeddings, image_pe, dense_prompt_embeddings)
         if found is None:
             return super().forward(
@@ -131,6 +132,7 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
                 dense_prompt_embeddings,
                 multimask_output,
                 high_res_features,
+                mask_input,
             )
         dec, cells = found
         dec.set_high_res(high_res_features)
