@@ -122,24 +122,18 @@ class SamTrainStep(nn.Module):
             emb, inputs = model.split_encoder_output(out)
         return emb.float(), [f.float() for f in inputs.get("high_res_features") or []]
 
-    def _encode_prompts(
-        self, prompts: PromptSet, mask_input: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Sparse and dense embeddings of every mask's prompts, and the decoder's other per-prompt inputs
-        (:meth:`~segany.modeling.sam.Sam.prompt_inputs`) as keyword arguments."""
+    def _encode_prompts(self, prompts: PromptSet, mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.model.prompt_encoder
-        sparse, dense, extra = [], [], []
+        sparse, dense = [], []
         # fp32: the Fourier features of coordinates lose their precision in bf16
         with torch.autocast(device_type=prompts.points.device.type, enabled=False):
             for rows, pts, boxes in prompts.encoder_args():
-                masks = mask_input[rows] if mask_input is not None else None
-                s, d = pe(points=pts, boxes=boxes, masks=masks)
+                s, d = pe(points=pts, boxes=boxes, masks=mask_input[rows] if mask_input is not None else None)
                 sparse.append(s)
                 dense.append(d)
-                extra.append(self.model.prompt_inputs(masks))
         if len(sparse) == 1:
-            return sparse[0], dense[0], extra[0]
-        return torch.cat(sparse), torch.cat(dense), {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
+            return sparse[0], dense[0]
+        return torch.cat(sparse), torch.cat(dense)
 
     def _next_points(
         self, prompts: PromptSet, pred_full: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor
@@ -168,7 +162,8 @@ class SamTrainStep(nn.Module):
         for _ in range(count):
             pred_full = upsample_logits(mask_input[:, 0], gt.shape[-1]) > 0
             prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
+            sparse, dense = self._encode_prompts(prompts, mask_input)
+            extra = self.model.prompt_inputs(mask_input)  # encoder_args' row groups keep the masks' order
             with self._autocast(gt.device):
                 low_res, _ = self.model.mask_decoder(
                     emb, image_pe, sparse, dense, multimask_output=False, **high_res, **extra
@@ -220,7 +215,8 @@ class SamTrainStep(nn.Module):
             if kind == POINT:
                 assert pred_full is not None
                 prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
+            sparse, dense = self._encode_prompts(prompts, mask_input)
+            extra = model.prompt_inputs(mask_input)  # encoder_args' row groups keep the masks' order
             with self._autocast(dev):
                 if k == 0:
                     # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
