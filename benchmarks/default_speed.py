@@ -8,7 +8,8 @@ examples/cat.jpg resized to ``--size`` on its longest side. The embedding time i
 model's input size and normalisation (what ``SamPredictor.set_image`` does); the prompt time is one
 ``predict`` call with one point and ``multimask_output=False``, returning the binary mask at the original
 image size; "everything" is one ``SamAutomaticMaskGenerator.generate`` at the official defaults. Zoom-in's
-costs (``segany.zoom_in``, the web tool's default) are printed beside them.
+costs (``segany.zoom_in``, the web tool's default) are printed beside them, and a later click (the previous
+mask as input: the click protocol's clicks after the first) beside the same click through the plain modules.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def main() -> None:
     print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}")
     print(f"image {w}x{h} (encoded at {grid} px): embedding median {emb:.1f} ms (target <= 300 ms at 1024 px)")
     print(f"one point -> full-size mask: median {one:.2f} ms (single; target <= 15 ms), {multi:.2f} ms (3 masks)")
+    # A later click: two points and the first click's mask as the mask input, one mask (the click protocol's
+    # clicks after the first). A mask input changes every cell of the dense embedding, so these skip the
+    # re-associated decoder; the same click through the plain modules (same weights: the prompt encoder, the
+    # decoder and the post-processing without their fast paths) is timed beside them, interleaved.
+    from segany.modeling import build_sam
+
+    low = pred.predict(pt, lab, multimask_output=False)[2]
+    two, two_lab = np.array([[w / 2, h / 2], [w / 4, h / 4]]), np.array([1, 0])
+    plain_model = build_sam(model.config, fast=False).eval()
+    plain_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")})
+    plain = SamPredictor(plain_model)
+    plain.set_image(image)
+    arms = {"fast": pred, "plain": plain}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(args.repeats * 5 + 2):
+        for name, p in arms.items():
+            t = time.perf_counter()
+            p.predict(two, two_lab, mask_input=low, multimask_output=False)
+            if r >= 2:
+                times[name].append((time.perf_counter() - t) * 1000)
+    fast_ms, plain_ms = (statistics.median(times[name]) for name in arms)
+    print(f"a later click (2 points + the previous mask) -> full-size mask: median {fast_ms:.2f} ms "
+          f"(the plain modules, interleaved: {plain_ms:.2f} ms, {plain_ms / fast_ms:.2f}x)")
     # Zoom-in (segany.zoom_in; the web tool's default): a first click refined on a crop costs an embedding
     # of the crop; a later click whose crop is kept, a decoder call on it.
     from segany.zoom_in import ZoomInPredictor

@@ -165,6 +165,41 @@ def test_fast_paths_of_a_high_res_model_with_dense_clicks_are_the_plain_decoder(
 
 
 
+def test_clicks_with_a_mask_input_upscale_channels_last_as_the_plain_decoder():
+    """A prompt with a mask input skips the re-associated decoder (every dense cell differs) but still
+    upscales channels-last at inference (each transposed convolution one matmul, the high-resolution maps
+    rearranged once per image, ``mask_skip``'s mask added there too): the plain decoder's logits, for one
+    prompt and a batch of them."""
+    from segany.modeling.fast.sam2_decoder import FastSam2MaskDecoder
+
+    model = changed_model(_dense_high_res_model(), {"mask_skip": True}).eval()
+    with torch.no_grad():
+        model.mask_decoder.conv_m0.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(3))
+    plain = build_sam(model.config, fast=False).eval()
+    plain.load_state_dict(model.state_dict())
+    assert isinstance(model.mask_decoder, FastSam2MaskDecoder)
+    image = cv2_free_shapes(np.random.default_rng(2))
+    got, want = SamPredictor(model), SamPredictor(plain)
+    got.set_image(image)
+    want.set_image(image)
+    pts, labels = np.array([[30, 20], [90, 70]]), np.array([1, 0])
+    first = want.predict(pts[:1], labels[:1], multimask_output=False)[2]
+    for multi in (True, False):
+        kw = {"mask_input": first, "multimask_output": multi, "return_logits": True}
+        a, b = got.predict(pts, labels, **kw), want.predict(pts, labels, **kw)
+        np.testing.assert_allclose(a[0], b[0], atol=1e-4 * max(1.0, np.abs(b[0]).max()))
+        np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+    assert model.mask_decoder._high_res_blocks is not None  # the channels-last upscaling ran
+    boxes = torch.tensor([[10.0, 10.0, 80.0, 60.0], [40.0, 30.0, 120.0, 90.0]])
+    masks = torch.from_numpy(first).expand(2, -1, -1, -1)
+    with torch.inference_mode():
+        a, b = (
+            p.predict_torch(None, None, p.transform.apply_boxes_torch(boxes, p.original_size), masks, True, True)
+            for p in (got, want)
+        )
+    torch.testing.assert_close(a[0], b[0], atol=1e-4 * max(1.0, b[0].abs().max().item()), rtol=0)
+
+
 def test_mask_skip_starts_as_the_identity_and_moves_only_masks_with_a_mask_input(tmp_path):
     """``mask_skip``: a mask input's logits at the mask grid through a zero-started, bias-free convolution into
     the stride-4 features. Added by model_changes it changes nothing; trained, it moves the masks of prompts

@@ -130,6 +130,10 @@ def test_at_image_size_keeps_mode_and_head():
     moved = at_image_size(model, 160, 192)
     assert moved.training and moved.config.max_image_size == 192
     assert all(a is b for a, b in zip(moved.parameters(), model.parameters()))
+    from segany.modeling.fast import FastSam
+
+    plain = build_sam(model.config, fast=False)  # the plain modules stay plain on another grid
+    assert isinstance(moved, FastSam) and type(at_image_size(plain, 160, 192)) is type(plain)
 
 
 def test_a_larger_grid_keeps_the_speed_mode():

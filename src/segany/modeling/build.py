@@ -87,7 +87,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     prompt_encoder = fast_class(DensePromptEncoder if cfg.dense_prompts else PromptEncoder, fast)(
         d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
     )
-    transformer = TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
+    transformer = fast_class(TwoWayTransformer, fast)(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
     heads = dict(
         num_multimask_outputs=cfg.num_multimask_outputs,
         iou_head_depth=cfg.iou_head_depth,
@@ -137,12 +137,13 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     """``model`` on another input grid (longest side ``image_size``; the embedding, mask and prompt grids
     follow it; ``max_image_size`` as in :class:`SamConfig`), sharing its parameters and buffers, in its mode
     and on its device. Only for encoders whose weights do not depend on the input size (EfficientNet-Lite);
-    an attached text head comes along."""
+    an attached text head comes along; built with the fast paths where ``model`` has them."""
     cfg = model.config
     if not isinstance(cfg.encoder, EfficientNetConfig):
         raise ValueError("the input size can be changed for EfficientNet-Lite models only")
     changes = {"image_size": image_size, "max_image_size": max_image_size}
-    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), **changes}))
+    fast = fast_class(type(model)) is type(model)  # a plain Sam maps to its fast subclass
+    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), **changes}), fast=fast)
     head = getattr(model, "text_head", None)
     resized.load_state_dict(model_weights(model, keep_vars=True), assign=True)
     if head is not None:  # tied to the encoders' weights, which are these

@@ -137,7 +137,7 @@ def build_sam2(cfg: Sam2Config, classes: Callable[[type], type] | None = None) -
         prompt_encoder=pick(Sam2PromptEncoder)(d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans),
         mask_decoder=pick(Sam2MaskDecoder)(
             d,
-            TwoWayTransformer(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
+            pick(TwoWayTransformer)(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim),
             num_multimask_outputs=cfg.num_multimask_outputs,
             iou_head_depth=cfg.iou_head_depth,
             iou_head_hidden_dim=cfg.iou_head_hidden_dim,

@@ -134,23 +134,12 @@ class Sam2MaskDecoder(MaskDecoder):
         hs, src = self.transformer(src, image_pe.expand(bs, -1, -1, -1), tokens)
         iou_token_out = hs[:, s, :]
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        if self.use_high_res_features:
-            if high_res_features is None:
-                raise ValueError("this decoder needs the image's high-resolution features")
-            dc1, ln1, act1, dc2, act2 = self.output_upscaling
-            feat_s0, feat_s1 = high_res_features
-            if self.mask_skip and mask_input is not None:
-                feat_s0 = feat_s0 + self.conv_m0(mask_input.to(feat_s0.dtype))
-            upscaled = act1(ln1(dc1(src) + feat_s1))
-            upscaled = act2(dc2(upscaled) + feat_s0)
-        else:
-            upscaled = self.output_upscaling(src)
+        if self.use_high_res_features and high_res_features is None:
+            raise ValueError("this decoder needs the image's high-resolution features")
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = self.upscale_masks(src, (h, w), hyper_in, high_res_features, mask_input)
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.iou_prediction_use_sigmoid:
             iou_pred = torch.sigmoid(iou_pred)
@@ -159,6 +148,31 @@ class Sam2MaskDecoder(MaskDecoder):
         else:  # "object present" (sigmoid(10) ~ 1), as upstream
             obj = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)
         return masks, iou_pred, mask_tokens_out, obj
+
+    def upscale_masks(
+        self,
+        src: torch.Tensor,
+        size: tuple[int, int],
+        hyper_in: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The transformer's image tokens ``B x hw x C`` (an ``h x w`` grid, ``size``, row by row) and the
+        hypernetworks' outputs ``B x M x C/8`` -> mask logits ``B x M x 4h x 4w``: the upscaling, with the
+        high-resolution features (and ``mask_skip``'s mask input) added inside it, then their product."""
+        b, _n, c = src.shape
+        src = src.transpose(1, 2).reshape(b, c, *size)
+        if self.use_high_res_features:
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            feat_s0, feat_s1 = high_res_features
+            if self.mask_skip and mask_input is not None:
+                feat_s0 = feat_s0 + self.conv_m0(mask_input.to(feat_s0.dtype))
+            upscaled = act1(ln1(dc1(src) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)
+        else:
+            upscaled = self.output_upscaling(src)
+        b, c, h, w = upscaled.shape
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """``B x 1 x H x W`` logits -> ``B x 1``: area(> delta) / area(> -delta), 1 where both are empty."""

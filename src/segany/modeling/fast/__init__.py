@@ -14,6 +14,8 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
   encoding kept between calls; the default's clicks drawn cell by cell (``dense_cells.py``).
 * :class:`FastMaskDecoder` (``mask_decoder.py``): prompts without a mask input through the re-associated
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
+* :class:`FastTwoWayTransformer` (``transformer.py``): the image side by bands of tokens, for prompts the
+  re-associated decoder does not take (a mask input).
 * :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
 * SAM 2: :class:`FastHiera` (``hiera.py``): blocks in place, by bands of rows of windows;
   :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, matrix
@@ -43,6 +45,7 @@ from segany.modeling.fast.sam import FastSam
 from segany.modeling.fast.sam2 import FastSam2, FastSam2PromptEncoder
 from segany.modeling.fast.sam2_decoder import FastSam2MaskDecoder
 from segany.modeling.fast.tiny_vit import FastTinyViT
+from segany.modeling.fast.transformer import FastTwoWayTransformer
 from segany.modeling.hiera import Hiera
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
@@ -51,6 +54,7 @@ from segany.modeling.sam import Sam
 from segany.modeling.sam2 import Sam2, Sam2PromptEncoder
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 from segany.modeling.tiny_vit import TinyViT
+from segany.modeling.transformer import TwoWayTransformer
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -66,6 +70,7 @@ FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     Sam2: FastSam2,
     Sam2PromptEncoder: FastSam2PromptEncoder,
     Sam2MaskDecoder: FastSam2MaskDecoder,
+    TwoWayTransformer: FastTwoWayTransformer,
 }
 
 
@@ -88,6 +93,7 @@ __all__ = [
     "FastSam2MaskDecoder",
     "FastSam2PromptEncoder",
     "FastTinyViT",
+    "FastTwoWayTransformer",
     "active",
     "fast_class",
 ]

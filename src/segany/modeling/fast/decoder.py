@@ -328,15 +328,9 @@ class ReassociatedDecoder:
         return out
 
     def _upscaling_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The two stride-2 2x2 transposed convolutions as matrices ``in x (dy, dx, out)`` and biases (every
-        input pixel gives a 2x2 block), made once per image."""
+        """:func:`upscaling_matrices`, made once per image."""
         if self._up_weights is None:
-            up1, up2 = self.md.output_upscaling[0], self.md.output_upscaling[3]
-            self._up_weights = tuple(
-                t
-                for up in (up1, up2)
-                for t in (up.weight.permute(0, 2, 3, 1).reshape(up.in_channels, 4 * up.out_channels), up.bias.repeat(4))
-            )
+            self._up_weights = upscaling_matrices(self.md)
         return self._up_weights
 
     def _upscale(self, first: TokenProduct, hyper: torch.Tensor, rows: tuple[int, int], w: int) -> torch.Tensor:
@@ -453,6 +447,17 @@ def per_image_decoder(
     dec = make()
     owner._reassociated_cache = (weakref.ref(image_embeddings), version, image_pe, vec, dec)
     return dec
+
+
+def upscaling_matrices(mask_decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's two stride-2 2x2 transposed convolutions as matrices ``in x (dy, dx, out)`` and their
+    biases repeated to match (every input pixel gives a 2x2 block of outputs): weight, bias, weight, bias."""
+    up1, up2 = mask_decoder.output_upscaling[0], mask_decoder.output_upscaling[3]
+    return tuple(  # type: ignore[return-value]
+        t
+        for up in (up1, up2)
+        for t in (up.weight.permute(0, 2, 3, 1).reshape(up.in_channels, 4 * up.out_channels), up.bias.repeat(4))
+    )
 
 
 def low_res_rows(input_len: int, low_len: int, image_size: int) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.fast.common import activate_, active, linear_act
-from segany.modeling.fast.decoder import ReassociatedDecoder, per_image_decoder
+from segany.modeling.fast.decoder import UPSCALE_ROWS, ReassociatedDecoder, per_image_decoder, upscaling_matrices
 from segany.modeling.fast.dense_cells import DenseCells
 from segany.modeling.fast.factored import FactoredTokens, TokenProduct
 from segany.modeling.fast.mask_decoder import DenseCellsDecoder, FastMaskDecoder
@@ -50,9 +50,7 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
     def set_high_res(self, high_res: list[torch.Tensor]) -> None:
         """The projected ``1 x C/8 x 4h x 4w`` and ``1 x C/4 x 2h x 2w`` maps of the image (rearranged once;
         again only for other tensors)."""
-        s0, s1 = high_res
-        if self._high_res is None or self._high_res[0] is not s0 or self._high_res[1] is not s1:
-            self._high_res = (s0, s1, _pixel_blocks(s1, 2), _pixel_blocks(s0, 4))
+        self._high_res = high_res_blocks(self._high_res, high_res)
 
     def tokens(self, sparse: torch.Tensor, cells=None) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
         md, tr = self.md, self.tr
@@ -75,23 +73,58 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
         return iou, queries[:, s + 1 : s + 1 + md.num_mask_tokens], x
 
     def _upscale(self, first: TokenProduct, hyper: torch.Tensor, rows: tuple[int, int], w: int) -> torch.Tensor:
-        _up1, norm, act1, up2, act2 = self.md.output_upscaling
-        _w1, _b1, w2, b2 = self._upscaling_weights()
-        _s0, _s1, s1, s0 = self._high_res
-        full_w = self.hw[1]
-        r0, r1 = rows
-        h = r1 - r0
-        n, k = h * w, hyper.shape[0]
-        c1, c2 = up2.in_channels, up2.out_channels
-        x1 = first.block(r0, r1, w).view(h, w, 4, c1)
-        x1 += s1.view(-1, full_w, 4, c1)[r0:r1, :w]
-        x1 = activate_(F.layer_norm(x1.view(n, 4, c1), (c1,), norm.weight, norm.bias, norm.eps), act1)
-        x2 = linear_act(x1.view(n * 4, c1), w2, b2, None).view(h, w, 16, c2)
-        x2 += s0.view(-1, full_w, 16, c2)[r0:r1, :w]
-        x2 = activate_(x2, act2)
-        m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
-        m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
-        return m.reshape(k, 4 * h, 4 * w)
+        x1 = first.block(rows[0], rows[1], w)
+        return upscale_band(self.md, self._upscaling_weights()[2:], self._high_res[2:], x1, hyper, rows, self.hw[1])
+
+
+def high_res_blocks(cache: tuple | None, high_res: list[torch.Tensor]) -> tuple:
+    """``(s0, s1, s1 blocks, s0 blocks)``: the projected high-resolution maps ``1 x C/8 x 4h x 4w`` and ``1 x
+    C/4 x 2h x 2w`` of one image and the same rearranged by :func:`_pixel_blocks` into the upscaling's pixel
+    order; ``cache`` (the last such tuple) again where the maps are the same tensors."""
+    s0, s1 = high_res
+    if cache is not None and cache[0] is s0 and cache[1] is s1:
+        return cache
+    return (s0, s1, _pixel_blocks(s1, 2), _pixel_blocks(s0, 4))
+
+
+def upscale_band(
+    md: Sam2MaskDecoder,
+    second: tuple[torch.Tensor, torch.Tensor],
+    blocks: tuple[torch.Tensor, torch.Tensor],
+    x1: torch.Tensor,
+    hyper: torch.Tensor,
+    rows: tuple[int, int],
+    full_w: int,
+    extra_s0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rest of the upscaling, channels-last, for a band of image-token rows ``rows`` (its first ``w``
+    columns) of a grid ``full_w`` tokens wide, then the product with the hypernetwork outputs ``hyper``
+    (``K x C/8``) -> logits ``K x 4h x 4w``.
+
+    ``x1``: the first transposed convolution's output for the band, ``h*w x (dy, dx, C/4)``, a fresh tensor
+    (added to in place); ``second``: the second one's matrix and bias (:func:`upscaling_matrices`);
+    ``blocks``: the image's high-resolution maps as :func:`high_res_blocks` rearranges them (stride 8, then
+    4); ``extra_s0``: more stride-4 blocks to add (``mask_skip``'s mask input), laid out as the stride-4 ones.
+    """
+    _up1, norm, act1, up2, act2 = md.output_upscaling
+    w2, b2 = second
+    s1, s0 = blocks
+    r0, r1 = rows
+    h = r1 - r0
+    w = x1.shape[0] // h
+    n, k = h * w, hyper.shape[0]
+    c1, c2 = up2.in_channels, up2.out_channels
+    x1 = x1.view(h, w, 4, c1)
+    x1 += s1.view(-1, full_w, 4, c1)[r0:r1, :w]
+    x1 = activate_(F.layer_norm(x1.view(n, 4, c1), (c1,), norm.weight, norm.bias, norm.eps), act1)
+    x2 = linear_act(x1.view(n * 4, c1), w2, b2, None).view(h, w, 16, c2)
+    x2 += s0.view(-1, full_w, 16, c2)[r0:r1, :w]
+    if extra_s0 is not None:
+        x2 += extra_s0.view(-1, full_w, 16, c2)[r0:r1, :w]
+    x2 = activate_(x2, act2)
+    m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
+    m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return m.reshape(k, 4 * h, 4 * w)
 
 
 class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
@@ -104,12 +137,51 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         super().__init__(*args, **kwargs)
         self._reassociated_cache: tuple | None = None  # see _reassociated
         self._pe_products: tuple | None = None  # see ReassociatedDecoder.pe_products
+        self._high_res_blocks: tuple | None = None  # see upscale_masks
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reassociated_cache"] = None  # weak references do not pickle; only caches
         state["_pe_products"] = None
+        state["_high_res_blocks"] = None
         return state
+
+    def upscale_masks(
+        self,
+        src: torch.Tensor,
+        size: tuple[int, int],
+        hyper_in: torch.Tensor,
+        high_res_features: list[torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`Sam2MaskDecoder.upscale_masks` for the prompts the re-associated decoder does not take (a
+        mask input: every cell of the dense embedding differs) of one image at inference: channels-last as
+        there (each transposed convolution one matmul, bands of token rows, the image's high-resolution
+        maps rearranged once per image); the plain upscaling elsewhere. Same logits up to float rounding."""
+        if not (
+            active(self)
+            and self.use_high_res_features
+            and supports(self)
+            and high_res_features is not None
+            and high_res_features[0].shape[0] == 1
+            and src.dtype == hyper_in.dtype == high_res_features[0].dtype
+        ):
+            return super().upscale_masks(src, size, hyper_in, high_res_features, mask_input)
+        self._high_res_blocks = blocks = high_res_blocks(self._high_res_blocks, high_res_features)
+        w1, b1, w2, b2 = upscaling_matrices(self)
+        h, w = size
+        extra = None
+        if self.mask_skip and mask_input is not None:
+            extra = self.conv_m0(mask_input.to(src.dtype))
+        out = hyper_in.new_empty(src.shape[0], hyper_in.shape[1], 4 * h, 4 * w)
+        for i in range(src.shape[0]):
+            extra_i = None if extra is None else _pixel_blocks(extra[i : i + 1], 4)
+            for r0 in range(0, h, UPSCALE_ROWS):
+                r1 = min(r0 + UPSCALE_ROWS, h)
+                x1 = linear_act(src[i, r0 * w : r1 * w], w1, b1, None)
+                band = upscale_band(self, (w2, b2), blocks[2:], x1, hyper_in[i], (r0, r1), w, extra_i)
+                out[i, :, 4 * r0 : 4 * r1] = band
+        return out
 
     def forward(  # type: ignore[override]
         self,
