@@ -15,6 +15,7 @@ mask as input: the click protocol's clicks after the first) beside the same clic
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +42,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-everything", action="store_true", help="skip the automatic mask generator")
+    ap.add_argument("--no-huge-pages", action="store_true", help="large tensors in 4 KB pages (the segany "
+                    "command asks for huge pages: segany.perf.use_huge_pages)")
     args = ap.parse_args()
+    from segany.perf import use_huge_pages
+
+    huge = False if args.no_huge_pages else use_huge_pages()  # as the segany command, before any tensor
     torch.set_num_threads(args.threads)
     import cv2
 
@@ -54,15 +60,23 @@ def main() -> None:
     image = cv2.resize(cat, (round(cat.shape[1] * scale), round(cat.shape[0] * scale)), interpolation=cv2.INTER_CUBIC)
     h, w = image.shape[:2]
     pred = SamPredictor(model)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     emb = median_ms(lambda: pred.set_image(image), args.repeats)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    calls = args.repeats + 2  # median_ms's warm-up calls too
+    # The kernel's share (page faults of fresh memory, which huge pages cut): steadier than wall times here.
+    sys_ms = (after.ru_stime - before.ru_stime) / calls * 1000
+    faults = (after.ru_minflt - before.ru_minflt) / calls
     grid = pred.model.image_size  # the model's input size, or larger for a larger image (max_image_size)
     pt, lab = np.array([[w / 2, h / 2]]), np.array([1])
     one = median_ms(lambda: pred.predict(pt, lab, multimask_output=False), args.repeats * 5)
     multi = median_ms(lambda: pred.predict(pt, lab, multimask_output=True), args.repeats * 5)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     threads = torch.get_num_threads()
-    print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}")
-    print(f"image {w}x{h} (encoded at {grid} px): embedding median {emb:.1f} ms (target <= 300 ms at 1024 px)")
+    print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}, "
+          f"huge pages {'on' if huge else 'off'}")
+    print(f"image {w}x{h} (encoded at {grid} px): embedding median {emb:.1f} ms (target <= 300 ms at 1024 px; "
+          f"system time {sys_ms:.1f} ms and {faults:,.0f} page faults a call)")
     print(f"one point -> full-size mask: median {one:.2f} ms (single; target <= 15 ms), {multi:.2f} ms (3 masks)")
     # A later click: two points and the first click's mask as the mask input, one mask (the click protocol's
     # clicks after the first). A mask input changes every cell of the dense embedding, so these skip the

@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from segany.perf import use_huge_pages
+
+    use_huge_pages()  # before the command makes its first tensor
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except SegAnyError as e:

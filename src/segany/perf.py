@@ -16,6 +16,8 @@ IoU of its masks against fp32:
 * ``compile=True``: ``torch.compile`` of the encoder (inductor; on a CPU it needs a C++ compiler). The
   first call compiles (minutes for ViT-B), later calls with the same input size are fast.
 
+``use_huge_pages()`` is a setting of the process, not of a model: large tensors in transparent huge pages.
+
 ONNX Runtime is the other runtime: ``segany.export.onnx.export_encoder`` / ``export_decoder`` and
 ``segany.export.onnx_predictor.OnnxSamPredictor``.
 """
@@ -51,6 +53,24 @@ def compile_supported(device: torch.device | str = "cpu") -> bool:
     if torch.device(device).type == "cpu":
         return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
     return True
+
+
+def use_huge_pages() -> bool:
+    """Ask PyTorch's CPU allocator to back tensors of 2 MB and more with transparent huge pages (its
+    ``THP_MEM_ALLOC_ENABLE``; a value the user set is kept). A large tensor is otherwise fresh memory from
+    the system at every call (glibc maps allocations of a few MB and more anew and unmaps them when freed),
+    touched in 4 KB pages, each a page fault: a 1024-px image's embedding by the default model made about
+    32,000 of them, one by one, and about 3,000 this way (benchmarks/README.md). The segany command calls
+    it first; in a program of your own, call it before any tensor is made: PyTorch reads the setting once,
+    at its first allocation. The kernel must allow the pages (``transparent_hugepage`` "always" or
+    "madvise", the default of most Linux systems); elsewhere nothing changes.
+
+    Returns:
+        whether the allocator now aligns large tensors to pages, the mark of this mode.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    probe = torch.empty(1 << 20)  # 4 MB
+    return probe.data_ptr() % 4096 == 0
 
 
 def _autocast_forward(module: nn.Module, dtype: torch.dtype | None) -> None:

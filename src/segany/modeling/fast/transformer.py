@@ -3,13 +3,13 @@
 Where every image token differs from prompt to prompt (a mask input changes every cell of the dense
 embedding, so the re-associated decoder does not apply), the plain transformer makes each of its image-side
 ``N x C`` tensors in a separate pass over memory: the sum with the positional encoding, three projections,
-the image-to-token attention, its output projection, the residual sum, the layer norm, then the next block's
-projections. Here a block's image-to-token step and the next block's (or the final attention's) projections
-of the same tokens run together on bands of :data:`BAND` tokens, which stay in the CPU caches between the
-operations; the image-to-token attention (each image token over the few prompt tokens) is two small
-matmuls and a softmax per band rather than a flash-attention call, and the projections that read the same
-tokens are one matmul. Same function as :class:`~segany.modeling.transformer.TwoWayTransformer` (outputs
-equal up to float rounding).
+the image-to-token attention (a flash-attention call for each image token over a handful of prompt tokens),
+its output projection, the residual sum and the layer norm. Here no image token is projected: both
+attentions are re-associated, so that the prompt tokens' side is multiplied into the weights instead
+(:func:`_token_to_image`, :func:`_image_to_token`), and a block's image-to-token step, residual, layer norm
+and sum with the encoding run together on bands of :data:`BAND` tokens, which stay in the CPU caches between
+the operations. Same function as :class:`~segany.modeling.transformer.TwoWayTransformer` (outputs equal up to
+float rounding).
 """
 
 from __future__ import annotations
