@@ -59,8 +59,8 @@ def use_huge_pages() -> bool:
     """Ask PyTorch's CPU allocator to back tensors of 2 MB and more with transparent huge pages (its
     ``THP_MEM_ALLOC_ENABLE``; a value the user set is kept). A large tensor is otherwise fresh memory from
     the system at every call (glibc maps allocations of a few MB and more anew and unmaps them when freed),
-    touched in 4 KB pages, each a page fault: a 1024-px image's embedding by the default model made about
-    32,000 of them, one by one, and about 3,000 this way (benchmarks/README.md). The segany command calls
+    touched in 4 KB pages, each a page fault (an image embedding's count and cost with and without this:
+    benchmarks/README.md, "Later clicks ..., and huge pages"). The segany command calls
     it first; in a program of your own, call it before any tensor is made: PyTorch reads the setting once,
     at its first allocation. The kernel must allow the pages (``transparent_hugepage`` "always" or
     "madvise", the default of most Linux systems); elsewhere nothing changes.
