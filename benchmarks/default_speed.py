@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -82,23 +85,24 @@ def main() -> None:
     # clicks after the first). A mask input changes every cell of the dense embedding, so these skip the
     # re-associated decoder; the same click through the plain modules (same weights: the prompt encoder, the
     # decoder and the post-processing without their fast paths) is timed beside them, interleaved.
+    from _common import interleaved
+
     from segany.modeling import build_sam
+    from segany.modeling.sam import model_weights
 
     low = pred.predict(pt, lab, multimask_output=False)[2]
     two, two_lab = np.array([[w / 2, h / 2], [w / 4, h / 4]]), np.array([1, 0])
     plain_model = build_sam(model.config, fast=False).eval()
-    plain_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_head.")})
+    plain_model.load_state_dict(model_weights(model))
     plain = SamPredictor(plain_model)
     plain.set_image(image)
-    arms = {"fast": pred, "plain": plain}
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for r in range(args.repeats * 5 + 2):
-        for name, p in arms.items():
-            t = time.perf_counter()
-            p.predict(two, two_lab, mask_input=low, multimask_output=False)
-            if r >= 2:
-                times[name].append((time.perf_counter() - t) * 1000)
-    fast_ms, plain_ms = (statistics.median(times[name]) for name in arms)
+    times = interleaved(
+        {name: lambda p=p: p.predict(two, two_lab, mask_input=low, multimask_output=False)
+         for name, p in {"fast": pred, "plain": plain}.items()},
+        args.repeats * 5,
+        warmup=2,
+    )
+    fast_ms, plain_ms = (statistics.median(times[name]) * 1000 for name in ("fast", "plain"))
     print(f"a later click (2 points + the previous mask) -> full-size mask: median {fast_ms:.2f} ms "
           f"(the plain modules, interleaved: {plain_ms:.2f} ms, {plain_ms / fast_ms:.2f}x)")
     # Zoom-in (segany.zoom_in; the web tool's default): a first click refined on a crop costs an embedding

@@ -184,12 +184,15 @@ def test_clicks_with_a_mask_input_upscale_channels_last_as_the_plain_decoder():
     want.set_image(image)
     pts, labels = np.array([[30, 20], [90, 70]]), np.array([1, 0])
     first = want.predict(pts[:1], labels[:1], multimask_output=False)[2]
+    got.predict(pts[:1], labels[:1], multimask_output=False)  # the re-associated path rearranges the maps
+    kept = model.mask_decoder._high_res_blocks
     for multi in (True, False):
         kw = {"mask_input": first, "multimask_output": multi, "return_logits": True}
         a, b = got.predict(pts, labels, **kw), want.predict(pts, labels, **kw)
         np.testing.assert_allclose(a[0], b[0], atol=1e-4 * max(1.0, np.abs(b[0]).max()))
         np.testing.assert_allclose(a[1], b[1], atol=1e-5)
     assert model.mask_decoder._high_res_blocks is not None  # the channels-last upscaling ran
+    assert model.mask_decoder._high_res_blocks is kept  # on the maps the first click rearranged
     boxes = torch.tensor([[10.0, 10.0, 80.0, 60.0], [40.0, 30.0, 120.0, 90.0]])
     masks = torch.from_numpy(first).expand(2, -1, -1, -1)
     with torch.inference_mode():

@@ -48,9 +48,9 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
         self._high_res: tuple | None = None
 
     def set_high_res(self, high_res: list[torch.Tensor]) -> None:
-        """The projected ``1 x C/8 x 4h x 4w`` and ``1 x C/4 x 2h x 2w`` maps of the image (rearranged once;
-        again only for other tensors)."""
-        self._high_res = high_res_blocks(self._high_res, high_res)
+        """The projected ``1 x C/8 x 4h x 4w`` and ``1 x C/4 x 2h x 2w`` maps of the image, rearranged by the
+        mask decoder (:meth:`FastSam2MaskDecoder.high_res_blocks`, once per image for all its paths)."""
+        self._high_res = self.md.high_res_blocks(high_res)
 
     def tokens(self, sparse: torch.Tensor, cells=None) -> tuple[torch.Tensor, torch.Tensor, FactoredTokens]:
         md, tr = self.md, self.tr
@@ -77,16 +77,6 @@ class Sam2ReassociatedDecoder(ReassociatedDecoder):
         return upscale_band(self.md, self._upscaling_weights()[2:], self._high_res[2:], x1, hyper, rows, self.hw[1])
 
 
-def high_res_blocks(cache: tuple | None, high_res: list[torch.Tensor]) -> tuple:
-    """``(s0, s1, s1 blocks, s0 blocks)``: the projected high-resolution maps ``1 x C/8 x 4h x 4w`` and ``1 x
-    C/4 x 2h x 2w`` of one image and the same rearranged by :func:`_pixel_blocks` into the upscaling's pixel
-    order; ``cache`` (the last such tuple) again where the maps are the same tensors."""
-    s0, s1 = high_res
-    if cache is not None and cache[0] is s0 and cache[1] is s1:
-        return cache
-    return (s0, s1, _pixel_blocks(s1, 2), _pixel_blocks(s0, 4))
-
-
 def upscale_band(
     md: Sam2MaskDecoder,
     second: tuple[torch.Tensor, torch.Tensor],
@@ -103,8 +93,9 @@ def upscale_band(
 
     ``x1``: the first transposed convolution's output for the band, ``h*w x (dy, dx, C/4)``, a fresh tensor
     (added to in place); ``second``: the second one's matrix and bias (:func:`upscaling_matrices`);
-    ``blocks``: the image's high-resolution maps as :func:`high_res_blocks` rearranges them (stride 8, then
-    4); ``extra_s0``: more stride-4 blocks to add (``mask_skip``'s mask input), laid out as the stride-4 ones.
+    ``blocks``: the image's high-resolution maps as :meth:`FastSam2MaskDecoder.high_res_blocks` rearranges
+    them (stride 8, then 4); ``extra_s0``: more stride-4 blocks to add (``mask_skip``'s mask input), laid out
+    as the stride-4 ones.
     """
     _up1, norm, act1, up2, act2 = md.output_upscaling
     w2, b2 = second
@@ -137,7 +128,7 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         super().__init__(*args, **kwargs)
         self._reassociated_cache: tuple | None = None  # see _reassociated
         self._pe_products: tuple | None = None  # see ReassociatedDecoder.pe_products
-        self._high_res_blocks: tuple | None = None  # see upscale_masks
+        self._high_res_blocks: tuple | None = None  # see high_res_blocks
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -145,6 +136,17 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         state["_pe_products"] = None
         state["_high_res_blocks"] = None
         return state
+
+    def high_res_blocks(self, high_res: list[torch.Tensor]) -> tuple:
+        """``(s0, s1, s1 blocks, s0 blocks)``: the projected high-resolution maps ``1 x C/8 x 4h x 4w`` and ``1 x
+        C/4 x 2h x 2w`` of one image and the same rearranged by :func:`_pixel_blocks` into the upscaling's
+        pixel order; kept while the maps are the same tensors (the re-associated decoder and the upscaling of
+        prompts with a mask input share them)."""
+        s0, s1 = high_res
+        c = self._high_res_blocks
+        if c is None or c[0] is not s0 or c[1] is not s1:
+            self._high_res_blocks = c = (s0, s1, _pixel_blocks(s1, 2), _pixel_blocks(s0, 4))
+        return c
 
     def upscale_masks(
         self,
@@ -167,7 +169,7 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
             and src.dtype == hyper_in.dtype == high_res_features[0].dtype
         ):
             return super().upscale_masks(src, size, hyper_in, high_res_features, mask_input)
-        self._high_res_blocks = blocks = high_res_blocks(self._high_res_blocks, high_res_features)
+        blocks = self.high_res_blocks(high_res_features)
         w1, b1, w2, b2 = upscaling_matrices(self)
         h, w = size
         extra = None
