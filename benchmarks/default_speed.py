@@ -47,10 +47,13 @@ def main() -> None:
     ap.add_argument("--no-everything", action="store_true", help="skip the automatic mask generator")
     ap.add_argument("--no-huge-pages", action="store_true", help="large tensors in 4 KB pages (the segany "
                     "command asks for huge pages: segany.perf.use_huge_pages)")
+    ap.add_argument("--no-memory-reuse", action="store_true", help="freed large tensors handed back to the "
+                    "system (the segany command keeps them: segany.perf.reuse_freed_memory)")
     args = ap.parse_args()
-    from segany.perf import use_huge_pages
+    from segany.perf import reuse_freed_memory, use_huge_pages
 
     huge = False if args.no_huge_pages else use_huge_pages()  # as the segany command, before any tensor
+    reuse = False if args.no_memory_reuse else reuse_freed_memory()
     torch.set_num_threads(args.threads)
     import cv2
 
@@ -77,7 +80,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     threads = torch.get_num_threads()
     print(f"model {args.model}: {params:.2f} M parameters, input {model.image_size} px, torch threads {threads}, "
-          f"huge pages {'on' if huge else 'off'}")
+          f"huge pages {'on' if huge else 'off'}, freed memory reused {'on' if reuse else 'off'}")
     print(f"image {w}x{h} (encoded at {grid} px): embedding median {emb:.1f} ms (target <= 300 ms at 1024 px; "
           f"system time {sys_ms:.1f} ms and {faults:,.0f} page faults a call)")
     print(f"one point -> full-size mask: median {one:.2f} ms (single; target <= 15 ms), {multi:.2f} ms (3 masks)")

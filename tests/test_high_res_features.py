@@ -164,15 +164,19 @@ def test_fast_paths_of_a_high_res_model_with_dense_clicks_are_the_plain_decoder(
         assert (r["segmentation"] != w["segmentation"]).sum() <= max(2, 0.001 * w["segmentation"].sum())
 
 
+# mask_skip alone (the mask input's logits) and with mask_skip_prompts (the four prompt maps)
+SKIPS = [{"mask_skip": True}, {"mask_skip": True, "mask_skip_prompts": True}]
 
-def test_clicks_with_a_mask_input_upscale_channels_last_as_the_plain_decoder():
+
+@pytest.mark.parametrize("changes", SKIPS)
+def test_clicks_with_a_mask_input_upscale_channels_last_as_the_plain_decoder(changes):
     """A prompt with a mask input skips the re-associated decoder (every dense cell differs) but still
     upscales channels-last at inference (each transposed convolution one matmul, the high-resolution maps
     rearranged once per image, ``mask_skip``'s mask added there too): the plain decoder's logits, for one
     prompt and a batch of them."""
     from segany.modeling.fast.sam2_decoder import FastSam2MaskDecoder
 
-    model = changed_model(_dense_high_res_model(), {"mask_skip": True}).eval()
+    model = changed_model(_dense_high_res_model(), changes).eval()
     with torch.no_grad():
         model.mask_decoder.conv_m0.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(3))
     plain = build_sam(model.config, fast=False).eval()
@@ -203,13 +207,16 @@ def test_clicks_with_a_mask_input_upscale_channels_last_as_the_plain_decoder():
     torch.testing.assert_close(a[0], b[0], atol=1e-4 * max(1.0, b[0].abs().max().item()), rtol=0)
 
 
-def test_mask_skip_starts_as_the_identity_and_moves_only_masks_with_a_mask_input(tmp_path):
-    """``mask_skip``: a mask input's logits at the mask grid through a zero-started, bias-free convolution into
-    the stride-4 features. Added by model_changes it changes nothing; trained, it moves the masks of prompts
-    with a mask input and no others (so the fast paths of first clicks, boxes and "everything" stay exact);
-    saved, it loads back with the config read from the tensors."""
+@pytest.mark.parametrize("changes", SKIPS)
+def test_mask_skip_starts_as_the_identity_and_moves_only_masks_with_a_mask_input(tmp_path, changes):
+    """``mask_skip``: a mask input's logits (with ``mask_skip_prompts``, the clicks and box maps too) at the
+    mask grid through a zero-started, bias-free convolution into the stride-4 features. Added by
+    model_changes it changes nothing; trained, it moves the masks of prompts with a mask input and no others
+    (so the fast paths of first clicks, boxes and "everything" stay exact); saved, it loads back with the
+    config read from the tensors."""
     base = _dense_high_res_model()
-    skip = changed_model(base, {"mask_skip": True}).eval()
+    skip = changed_model(base, changes).eval()
+    assert skip.mask_decoder.conv_m0.in_channels == (4 if changes.get("mask_skip_prompts") else 1)
     assert skip.mask_decoder.conv_m0.weight.abs().sum() == 0 and skip.mask_decoder.conv_m0.bias is None
     image = cv2_free_shapes(np.random.default_rng(2))
     pts, labels = np.array([[30, 20], [90, 70]]), np.array([1, 0])
@@ -232,21 +239,26 @@ def test_mask_skip_starts_as_the_identity_and_moves_only_masks_with_a_mask_input
     saved = tmp_path / "skip.safetensors"
     save_model(skip, saved)
     back = load_model(saved, text_head=None)
-    assert back.config.mask_skip and infer_config(back.state_dict(), 128).mask_skip
+    inferred = infer_config(back.state_dict(), 128)
+    assert back.config.mask_skip and inferred.mask_skip
+    assert back.config.mask_skip_prompts == inferred.mask_skip_prompts == bool(changes.get("mask_skip_prompts"))
     np.testing.assert_allclose(clicks(back)[1], later, atol=1e-4 * max(1.0, np.abs(later).max()))
     with pytest.raises(ValueError, match="mask_skip"):
         build_sam(dataclasses.replace(dense_config(), mask_skip=True))
+    with pytest.raises(ValueError, match="mask_skip_prompts"):
+        build_sam(dataclasses.replace(base.config, mask_skip_prompts=True))
 
 
-def test_onnx_export_of_a_mask_skip_model_matches_torch(tmp_path):
-    """The exported decoder (the web page's) adds the mask input through ``conv_m0`` as PyTorch does, and
-    nothing without one."""
+@pytest.mark.parametrize("changes", SKIPS)
+def test_onnx_export_of_a_mask_skip_model_matches_torch(tmp_path, changes):
+    """The exported decoder (the web page's) adds the mask input (and the prompt maps) through ``conv_m0`` as
+    PyTorch does, and nothing without a mask input."""
     pytest.importorskip("onnxruntime")
     from segany.export.onnx import export_decoder, export_encoder
     from segany.export.onnx_predictor import OnnxSamPredictor
     from tests.test_onnx import H, W, _compare, synthetic_image
 
-    model = changed_model(_dense_high_res_model(), {"mask_skip": True}).eval()
+    model = changed_model(_dense_high_res_model(), changes).eval()
     with torch.no_grad():
         model.mask_decoder.conv_m0.weight.normal_(std=0.3)
     enc, dec = export_encoder(model, tmp_path / "e.onnx"), export_decoder(model, tmp_path / "d.onnx")

@@ -243,6 +243,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         dense_prompts=sd[pe + "mask_downscaling.0.weight"].shape[1] > 1,
         high_res_features="mask_decoder.conv_s0.weight" in sd,
         mask_skip="mask_decoder.conv_m0.weight" in sd,
+        mask_skip_prompts="mask_decoder.conv_m0.weight" in sd and sd["mask_decoder.conv_m0.weight"].shape[1] > 1,
     )
 
 

@@ -94,9 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from segany.perf import use_huge_pages
+    from segany.perf import reuse_freed_memory, use_huge_pages
 
     use_huge_pages()  # before the command makes its first tensor
+    reuse_freed_memory()
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except SegAnyError as e:

@@ -16,7 +16,8 @@ IoU of its masks against fp32:
 * ``compile=True``: ``torch.compile`` of the encoder (inductor; on a CPU it needs a C++ compiler). The
   first call compiles (minutes for ViT-B), later calls with the same input size are fast.
 
-``use_huge_pages()`` is a setting of the process, not of a model: large tensors in transparent huge pages.
+``use_huge_pages()`` and ``reuse_freed_memory()`` are settings of the process, not of a model: large tensors
+in transparent huge pages, and freed ones kept for reuse rather than handed back to the system.
 
 ONNX Runtime is the other runtime: ``segany.export.onnx.export_encoder`` / ``export_decoder`` and
 ``segany.export.onnx_predictor.OnnxSamPredictor``.
@@ -24,6 +25,7 @@ ONNX Runtime is the other runtime: ``segany.export.onnx.export_encoder`` / ``exp
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import warnings
@@ -71,6 +73,32 @@ def use_huge_pages() -> bool:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     probe = torch.empty(1 << 20)  # 4 MB
     return probe.data_ptr() % 4096 == 0
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_memory(largest_mb: int = 64, keep_mb: int = 1024) -> bool:
+    """Ask glibc's malloc to serve blocks of up to ``largest_mb`` MB from its heap and to keep up to
+    ``keep_mb`` MB of freed heap for reuse (``mallopt``'s M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), rather
+    than map each large block anew and hand it back when freed. An image's embedding allocates and frees
+    the same large maps at every call: mapped anew they are faulted in again each time, even as huge pages
+    (the kernel zeroes every page it hands out); kept, they are reused as they are (figures in
+    benchmarks/README.md, "Freed memory kept for reuse"). The process's resident memory then stays near
+    its peak between calls instead of falling. The segany command calls it first; Linux with glibc only
+    (elsewhere nothing changes).
+
+    Returns:
+        whether both settings took.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    mmap_ok = mallopt(_M_MMAP_THRESHOLD, largest_mb << 20) == 1
+    return bool(mallopt(_M_TRIM_THRESHOLD, keep_mb << 20) == 1 and mmap_ok)
 
 
 def _autocast_forward(module: nn.Module, dtype: torch.dtype | None) -> None:

@@ -261,7 +261,8 @@ class SamPredictor:
             return self._text_head().decode(
                 text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
             )
-        return self.decode(sparse, dense, multimask_output, hq_token_only, self.model.prompt_inputs(mask_input))
+        extra = self.model.prompt_inputs(mask_input, points, boxes)
+        return self.decode(sparse, dense, multimask_output, hq_token_only, extra)
 
     @torch.inference_mode()
     def decode(

@@ -59,6 +59,15 @@ class SamOnnxDecoder(nn.Module):
         with_mask = has_mask_input * pe.mask_downscaling(mask_input)
         return with_mask + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
+    def _mask_skip_inputs(
+        self, mask_input: torch.Tensor, has_mask_input: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`~segany.modeling.sam.Sam.prompt_inputs` for the exported prompt: the mask (and, with
+        ``mask_skip_prompts``, the clicks and the box) times ``has_mask_input``, so none without a mask
+        input, as in PyTorch."""
+        extra = self.model.prompt_inputs(mask_input, (coords, labels.to(torch.int64)), None)
+        return {k: v * has_mask_input for k, v in extra.items()}
+
     def _resized_size(self, orig_im_size: torch.Tensor) -> torch.Tensor:
         """``(H, W)`` -> ``(h, w)`` int64, exactly as ``transforms.get_preprocess_shape`` (float64 math)."""
         size = orig_im_size.to(torch.float64)
@@ -119,7 +128,7 @@ class SamOnnxDecoder(nn.Module):
             dense_prompt_embeddings=dense,
             **image_inputs,
             # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
-            **self.model.prompt_inputs(mask_input * has_mask_input),
+            **self._mask_skip_inputs(mask_input, has_mask_input, point_coords, point_labels),
         )[:2]
         if self.use_stability_score:
             iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
-from segany.modeling.dense_prompt_encoder import DensePromptEncoder
+from segany.modeling.dense_prompt_encoder import NUM_PROMPT_MAPS, DensePromptEncoder
 from segany.modeling.efficientnet import EfficientNetLiteEncoder
 from segany.modeling.fast import fast_class
 from segany.modeling.image_encoder import ImageEncoderViT
@@ -95,6 +95,8 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     )
     if cfg.mask_skip and not cfg.high_res_features:
         raise ValueError("mask_skip needs high_res_features")
+    if cfg.mask_skip_prompts and not (cfg.mask_skip and cfg.dense_prompts):
+        raise ValueError("mask_skip_prompts needs mask_skip and dense_prompts")
     if cfg.high_res_features:
         if not isinstance(image_encoder, EfficientNetLiteEncoder):
             raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
@@ -105,6 +107,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
             **heads,
             high_res_in_chans=image_encoder.high_res_channels,
             mask_skip=cfg.mask_skip,
+            mask_skip_channels=NUM_PROMPT_MAPS if cfg.mask_skip_prompts else 1,
             iou_prediction_use_sigmoid=False,
             pred_obj_scores=False,
             dynamic_multimask_via_stability=False,

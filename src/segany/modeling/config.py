@@ -96,6 +96,10 @@ class SamConfig:
     #: a mask input's logits also added at the mask grid inside the upscaling (a 3 x 3 convolution into the
     #: stride-4 features), so a correction keeps the previous mask's detail (needs ``high_res_features``; not in SAM)
     mask_skip: bool = False
+    #: with ``mask_skip``: the clicks and the box too, as the dense prompt encoder draws them (its four maps:
+    #: the mask's logits, positive and negative click disks, box), so a correction's clicks reach the mask grid
+    #: (needs ``dense_prompts``; only prompts with a mask input, as ``mask_skip``; not in SAM)
+    mask_skip_prompts: bool = False
     #: a larger image is encoded at its own longest side rounded up to 32 pixels, up to this many, rather
     #: than shrunk to ``image_size`` (the same weights on a larger grid: EfficientNet encoder only; not in SAM)
     max_image_size: int | None = None

@@ -120,8 +120,8 @@ class DensePromptEncoder(PromptEncoder):
             has_mask = maps.new_zeros(())
         else:
             mask = masks.float().expand(bs, -1, -1, -1)
-            if has_mask is None:
-                has_mask = maps.new_ones(())
+            if has_mask is None:  # a mask for every prompt set: no no-mask embedding to add
+                return self.mask_downscaling(torch.cat([mask, maps], dim=1))
             mask = mask * has_mask.reshape(-1, 1, 1, 1)
         dense = self.mask_downscaling(torch.cat([mask, maps], dim=1))
         no_mask = self.no_mask_embed.weight.reshape(1, -1, 1, 1)

@@ -89,12 +89,24 @@ class Sam(nn.Module):
         """Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`)."""
         return ("high_res_features",) if getattr(self.mask_decoder, "use_high_res_features", False) else ()
 
-    def prompt_inputs(self, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The mask decoder's per-prompt inputs besides the prompt embeddings, as keyword arguments: the mask
-        prompt ``B x 1 x 4h x 4w`` itself for a decoder with ``mask_skip``, else none."""
+    def prompt_inputs(
+        self,
+        masks: torch.Tensor | None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The mask decoder's per-prompt inputs besides the prompt embeddings, as keyword arguments: for a
+        decoder with ``mask_skip``, the mask prompt ``B x 1 x 4h x 4w`` itself, or with ``mask_skip_prompts``
+        the prompt encoder's four maps (the mask, then the clicks and the box of ``points`` / ``boxes`` as the
+        prompt encoder takes them); none without a mask prompt."""
         if masks is None or not getattr(self.mask_decoder, "mask_skip", False):
             return {}
-        return {"mask_input": masks}
+        if self.mask_decoder.conv_m0.in_channels == 1:
+            return {"mask_input": masks}
+        sizes = [masks.shape[0]] + [x.shape[0] for x in (points[0] if points else None, boxes) if x is not None]
+        bs = max(sizes)
+        maps = self.prompt_encoder.prompt_maps(points, boxes, bs)
+        return {"mask_input": torch.cat([masks.to(maps.dtype).expand(bs, -1, -1, -1), maps], dim=1)}
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the mask decoder's other
@@ -148,7 +160,7 @@ class Sam(nn.Module):
                 dense,
                 multimask_output,
                 **{name: _one_image(value, i) for name, value in inputs.items()},
-                **self.prompt_inputs(record.get("mask_inputs")),
+                **self.prompt_inputs(record.get("mask_inputs"), points, record.get("boxes")),
             )
             masks = self.postprocess_masks(
                 low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold

@@ -31,6 +31,8 @@ class Sam2MaskDecoder(MaskDecoder):
         mask_skip: also add a mask input's logits (``mask_input``, at the mask grid) through a 3 x 3
             convolution (``conv_m0``, no bias: nothing without a mask input) to the stride-4 features, so a
             correction can keep the previous mask's detail (not in SAM 2).
+        mask_skip_channels: the maps ``mask_input`` holds: 1 (the mask's logits), or 4 (the dense prompt
+            encoder's maps, the clicks and the box beside the mask: ``SamConfig.mask_skip_prompts``).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Sam2MaskDecoder(MaskDecoder):
         dynamic_multimask_stability_delta: float = 0.05,
         dynamic_multimask_stability_thresh: float = 0.98,
         mask_skip: bool = False,
+        mask_skip_channels: int = 1,
     ) -> None:
         super().__init__(transformer_dim, transformer, num_multimask_outputs, iou_head_depth, iou_head_hidden_dim)
         d = transformer_dim
@@ -65,7 +68,7 @@ class Sam2MaskDecoder(MaskDecoder):
             raise ValueError("mask_skip needs use_high_res_features")
         self.mask_skip = mask_skip
         if mask_skip:
-            self.conv_m0 = nn.Conv2d(1, d // 8, kernel_size=3, padding=1, bias=False)
+            self.conv_m0 = nn.Conv2d(mask_skip_channels, d // 8, kernel_size=3, padding=1, bias=False)
         self.iou_prediction_use_sigmoid = iou_prediction_use_sigmoid
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
@@ -91,7 +94,8 @@ class Sam2MaskDecoder(MaskDecoder):
             image_embeddings: ``1 x C x h x w`` (shared by all prompt sets) or ``B x C x h x w``.
             image_pe: ``1 x C x h x w``; sparse: ``B x T x C``; dense: ``B x C x h x w``.
             high_res_features: from :meth:`project_high_res` (required when ``use_high_res_features``).
-            mask_input: the mask prompt's logits ``B x 1 x 4h x 4w``, for ``mask_skip`` (none: no mask prompt).
+            mask_input: the mask prompt's logits ``B x 1 x 4h x 4w`` (or ``B x 4 x 4h x 4w``, the four prompt
+                maps: ``mask_skip_channels``), for ``mask_skip`` (none: no mask prompt).
         Returns:
             masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``, M = 3 or 1.
         """

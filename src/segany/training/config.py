@@ -191,6 +191,10 @@ class TrainConfig(Options):
     focal_gamma: float = 2.0
     #: low_res (4h x 4w, gt area-downsampled) | full (S x S) | "<k>x" (k times low_res; training/losses.py)
     loss_resolution: str = "low_res"
+    #: > 0: the first prompt's masks and IoUs learn the starting decoder's answers (a frozen copy), with this
+    #: weight, instead of the ground truth, so a decoder stage that learns corrections keeps first clicks
+    #: and boxes as they were (needs ``checkpoint``)
+    first_prompt_distill: float = 0.0
     iou_loss_on: str = "all"  #: multimask iteration: IoU-MSE on all 3 masks (all) or the best one
 
     # -- optimisation ------------------------------------------------------------------------------
@@ -314,6 +318,8 @@ class TrainConfig(Options):
             raise bad("augment", "must be true, false or a dict of augmentation settings")
         if self.model_changes is not None and (not isinstance(self.model_changes, dict) or not self.checkpoint):
             raise bad("model_changes", "must be a mapping of model config fields, used with checkpoint")
+        if self.first_prompt_distill < 0 or (self.first_prompt_distill > 0 and not self.checkpoint):
+            raise bad("first_prompt_distill", "must be >= 0; > 0 needs checkpoint (the decoder it keeps)")
         if self.lr_scales is not None and not (
             isinstance(self.lr_scales, dict)
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_scales.values())

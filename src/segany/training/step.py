@@ -10,9 +10,11 @@ up to that many corrective clicks are first decoded without gradient, RITM-style
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segany.errors import SegAnyError
@@ -45,6 +47,7 @@ class StepOptions:
     loss: LossConfig = field(default_factory=LossConfig)
     autocast_dtype: torch.dtype | None = None  # bf16 autocast for encoder + decoder, None = fp32
     channels_last: bool = False
+    first_prompt_distill: float = 0.0  # see TrainConfig.first_prompt_distill
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, autocast_dtype: torch.dtype | None) -> StepOptions:
@@ -62,6 +65,7 @@ class StepOptions:
             ),
             autocast_dtype=autocast_dtype,
             channels_last=cfg.channels_last,
+            first_prompt_distill=cfg.first_prompt_distill,
         )
 
 
@@ -73,21 +77,44 @@ def content_masks(valid_hw: torch.Tensor, size: int, device: torch.device) -> to
     return (r[None, :, None] < vh[:, None, None]) & (r[None, None, :] < vw[:, None, None])
 
 
+def first_prompt_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model``'s mask decoder as it is now (a run's start, before any resume), for
+    :class:`SamTrainStep`'s ``teacher``. It stays in training mode, as the student: a mask decoder has no
+    dropout or batch norm, and the inference-only fast paths, which do not follow autocast, stay off."""
+    teacher = copy.deepcopy(model.mask_decoder).train()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 class SamTrainStep(nn.Module):
-    """``forward(batch) -> {"loss", "focal", "dice", "iou_mse", "iou_first", "iou_last"}`` (scalars).
+    """``forward(batch) -> {"loss", "focal", "dice", "iou_mse", "iou_first", "iou_last"}`` (scalars; and
+    ``"distill"`` with a ``teacher``).
 
     ``batch`` is :func:`~segany.training.loader.collate_for_training`'s output on the device.
     Randomness comes from torch's default generators (the trainer reseeds them per step from
     ``(seed, rank, step)``); the host-side draws (which masks start from a box, the iteration schedule)
     use the CPU generator, so a step needs no device -> host copy.
+
+    ``teacher``: a frozen mask decoder (the start's, :func:`first_prompt_teacher`) whose answers to the
+    first prompt are that prompt's targets, with weight ``options.first_prompt_distill``, instead of the
+    ground truth.
     """
 
-    def __init__(self, model: nn.Module, options: StepOptions, freeze_image_encoder: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        options: StepOptions,
+        freeze_image_encoder: bool = False,
+        teacher: nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model
         self.opt = options
         self.freeze_image_encoder = freeze_image_encoder
         self._touch = [p for p in model.prompt_encoder.parameters() if p.requires_grad]
+        if (teacher is None) != (options.first_prompt_distill <= 0):
+            raise ValueError("a teacher goes with first_prompt_distill > 0, and only with it")
+        self._teacher = [teacher] if teacher is not None else []  # a list: not a submodule, never trained
 
     def train(self, mode: bool = True) -> SamTrainStep:
         super().train(mode)
@@ -122,18 +149,38 @@ class SamTrainStep(nn.Module):
             emb, inputs = model.split_encoder_output(out)
         return emb.float(), [f.float() for f in inputs.get("high_res_features") or []]
 
-    def _encode_prompts(self, prompts: PromptSet, mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_prompts(
+        self, prompts: PromptSet, mask_input: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Sparse and dense prompt embeddings of every mask, and the decoder's other per-prompt inputs
+        (:meth:`~segany.modeling.sam.Sam.prompt_inputs`); ``encoder_args``' row groups keep the masks' order."""
         pe = self.model.prompt_encoder
-        sparse, dense = [], []
+        sparse, dense, extra = [], [], []
         # fp32: the Fourier features of coordinates lose their precision in bf16
         with torch.autocast(device_type=prompts.points.device.type, enabled=False):
             for rows, pts, boxes in prompts.encoder_args():
-                s, d = pe(points=pts, boxes=boxes, masks=mask_input[rows] if mask_input is not None else None)
+                masks = mask_input[rows] if mask_input is not None else None
+                s, d = pe(points=pts, boxes=boxes, masks=masks)
                 sparse.append(s)
                 dense.append(d)
+                extra.append(self.model.prompt_inputs(masks, pts, boxes))
         if len(sparse) == 1:
-            return sparse[0], dense[0]
-        return torch.cat(sparse), torch.cat(dense)
+            return sparse[0], dense[0], extra[0]
+        return torch.cat(sparse), torch.cat(dense), {k: torch.cat([e[k] for e in extra]) for k in extra[0]}
+
+    def _distill(
+        self, low_res: torch.Tensor, iou_pred: torch.Tensor, inputs: tuple, high_m: dict
+    ) -> torch.Tensor:
+        """Per mask: the KL divergence of every first-prompt mask's pixel probabilities (logits ``low_res``,
+        ``N x M x h x w``) from the teacher's, plus the squared error of the IoUs ``iou_pred`` against the
+        teacher's (no mask input at the first prompt): 0 while the student answers as the teacher."""
+        with torch.no_grad(), self._autocast(low_res.device):
+            t_low, t_iou = self._teacher[0].predict_masks(*inputs, **high_m)[:2]
+        t_low = t_low.float()
+        target = torch.sigmoid(t_low)
+        bce = F.binary_cross_entropy_with_logits(low_res.float(), target, reduction="none")
+        entropy = F.binary_cross_entropy_with_logits(t_low, target, reduction="none")  # the KL's constant part
+        return (bce - entropy).flatten(1).mean(1) + (iou_pred.float() - t_iou.float()).pow(2).mean(1)
 
     def _next_points(
         self, prompts: PromptSet, pred_full: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor
@@ -162,8 +209,7 @@ class SamTrainStep(nn.Module):
         for _ in range(count):
             pred_full = upsample_logits(mask_input[:, 0], gt.shape[-1]) > 0
             prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense = self._encode_prompts(prompts, mask_input)
-            extra = self.model.prompt_inputs(mask_input)  # encoder_args' row groups keep the masks' order
+            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
             with self._autocast(gt.device):
                 low_res, _ = self.model.mask_decoder(
                     emb, image_pe, sparse, dense, multimask_output=False, **high_res, **extra
@@ -209,14 +255,14 @@ class SamTrainStep(nn.Module):
                 prompts.first_point.index_copy_(0, rows, coords)
         mask_input: torch.Tensor | None = None
         pred_full: torch.Tensor | None = None
-        sums = {k: torch.zeros((), device=dev) for k in ("loss", "focal", "dice", "iou_mse")}
+        keys = ("loss", "focal", "dice", "iou_mse") + (("distill",) if self._teacher else ())
+        sums = {k: torch.zeros((), device=dev) for k in keys}
         ious = []
         for k, kind in enumerate(schedule):
             if kind == POINT:
                 assert pred_full is not None
                 prompts = self._next_points(prompts, pred_full, gt, valid)
-            sparse, dense = self._encode_prompts(prompts, mask_input)
-            extra = model.prompt_inputs(mask_input)  # encoder_args' row groups keep the masks' order
+            sparse, dense, extra = self._encode_prompts(prompts, mask_input)
             with self._autocast(dev):
                 if k == 0:
                     # A lone point is ambiguous: 3 masks, loss on the best. A box is not: it trains the
@@ -224,6 +270,8 @@ class SamTrainStep(nn.Module):
                     low_res, iou_pred = model.mask_decoder.predict_masks(
                         emb_m, image_pe, sparse, dense, **high_m, **extra
                     )[:2]
+                    if self._teacher:
+                        distill = self._distill(low_res, iou_pred, (emb_m, image_pe, sparse, dense), high_m)
                     single, multi = low_res[:, :1], low_res[:, 1:]
                     is_box = (torch.arange(n, device=dev) < prompts.num_box)[:, None]
                     low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
@@ -238,6 +286,10 @@ class SamTrainStep(nn.Module):
                 else upsample_logits(low_res.flatten(0, 1), side).view(*low_res.shape[:2], side, side)
             )
             out = sam_mask_loss(logits, iou_pred, gt_l, valid_l, opt.loss)
+            if k == 0 and self._teacher:  # the first prompt learns the teacher's answer
+                out = {**out, "loss": opt.first_prompt_distill * distill, "distill": distill}
+            elif self._teacher:
+                out = {**out, "distill": torch.zeros_like(out["loss"])}
             for key in sums:
                 sums[key] = sums[key] + (out[key] * weight).sum()
             ious.append(out["iou"])

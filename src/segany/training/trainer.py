@@ -53,7 +53,7 @@ from segany.training.loader import build_datasets, dataset_samples, to_device, t
 from segany.training.loop import Every, LogWindow, TrainLoop
 from segany.training.optim import build_optimizer, build_scheduler
 from segany.training.run_files import CHECKPOINT_VERSION, RUN_FILES, RunFolder, jsonable, plot_metrics
-from segany.training.step import SamTrainStep, StepOptions
+from segany.training.step import SamTrainStep, StepOptions, first_prompt_teacher
 from segany.training.validation import metric_value, validate
 
 
@@ -203,8 +203,9 @@ class _SamTraining:
             dataset_samples(self.val_ds, cfg.val_max_images) if (self.val_ds is not None and info.is_main) else []
         )
 
+        teacher = first_prompt_teacher(model) if cfg.first_prompt_distill > 0 else None  # the start's decoder
         self.step_module = SamTrainStep(
-            model, StepOptions.from_config(cfg, self.autocast_dtype), cfg.freeze_image_encoder
+            model, StepOptions.from_config(cfg, self.autocast_dtype), cfg.freeze_image_encoder, teacher
         )
         self.step_module.train()
         self.optimizer = build_optimizer(
