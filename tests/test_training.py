@@ -405,24 +405,6 @@ def test_validation_sets_are_interleaved_not_sampled(tmp_path):
     assert [val[i]["source"] for i in range(4)] == ["a:im000", "b:im000", "a:im001", "a:im002"]
 
 
-def test_first_prompt_distill_runs_from_a_checkpoint_and_is_checked(tmp_path):
-    """first_prompt_distill: a run from a checkpoint logs the distillation (0 at the first step: the
-    student starts as its teacher); the option refuses a negative weight and a run without a checkpoint."""
-    from segany.checkpoint import save_model
-
-    torch.manual_seed(0)
-    ckpt = tmp_path / "start.safetensors"
-    save_model(build_sam(get_config("tiny_test")), ckpt)
-    res = train(tiny_cfg(tmp_path, checkpoint=str(ckpt), first_prompt_distill=1.0, max_steps=2, lr=1e-2))
-    rows = [json.loads(line) for line in (res.out_dir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if r.get("kind") == "train"]
-    assert len(train_rows) == 2 and abs(train_rows[0]["distill"]) < 1e-6 and train_rows[1]["distill"] > 0
-    with pytest.raises(SegAnyError, match="first_prompt_distill"):
-        TrainConfig(first_prompt_distill=1.0)
-    with pytest.raises(SegAnyError, match="first_prompt_distill"):
-        TrainConfig(first_prompt_distill=-1.0, checkpoint=str(ckpt))
-
-
 def test_a_text_head_beside_the_checkpoint_stays_out_of_training(tmp_path):
     # load_model attaches `<stem>_text.safetensors` when it lies beside the model file (the shipped default
     # has one); the trainer must neither train it nor write it into its checkpoints
