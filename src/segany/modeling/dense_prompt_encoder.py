@@ -104,6 +104,19 @@ class DensePromptEncoder(PromptEncoder):
         bs = sparse.shape[0] if masks is None else masks.shape[0]
         return sparse, self.dense_embedding(points, boxes, masks, bs)
 
+    def input_maps(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        bs: int,
+    ) -> torch.Tensor:
+        """The four maps the downscaler reads, ``B x 4 x 4h x 4w``: the mask input's logits (zeros without
+        one), then :meth:`prompt_maps`."""
+        maps = self.prompt_maps(points, boxes, bs)
+        mask = maps.new_zeros((bs, 1, *self.mask_input_size)) if masks is None else masks.float().expand(bs, -1, -1, -1)
+        return torch.cat([mask, maps], dim=1)
+
     def dense_embedding(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,
@@ -114,15 +127,12 @@ class DensePromptEncoder(PromptEncoder):
     ) -> torch.Tensor:
         """``B x C x h x w``: the downscaled maps, plus the no-mask embedding where there is no mask
         (``has_mask``: a ``B`` or scalar 0/1 flag, for exporters that always pass a mask tensor)."""
-        maps = self.prompt_maps(points, boxes, bs)
+        if masks is not None and has_mask is None:  # a mask for every prompt set: no no-mask embedding to add
+            return self.mask_downscaling(self.input_maps(points, boxes, masks, bs))
         if masks is None:
-            mask = maps.new_zeros((bs, 1, *self.mask_input_size))
-            has_mask = maps.new_zeros(())
+            has_mask = self.no_mask_embed.weight.new_zeros(())
         else:
-            mask = masks.float().expand(bs, -1, -1, -1)
-            if has_mask is None:  # a mask for every prompt set: no no-mask embedding to add
-                return self.mask_downscaling(torch.cat([mask, maps], dim=1))
-            mask = mask * has_mask.reshape(-1, 1, 1, 1)
-        dense = self.mask_downscaling(torch.cat([mask, maps], dim=1))
+            masks = masks.float() * has_mask.reshape(-1, 1, 1, 1)
+        dense = self.mask_downscaling(self.input_maps(points, boxes, masks, bs))
         no_mask = self.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return dense + (1 - has_mask.reshape(-1, 1, 1, 1).float()) * no_mask

@@ -97,16 +97,15 @@ class Sam(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The mask decoder's per-prompt inputs besides the prompt embeddings, as keyword arguments: for a
         decoder with ``mask_skip``, the mask prompt ``B x 1 x 4h x 4w`` itself, or with ``mask_skip_prompts``
-        the prompt encoder's four maps (the mask, then the clicks and the box of ``points`` / ``boxes`` as the
-        prompt encoder takes them); none without a mask prompt."""
+        the prompt encoder's four maps (:meth:`~segany.modeling.dense_prompt_encoder.DensePromptEncoder.input_maps`
+        of the mask and of ``points`` / ``boxes`` as the prompt encoder takes them); none without a mask prompt."""
         if masks is None or not getattr(self.mask_decoder, "mask_skip", False):
             return {}
         if self.mask_decoder.conv_m0.in_channels == 1:
             return {"mask_input": masks}
         sizes = [masks.shape[0]] + [x.shape[0] for x in (points[0] if points else None, boxes) if x is not None]
         bs = max(sizes)
-        maps = self.prompt_encoder.prompt_maps(points, boxes, bs)
-        return {"mask_input": torch.cat([masks.to(maps.dtype).expand(bs, -1, -1, -1), maps], dim=1)}
+        return {"mask_input": self.prompt_encoder.input_maps(points, boxes, masks, bs)}
 
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Preprocessed ``B x 3 x S x S`` -> the embedding ``B x C x h x w`` and the mask decoder's other
