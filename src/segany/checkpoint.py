@@ -229,6 +229,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
             )
     except KeyError as e:
         raise SegAnyError(f"not a SAM checkpoint: missing tensor {e.args[0]!r}") from None
+    # the mask skip is on the decoder that sees mask inputs: the correction decoder where there is one
+    skip = sd.get("correction_decoder.conv_m0.weight", sd.get("mask_decoder.conv_m0.weight"))
     return SamConfig(
         encoder=enc,
         image_size=size,
@@ -242,8 +244,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         iou_head_hidden_dim=iou_hidden,
         dense_prompts=sd[pe + "mask_downscaling.0.weight"].shape[1] > 1,
         high_res_features="mask_decoder.conv_s0.weight" in sd,
-        mask_skip="mask_decoder.conv_m0.weight" in sd,
-        mask_skip_prompts="mask_decoder.conv_m0.weight" in sd and sd["mask_decoder.conv_m0.weight"].shape[1] > 1,
+        mask_skip=skip is not None,
+        mask_skip_prompts=skip is not None and skip.shape[1] > 1,
+        correction_decoder="correction_decoder.iou_token.weight" in sd,
     )
 
 

@@ -262,7 +262,7 @@ class SamPredictor:
                 text_embeddings.to(self.device), self.features, pe, sparse, dense, self.get_text_features()
             )
         extra = self.model.prompt_inputs(mask_input, points, boxes)
-        return self.decode(sparse, dense, multimask_output, hq_token_only, extra)
+        return self.decode(sparse, dense, multimask_output, hq_token_only, extra, correction=mask_input is not None)
 
     @torch.inference_mode()
     def decode(
@@ -272,16 +272,19 @@ class SamPredictor:
         multimask_output: bool = True,
         hq_token_only: bool = False,
         prompt_inputs: dict[str, torch.Tensor] | None = None,
+        correction: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's mask decoder on the current image for prompt embeddings (``B x T x C`` sparse,
         ``B x C x h x w`` dense; ``prompt_inputs``: the model's :meth:`~segany.modeling.sam.Sam.prompt_inputs`
-        for them): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
+        for them; ``correction``: the prompts hold a mask input, answered by the model's
+        :meth:`~segany.modeling.sam.Sam.decoder_for` it): low-res logits ``B x C x 4h x 4w`` and IoUs ``B x C``."""
         extra = {**self.decoder_inputs, **(prompt_inputs or {})}
         if hq_token_only:  # SAM-HQ: the HQ token's mask alone (upstream's option)
             if "interm_embeddings" not in extra:
                 raise SegAnyError("hq_token_only needs a SAM-HQ model")
             extra["hq_token_only"] = True
-        return self.model.mask_decoder(
+        decoder = self.model.decoder_for(correction)
+        return decoder(
             image_embeddings=self.features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,

@@ -121,15 +121,21 @@ class SamOnnxDecoder(nn.Module):
             dense = pe.dense_embedding((point_coords, point_labels), None, mask_input, 1, has_mask_input)
         else:
             dense = self._embed_masks(mask_input, has_mask_input)
-        low_res, iou = self.model.mask_decoder.predict_masks(
+        args = dict(
             image_embeddings=image_embeddings,
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             **image_inputs,
-            # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
-            **self._mask_skip_inputs(mask_input, has_mask_input, point_coords, point_labels),
-        )[:2]
+        )
+        # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
+        skip = self._mask_skip_inputs(mask_input, has_mask_input, point_coords, point_labels)
+        correction = self.model.correction_decoder
+        low_res, iou = self.model.mask_decoder.predict_masks(**args, **({} if correction else skip))[:2]
+        if correction is not None:  # one graph for every prompt: both decoders run, the flag picks
+            c_low, c_iou = correction.predict_masks(**args, **skip)[:2]
+            low_res = torch.where(has_mask_input > 0, c_low, low_res)
+            iou = torch.where(has_mask_input > 0, c_iou, iou)
         if self.use_stability_score:
             iou = calculate_stability_score(low_res, self.model.mask_threshold, self.stability_score_offset)
         if self.return_single_mask:

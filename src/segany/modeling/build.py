@@ -87,41 +87,50 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     prompt_encoder = fast_class(DensePromptEncoder if cfg.dense_prompts else PromptEncoder, fast)(
         d, (emb, emb), (cfg.image_size, cfg.image_size), cfg.mask_in_chans
     )
-    transformer = fast_class(TwoWayTransformer, fast)(cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim)
-    heads = dict(
-        num_multimask_outputs=cfg.num_multimask_outputs,
-        iou_head_depth=cfg.iou_head_depth,
-        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-    )
     if cfg.mask_skip and not cfg.high_res_features:
         raise ValueError("mask_skip needs high_res_features")
     if cfg.mask_skip_prompts and not (cfg.mask_skip and cfg.dense_prompts):
         raise ValueError("mask_skip_prompts needs mask_skip and dense_prompts")
-    if cfg.high_res_features:
-        if not isinstance(image_encoder, EfficientNetLiteEncoder):
-            raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
+    if cfg.high_res_features and not isinstance(image_encoder, EfficientNetLiteEncoder):
+        raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
+
+    def mask_decoder(correction: bool) -> MaskDecoder:
+        """The first prompt's decoder (``correction`` False), or the one for prompts with a mask input."""
+        transformer = fast_class(TwoWayTransformer, fast)(
+            cfg.decoder_depth, d, cfg.decoder_num_heads, cfg.decoder_mlp_dim
+        )
+        heads = dict(
+            num_multimask_outputs=cfg.num_multimask_outputs,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        )
+        if not cfg.high_res_features:
+            return fast_class(MaskDecoder, fast)(d, transformer, **heads)
+        # the mask-skip options belong to the decoder that sees mask inputs
+        skip = cfg.mask_skip and (correction or not cfg.correction_decoder)
         # SAM 2's decoder with SAM's heads: no object-score token, a linear IoU head, no stability fallback.
-        mask_decoder = fast_class(Sam2MaskDecoder, fast)(
+        return fast_class(Sam2MaskDecoder, fast)(
             d,
             transformer,
             **heads,
             high_res_in_chans=image_encoder.high_res_channels,
-            mask_skip=cfg.mask_skip,
+            mask_skip=skip,
             mask_skip_channels=NUM_PROMPT_MAPS if cfg.mask_skip_prompts else 1,
             iou_prediction_use_sigmoid=False,
             pred_obj_scores=False,
             dynamic_multimask_via_stability=False,
+            high_res_projections=not correction,
         )
-    else:
-        mask_decoder = fast_class(MaskDecoder, fast)(d, transformer, **heads)
+
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
-        mask_decoder=mask_decoder,
+        mask_decoder=mask_decoder(False),
         image_size=cfg.image_size,
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
         config=cfg,
+        correction_decoder=mask_decoder(True) if cfg.correction_decoder else None,
     )
 
 

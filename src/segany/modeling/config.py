@@ -100,6 +100,11 @@ class SamConfig:
     #: the mask's logits, positive and negative click disks, box), so a correction's clicks reach the mask grid
     #: (needs ``dense_prompts``; only prompts with a mask input, as ``mask_skip``; not in SAM)
     mask_skip_prompts: bool = False
+    #: prompts with a mask input (corrections: the previous mask fed back) answered by a second mask decoder
+    #: of the same shape (``Sam.correction_decoder``, on the first decoder's projected high-resolution
+    #: features), which alone takes ``mask_skip`` / ``mask_skip_prompts``: the first decoder never sees a mask,
+    #: so training the correction decoder moves no first click, box or "everything" answer (not in SAM)
+    correction_decoder: bool = False
     #: a larger image is encoded at its own longest side rounded up to 32 pixels, up to this many, rather
     #: than shrunk to ``image_size`` (the same weights on a larger grid: EfficientNet encoder only; not in SAM)
     max_image_size: int | None = None

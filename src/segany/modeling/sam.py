@@ -51,10 +51,12 @@ class Sam(nn.Module):
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         image_size: int | None = None,
         config: Any = None,
+        correction_decoder: MaskDecoder | None = None,
     ) -> None:
         """The official signature (``Sam(image_encoder, prompt_encoder, mask_decoder, pixel_mean,
         pixel_std)``), plus ``image_size`` (the square input side) for encoders that do not fix it
-        themselves and ``config`` (the :class:`SamConfig` it was built from, saved with the weights).
+        themselves, ``config`` (the :class:`SamConfig` it was built from, saved with the weights) and
+        ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``).
 
         ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
         the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
@@ -72,6 +74,7 @@ class Sam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.correction_decoder = correction_decoder
         self.image_size = image_size
         self.config = config
         # Optional text prompt head (segany.modeling.text_prompt.TextHead), attached by load_model when
@@ -89,6 +92,13 @@ class Sam(nn.Module):
         """Names of the mask decoder's image inputs besides the embedding (see :meth:`embed_image`)."""
         return ("high_res_features",) if getattr(self.mask_decoder, "use_high_res_features", False) else ()
 
+    def decoder_for(self, with_mask_input: bool) -> MaskDecoder:
+        """The mask decoder that answers prompts with a mask input (the correction decoder where the model
+        has one) or without."""
+        if with_mask_input and self.correction_decoder is not None:
+            return self.correction_decoder
+        return self.mask_decoder
+
     def prompt_inputs(
         self,
         masks: torch.Tensor | None,
@@ -98,10 +108,12 @@ class Sam(nn.Module):
         """The mask decoder's per-prompt inputs besides the prompt embeddings, as keyword arguments: for a
         decoder with ``mask_skip``, the mask prompt ``B x 1 x 4h x 4w`` itself, or with ``mask_skip_prompts``
         the prompt encoder's four maps (:meth:`~segany.modeling.dense_prompt_encoder.DensePromptEncoder.input_maps`
-        of the mask and of ``points`` / ``boxes`` as the prompt encoder takes them); none without a mask prompt."""
-        if masks is None or not getattr(self.mask_decoder, "mask_skip", False):
+        of the mask and of ``points`` / ``boxes`` as the prompt encoder takes them); none without a mask prompt.
+        They are for the decoder :meth:`decoder_for` gives."""
+        decoder = self.decoder_for(masks is not None)
+        if masks is None or not getattr(decoder, "mask_skip", False):
             return {}
-        if self.mask_decoder.conv_m0.in_channels == 1:
+        if decoder.conv_m0.in_channels == 1:
             return {"mask_input": masks}
         sizes = [masks.shape[0]] + [x.shape[0] for x in (points[0] if points else None, boxes) if x is not None]
         bs = max(sizes)
@@ -152,7 +164,7 @@ class Sam(nn.Module):
         for i, record in enumerate(batched_input):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
             sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
-            low_res, iou = self.mask_decoder(
+            low_res, iou = self.decoder_for(record.get("mask_inputs") is not None)(
                 embeddings[i : i + 1],
                 self.prompt_encoder.get_dense_pe(),
                 sparse,

@@ -33,6 +33,8 @@ class Sam2MaskDecoder(MaskDecoder):
             correction can keep the previous mask's detail (not in SAM 2).
         mask_skip_channels: the maps ``mask_input`` holds: 1 (the mask's logits), or 4 (the dense prompt
             encoder's maps, the clicks and the box beside the mask: ``SamConfig.mask_skip_prompts``).
+        high_res_projections: with ``use_high_res_features``, own ``conv_s0`` / ``conv_s1``; False for a decoder
+            that takes another decoder's projected features (``SamConfig.correction_decoder``).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class Sam2MaskDecoder(MaskDecoder):
         dynamic_multimask_stability_thresh: float = 0.98,
         mask_skip: bool = False,
         mask_skip_channels: int = 1,
+        high_res_projections: bool = True,
     ) -> None:
         super().__init__(transformer_dim, transformer, num_multimask_outputs, iou_head_depth, iou_head_hidden_dim)
         d = transformer_dim
@@ -60,7 +63,7 @@ class Sam2MaskDecoder(MaskDecoder):
             self.obj_score_token = nn.Embedding(1, d)
             self.pred_obj_score_head = MLP(d, d, 1, 3) if pred_obj_scores_mlp else nn.Linear(d, 1)
         self.use_high_res_features = use_high_res_features
-        if use_high_res_features:
+        if use_high_res_features and high_res_projections:
             c0, c1 = high_res_in_chans or (d, d)
             self.conv_s0 = nn.Conv2d(c0, d // 8, kernel_size=1)
             self.conv_s1 = nn.Conv2d(c1, d // 4, kernel_size=1)

@@ -147,6 +147,7 @@ class TrainConfig(Options):
     #: features are generic, and their high-resolution backward is most of a CPU step's encoder time
     frozen_stages: int = 0
     freeze_prompt_encoder: bool = False
+    #: the mask decoder of the first prompt; a correction decoder (``SamConfig.correction_decoder``) still trains
     freeze_mask_decoder: bool = False
     #: parameter-name prefixes, e.g. ``[mask_decoder.iou_prediction_head]``: only the parameters they name
     #: train (within the parts not frozen above); None: every parameter of those parts
@@ -302,8 +303,6 @@ class TrainConfig(Options):
             raise bad("lr_decay_factor", "must be in (0, 1]")
         if self.cache_embeddings and not self.freeze_image_encoder:
             raise SegAnyError("cache_embeddings needs freeze_image_encoder: true (a trained encoder changes)")
-        if self.freeze_image_encoder and self.freeze_prompt_encoder and self.freeze_mask_decoder:
-            raise SegAnyError("every part of the model is frozen: nothing to train")
         if self.train_only is not None:
             if not (
                 isinstance(self.train_only, list)

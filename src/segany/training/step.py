@@ -211,7 +211,7 @@ class SamTrainStep(nn.Module):
             prompts = self._next_points(prompts, pred_full, gt, valid)
             sparse, dense, extra = self._encode_prompts(prompts, mask_input)
             with self._autocast(gt.device):
-                low_res, _ = self.model.mask_decoder(
+                low_res, _ = self.model.decoder_for(True)(
                     emb, image_pe, sparse, dense, multimask_output=False, **high_res, **extra
                 )
             mask_input = low_res.float()
@@ -277,7 +277,7 @@ class SamTrainStep(nn.Module):
                     low_res = torch.where(is_box[:, :, None, None], single.expand_as(multi), multi)
                     iou_pred = torch.where(is_box, iou_pred[:, :1].expand_as(iou_pred[:, 1:]), iou_pred[:, 1:])
                 else:
-                    low_res, iou_pred = model.mask_decoder(
+                    low_res, iou_pred = model.decoder_for(True)(
                         emb_m, image_pe, sparse, dense, multimask_output=False, **high_m, **extra
                     )
             logits = (

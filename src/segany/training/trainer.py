@@ -99,7 +99,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
     """``model`` rebuilt with its config's fields ``changes`` replaced, its weights copied in; the parameters
     only the new model has start at zero (a zero projection adds nothing: the outputs stay the same), but
-    for modules that say their own initialisation already starts as the identity (``keeps_own_init``)."""
+    for modules that say their own initialisation already starts as the identity (``keeps_own_init``) and a
+    new correction decoder, which starts as a copy of the mask decoder (the same answers)."""
     from segany.modeling import SamConfig, build_sam
 
     if not isinstance(model.config, SamConfig):
@@ -117,9 +118,18 @@ def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
         raise SegAnyError(f"training option model_changes={changes!r} drops weights: {result.unexpected_keys}")
     params = dict(rebuilt.named_parameters())
     own = [f"{name}." for name, m in rebuilt.named_modules() if getattr(m, "keeps_own_init", False)]
+    old = model.state_dict()
     with torch.no_grad():
         for key in result.missing_keys:
-            if key in params and not key.startswith(tuple(own)):
+            # a new correction decoder's tensor: the mask decoder's of the same name
+            twin = (
+                old.get(key.replace("correction_decoder.", "mask_decoder.", 1))
+                if key.startswith("correction_")
+                else None
+            )
+            if twin is not None and key in params and twin.shape == params[key].shape:
+                params[key].copy_(twin)
+            elif key in params and not key.startswith(tuple(own)):
                 params[key].zero_()
     return rebuilt
 
@@ -159,6 +169,8 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
             raise SegAnyError(f"training option train_only: no trainable parameter's name starts with {unused}")
         for name, p in trainable:
             p.requires_grad_(any(name.startswith(k) for k in cfg.train_only))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise SegAnyError("every part of the model is frozen: nothing to train")
 
 
 def train(cfg: TrainConfig) -> TrainResult:

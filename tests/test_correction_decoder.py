@@ -1,0 +1,134 @@
+"""SamConfig.correction_decoder: prompts with a mask input answered by a second mask decoder, so that
+training it moves no first click, box or "everything" answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segany.checkpoint import infer_config, load_model, save_model
+from segany.modeling import build_sam, get_config
+from segany.predictor import SamPredictor
+from segany.training.trainer import changed_model, train
+from tests.test_efficientnet import cv2_free_shapes
+from tests.test_high_res_features import _dense_high_res_model
+from tests.test_training import tiny_cfg
+
+CHANGES = {"correction_decoder": True, "mask_skip": True, "mask_skip_prompts": True}
+PTS, LABELS = np.array([[30, 20], [90, 70]]), np.array([1, 0])
+
+
+def _clicks(model, image: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A first click's three masks, a box's mask, and a corrective click's mask (logits) with the first
+    click's best mask as the mask input."""
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    first, _, low = predictor.predict(PTS[:1], LABELS[:1], return_logits=True)
+    box = predictor.predict(box=np.array([10, 10, 80, 60]), multimask_output=False, return_logits=True)[0]
+    later = predictor.predict(PTS, LABELS, mask_input=low[:1], multimask_output=False, return_logits=True)[0]
+    return first, box, later
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_a_correction_decoder_starts_as_the_mask_decoder_and_moves_only_corrections(tmp_path):
+    """Added by model_changes it is a copy of the mask decoder (the mask skip on it alone, starting at zero;
+    the first decoder's projected high-resolution features shared): the same answers. Changed, it moves the
+    answers of prompts with a mask input and no others (the fast paths of first clicks and boxes stay
+    exact); saved, it loads back with the config read from the tensors."""
+    base = _dense_high_res_model()
+    model = changed_model(base, CHANGES).eval()
+    md, cd = model.mask_decoder, model.correction_decoder
+    assert not md.mask_skip and cd.mask_skip and cd.conv_m0.in_channels == 4
+    assert hasattr(md, "conv_s0") and not hasattr(cd, "conv_s0")  # one projection of the image's features
+    assert model.decoder_for(False) is md and model.decoder_for(True) is cd
+    image = cv2_free_shapes(np.random.default_rng(2))
+    before = _clicks(base, image)
+    for got, want in zip(_clicks(model, image), before):
+        _close(got, want)
+    with torch.no_grad():
+        for p in cd.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    first, box, later = _clicks(model, image)
+    _close(first, before[0])
+    _close(box, before[1])
+    assert np.abs(later - before[2]).max() > 1e-2
+    saved = tmp_path / "corr.safetensors"
+    save_model(model, saved)
+    back = load_model(saved, text_head=None)
+    inferred = infer_config(back.state_dict(), 128)
+    for cfg in (back.config, inferred):
+        assert cfg.correction_decoder and cfg.mask_skip and cfg.mask_skip_prompts
+    for got, want in zip(_clicks(back, image), (first, box, later)):
+        _close(got, want)
+
+
+def test_the_official_batched_forward_routes_mask_inputs_to_the_correction_decoder():
+    torch.manual_seed(0)
+    model = changed_model(build_sam(get_config("tiny_test")), {"correction_decoder": True}).eval()
+    with torch.no_grad():
+        for p in model.correction_decoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    image = torch.rand(3, model.image_size, model.image_size) * 255
+    record = {"image": image, "original_size": (64, 64), "point_coords": torch.tensor([[[10.0, 20.0]]])}
+    record["point_labels"] = torch.tensor([[1]])
+    low = torch.zeros(1, 1, *model.prompt_encoder.mask_input_size)
+    with torch.no_grad():
+        out = model([record, {**record, "mask_inputs": low}], multimask_output=False)
+        sparse, dense = model.prompt_encoder((record["point_coords"], record["point_labels"]), None, None)
+        emb = model.image_encoder(model.preprocess(image)[None])
+        first = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, False)[0]
+        _, dense_m = model.prompt_encoder((record["point_coords"], record["point_labels"]), None, low)
+        corr = model.correction_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense_m, False)[0]
+    torch.testing.assert_close(out[0]["low_res_logits"], first, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1]["low_res_logits"], corr, atol=1e-4, rtol=0)
+
+
+def test_training_the_correction_decoder_alone_keeps_the_first_decoder(tmp_path):
+    """A stage with the mask decoder frozen trains the correction decoder only (every other part frozen is
+    no longer "nothing to train"); the first decoder's weights come out as they went in."""
+    from segany.errors import SegAnyError
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "start.safetensors"
+    save_model(build_sam(get_config("tiny_test")), ckpt)
+    frozen = dict(freeze_image_encoder=True, freeze_prompt_encoder=True, freeze_mask_decoder=True)
+    cfg = tiny_cfg(tmp_path, checkpoint=str(ckpt), model_changes={"correction_decoder": True}, lr=1e-2, **frozen)
+    res = train(cfg)
+    start = load_model(ckpt, text_head=None).state_dict()
+    trained = load_model(res.out_dir / "final.safetensors", text_head=None)
+    for name, value in trained.mask_decoder.state_dict().items():
+        torch.testing.assert_close(value, start[f"mask_decoder.{name}"], atol=0, rtol=0)
+    moved = [
+        (value - start[f"mask_decoder.{name}"]).abs().max().item()
+        for name, value in trained.correction_decoder.state_dict().items()
+    ]
+    assert max(moved) > 1e-3
+    with pytest.raises(SegAnyError, match="nothing to train"):
+        train(tiny_cfg(tmp_path / "all", checkpoint=str(ckpt), **frozen))
+
+
+def test_onnx_export_of_a_correction_decoder_matches_torch(tmp_path):
+    """The exported decoder (the web page's) runs both decoders in one graph and takes the correction
+    decoder's answer when ``has_mask_input`` is set, as PyTorch does."""
+    pytest.importorskip("onnxruntime")
+    from segany.export.onnx import export_decoder, export_encoder
+    from segany.export.onnx_predictor import OnnxSamPredictor
+    from tests.test_onnx import H, W, _compare, synthetic_image
+
+    model = changed_model(_dense_high_res_model(), CHANGES).eval()
+    with torch.no_grad():
+        for p in model.correction_decoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    enc, dec = export_encoder(model, tmp_path / "e.onnx"), export_decoder(model, tmp_path / "d.onnx")
+    image = synthetic_image(H, W)
+    torch_p = SamPredictor(model)
+    torch_p.set_image(image)
+    onnx_p = OnnxSamPredictor(enc, dec, threads=1)
+    onnx_p.set_image(image)
+    low = torch_p.predict(np.array([[40, 30]]), np.array([1]), multimask_output=False)[2]
+    _compare(torch_p, onnx_p, False)
+    _compare(torch_p, onnx_p, False, mask_input=low)
