@@ -1,6 +1,6 @@
 """Speed of the default model on this CPU: image embedding, one prompt to a full-size mask, "everything".
 
-    python benchmarks/default_speed.py [--model default] [--size 1024] [--repeats 20] [--threads 1]
+    python benchmarks/default_speed.py [--model default] [--size 1024] [--repeats 20] [--threads 1] [--onnx]
 
 Prints medians (ms) beside issue 17's targets (one thread: embedding <= 300 ms for a 1024-pixel image,
 one prompt to one full-size mask <= 15 ms, ``segany everything`` <= 10 s). The test image is
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-everything", action="store_true", help="skip the automatic mask generator")
+    ap.add_argument("--onnx", action="store_true", help="also the web page's decoder (the exported ONNX "
+                    "decoder in ONNX Runtime): a first click and a later click")
     ap.add_argument("--no-huge-pages", action="store_true", help="large tensors in 4 KB pages (the segany "
                     "command asks for huge pages: segany.perf.use_huge_pages)")
     ap.add_argument("--no-memory-reuse", action="store_true", help="freed large tensors handed back to the "
@@ -130,11 +132,33 @@ def main() -> None:
     print(f"zoom-in: first click refined on a {crop[2] - crop[0]}x{crop[3] - crop[1]} crop {refined:.1f} ms, "
           f"a later click on the kept crop {later:.2f} ms (crop kept: {zoom.last_crop == crop}), a click that "
           f"moves the crop + one embedding of it ({w // 2}x{h // 2}: {moved:.1f} ms)")
+    if args.onnx:
+        onnx_clicks(model, image, (pt, lab), (two, two_lab), args)
     if not args.no_everything:
         generator = SamAutomaticMaskGenerator(model)
         t = time.perf_counter()
         records = generator.generate(image)
         print(f"everything: {time.perf_counter() - t:.2f} s, {len(records)} masks (target <= 10 s at 1024 px)")
+
+
+def onnx_clicks(model, image: np.ndarray, first: tuple, later: tuple, args: argparse.Namespace) -> None:
+    """The page's decoder (``export_decoder``, as ``segany serve`` exports it, at the model's input size) in
+    ONNX Runtime on this CPU: a first click and a later click (the previous mask as input), one mask each."""
+    import tempfile
+
+    from segany.export.onnx import export_decoder, export_encoder
+    from segany.export.onnx_predictor import OnnxSamPredictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        enc, dec = export_encoder(model, Path(tmp) / "e.onnx"), export_decoder(model, Path(tmp) / "d.onnx")
+        size_mb = dec.stat().st_size / 1e6
+        pred = OnnxSamPredictor(enc, dec, threads=args.threads)
+        pred.set_image(image)
+        low = pred.predict(*first, multimask_output=False)[2]
+        first_ms = median_ms(lambda: pred.predict(*first, multimask_output=False), args.repeats * 5)
+        later_ms = median_ms(lambda: pred.predict(*later, mask_input=low, multimask_output=False), args.repeats * 5)
+    print(f"the page's decoder (ONNX Runtime, {size_mb:.1f} MB): a first click {first_ms:.2f} ms, "
+          f"a later click {later_ms:.2f} ms")
 
 
 if __name__ == "__main__":
