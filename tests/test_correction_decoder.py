@@ -12,7 +12,7 @@ from segany.modeling import build_sam, get_config
 from segany.predictor import SamPredictor
 from segany.training.trainer import changed_model, train
 from tests.test_efficientnet import cv2_free_shapes
-from tests.test_high_res_features import _dense_high_res_model
+from tests.test_high_res_features import _dense_high_res_model, assert_onnx_clicks_match_torch
 from tests.test_training import tiny_cfg
 
 CHANGES = {"correction_decoder": True, "mask_skip": True, "mask_skip_prompts": True}
@@ -115,20 +115,8 @@ def test_onnx_export_of_a_correction_decoder_matches_torch(tmp_path):
     """The exported decoder (the web page's) runs both decoders in one graph and takes the correction
     decoder's answer when ``has_mask_input`` is set, as PyTorch does."""
     pytest.importorskip("onnxruntime")
-    from segany.export.onnx import export_decoder, export_encoder
-    from segany.export.onnx_predictor import OnnxSamPredictor
-    from tests.test_onnx import H, W, _compare, synthetic_image
-
     model = changed_model(_dense_high_res_model(), CHANGES).eval()
     with torch.no_grad():
         for p in model.correction_decoder.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    enc, dec = export_encoder(model, tmp_path / "e.onnx"), export_decoder(model, tmp_path / "d.onnx")
-    image = synthetic_image(H, W)
-    torch_p = SamPredictor(model)
-    torch_p.set_image(image)
-    onnx_p = OnnxSamPredictor(enc, dec, threads=1)
-    onnx_p.set_image(image)
-    low = torch_p.predict(np.array([[40, 30]]), np.array([1]), multimask_output=False)[2]
-    _compare(torch_p, onnx_p, False)
-    _compare(torch_p, onnx_p, False, mask_input=low)
+    assert_onnx_clicks_match_torch(model, tmp_path)

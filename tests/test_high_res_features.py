@@ -254,13 +254,19 @@ def test_onnx_export_of_a_mask_skip_model_matches_torch(tmp_path, changes):
     """The exported decoder (the web page's) adds the mask input (and the prompt maps) through ``conv_m0`` as
     PyTorch does, and nothing without a mask input."""
     pytest.importorskip("onnxruntime")
+    model = changed_model(_dense_high_res_model(), changes).eval()
+    with torch.no_grad():
+        model.mask_decoder.conv_m0.weight.normal_(std=0.3)
+    assert_onnx_clicks_match_torch(model, tmp_path)
+
+
+def assert_onnx_clicks_match_torch(model: torch.nn.Module, tmp_path) -> None:
+    """``model``'s exported encoder and decoder give PyTorch's answers to a first click and to a click with
+    that click's mask as the mask input."""
     from segany.export.onnx import export_decoder, export_encoder
     from segany.export.onnx_predictor import OnnxSamPredictor
     from tests.test_onnx import H, W, _compare, synthetic_image
 
-    model = changed_model(_dense_high_res_model(), changes).eval()
-    with torch.no_grad():
-        model.mask_decoder.conv_m0.weight.normal_(std=0.3)
     enc, dec = export_encoder(model, tmp_path / "e.onnx"), export_decoder(model, tmp_path / "d.onnx")
     image = synthetic_image(H, W)
     torch_p = SamPredictor(model)
