@@ -211,6 +211,10 @@ class TrainConfig(Options):
     lr_decay_at: list = field(default_factory=lambda: [0.6667, 0.8889])  #: fractions of max_steps
     lr_decay_factor: float = 0.1
     grad_clip: float = 0.0  #: max grad norm (0: off)
+    #: > 0: keep an exponential moving average of the weights (this decay per step, from the start's
+    #: weights) and export it as ``final``: a short stage at a small batch ends on a noisy step
+    #: (Polyak averaging; a decay of 0.995 over 250 steps keeps 29% of the start)
+    ema_decay: float = 0.0
     precision: str = "auto"  #: auto (bf16 on CUDA with bf16 support, else fp32) | bf16 | fp32
     channels_last: bool = False  #: channels-last memory format for the image encoder input
 
@@ -291,6 +295,8 @@ class TrainConfig(Options):
             raise bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise SegAnyError("lr must be > 0, weight_decay and grad_clip >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise bad("ema_decay", "must be in [0, 1) (0: off)")
         if self.encoder_init not in (None, "imagenet"):
             raise bad("encoder_init", "must be 'imagenet' or null")
         if not 0 < self.layer_decay <= 1:

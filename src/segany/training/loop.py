@@ -48,7 +48,8 @@ class TrainLoop:
     ``next_batch(step)`` and ``forward(batch, step)`` get the 0-based index of the step they make;
     ``params`` are what ``grad_clip > 0`` clips (the norm joins the outputs as ``grad_norm``);
     ``on_log(window)`` runs every ``log_every`` steps and after the last one and may return a dict for
-    the progress ``bar`` (any tqdm-like object; closed when the loop ends).
+    the progress ``bar`` (any tqdm-like object; closed when the loop ends); ``after_step()`` runs after
+    every optimizer step (a weight average's update).
     """
 
     next_batch: Callable[[int], Any]
@@ -62,6 +63,7 @@ class TrainLoop:
     grad_clip: float = 0.0
     actions: Sequence[Every] = ()
     bar: Any = None
+    after_step: Callable[[], None] | None = None
 
     def run(self, start_step: int) -> int:
         """Train up to ``max_steps``; returns the step reached."""
@@ -83,6 +85,8 @@ class TrainLoop:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.after_step is not None:
+                    self.after_step()
                 step += 1
                 for k, v in out.items():
                     acc[k] = acc[k] + v.detach().float() if k in acc else v.detach().float()

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_json, atomic_write_text
@@ -226,6 +227,11 @@ class _SamTraining:
         self.scheduler = build_scheduler(
             self.optimizer, cfg.max_steps, cfg.warmup_steps, cfg.lr_decay_at, cfg.lr_decay_factor
         )
+        # the weights' moving average, started at the start's weights (the first update copies them)
+        self.ema: AveragedModel | None = None
+        if cfg.ema_decay > 0:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+            self.ema.update_parameters(model)
         self.start_step = 0
         self.best: float | None = None  # best validation value so far (higher is better)
         self.best_step: int | None = None
@@ -241,6 +247,10 @@ class _SamTraining:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None:
+                if "ema" not in state:
+                    raise SegAnyError(f"{self.folder.last} has no weight average: resume it with ema_decay: 0")
+                self.ema.load_state_dict(state["ema"])
             self.start_step = int(state["step"])
             self.best = state.get("best_metric")
             self.best_step = state.get("best_step")
@@ -296,13 +306,18 @@ class _SamTraining:
                 Every(cfg.ckpt_every, self.checkpoint),
             ),
             bar=bar,
+            after_step=None if self.ema is None else lambda: self.ema.update_parameters(self.model),
         ).run(self.start_step)
 
     def finish(self, step: int) -> TrainResult:
         """The end: validate, checkpoint, export ``final`` (and ``best``), write the summary."""
         cfg, info, model = self.cfg, self.info, self.model
+        raw = None
+        if self.ema is not None:  # what is validated and exported is the average; last.pt resumes the steps
+            raw = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.ema.module.state_dict())
         final_val = self.run_validation(step) if self.val_ds is not None else None
-        self.checkpoint(step)
+        self.checkpoint(step, raw)
         hashes = [str(h) for h in info.all_gather(weights_sha256(model))]
         summary: dict[str, Any] = {}
         if info.is_main:
@@ -348,20 +363,22 @@ class _SamTraining:
             self.folder.log.append(rec)
         return {"loss": f"{rec['loss']:.4f}", "iou": f"{rec['iou_last']:.3f}"}
 
-    def checkpoint(self, step: int) -> None:
-        """``last.pt`` (rank 0): everything a resume needs, tensors and numbers only."""
+    def checkpoint(self, step: int, model_state: dict[str, torch.Tensor] | None = None) -> None:
+        """``last.pt`` (rank 0): everything a resume needs, tensors and numbers only (``model_state``: the
+        weights to resume from, when the model holds others)."""
         if not self.info.is_main:
             return
         self.folder.save_last(
             {
                 "version": CHECKPOINT_VERSION,
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "model": model_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "step": step,
                 "best_metric": self.best,
                 "best_step": self.best_step,
                 "rng": rng_state(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "config": json.dumps(self.cfg.to_dict(), default=str),
                 # the architecture, as final.safetensors carries it: load_model reads it (some of it,
                 # such as the decoder's head count, cannot be read off the weights)
