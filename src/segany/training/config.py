@@ -212,8 +212,9 @@ class TrainConfig(Options):
     lr_decay_factor: float = 0.1
     grad_clip: float = 0.0  #: max grad norm (0: off)
     #: > 0: keep an exponential moving average of the weights (this decay per step, from the start's
-    #: weights) and export it as ``final``: a short stage at a small batch ends on a noisy step
-    #: (Polyak averaging; a decay of 0.995 over 250 steps keeps 29% of the start)
+    #: weights) and validate and export it as ``final`` at the end (validations during the run see the raw
+    #: weights): a short stage at a small batch ends on a noisy step (Polyak averaging; a decay of 0.995
+    #: over 250 steps keeps 29% of the start)
     ema_decay: float = 0.0
     precision: str = "auto"  #: auto (bf16 on CUDA with bf16 support, else fp32) | bf16 | fp32
     channels_last: bool = False  #: channels-last memory format for the image encoder input

@@ -371,7 +371,9 @@ class _SamTraining:
         self.folder.save_last(
             {
                 "version": CHECKPOINT_VERSION,
-                "model": model_state or {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "model": model_state
+                if model_state is not None
+                else {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "step": step,
