@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-everything", action="store_true", help="skip the automatic mask generator")
-    ap.add_argument("--onnx", action="store_true", help="also the web page's decoder (the exported ONNX "
-                    "decoder in ONNX Runtime): a first click and a later click")
+    ap.add_argument("--onnx", action="store_true", help="also the exported decoders in ONNX Runtime: the "
+                    "web page's on a first click, the whole one on a first and a later click")
     ap.add_argument("--no-huge-pages", action="store_true", help="large tensors in 4 KB pages (the segany "
                     "command asks for huge pages: segany.perf.use_huge_pages)")
     ap.add_argument("--no-memory-reuse", action="store_true", help="freed large tensors handed back to the "
@@ -142,23 +142,30 @@ def main() -> None:
 
 
 def onnx_clicks(model, image: np.ndarray, first: tuple, later: tuple, args: argparse.Namespace) -> None:
-    """The page's decoder (``export_decoder``, as ``segany serve`` exports it, at the model's input size) in
-    ONNX Runtime on this CPU: a first click and a later click (the previous mask as input), one mask each."""
+    """The exported decoders at the model's input size in ONNX Runtime on this CPU: the page's (``segany
+    serve`` exports it with ``first_prompt_only``: a correction decoder left out) on a first click, and the
+    whole one (``segany export-onnx``) on a first click and a later click (the previous mask as input)."""
     import tempfile
 
     from segany.export.onnx import export_decoder, export_encoder
     from segany.export.onnx_predictor import OnnxSamPredictor
 
     with tempfile.TemporaryDirectory() as tmp:
-        enc, dec = export_encoder(model, Path(tmp) / "e.onnx"), export_decoder(model, Path(tmp) / "d.onnx")
-        size_mb = dec.stat().st_size / 1e6
-        pred = OnnxSamPredictor(enc, dec, threads=args.threads)
-        pred.set_image(image)
-        low = pred.predict(*first, multimask_output=False)[2]
-        first_ms = median_ms(lambda: pred.predict(*first, multimask_output=False), args.repeats * 5)
-        later_ms = median_ms(lambda: pred.predict(*later, mask_input=low, multimask_output=False), args.repeats * 5)
-    print(f"the page's decoder (ONNX Runtime, {size_mb:.1f} MB): a first click {first_ms:.2f} ms, "
-          f"a later click {later_ms:.2f} ms")
+        enc = export_encoder(model, Path(tmp) / "e.onnx")
+        for name, first_only in (("the page's decoder", True), ("the whole decoder", False)):
+            dec = export_decoder(model, Path(tmp) / f"d{int(first_only)}.onnx", first_prompt_only=first_only)
+            pred = OnnxSamPredictor(enc, dec, threads=args.threads)
+            pred.set_image(image)
+            low = pred.predict(*first, multimask_output=False)[2]
+            times = [f"a first click {_click_ms(pred, first, None, args.repeats * 5):.2f} ms"]
+            if not first_only:
+                times.append(f"a later click {_click_ms(pred, later, low, args.repeats * 5):.2f} ms")
+            print(f"{name} (ONNX Runtime, {dec.stat().st_size / 1e6:.1f} MB): " + ", ".join(times))
+
+
+def _click_ms(pred, prompt: tuple, mask_input, repeats: int) -> float:
+    """Median ms of one ``predict`` of ``prompt`` (points, labels) with ``mask_input``, one mask."""
+    return median_ms(lambda: pred.predict(*prompt, mask_input=mask_input, multimask_output=False), repeats)
 
 
 if __name__ == "__main__":

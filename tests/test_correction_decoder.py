@@ -66,6 +66,48 @@ def test_a_correction_decoder_starts_as_the_mask_decoder_and_moves_only_correcti
         _close(got, want)
 
 
+def test_convert_takes_a_runs_decoder_as_the_correction_decoder(tmp_path):
+    """``segany convert BASE OUT --correction-decoder RUN``: first clicks and boxes stay BASE's exactly,
+    corrections are RUN's (its own high-resolution projections aside: the correction decoder reads BASE's);
+    a source of another architecture, or a model that has one already, is refused."""
+    from segany.checkpoint import convert_checkpoint
+    from segany.errors import SegAnyError
+
+    base = _dense_high_res_model()
+    run = changed_model(base, {"mask_skip": True, "mask_skip_prompts": True}).eval()
+    with torch.no_grad():
+        for name, p in run.mask_decoder.named_parameters():
+            if not name.startswith("conv_s"):
+                p.add_(0.2 * torch.randn_like(p))
+    paths = {name: tmp_path / f"{name}.safetensors" for name in ("base", "run", "out")}
+    save_model(base, paths["base"])
+    save_model(run, paths["run"])
+    cfg = convert_checkpoint(paths["base"], paths["out"], correction_decoder=paths["run"])
+    assert cfg.correction_decoder and cfg.mask_skip and cfg.mask_skip_prompts
+    image = cv2_free_shapes(np.random.default_rng(3))
+    got, from_base = _clicks(load_model(paths["out"], text_head=None), image), _clicks(base, image)
+    _close(got[0], from_base[0])
+    _close(got[1], from_base[1])
+    # a correction with the same mask input (the first click's best mask): RUN's answer, not BASE's
+    low = SamPredictor(base)
+    low.set_image(image)
+    args = dict(point_coords=PTS, point_labels=LABELS, mask_input=low.predict(PTS[:1], LABELS[:1])[2][:1],
+                multimask_output=False, return_logits=True)
+    answers = []
+    for name in ("out", "run", "base"):
+        p = SamPredictor(load_model(paths[name], text_head=None))
+        p.set_image(image)
+        answers.append(p.predict(**args)[0])
+    _close(answers[0], answers[1])
+    assert np.abs(answers[1] - answers[2]).max() > 1e-2  # the runs differ, so the routing is seen
+    with pytest.raises(SegAnyError, match="correction decoder is added"):
+        convert_checkpoint(paths["out"], tmp_path / "x.safetensors", correction_decoder=paths["run"])
+    other = build_sam(get_config("tiny_test"))
+    save_model(other, tmp_path / "other.safetensors")
+    with pytest.raises(SegAnyError, match="a run of the model's architecture"):
+        convert_checkpoint(paths["base"], tmp_path / "x.safetensors", correction_decoder=tmp_path / "other.safetensors")
+
+
 def test_the_official_batched_forward_routes_mask_inputs_to_the_correction_decoder():
     torch.manual_seed(0)
     model = changed_model(build_sam(get_config("tiny_test")), {"correction_decoder": True}).eval()
@@ -120,3 +162,41 @@ def test_onnx_export_of_a_correction_decoder_matches_torch(tmp_path):
         for p in model.correction_decoder.parameters():
             p.add_(0.2 * torch.randn_like(p))
     assert_onnx_clicks_match_torch(model, tmp_path)
+
+
+def test_a_first_prompt_only_onnx_graph_leaves_the_correction_decoder_out(tmp_path):
+    """``export_decoder(first_prompt_only=True)`` (the web page's graph, which never sends a mask input)
+    holds the first decoder alone: about half the file, PyTorch's first clicks, and a mask input answered
+    by the first decoder, as PyTorch answers it with the correction decoder removed."""
+    pytest.importorskip("onnxruntime")
+    import copy
+
+    from segany.export.onnx import export_decoder, export_encoder, read_metadata
+    from segany.export.onnx_predictor import OnnxSamPredictor
+    from tests.test_onnx import H, W, _compare, synthetic_image
+
+    model = changed_model(_dense_high_res_model(), CHANGES).eval()
+    with torch.no_grad():
+        for p in model.correction_decoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    enc = export_encoder(model, tmp_path / "e.onnx")
+    both = export_decoder(model, tmp_path / "both.onnx")
+    first = export_decoder(model, tmp_path / "first.onnx", first_prompt_only=True)
+    assert first.stat().st_size < 0.6 * both.stat().st_size
+    assert read_metadata(first)["segany_first_prompt_only"] == "1"
+    assert read_metadata(both)["segany_first_prompt_only"] == "0"
+    image = synthetic_image(H, W)
+    without = copy.deepcopy(model)
+    without.correction_decoder = None
+    torch_p, onnx_p = SamPredictor(without), OnnxSamPredictor(enc, first, threads=1)
+    torch_p.set_image(image)
+    onnx_p.set_image(image)
+    low = torch_p.predict(np.array([[40, 30]]), np.array([1]), multimask_output=False)[2]
+    _compare(torch_p, onnx_p, True)
+    _compare(torch_p, onnx_p, False, mask_input=low)
+    # and the correction decoder does change that answer (else the check above proves nothing)
+    full = SamPredictor(model)
+    full.set_image(image)
+    args = dict(point_coords=np.array([[40, 30]]), point_labels=np.array([1]), mask_input=low,
+                multimask_output=False, return_logits=True)
+    assert np.abs(full.predict(**args)[0] - torch_p.predict(**args)[0]).max() > 1e-2

@@ -29,7 +29,7 @@ CONFIG_METADATA_KEY = "segany_config"
 KNOWN_MODELS: dict[str, tuple[tuple[str, ...], str]] = {
     "default": (
         ("segany_default.safetensors",),
-        "segany's default model (EfficientNet-Lite0, 512 px, trained by this project), shipped in the package",
+        "segany's default model (EfficientNet-Lite0, 640 px, trained by this project), shipped in the package",
     ),
     "default_v1": (
         ("segany_default_v1.safetensors",),
@@ -402,21 +402,48 @@ def average_models(sources: Sequence[str | os.PathLike]) -> Sam:
     return first
 
 
+def with_correction_decoder(model: Sam, source: Sam) -> Sam:
+    """``model`` with ``source``'s mask decoder as its correction decoder (``SamConfig.correction_decoder``):
+    prompts with a mask input get ``source``'s answers, every other prompt ``model``'s, exactly. ``source``
+    is a run of ``model``'s architecture (``mask_skip`` options aside) whose decoder learnt corrections while
+    its first prompts were kept near ``model``'s (``first_prompt_distill``). The correction decoder reads the
+    first decoder's projected high-resolution features, so ``source``'s own projections are left out."""
+    flags = ("mask_skip", "mask_skip_prompts")
+    cfg, src_cfg = getattr(model, "config", None), getattr(source, "config", None)
+    if not isinstance(cfg, SamConfig) or not isinstance(src_cfg, SamConfig) or cfg.correction_decoder:
+        raise SegAnyError("a correction decoder is added to a segany model without one, from a segany model")
+    if src_cfg.correction_decoder or cfg.to_dict() | {f: getattr(src_cfg, f) for f in flags} != src_cfg.to_dict():
+        raise SegAnyError("the correction decoder's source must be a run of the model's architecture")
+    new = build_sam(SamConfig.from_dict(cfg.to_dict() | {"correction_decoder": True} |
+                                        {f: getattr(src_cfg, f) for f in flags}))
+    result = new.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("correction_decoder.") for k in result.missing_keys):
+        raise SegAnyError(f"the weights do not fit the model with a correction decoder ({result})")
+    decoder = new.correction_decoder
+    own = {k: v for k, v in source.mask_decoder.state_dict().items() if k in decoder.state_dict()}
+    decoder.load_state_dict(own)  # strict: every tensor of the correction decoder comes from source
+    return new.eval()
+
+
 def convert_checkpoint(
     src: str | os.PathLike | Sequence[str | os.PathLike],
     dst: str | os.PathLike,
     half: bool = False,
     image_size: int | None = None,
     max_image_size: int | None | str = "keep",
+    correction_decoder: str | os.PathLike | None = None,
 ) -> SamConfig:
     """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
 
     Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``,
-    ``max_image_size``: the model's input sizes changed (:func:`with_image_size`)."""
+    ``max_image_size``: the model's input sizes changed (:func:`with_image_size`). ``correction_decoder``:
+    a checkpoint whose mask decoder becomes the model's correction decoder (:func:`with_correction_decoder`)."""
     if isinstance(src, (str, os.PathLike)):
         model = load_model(src, text_head=None)  # the text head keeps its own file (save_model skips it)
     else:
         model = average_models(list(src))
+    if correction_decoder is not None:
+        model = with_correction_decoder(model, load_model(correction_decoder, text_head=None))
     if image_size is not None or max_image_size != "keep":
         model = with_image_size(model, image_size, max_image_size)
     save_model(model, dst, half=half)

@@ -19,6 +19,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--use-stability-score", action="store_true", help="replace the IoU predictions by stability")
     p.add_argument("--hq-token-only", action="store_true", help="SAM-HQ: the HQ token's mask alone (upstream's option)")
+    p.add_argument("--first-prompt-only", action="store_true", help="leave a model's correction decoder out: the first "
+                   "decoder answers every prompt; half the graph where no mask input is sent (the web page's)")
     p.add_argument("--quantize", action="store_true", help="dynamic int8 weights (onnxruntime), about 4x smaller")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     export_decoder(
         model, args.out, return_single_mask=args.return_single_mask,
         use_stability_score=args.use_stability_score, opset=args.opset, quantize=args.quantize,
-        hq_token_only=args.hq_token_only,
+        hq_token_only=args.hq_token_only, first_prompt_only=args.first_prompt_only,
     )
     print(f"decoder -> {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
     if args.encoder:

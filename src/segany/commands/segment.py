@@ -104,6 +104,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="encode a larger image at its own longest side (rounded up to 32) up to N pixels rather than "
         "shrink it to the input size; 0: always the input size (EfficientNet-Lite models only)",
     )
+    p.add_argument(
+        "--correction-decoder", metavar="CKPT",
+        help="answer prompts with a mask input (every click after the first) with CKPT's mask decoder, a run of "
+        "the same segany model (MODELS.md: correction decoders); the other answers stay the source's",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -113,9 +118,11 @@ def run_convert(args: argparse.Namespace) -> int:
         raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
     src = args.src[0] if len(args.src) == 1 else args.src
     cap = "keep" if args.max_image_size is None else (args.max_image_size or None)
-    cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap)
+    cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap,
+                             correction_decoder=args.correction_decoder)
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
-    print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}, {size:.1f} MB)")
+    correction = f", correction decoder from {args.correction_decoder}" if args.correction_decoder else ""
+    print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0

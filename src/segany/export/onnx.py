@@ -80,12 +80,15 @@ def export_decoder(
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
     hq_token_only: bool = False,
+    first_prompt_only: bool = False,
 ) -> Path:
     """Export the prompt encoder + mask decoder to ``path`` (see the module docstring); returns the path.
 
     Args:
         quantize: dynamic int8 quantization of the weights (onnxruntime), about 4x smaller.
         hq_token_only: SAM-HQ only: the HQ token's mask alone in every output (upstream's option).
+        first_prompt_only: a model with a correction decoder: the first decoder alone, which then answers
+            prompts with a mask input too (the web page's hover preview sends none).
     """
     family = _family(model)
     if hq_token_only and family != "sam_hq":
@@ -95,7 +98,8 @@ def export_decoder(
             raise SegAnyError("SAM 2's ONNX decoder returns predicted IoUs only (no use_stability_score)")
         from segany.export.onnx_sam2 import export_sam2_decoder  # SAM 2: two more inputs
 
-        return export_sam2_decoder(model, path, return_single_mask, opset, quantize, use_stability_score)
+        return export_sam2_decoder(model, path, return_single_mask, opset, quantize, use_stability_score,
+                                   first_prompt_only)
     if family == "sam_hq":
         from segany.export.onnx_sam_hq import export_sam_hq_decoder  # SAM-HQ: the early ViT features
 
@@ -110,8 +114,9 @@ def export_decoder(
     e = int(model.prompt_encoder.image_embedding_size[0])
     args = (torch.randn(1, model.prompt_encoder.embed_dim, e, e), *prompt_example_inputs(model))
     dynamic = prompt_dynamic_axes()
-    wrapper = SamOnnxDecoder(model, return_single_mask, use_stability_score)
-    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask))}
+    wrapper = SamOnnxDecoder(model, return_single_mask, use_stability_score, first_prompt_only=first_prompt_only)
+    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)),
+                                    "segany_first_prompt_only": str(int(first_prompt_only))}
     _write(wrapper, args, path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
     return path
 

@@ -42,11 +42,16 @@ class SamOnnxDecoder(nn.Module):
         return_single_mask: bool = False,
         use_stability_score: bool = False,
         return_extra_metrics: bool = False,
+        first_prompt_only: bool = False,
     ) -> None:
         """``return_extra_metrics``: also return the full-size masks' stability scores and areas (the
-        official option; not for the exported decoder, whose outputs are the three above)."""
+        official option; not for the exported decoder, whose outputs are the three above).
+        ``first_prompt_only``: leave a correction decoder (``SamConfig.correction_decoder``) out of the
+        graph, so the first decoder answers every prompt: half the graph for a caller that never sends a
+        mask input (the web page's hover preview)."""
         super().__init__()
         self.model = model
+        self.first_prompt_only = first_prompt_only
         self.image_size = int(model.image_size)
         self.return_single_mask = return_single_mask
         self.use_stability_score = use_stability_score
@@ -130,8 +135,10 @@ class SamOnnxDecoder(nn.Module):
         )
         # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
         skip = self._mask_skip_inputs(mask_input, has_mask_input, point_coords, point_labels)
-        correction = self.model.correction_decoder
-        low_res, iou = self.model.mask_decoder.predict_masks(**args, **({} if correction else skip))[:2]
+        # a first decoder beside a correction decoder has no mask_skip: the skip inputs are the latter's
+        first_skip = {} if self.model.correction_decoder is not None else skip
+        low_res, iou = self.model.mask_decoder.predict_masks(**args, **first_skip)[:2]
+        correction = None if self.first_prompt_only else self.model.correction_decoder
         if correction is not None:  # one graph for every prompt: both decoders run, the flag picks
             c_low, c_iou = correction.predict_masks(**args, **skip)[:2]
             low_res = torch.where(has_mask_input > 0, c_low, low_res)

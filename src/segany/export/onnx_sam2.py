@@ -113,9 +113,11 @@ def export_sam2_decoder(
     opset: int = DEFAULT_OPSET,
     quantize: bool = False,
     use_stability_score: bool = False,
+    first_prompt_only: bool = False,
 ) -> Path:
     """Export the prompt encoder + mask decoder of a SAM 2 model, or of a SAM with high-resolution
-    features (``use_stability_score``: that one only), to ``path``; returns the path."""
+    features (``use_stability_score`` and ``first_prompt_only``, :func:`segany.export.onnx.export_decoder`'s:
+    that one only), to ``path``; returns the path."""
     _require_onnx()
     path = Path(path)
     model = _on_cpu(model)
@@ -125,11 +127,13 @@ def export_sam2_decoder(
     args = (torch.randn(1, c, e, e), *high_res, *prompt_example_inputs(model))
     dynamic = prompt_dynamic_axes()
     family = _family(model)
-    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": family}
+    meta = model_metadata(model) | {"segany_return_single_mask": str(int(return_single_mask)), "segany_family": family,
+                                    "segany_first_prompt_only": str(int(first_prompt_only))}
     if family == "sam2":
         wrapper: SamOnnxDecoder = Sam2OnnxDecoder(model, return_single_mask)
     else:
-        wrapper = HighResOnnxDecoder(model, return_single_mask, use_stability_score)
+        wrapper = HighResOnnxDecoder(model, return_single_mask, use_stability_score,
+                                     first_prompt_only=first_prompt_only)
     _write(wrapper, args, path, SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, opset, meta, quantize)
     return path
 

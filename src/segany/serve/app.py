@@ -13,7 +13,8 @@ Endpoints (OpenAPI docs at ``/docs``):
   generator's filters removed (``filters``, ``summary``), so that an empty answer says why.
 - ``GET /api/images/{id}/embedding``: the raw embedding (float32 / float16, little-endian) with its shape
   in headers, for the in-browser decoder.
-- ``GET /api/decoder.onnx``: the model's ONNX decoder (exported once, kept in memory).
+- ``GET /api/decoder.onnx``: the model's ONNX decoder (exported once, kept in memory);
+  ``?first_prompt_only=true``: without a correction decoder, for prompts without a mask input (the page's).
 - ``POST /api/datasets/{name}/annotations``: save accepted masks as SA-1B JSON (only with a dataset dir).
 - ``GET /``: the web page; ``/vendor/ort/*``: onnxruntime-web and ``/vendor/swagger/*``: Swagger UI for
   ``/docs``, both installed with npm by ``scripts/setup.sh``.
@@ -246,9 +247,10 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
         return Response(arr.tobytes(), media_type="application/octet-stream", headers=headers)
 
     @app.get("/api/decoder.onnx", summary="The ONNX prompt decoder of the served model", response_class=Response)
-    def decoder() -> Response:
+    def decoder(first_prompt_only: bool = False) -> Response:
+        """``first_prompt_only``: a model's correction decoder left out (the page's graph: it sends no mask)."""
         try:
-            data = served.decoder_onnx()
+            data = served.decoder_onnx(first_prompt_only)
         except SegAnyError as e:  # the onnx package is missing: the server works, the browser decoder not
             raise HTTPException(503, str(e)) from None
         etag = hashlib.sha256(data).hexdigest()[:32]

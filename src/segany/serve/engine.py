@@ -48,7 +48,7 @@ class ServedModel:
         self.model = model.eval()
         self.name = name
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-inference")
-        self._decoder: bytes | None = None
+        self._decoders: dict[bool, bytes] = {}  # first_prompt_only -> the exported graph
         self._decoder_lock = threading.Lock()
         # The generator's default for this model's family (SAM 0.88, SAM 2 0.8): what "everything" uses
         # when a request leaves pred_iou_thresh out, shown by /api/info for the page's field.
@@ -213,23 +213,25 @@ class ServedModel:
         records = self.run(lambda: gen.generate(image, embedding=cached))
         return records, gen.filter_counts
 
-    def decoder_onnx(self) -> bytes:
+    def decoder_onnx(self, first_prompt_only: bool = False) -> bytes:
         """The ONNX decoder of this model (all 4 outputs), exported on first use and kept in memory.
-        SAM-HQ's takes ``hq_features`` (:meth:`onnx_image_input`) rather than the early ViT features."""
+        SAM-HQ's takes ``hq_features`` (:meth:`onnx_image_input`) rather than the early ViT features.
+        ``first_prompt_only``: without a correction decoder (``export_decoder``'s option), for a caller
+        that sends no mask input."""
         with self._decoder_lock:
-            if self._decoder is None:
+            if first_prompt_only not in self._decoders:
                 from segany.export.onnx import export_decoder
                 from segany.export.onnx_sam_hq import export_sam_hq_decoder
 
                 def export(path: Path) -> Path:
                     if self.is_sam_hq:
                         return export_sam_hq_decoder(self.model, path, hq_features_input=True)
-                    return export_decoder(self.model, path)
+                    return export_decoder(self.model, path, first_prompt_only=first_prompt_only)
 
                 with tempfile.TemporaryDirectory() as tmp:
                     path = self.run(lambda: export(Path(tmp) / "decoder.onnx"))
-                    self._decoder = path.read_bytes()
-            return self._decoder
+                    self._decoders[first_prompt_only] = path.read_bytes()
+            return self._decoders[first_prompt_only]
 
 
 def mask_record(mask: np.ndarray, score: float, fmt: str) -> dict[str, Any]:

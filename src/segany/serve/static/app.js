@@ -170,7 +170,7 @@ async function loadDecoder() {
   if (!S.session) {
     ort.env.wasm.wasmPaths = "/vendor/ort/";
     ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; one is plenty for the decoder
-    const model = await (await api("/api/decoder.onnx")).arrayBuffer();
+    const model = await (await api("/api/decoder.onnx?first_prompt_only=true")).arrayBuffer();
     S.session = await ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
   }
   const res = await reuploadIfEvicted(() => api(`/api/images/${S.imageId}/embedding?dtype=float32`));
