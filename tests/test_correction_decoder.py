@@ -100,6 +100,12 @@ def test_convert_takes_a_runs_decoder_as_the_correction_decoder(tmp_path):
         answers.append(p.predict(**args)[0])
     _close(answers[0], answers[1])
     assert np.abs(answers[1] - answers[2]).max() > 1e-2  # the runs differ, so the routing is seen
+    # --correction-skip prompts: the skip reads the clicks and the box, not the previous mask
+    convert_checkpoint(paths["base"], tmp_path / "p.safetensors", correction_decoder=paths["run"],
+                       correction_skip_mask=False)
+    got_w = load_model(tmp_path / "p.safetensors", text_head=None).correction_decoder.conv_m0.weight
+    run_w = run.mask_decoder.conv_m0.weight
+    assert torch.equal(got_w[:, 1:], run_w[:, 1:]) and not got_w[:, 0].any() and run_w[:, 0].abs().sum() > 0
     with pytest.raises(SegAnyError, match="correction decoder is added"):
         convert_checkpoint(paths["out"], tmp_path / "x.safetensors", correction_decoder=paths["run"])
     other = build_sam(get_config("tiny_test"))

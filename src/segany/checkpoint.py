@@ -402,12 +402,15 @@ def average_models(sources: Sequence[str | os.PathLike]) -> Sam:
     return first
 
 
-def with_correction_decoder(model: Sam, source: Sam) -> Sam:
+def with_correction_decoder(model: Sam, source: Sam, skip_mask: bool = True) -> Sam:
     """``model`` with ``source``'s mask decoder as its correction decoder (``SamConfig.correction_decoder``):
     prompts with a mask input get ``source``'s answers, every other prompt ``model``'s, exactly. ``source``
     is a run of ``model``'s architecture (``mask_skip`` options aside) whose decoder learnt corrections while
     its first prompts were kept near ``model``'s (``first_prompt_distill``). The correction decoder reads the
-    first decoder's projected high-resolution features, so ``source``'s own projections are left out."""
+    first decoder's projected high-resolution features, so ``source``'s own projections are left out.
+    ``skip_mask=False`` (``mask_skip_prompts`` only): the skip's weights on the previous mask set to zero, so
+    it reads the clicks and the box alone and the mask reaches the decoder through the dense embedding only
+    (better on every held-out set, zoom-in's crops included: MODELS.md)."""
     flags = ("mask_skip", "mask_skip_prompts")
     cfg, src_cfg = getattr(model, "config", None), getattr(source, "config", None)
     if not isinstance(cfg, SamConfig) or not isinstance(src_cfg, SamConfig) or cfg.correction_decoder:
@@ -422,6 +425,11 @@ def with_correction_decoder(model: Sam, source: Sam) -> Sam:
     decoder = new.correction_decoder
     own = {k: v for k, v in source.mask_decoder.state_dict().items() if k in decoder.state_dict()}
     decoder.load_state_dict(own)  # strict: every tensor of the correction decoder comes from source
+    if not skip_mask:
+        if not src_cfg.mask_skip_prompts:
+            raise SegAnyError("dropping the mask from the skip needs a source with mask_skip_prompts")
+        with torch.no_grad():
+            decoder.conv_m0.weight[:, 0] = 0  # channel 0 of the four maps: the mask's logits (input_maps)
     return new.eval()
 
 
@@ -432,18 +440,20 @@ def convert_checkpoint(
     image_size: int | None = None,
     max_image_size: int | None | str = "keep",
     correction_decoder: str | os.PathLike | None = None,
+    correction_skip_mask: bool = True,
 ) -> SamConfig:
     """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
 
     Several sources: their weights' uniform mean (:func:`average_models`) is written. ``image_size``,
     ``max_image_size``: the model's input sizes changed (:func:`with_image_size`). ``correction_decoder``:
-    a checkpoint whose mask decoder becomes the model's correction decoder (:func:`with_correction_decoder`)."""
+    a checkpoint whose mask decoder becomes the model's correction decoder (:func:`with_correction_decoder`,
+    ``correction_skip_mask`` its ``skip_mask``)."""
     if isinstance(src, (str, os.PathLike)):
         model = load_model(src, text_head=None)  # the text head keeps its own file (save_model skips it)
     else:
         model = average_models(list(src))
     if correction_decoder is not None:
-        model = with_correction_decoder(model, load_model(correction_decoder, text_head=None))
+        model = with_correction_decoder(model, load_model(correction_decoder, text_head=None), correction_skip_mask)
     if image_size is not None or max_image_size != "keep":
         model = with_image_size(model, image_size, max_image_size)
     save_model(model, dst, half=half)

@@ -109,6 +109,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="answer prompts with a mask input (every click after the first) with CKPT's mask decoder, a run of "
         "the same segany model (MODELS.md: correction decoders); the other answers stay the source's",
     )
+    p.add_argument(
+        "--correction-skip", choices=["all", "prompts"], default="all",
+        help="with --correction-decoder: what its skip at the mask grid reads, all four maps or the clicks and "
+        "the box only (the previous mask's weights zeroed; the default model's)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -119,7 +124,8 @@ def run_convert(args: argparse.Namespace) -> int:
     src = args.src[0] if len(args.src) == 1 else args.src
     cap = "keep" if args.max_image_size is None else (args.max_image_size or None)
     cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap,
-                             correction_decoder=args.correction_decoder)
+                             correction_decoder=args.correction_decoder,
+                             correction_skip_mask=args.correction_skip == "all")
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
