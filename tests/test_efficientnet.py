@@ -308,8 +308,11 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     from segany.evaluation.metrics import mask_iou
 
     sam = load_model("default", text_head=None)
-    # run at 640 px, a larger image at its own size up to 832
-    assert sam.config == dataclasses.replace(get_config("segany_default_v3"), image_size=640, max_image_size=832)
+    # run at 640 px, a larger image at its own size up to 832; clicks after the first answered by a correction
+    # decoder with the clicks and the box at the mask grid
+    assert sam.config == dataclasses.replace(get_config("segany_default_v3"), image_size=640, max_image_size=832,
+                                             correction_decoder=True, mask_skip=True, mask_skip_prompts=True)
+    assert not sam.correction_decoder.conv_m0.weight[:, 0].any()  # its skip does not read the previous mask
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.normal(120, 25, (240, 320, 3)).clip(0, 255).astype(np.uint8), (5, 5), 0)
     gt = np.zeros((240, 320), np.uint8)
@@ -318,8 +321,11 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     predictor = SamPredictor(sam)
     predictor.set_image(image)
     ys, xs = np.nonzero(gt)
-    masks, _, _ = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]), multimask_output=False)
+    masks, _, low = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]), multimask_output=False)
     assert mask_iou(masks[0], gt > 0) > 0.7  # 0.97 measured (0.86 with the stage-1 weights)
+    # a correction (the correction decoder): a positive click inside with the box's mask keeps the ellipse
+    again, _, _ = predictor.predict(np.array([[170, 120]]), np.array([1]), mask_input=low, multimask_output=False)
+    assert mask_iou(again[0], gt > 0) > 0.7  # 0.98 measured
 
 
 @pytest.mark.parametrize("high_res", [False, True])
