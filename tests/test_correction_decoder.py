@@ -106,6 +106,9 @@ def test_convert_takes_a_runs_decoder_as_the_correction_decoder(tmp_path):
     got_w = load_model(tmp_path / "p.safetensors", text_head=None).correction_decoder.conv_m0.weight
     run_w = run.mask_decoder.conv_m0.weight
     assert torch.equal(got_w[:, 1:], run_w[:, 1:]) and not got_w[:, 0].any() and run_w[:, 0].abs().sum() > 0
+    with pytest.raises(SegAnyError, match="needs a source with mask_skip_prompts"):
+        convert_checkpoint(paths["base"], tmp_path / "x.safetensors", correction_decoder=paths["base"],
+                           correction_skip_mask=False)
     with pytest.raises(SegAnyError, match="correction decoder is added"):
         convert_checkpoint(paths["out"], tmp_path / "x.safetensors", correction_decoder=paths["run"])
     other = build_sam(get_config("tiny_test"))

@@ -417,17 +417,17 @@ def with_correction_decoder(model: Sam, source: Sam, skip_mask: bool = True) -> 
         raise SegAnyError("a correction decoder is added to a segany model without one, from a segany model")
     if src_cfg.correction_decoder or cfg.to_dict() | {f: getattr(src_cfg, f) for f in flags} != src_cfg.to_dict():
         raise SegAnyError("the correction decoder's source must be a run of the model's architecture")
+    if not skip_mask and not src_cfg.mask_skip_prompts:
+        raise SegAnyError("dropping the mask from the skip needs a source with mask_skip_prompts")
     new = build_sam(SamConfig.from_dict(cfg.to_dict() | {"correction_decoder": True} |
                                         {f: getattr(src_cfg, f) for f in flags}))
     result = new.load_state_dict(model.state_dict(), strict=False)
     if result.unexpected_keys or any(not k.startswith("correction_decoder.") for k in result.missing_keys):
         raise SegAnyError(f"the weights do not fit the model with a correction decoder ({result})")
     decoder = new.correction_decoder
-    own = {k: v for k, v in source.mask_decoder.state_dict().items() if k in decoder.state_dict()}
-    decoder.load_state_dict(own)  # strict: every tensor of the correction decoder comes from source
-    if not skip_mask:
-        if not src_cfg.mask_skip_prompts:
-            raise SegAnyError("dropping the mask from the skip needs a source with mask_skip_prompts")
+    wanted = decoder.state_dict().keys()
+    decoder.load_state_dict({k: v for k, v in source.mask_decoder.state_dict().items() if k in wanted})
+    if not skip_mask:  # strict load above: every tensor of the correction decoder came from source
         with torch.no_grad():
             decoder.conv_m0.weight[:, 0] = 0  # channel 0 of the four maps: the mask's logits (input_maps)
     return new.eval()
