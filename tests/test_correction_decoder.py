@@ -209,3 +209,24 @@ def test_a_first_prompt_only_onnx_graph_leaves_the_correction_decoder_out(tmp_pa
     args = dict(point_coords=np.array([[40, 30]]), point_labels=np.array([1]), mask_input=low,
                 multimask_output=False, return_logits=True)
     assert np.abs(full.predict(**args)[0] - torch_p.predict(**args)[0]).max() > 1e-2
+
+
+def test_skip_without_mask_trains_the_skip_on_the_clicks_and_box_alone(tmp_path):
+    """``skip_without_mask``: the skip's weights on the previous mask's logits stay exactly zero through a
+    run (as ``--correction-skip prompts`` leaves a trained one's) while its other three maps' weights learn;
+    a model with no four-map skip is refused before any step."""
+    from segany.errors import SegAnyError
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "start.safetensors"
+    save_model(_dense_high_res_model(), ckpt)
+    frozen = dict(freeze_image_encoder=True, freeze_prompt_encoder=True)
+    changes = {"mask_skip": True, "mask_skip_prompts": True}
+    cfg = tiny_cfg(
+        tmp_path, checkpoint=str(ckpt), model_changes=changes, skip_without_mask=True, lr=1e-2, **frozen
+    )
+    weight = load_model(train(cfg).out_dir / "final.safetensors", text_head=None).mask_decoder.conv_m0.weight
+    assert weight[:, 0].abs().max().item() == 0
+    assert weight[:, 1:].abs().max().item() > 1e-3
+    with pytest.raises(SegAnyError, match="skip_without_mask needs"):
+        train(tiny_cfg(tmp_path / "plain", checkpoint=str(ckpt), skip_without_mask=True, **frozen))

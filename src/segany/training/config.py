@@ -152,6 +152,10 @@ class TrainConfig(Options):
     #: parameter-name prefixes, e.g. ``[mask_decoder.iou_prediction_head]``: only the parameters they name
     #: train (within the parts not frozen above); None: every parameter of those parts
     train_only: list | None = None
+    #: with ``mask_skip_prompts``: the skip convolution's weights on the previous mask's logits held at zero,
+    #: so the skip reads the clicks and the box only and the mask reaches the decoder through the dense
+    #: embedding alone (the shipped correction decoder's skip, ``segany convert --correction-skip prompts``)
+    skip_without_mask: bool = False
     cache_embeddings: bool = False  #: with freeze_image_encoder: embed un-augmented images once, to disk
     cache_dir: str | None = None  #: default ``out_dir/embeddings``
     cache_dtype: str = "float16"  #: float16 | bfloat16 | float32 (on-disk embeddings)

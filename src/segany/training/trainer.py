@@ -170,8 +170,24 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
             raise SegAnyError(f"training option train_only: no trainable parameter's name starts with {unused}")
         for name, p in trainable:
             p.requires_grad_(any(name.startswith(k) for k in cfg.train_only))
+    if cfg.skip_without_mask:
+        _hold_skip_mask_at_zero(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise SegAnyError("every part of the model is frozen: nothing to train")
+
+
+def _hold_skip_mask_at_zero(model: nn.Module) -> None:
+    """Zero the mask-grid skips' weights on the mask's logits (channel 0 of the four prompt maps) and their
+    gradients, so AdamW (zero gradient, zero weight: no step, no decay) keeps them at zero."""
+    skips = [m.conv_m0 for m in model.modules() if getattr(m, "mask_skip", False)]
+    if not skips or any(conv.in_channels < 2 for conv in skips):
+        raise SegAnyError("training option skip_without_mask needs a model with mask_skip_prompts")
+    for conv in skips:
+        keep = torch.ones_like(conv.weight)
+        keep[:, 0] = 0
+        with torch.no_grad():
+            conv.weight.mul_(keep)
+        conv.weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
