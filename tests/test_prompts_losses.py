@@ -248,6 +248,30 @@ def test_loss_picks_best_of_three():
     assert lg.grad[0, 2].abs().sum() > 0 and lg.grad[0, :2].abs().sum() == 0
 
 
+def test_iou_rank_trains_the_choice_among_three():
+    """iou_rank_weight: a cross-entropy of the predicted IoUs (/ IOU_RANK_TEMPERATURE) against the truly best
+    mask, so predict()'s pick moves towards it; nothing for a single output, and off by default."""
+    from segany.training.losses import IOU_RANK_TEMPERATURE
+
+    s = 16
+    gt = torch.zeros(1, s, s, dtype=torch.bool)
+    gt[:, 4:12, 4:12] = True
+    valid = torch.ones_like(gt)
+    good = torch.where(gt, 8.0, -8.0)
+    logits = torch.stack([-good, torch.full_like(good, -1.0), good], dim=1)  # 1 x 3: the last is best
+    iou_pred = torch.tensor([[0.6, 0.5, 0.4]], requires_grad=True)  # the head prefers the worst
+    cfg = LossConfig(iou_rank_weight=2.0)
+    out = sam_mask_loss(logits, iou_pred, gt, valid, cfg)
+    want = torch.nn.functional.cross_entropy(iou_pred.detach() / IOU_RANK_TEMPERATURE, torch.tensor([2]))
+    assert out["iou_rank"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        (sam_mask_loss(logits, iou_pred, gt, valid)["loss"] + 2.0 * want).item(), rel=1e-5
+    )
+    out["iou_rank"].sum().backward()
+    assert iou_pred.grad[0, 2] < 0 < iou_pred.grad[0, 0]  # a step raises the best mask's score
+    single = sam_mask_loss(logits[:, 2:], iou_pred[:, 2:], gt, valid, cfg)
+    assert single["iou_rank"].item() == 0
+
 def test_ignore_pixels_excluded_from_every_term():
     torch.manual_seed(5)
     s = 12

@@ -201,6 +201,9 @@ class TrainConfig(Options):
     #: and boxes as they were (needs ``checkpoint``)
     first_prompt_distill: float = 0.0
     iou_loss_on: str = "all"  #: multimask iteration: IoU-MSE on all 3 masks (all) or the best one
+    #: > 0: the multimask iteration's predicted IoUs also learn, by a cross-entropy with this weight, which of
+    #: the masks is truly best (the one predict() then keeps), not only each mask's IoU
+    iou_rank_weight: float = 0.0
 
     # -- optimisation ------------------------------------------------------------------------------
     lr: float = 8e-4
@@ -292,6 +295,8 @@ class TrainConfig(Options):
             raise bad("loss_resolution", "must be 'low_res', 'full' or a multiple of the low-res side such as '2x'")
         if self.iou_loss_on not in ("all", "best"):
             raise bad("iou_loss_on", "must be 'all' or 'best'")
+        if self.iou_rank_weight < 0:
+            raise bad("iou_rank_weight", "must be >= 0")
         if self.precision not in PRECISIONS:
             raise bad("precision", "must be auto, bf16 or fp32")
         if self.cache_dtype not in ("float16", "bfloat16", "float32"):

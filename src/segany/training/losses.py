@@ -103,6 +103,11 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     iou_loss_on: str = "all"  # multimask: IoU-MSE on "all" masks or only the "best"
+    iou_rank_weight: float = 0.0  # multimask: cross-entropy of the predicted IoUs against the truly best mask
+
+
+#: the predicted IoUs are divided by this before the ranking cross-entropy: a 0.05 lead is one logit
+IOU_RANK_TEMPERATURE = 0.05
 
 
 def sam_mask_loss(
@@ -133,8 +138,14 @@ def sam_mask_loss(
     pick = best[:, None]
     mask_best = mask_term.gather(1, pick)[:, 0]
     mse_term = mse.mean(dim=1) if cfg.iou_loss_on == "all" else mse.gather(1, pick)[:, 0]
+    if cfg.iou_rank_weight > 0 and iou_pred.shape[1] > 1:
+        # the choice predict() makes among ambiguous masks (the highest predicted IoU), trained directly
+        rank = F.cross_entropy(iou_pred.float() / IOU_RANK_TEMPERATURE, actual.argmax(dim=1), reduction="none")
+    else:
+        rank = torch.zeros_like(mse_term)
     return {
-        "loss": mask_best + cfg.iou_weight * mse_term,
+        "loss": mask_best + cfg.iou_weight * mse_term + cfg.iou_rank_weight * rank,
+        "iou_rank": rank,
         "focal": focal.gather(1, pick)[:, 0],
         "dice": dice.gather(1, pick)[:, 0],
         "iou_mse": mse_term,

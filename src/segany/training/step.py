@@ -61,7 +61,13 @@ class StepOptions:
             max_free_clicks=cfg.max_free_clicks,
             loss_resolution=cfg.loss_resolution,
             loss=LossConfig(
-                cfg.focal_weight, cfg.dice_weight, cfg.iou_weight, cfg.focal_alpha, cfg.focal_gamma, cfg.iou_loss_on
+                cfg.focal_weight,
+                cfg.dice_weight,
+                cfg.iou_weight,
+                cfg.focal_alpha,
+                cfg.focal_gamma,
+                cfg.iou_loss_on,
+                cfg.iou_rank_weight,
             ),
             autocast_dtype=autocast_dtype,
             channels_last=cfg.channels_last,
@@ -256,6 +262,7 @@ class SamTrainStep(nn.Module):
         mask_input: torch.Tensor | None = None
         pred_full: torch.Tensor | None = None
         keys = ("loss", "focal", "dice", "iou_mse") + (("distill",) if self._teacher else ())
+        keys += ("iou_rank",) if opt.loss.iou_rank_weight > 0 else ()
         sums = {k: torch.zeros((), device=dev) for k in keys}
         ious = []
         for k, kind in enumerate(schedule):
