@@ -272,6 +272,7 @@ def test_iou_rank_trains_the_choice_among_three():
     single = sam_mask_loss(logits[:, 2:], iou_pred[:, 2:], gt, valid, cfg)
     assert single["iou_rank"].item() == 0
 
+
 def test_ignore_pixels_excluded_from_every_term():
     torch.manual_seed(5)
     s = 12

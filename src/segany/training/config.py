@@ -202,7 +202,8 @@ class TrainConfig(Options):
     first_prompt_distill: float = 0.0
     iou_loss_on: str = "all"  #: multimask iteration: IoU-MSE on all 3 masks (all) or the best one
     #: > 0: the multimask iteration's predicted IoUs also learn, by a cross-entropy with this weight, which of
-    #: the masks is truly best (the one predict() then keeps), not only each mask's IoU
+    #: the masks is truly best (the one predict() then keeps), not only each mask's IoU (a box's three outputs
+    #: are one mask repeated: a constant ln 3 in the logged loss, no gradient)
     iou_rank_weight: float = 0.0
 
     # -- optimisation ------------------------------------------------------------------------------
