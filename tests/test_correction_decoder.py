@@ -230,3 +230,15 @@ def test_skip_without_mask_trains_the_skip_on_the_clicks_and_box_alone(tmp_path)
     assert weight[:, 1:].abs().max().item() > 1e-3
     with pytest.raises(SegAnyError, match="skip_without_mask needs"):
         train(tiny_cfg(tmp_path / "plain", checkpoint=str(ckpt), skip_without_mask=True, **frozen))
+
+
+def test_the_server_keeps_the_pages_graph_apart_for_a_model_with_a_correction_decoder():
+    """``ServedModel.decoder_onnx(first_prompt_only=True)`` (``GET /api/decoder.onnx?first_prompt_only=true``,
+    the page's download): its own, smaller graph beside the whole one, each exported once and kept."""
+    pytest.importorskip("onnxruntime")
+    from segany.serve.engine import ServedModel
+
+    served = ServedModel(changed_model(_dense_high_res_model(), CHANGES))
+    whole, page = served.decoder_onnx(), served.decoder_onnx(first_prompt_only=True)
+    assert page != whole and len(page) < len(whole)
+    assert served.decoder_onnx(first_prompt_only=True) is page and served.decoder_onnx() is whole

@@ -20,6 +20,7 @@ import torch
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, build_sam
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
+from segany.modeling.dense_prompt_encoder import MASK_MAP
 from segany.modeling.sam import Sam, model_weights
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -429,7 +430,7 @@ def with_correction_decoder(model: Sam, source: Sam, skip_mask: bool = True) -> 
     decoder.load_state_dict({k: v for k, v in source.mask_decoder.state_dict().items() if k in wanted})
     if not skip_mask:  # strict load above: every tensor of the correction decoder came from source
         with torch.no_grad():
-            decoder.conv_m0.weight[:, 0] = 0  # channel 0 of the four maps: the mask's logits (input_maps)
+            decoder.conv_m0.weight[:, MASK_MAP] = 0
     return new.eval()
 
 

@@ -133,14 +133,14 @@ class SamOnnxDecoder(nn.Module):
             dense_prompt_embeddings=dense,
             **image_inputs,
         )
-        # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch
-        skip = self._mask_skip_inputs(mask_input, has_mask_input, point_coords, point_labels)
-        # a first decoder beside a correction decoder has no mask_skip: the skip inputs are the latter's
-        first_skip = {} if self.model.correction_decoder is not None else skip
+        # a mask_skip convolution has no bias: zeros (no mask input) add nothing, as in PyTorch. The skip
+        # inputs are the correction decoder's where the model has one (the first decoder then has no skip)
+        prompt = (mask_input, has_mask_input, point_coords, point_labels)
+        first_skip = self._mask_skip_inputs(*prompt) if self.model.correction_decoder is None else {}
         low_res, iou = self.model.mask_decoder.predict_masks(**args, **first_skip)[:2]
         correction = None if self.first_prompt_only else self.model.correction_decoder
         if correction is not None:  # one graph for every prompt: both decoders run, the flag picks
-            c_low, c_iou = correction.predict_masks(**args, **skip)[:2]
+            c_low, c_iou = correction.predict_masks(**args, **self._mask_skip_inputs(*prompt))[:2]
             low_res = torch.where(has_mask_input > 0, c_low, low_res)
             iou = torch.where(has_mask_input > 0, c_iou, iou)
         if self.use_stability_score:

@@ -21,6 +21,8 @@ from segany.modeling.prompt_encoder import PromptEncoder
 
 #: Maps drawn for the downscaler: mask logits, positive clicks, negative clicks, box.
 NUM_PROMPT_MAPS = 4
+#: which of the four maps (:meth:`DensePromptEncoder.input_maps`) is the mask input's logits
+MASK_MAP = 0
 
 
 class DensePromptEncoder(PromptEncoder):

@@ -218,6 +218,9 @@ class ServedModel:
         SAM-HQ's takes ``hq_features`` (:meth:`onnx_image_input`) rather than the early ViT features.
         ``first_prompt_only``: without a correction decoder (``export_decoder``'s option), for a caller
         that sends no mask input."""
+        # without a correction decoder (SAM-HQ's export has none either) both flags give one graph: one entry
+        has_correction = getattr(self.model, "correction_decoder", None) is not None
+        first_prompt_only = first_prompt_only and has_correction and not self.is_sam_hq
         with self._decoder_lock:
             if first_prompt_only not in self._decoders:
                 from segany.export.onnx import export_decoder

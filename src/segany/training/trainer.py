@@ -40,6 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from segany.errors import SegAnyError
 from segany.io.atomic import atomic_write_json, atomic_write_text
+from segany.modeling.dense_prompt_encoder import MASK_MAP
 from segany.training.config import TrainConfig
 from segany.training.distributed import (
     resolve_autocast,
@@ -177,14 +178,14 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def _hold_skip_mask_at_zero(model: nn.Module) -> None:
-    """Zero the mask-grid skips' weights on the mask's logits (channel 0 of the four prompt maps) and their
+    """Zero the mask-grid skips' weights on the mask's logits (``MASK_MAP`` of the four prompt maps) and their
     gradients, so AdamW (zero gradient, zero weight: no step, no decay) keeps them at zero."""
     skips = [m.conv_m0 for m in model.modules() if getattr(m, "mask_skip", False)]
     if not skips or any(conv.in_channels < 2 for conv in skips):
         raise SegAnyError("training option skip_without_mask needs a model with mask_skip_prompts")
     for conv in skips:
         keep = torch.ones_like(conv.weight)
-        keep[:, 0] = 0
+        keep[:, MASK_MAP] = 0
         with torch.no_grad():
             conv.weight.mul_(keep)
         conv.weight.register_hook(lambda grad, keep=keep: grad * keep)
