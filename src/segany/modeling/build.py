@@ -52,6 +52,7 @@ def build_image_encoder(cfg: SamConfig, fast: bool = True):
             enc.stride,
             high_res=cfg.high_res_features,
             context_blocks=enc.context_blocks,
+            variant=enc.variant,
         )
     raise TypeError(f"unknown encoder config {type(enc).__name__}")
 

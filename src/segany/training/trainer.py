@@ -101,7 +101,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
     """``model`` rebuilt with its config's fields ``changes`` replaced, its weights copied in; the parameters
     only the new model has start at zero (a zero projection adds nothing: the outputs stay the same), but
-    for modules that say their own initialisation already starts as the identity (``keeps_own_init``) and a
+    for modules that say their own initialisation already starts as the identity (``keeps_own_init``), new
+    modules that name the parts to zero for that (``zero_on_insert``: a deeper trunk's added blocks) and a
     new correction decoder, which starts as a copy of the mask decoder (the same answers)."""
     from segany.modeling import SamConfig, build_sam
 
@@ -120,6 +121,14 @@ def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
         raise SegAnyError(f"training option model_changes={changes!r} drops weights: {result.unexpected_keys}")
     params = dict(rebuilt.named_parameters())
     own = [f"{name}." for name, m in rebuilt.named_modules() if getattr(m, "keeps_own_init", False)]
+    # a module wholly new to the model that zeroes only some of its parts: the rest keep their initialisation
+    partly_own = {
+        f"{name}.": tuple(f"{name}.{part}." for part in m.zero_on_insert)
+        for name, m in rebuilt.named_modules()
+        if getattr(m, "zero_on_insert", None) and all(f"{name}.{k}" in result.missing_keys for k in m.state_dict())
+    }
+    own += list(partly_own)
+    zeroed = tuple(z for parts in partly_own.values() for z in parts)
     old = model.state_dict()
     with torch.no_grad():
         for key in result.missing_keys:
@@ -131,7 +140,7 @@ def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
             )
             if twin is not None and key in params and twin.shape == params[key].shape:
                 params[key].copy_(twin)
-            elif key in params and not key.startswith(tuple(own)):
+            elif key in params and (key.startswith(zeroed) or not key.startswith(tuple(own))):
                 params[key].zero_()
     return rebuilt
 
