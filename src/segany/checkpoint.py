@@ -21,7 +21,7 @@ from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, build_sam
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
 from segany.modeling.dense_prompt_encoder import MASK_MAP
-from segany.modeling.efficientnet import VARIANTS
+from segany.modeling.efficientnet import variant_in_state_dict
 from segany.modeling.sam import Sam, model_weights
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -142,18 +142,6 @@ def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def _efficientnet_variant(sd: Mapping[str, torch.Tensor]) -> str:
-    """The EfficientNet-Lite variant whose blocks and widths per trunk stage the tensors have."""
-    found = tuple(
-        (_count(sd, rf"image_encoder\.stages\.{i}\.(\d+)\."), sd[f"image_encoder.stages.{i}.0.project.weight"].shape[0])
-        for i in range(len(VARIANTS["lite0"]))
-    )
-    for name, table in VARIANTS.items():
-        if found == tuple((repeats, channels) for repeats, *_, channels in table):
-            return name
-    raise SegAnyError(f"an EfficientNet trunk of (blocks, channels) per stage {found}: not {', '.join(VARIANTS)}")
-
-
 def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) -> SamConfig:
     """Read a :class:`SamConfig` off the tensors of a SAM state dict (official key layout)."""
     from segany.checkpoint_sam2 import infer_sam2_config, is_sam2_state_dict
@@ -234,7 +222,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
                 neck_dim=sd["image_encoder.lateral.0.weight"].shape[0],
                 stride=64 >> laterals,
                 context_blocks=_count(sd, r"image_encoder\.context\.(\d+)\."),
-                variant=_efficientnet_variant(sd),
+                variant=variant_in_state_dict(sd),
             )
             size = image_size or 512
         else:

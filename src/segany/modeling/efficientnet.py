@@ -17,6 +17,7 @@ returns the trunk's own stride-4 and stride-8 maps, which a SAM 2 style decoder 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -246,6 +247,19 @@ def imagenet_weights_path(variant: str = "lite0") -> Path:
     if not files:
         raise SegAnyError(f"{package} is installed but holds no .pth file")
     return files[0]
+
+
+def variant_in_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "image_encoder.") -> str:
+    """The variant whose blocks and widths per trunk stage the encoder tensors of ``sd`` have."""
+    found = []
+    for i in range(len(LITE0_STAGES)):
+        stage = f"{prefix}stages.{i}."
+        blocks = {k[len(stage) :].split(".", 1)[0] for k in sd if k.startswith(stage)}
+        found.append((len(blocks), sd[f"{stage}0.project.weight"].shape[0]))
+    for name, table in VARIANTS.items():
+        if found == [(repeats, channels) for repeats, *_, channels in table]:
+            return name
+    raise SegAnyError(f"an EfficientNet trunk of (blocks, channels) per stage {found}: not {', '.join(VARIANTS)}")
 
 
 def _fold(state: dict[str, torch.Tensor], conv: str, bn: str, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
