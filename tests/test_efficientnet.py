@@ -331,15 +331,16 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     assert mask_iou(again[0], gt > 0) > 0.7  # 0.98 measured
 
 
-@pytest.mark.parametrize("high_res", [False, True])
-def test_fast_encoder_is_the_plain_function(high_res):
+@pytest.mark.parametrize(("high_res", "variant"), [(False, "lite0"), (True, "lite0"), (True, "lite2")])
+def test_fast_encoder_is_the_plain_function(high_res, variant):
     """FastEfficientNetLite (channels-last weights and activations) gives the plain encoder's
     maps, contiguous, at inference; in training mode it is the plain forward (autograd intact)."""
     from segany.modeling.fast import FastEfficientNetLite
 
     torch.manual_seed(0)
-    plain = EfficientNetLiteEncoder(img_size=160, out_chans=32, neck_dim=16, high_res=high_res).eval()
-    fast = FastEfficientNetLite(img_size=160, out_chans=32, neck_dim=16, high_res=high_res).eval()
+    kw = {"img_size": 160, "out_chans": 32, "neck_dim": 16, "high_res": high_res, "variant": variant}
+    plain = EfficientNetLiteEncoder(**kw).eval()
+    fast = FastEfficientNetLite(**kw).eval()
     fast.load_state_dict(plain.state_dict())
     assert fast.stem.weight.is_contiguous(memory_format=torch.channels_last)  # kept through the load
     x = torch.randn(1, 3, 160, 144)  # not square: the stride-2 layers pad unevenly
