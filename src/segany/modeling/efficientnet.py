@@ -39,27 +39,15 @@ LITE0_STAGES: Stages = (
     (4, 5, 2, 6, 192),
     (1, 3, 1, 6, 320),
 )
-#: The trunks the ImageNet packages ship (the "lite" scaling keeps the stem, the first and last stages).
+#: Lite1: Lite0 with one block more in each of stages 1-5 (the "lite" scaling keeps the stem, the first and
+#: last stages); Lite2: Lite1 with stages 2-6 about 10% wider.
+_LITE1_STAGES: Stages = tuple((r + (0 < i < 6), k, s, e, c) for i, (r, k, s, e, c) in enumerate(LITE0_STAGES))
+_LITE2_WIDTHS = (16, 24, 48, 88, 120, 208, 352)
+#: The trunks the ImageNet packages ship.
 VARIANTS: dict[str, Stages] = {
     "lite0": LITE0_STAGES,
-    "lite1": (
-        (1, 3, 1, 1, 16),
-        (3, 3, 2, 6, 24),
-        (3, 5, 2, 6, 40),
-        (4, 3, 2, 6, 80),
-        (4, 5, 1, 6, 112),
-        (5, 5, 2, 6, 192),
-        (1, 3, 1, 6, 320),
-    ),
-    "lite2": (
-        (1, 3, 1, 1, 16),
-        (3, 3, 2, 6, 24),
-        (3, 5, 2, 6, 48),
-        (4, 3, 2, 6, 88),
-        (4, 5, 1, 6, 120),
-        (5, 5, 2, 6, 208),
-        (1, 3, 1, 6, 352),
-    ),
+    "lite1": _LITE1_STAGES,
+    "lite2": tuple((r, k, s, e, c) for (r, k, s, e, _), c in zip(_LITE1_STAGES, _LITE2_WIDTHS)),
 }
 STEM_CHANNELS = 32
 #: The output stride of each stage that can feed the neck.
