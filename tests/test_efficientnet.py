@@ -461,3 +461,22 @@ def test_lite0_grows_into_lite1_as_the_same_function(tmp_path):
     assert load_model(path, text_head=None).config.encoder.variant == "lite1"
     with pytest.raises(SegAnyError, match="do not fit"):
         changed_model(base, {"encoder": {**encoder, "variant": "lite2"}})
+
+
+def test_a_file_whose_config_names_an_unknown_variant_is_refused_in_one_line(tmp_path):
+    """A model file's metadata is input: a variant no trunk has is a clear error, not an internal one."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    save_model(build_sam(tiny_config(16)), path)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = header["__metadata__"]
+    key = next(k for k, v in meta.items() if '"encoder"' in v)
+    cfg = json.loads(meta[key])
+    cfg["encoder"]["variant"] = "lite9"
+    save_file(load_file(path), path, metadata={**meta, key: json.dumps(cfg)})
+    with pytest.raises(SegAnyError, match="lite9"):
+        load_model(path, text_head=None)

@@ -340,7 +340,10 @@ def load_model(
             config = _parse_config(sidecar.read_text(encoding="utf-8", errors="replace"), str(sidecar))
         else:
             config = infer_config(sd)
-    model = build_sam(config)
+    try:
+        model = build_sam(config)
+    except ValueError as e:  # a config whose values no model has (a file's metadata, a sidecar)
+        raise SegAnyError(f"{path}: the model config cannot be built ({e})") from None
     _load_weights(model, sd, str(path))
     if text_head is not None:
         from segany.checkpoint_text import attach_text_head, text_head_path

@@ -122,13 +122,14 @@ def changed_model(model: nn.Module, changes: dict[str, Any]) -> nn.Module:
     params = dict(rebuilt.named_parameters())
     own = [f"{name}." for name, m in rebuilt.named_modules() if getattr(m, "keeps_own_init", False)]
     # a module wholly new to the model that zeroes only some of its parts: the rest keep their initialisation
-    partly_own = {
-        f"{name}.": tuple(f"{name}.{part}." for part in m.zero_on_insert)
+    missing = set(result.missing_keys)
+    inserted = [
+        (name, m)
         for name, m in rebuilt.named_modules()
-        if getattr(m, "zero_on_insert", None) and all(f"{name}.{k}" in result.missing_keys for k in m.state_dict())
-    }
-    own += list(partly_own)
-    zeroed = tuple(z for parts in partly_own.values() for z in parts)
+        if getattr(m, "zero_on_insert", None) and all(f"{name}.{k}" in missing for k in m.state_dict())
+    ]
+    own += [f"{name}." for name, _ in inserted]
+    zeroed = tuple(f"{name}.{part}." for name, m in inserted for part in m.zero_on_insert)
     old = model.state_dict()
     with torch.no_grad():
         for key in result.missing_keys:
