@@ -12,6 +12,8 @@ starts as the identity; the model stays frozen. Results and commands: MODELS.md,
     python benchmarks/point_refiner_probe.py eval runs/refiner.pt -- --sets davis2016_val --max-clicks 20
     python benchmarks/point_refiner_probe.py speed runs/refiner.pt                 # one mask of a 1024-px image
 
+``--grid-stats`` (train, eval and speed alike) takes the window means on the mask grid instead: the fast variant.
+
 ``eval`` runs ``eval_default.py`` (arguments after ``--``) with every mask the predictor returns refined.
 """
 
@@ -69,6 +71,16 @@ def padded_image(rgb: np.ndarray) -> torch.Tensor:
     return F.pad(x[None], (6, 6, 6, 6), mode="replicate")[0]
 
 
+def grid_image(predictor: SamPredictor, rgb: np.ndarray) -> torch.Tensor:
+    """The normalised image as the model sees it (resized, padded to ``image_size``), averaged onto the mask
+    grid (stride 4): ``3 x g x g``."""
+    x = padded_image(rgb)[:, 6:-6, 6:-6]
+    h, w = predictor.input_size
+    x = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    size = predictor.model.image_size
+    return F.avg_pool2d(F.pad(x, (0, size - w, 0, size - h)), 4)[0]
+
+
 def _box_mean(t: torch.Tensor, w: int) -> torch.Tensor:
     """Mean over a ``w x w`` window of each channel of ``C x H x W`` (an integral image: O(1) a pixel)."""
     t = F.pad(t[None], (w // 2,) * 4, mode="replicate")[0]
@@ -76,10 +88,14 @@ def _box_mean(t: torch.Tensor, w: int) -> torch.Tensor:
     return (c[:, w:, w:] - c[:, :-w, w:] - c[:, w:, :-w] + c[:, :-w, :-w]) / (w * w)
 
 
-def point_features(img_p, logits, high_res, ys, xs, image_size: int, scale: float) -> torch.Tensor:
+def point_features(
+    img_p, logits, high_res, ys, xs, image_size: int, scale: float, grid_stats: tuple | None = None
+) -> torch.Tensor:
     """Features ``N x IN`` of the pixels ``(ys, xs)`` of one mask's logits ``H x W``; ``img_p`` from
     :func:`padded_image`, ``high_res`` ``1 x C x g x g`` over the model's padded input of ``image_size``,
-    ``scale`` the input's pixels per image pixel."""
+    ``scale`` the input's pixels per image pixel. With ``grid_stats`` (the image averaged onto the mask grid
+    ``3 x g x g`` and the mask's low-res logits ``g x g``) the window means are taken on that grid (windows of
+    3 and 7 cells) and sampled at the pixels, instead of at the image's own resolution."""
     lp = F.pad(logits[None, None], (4, 4, 4, 4), mode="replicate")[0, 0]
     parts = [(logits[ys, xs] / 8.0)[:, None]]
     for step in (1, 3):
@@ -88,8 +104,19 @@ def point_features(img_p, logits, high_res, ys, xs, image_size: int, scale: floa
     parts.append(torch.stack([lp[ys + 4 + 2 * dy, xs + 4 + 2 * dx] for dy, dx in PATCH], 1) / 8.0)
     grid = torch.stack([(xs.float() + 0.5) * scale, (ys.float() + 0.5) * scale], 1) / image_size * 2 - 1
     parts.append(F.grid_sample(high_res, grid[None, None], mode="bilinear", align_corners=False)[0, :, 0].T)
-    img, prob = img_p[:, 6:-6, 6:-6], torch.sigmoid(logits)
-    pix = img[:, ys, xs].T
+    img, pix = img_p[:, 6:-6, 6:-6], img_p[:, ys + 6, xs + 6].T
+    if grid_stats is not None:
+        small, low = grid_stats
+        prob = torch.sigmoid(low)
+        stack = torch.cat([small * prob, prob[None], small * (1 - prob), (1 - prob)[None]])
+        for w in (3, 7):
+            st = F.grid_sample(_box_mean(stack, w)[None], grid[None, None], mode="bilinear", align_corners=False)
+            st = st[0, :, 0].T
+            d_in = pix - st[:, 0:3] / st[:, 3:4].clamp_min(1e-3)
+            d_out = pix - st[:, 4:7] / st[:, 7:8].clamp_min(1e-3)
+            parts += [d_in, d_out, (d_in**2).sum(1, keepdim=True), (d_out**2).sum(1, keepdim=True)]
+        return torch.cat(parts, 1)
+    prob = torch.sigmoid(logits)
     for w in WINDOWS:
         st = _box_mean(torch.cat([img * prob, prob[None], img * (1 - prob), (1 - prob)[None]]), w)[:, ys, xs].T
         d_in = pix - st[:, 0:3] / st[:, 3:4].clamp_min(1e-3)
@@ -108,7 +135,7 @@ def uncertain(logits: torch.Tensor, threshold: float, budget: int) -> tuple[torc
 
 
 def refine(
-    refiner: PointRefiner, predictor: SamPredictor, img_p, logits, threshold: float, budget: int
+    refiner: PointRefiner, predictor: SamPredictor, img_p, logits, threshold: float, budget: int, low_res=None
 ) -> torch.Tensor:
     """``C x H x W`` logits at the image's size -> the same with their uncertain pixels refined."""
     high_res = predictor.decoder_inputs["high_res_features"][0].float()
@@ -117,34 +144,39 @@ def refine(
     for c in range(logits.shape[0]):
         ys, xs = uncertain(logits[c], threshold, budget)
         if len(ys):
-            f = point_features(img_p, logits[c], high_res, ys, xs, predictor.model.image_size, scale)
+            gs = (predictor._refiner_small, low_res[c]) if low_res is not None else None
+            f = point_features(img_p, logits[c], high_res, ys, xs, predictor.model.image_size, scale, gs)
             out[c, ys, xs] = refiner(f, logits[c, ys, xs])
     return out
 
 
-def patch_predictor(refiner: PointRefiner, threshold: float, budget: int) -> None:
+def patch_predictor(refiner: PointRefiner, threshold: float, budget: int, grid: bool = False) -> None:
     """Make every :class:`SamPredictor` in this process refine the masks it returns."""
     set_image, predict = SamPredictor.set_image, SamPredictor.predict
 
     def set_image_refined(self, image, image_format="RGB"):
         set_image(self, image, image_format)
-        self._refiner_image = padded_image(image if image_format == "RGB" else image[..., ::-1])
+        rgb = image if image_format == "RGB" else image[..., ::-1]
+        self._refiner_image = padded_image(rgb)
+        self._refiner_small = grid_image(self, rgb) if grid else None
 
     def predict_refined(self, *args, return_logits=False, **kwargs):
         masks, scores, low_res = predict(self, *args, return_logits=True, **kwargs)
         with torch.no_grad():
-            t = refine(refiner, self, self._refiner_image, torch.from_numpy(masks).float(), threshold, budget)
+            low = torch.from_numpy(low_res).float() if grid else None
+            t = refine(refiner, self, self._refiner_image, torch.from_numpy(masks).float(), threshold, budget, low)
         return (t.numpy() if return_logits else (t > 0).numpy()), scores, low_res
 
     SamPredictor.set_image, SamPredictor.predict = set_image_refined, predict_refined
 
 
-def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> torch.Tensor:
-    """One training mask's logits: the object's box, or 1-5 clicks of the standard clicker."""
+def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> tuple:
+    """One training mask's logits and low-res logits: the object's box, or 1-5 clicks of the standard clicker."""
     if random.random() < box_fraction:
         ys, xs = np.nonzero(gt)
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-        return torch.from_numpy(pred.predict(box=box, multimask_output=False, return_logits=True)[0][0]).float()
+        m, _, lr = pred.predict(box=box, multimask_output=False, return_logits=True)
+        return torch.from_numpy(m[0]).float(), torch.from_numpy(lr[0]).float()
     p, low, clicks, logits = np.zeros(gt.shape, bool), None, [], None
     for _ in range(random.randint(1, 5)):
         click = next_click(gt, p, ignore)
@@ -155,7 +187,7 @@ def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> tor
         m, s, lr = pred.predict(*clicks_to_prompt(clicks), mask_input=low, multimask_output=first, return_logits=True)
         b = int(np.argmax(s)) if first else 0
         logits, low, p = torch.from_numpy(m[b]).float(), lr[b : b + 1], m[b] > 0
-    return logits
+    return logits, (torch.from_numpy(low[0]).float() if low is not None else None)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -178,9 +210,10 @@ def train(args: argparse.Namespace) -> None:
         with torch.no_grad():
             pred.set_image(sample.image)
             img_p = padded_image(sample.image)
+            small = grid_image(pred, sample.image) if args.grid_stats else None
             high_res = pred.decoder_inputs["high_res_features"][0].float()
             for _, gt, ignore, _ in random.sample(objects, min(3, len(objects))):
-                logits = _prompted_logits(pred, gt, ignore, args.box_fraction)
+                logits, low = _prompted_logits(pred, gt, ignore, args.box_fraction)
                 if logits is None:
                     continue
                 ys, xs = uncertain(logits, args.threshold, 0)
@@ -193,7 +226,8 @@ def train(args: argparse.Namespace) -> None:
                 if ignore is not None:
                     keep = ~torch.from_numpy(ignore)[ys, xs]
                 scale = pred.input_size[0] / gt.shape[0]
-                f = point_features(img_p, logits, high_res, ys, xs, pred.model.image_size, scale)
+                gs = (small, low) if args.grid_stats else None
+                f = point_features(img_p, logits, high_res, ys, xs, pred.model.image_size, scale, gs)
                 buf.append((f[keep], logits[ys, xs][keep], torch.from_numpy(gt)[ys, xs].float()[keep]))
         if sum(len(b[2]) for b in buf) < 16384:
             continue
@@ -257,14 +291,15 @@ def speed(args: argparse.Namespace, refiner: PointRefiner) -> None:
     pred = SamPredictor(load_model(args.model))
     pred.set_image(image)
     img_p = padded_image(image)
+    pred._refiner_small = grid_image(pred, image)
     for point in ([500, 340], [200, 100]):
-        m, _, _ = pred.predict(np.array([point], float), np.array([1]), multimask_output=False, return_logits=True)
-        t = torch.from_numpy(m).float()
+        m, _, lr = pred.predict(np.array([point], float), np.array([1]), multimask_output=False, return_logits=True)
+        t, low = torch.from_numpy(m).float(), (torch.from_numpy(lr).float() if args.grid_stats else None)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
             with torch.no_grad():
-                refine(refiner, pred, img_p, t, args.threshold, args.budget)
+                refine(refiner, pred, img_p, t, args.threshold, args.budget, low)
             times.append(time.perf_counter() - t0)
         n = (t.abs() < args.threshold).sum().item()
         print(f"point {point}: {n} uncertain pixels, refined in {1000 * min(times):.1f} ms")
@@ -281,6 +316,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=6.0, help="refine pixels with |logit| below this")
     ap.add_argument("--budget", type=int, default=0, help="refine at most this many pixels a mask (0: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid-stats", action="store_true", help="window means on the mask grid (the fast variant)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", nargs="+", default=["davis2016_val", "coco_instances_mini"])
     ap.add_argument("--max-images", type=int, default=None)
@@ -295,7 +331,7 @@ def main() -> None:
     refiner.eval()
     if args.mode == "speed":
         return speed(args, refiner)
-    patch_predictor(refiner, args.threshold, args.budget)
+    patch_predictor(refiner, args.threshold, args.budget, args.grid_stats)
     sys.argv = ["eval_default.py", "--model", args.model] + [a for a in rest if a != "--"]
     runpy.run_path(str(Path(__file__).resolve().parent / "eval_default.py"), run_name="__main__")
 
