@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_default import DATA, held_out_objects  # noqa: E402
 
 from segany import SamPredictor, load_model  # noqa: E402
-from segany.evaluation.clicks import clicks_to_prompt, next_click  # noqa: E402
 from segany.evaluation.metrics import mask_iou  # noqa: E402
-from segany.evaluation.protocols import _pick, _select_objects, load_samples  # noqa: E402
+from segany.evaluation.protocols import _select_objects, click_object, load_samples  # noqa: E402
 
 PATCH = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
 WINDOWS = (9, 25)
@@ -88,6 +87,14 @@ def _box_mean(t: torch.Tensor, w: int) -> torch.Tensor:
     return (c[:, w:, w:] - c[:, :-w, w:] - c[:, w:, :-w] + c[:, :-w, :-w]) / (w * w)
 
 
+def _contrast(pix: torch.Tensor, stats: torch.Tensor) -> list[torch.Tensor]:
+    """A pixel's colour ``N x 3`` against the window means ``N x 8`` (colour x p, p, colour x (1 - p), 1 - p):
+    its differences from the mean colours inside and outside the mask, and their squared norms."""
+    d_in = pix - stats[:, 0:3] / stats[:, 3:4].clamp_min(1e-3)
+    d_out = pix - stats[:, 4:7] / stats[:, 7:8].clamp_min(1e-3)
+    return [d_in, d_out, (d_in**2).sum(1, keepdim=True), (d_out**2).sum(1, keepdim=True)]
+
+
 def point_features(
     img_p, logits, high_res, ys, xs, image_size: int, scale: float, grid_stats: tuple | None = None
 ) -> torch.Tensor:
@@ -111,17 +118,12 @@ def point_features(
         stack = torch.cat([small * prob, prob[None], small * (1 - prob), (1 - prob)[None]])
         for w in (3, 7):
             st = F.grid_sample(_box_mean(stack, w)[None], grid[None, None], mode="bilinear", align_corners=False)
-            st = st[0, :, 0].T
-            d_in = pix - st[:, 0:3] / st[:, 3:4].clamp_min(1e-3)
-            d_out = pix - st[:, 4:7] / st[:, 7:8].clamp_min(1e-3)
-            parts += [d_in, d_out, (d_in**2).sum(1, keepdim=True), (d_out**2).sum(1, keepdim=True)]
+            parts += _contrast(pix, st[0, :, 0].T)
         return torch.cat(parts, 1)
     prob = torch.sigmoid(logits)
     for w in WINDOWS:
-        st = _box_mean(torch.cat([img * prob, prob[None], img * (1 - prob), (1 - prob)[None]]), w)[:, ys, xs].T
-        d_in = pix - st[:, 0:3] / st[:, 3:4].clamp_min(1e-3)
-        d_out = pix - st[:, 4:7] / st[:, 7:8].clamp_min(1e-3)
-        parts += [d_in, d_out, (d_in**2).sum(1, keepdim=True), (d_out**2).sum(1, keepdim=True)]
+        stack = torch.cat([img * prob, prob[None], img * (1 - prob), (1 - prob)[None]])
+        parts += _contrast(pix, _box_mean(stack, w)[:, ys, xs].T)
     return torch.cat(parts, 1)
 
 
@@ -170,24 +172,37 @@ def patch_predictor(refiner: PointRefiner, threshold: float, budget: int, grid: 
     SamPredictor.set_image, SamPredictor.predict = set_image_refined, predict_refined
 
 
-def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> tuple:
+class _Recorder:
+    """A predictor for :func:`click_object` that keeps the logits of every answer it gives."""
+
+    def __init__(self, predictor: SamPredictor) -> None:
+        self.predictor, self.answers = predictor, []
+
+    def predict(self, **kwargs):
+        logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
+        self.answers.append((logits, scores, low_res))
+        return logits > 0, scores, low_res
+
+    def kept(self, click: int) -> tuple[np.ndarray, np.ndarray]:
+        """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the
+        clicker stopped earlier): click 1's highest-scored candidate, later clicks' only one."""
+        logits, scores, low_res = self.answers[min(click, len(self.answers)) - 1]
+        i = int(np.argmax(scores)) if click == 1 else 0
+        return logits[i], low_res[i]
+
+
+def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One training mask's logits and low-res logits: the object's box, or 1-5 clicks of the standard clicker."""
     if random.random() < box_fraction:
         ys, xs = np.nonzero(gt)
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
         m, _, lr = pred.predict(box=box, multimask_output=False, return_logits=True)
         return torch.from_numpy(m[0]).float(), torch.from_numpy(lr[0]).float()
-    p, low, clicks, logits = np.zeros(gt.shape, bool), None, [], None
-    for _ in range(random.randint(1, 5)):
-        click = next_click(gt, p, ignore)
-        if click is None:
-            break
-        clicks.append(click)
-        first = low is None
-        m, s, lr = pred.predict(*clicks_to_prompt(clicks), mask_input=low, multimask_output=first, return_logits=True)
-        b = int(np.argmax(s)) if first else 0
-        logits, low, p = torch.from_numpy(m[b]).float(), lr[b : b + 1], m[b] > 0
-    return logits, (torch.from_numpy(low[0]).float() if low is not None else None)
+    recorder = _Recorder(pred)
+    clicks = random.randint(1, 5)
+    click_object(recorder, gt, ignore, clicks)
+    logits, low = recorder.kept(clicks)
+    return torch.from_numpy(logits).float(), torch.from_numpy(low).float()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -214,8 +229,6 @@ def train(args: argparse.Namespace) -> None:
             high_res = pred.decoder_inputs["high_res_features"][0].float()
             for _, gt, ignore, _ in random.sample(objects, min(3, len(objects))):
                 logits, low = _prompted_logits(pred, gt, ignore, args.box_fraction)
-                if logits is None:
-                    continue
                 ys, xs = uncertain(logits, args.threshold, 0)
                 if len(ys) > 768:
                     sel = torch.from_numpy(rng.choice(len(ys), 768, replace=False))
@@ -262,20 +275,14 @@ def oracle(args: argparse.Namespace) -> None:
         for sample, objects, _ in held_out_objects(folder, args.max_images):
             pred.set_image(sample.image)
             for _, gt, ignore, _ in objects:
-                p, logits, clicks = np.zeros(gt.shape, bool), None, []
-                for k in range(1, 6):
-                    click = next_click(gt, p, ignore)
-                    if click is None:
-                        break
-                    clicks.append(click)
-                    first = logits is None
-                    m, s, lr = pred.predict(*clicks_to_prompt(clicks), mask_input=logits, multimask_output=first)
-                    p, logits = _pick(m, lr, int(np.argmax(s)) if first else 0, gt.shape)
-                    if k in rows:
-                        edge = cv2.morphologyEx(p.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-                        dist = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
-                        fixed = [mask_iou(np.where(dist <= d, gt, p), gt, ignore) for d in dists]
-                        rows[k].append([mask_iou(p, gt, ignore), *fixed])
+                recorder = _Recorder(pred)
+                click_object(recorder, gt, ignore, max(rows))
+                for k in rows:
+                    p = recorder.kept(k)[0] > 0
+                    edge = cv2.morphologyEx(p.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+                    dist = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
+                    fixed = [mask_iou(np.where(dist <= d, gt, p), gt, ignore) for d in dists]
+                    rows[k].append([mask_iou(p, gt, ignore), *fixed])
         for k, v in rows.items():
             a = np.array(v).mean(0)
             print(f"{folder} click {k} ({len(v)} objects): IoU {a[0]:.3f}; with the pixels within d of the edge right: "
@@ -291,7 +298,7 @@ def speed(args: argparse.Namespace, refiner: PointRefiner) -> None:
     pred = SamPredictor(load_model(args.model))
     pred.set_image(image)
     img_p = padded_image(image)
-    pred._refiner_small = grid_image(pred, image)
+    pred._refiner_small = grid_image(pred, image) if args.grid_stats else None
     for point in ([500, 340], [200, 100]):
         m, _, lr = pred.predict(np.array([point], float), np.array([1]), multimask_output=False, return_logits=True)
         t, low = torch.from_numpy(m).float(), (torch.from_numpy(lr).float() if args.grid_stats else None)
