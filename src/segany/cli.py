@@ -53,6 +53,8 @@ COMMANDS: dict[str, Command] = {
                      train.run),
     "train-text": Command("train a text head (text prompts) on a frozen model", train.add_text_args,
                           train.run_text),
+    "train-refiner": Command("train a model's point refiner (its masks' edges at full resolution), the model frozen",
+                             train.add_refiner_args, train.run_refiner),
 }
 
 

@@ -40,21 +40,19 @@ Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
 
-def bf16_supported(device: torch.device | str = "cpu") -> bool:
-    """True where bf16 matmuls run natively on ``device`` (not emulated)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
 def compile_supported(device: torch.device | str = "cpu") -> bool:
     """True where ``torch.compile`` can build kernels: inductor needs a C++ compiler for CPU code."""
     if torch.device(device).type == "cpu":
         return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
     return True
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True where bf16 matmuls run natively on ``device`` (not emulated)."""
+    # imported here: importing the models makes tensors, and use_huge_pages must come before the first
+    from segany.modeling.fast.common import bf16_supported as native
+
+    return native(device)
 
 
 def use_huge_pages() -> bool:

@@ -13,6 +13,8 @@ import torch
 
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, input_side
+from segany.modeling.fast import postprocess
+from segany.modeling.point_refiner import RefinerImage
 from segany.modeling.sam import Sam
 from segany.perf import optimize
 from segany.prompts import check_fits_float32, check_image, check_prompts
@@ -77,6 +79,10 @@ class SamPredictor:
         input_image = self.transform.apply_image(np.ascontiguousarray(image))
         input_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
         self.set_torch_image(input_torch, image.shape[:2])
+        if self._refiner_input is not None:  # the point refiner reads the original pixels (a copy: they may change)
+            pixels = torch.from_numpy(np.array(image)).to(self.device)  # in the model's channel order: RGB
+            self.refiner_image = RefinerImage.of(pixels, self._refiner_input)
+            self._refiner_input = None
         if self.text_detector is not None:  # the detector looks at the pixels, not the embedding
             rgb = image if self.model.image_format == "RGB" else image[..., ::-1]
             self.image_rgb = np.ascontiguousarray(rgb)
@@ -100,6 +106,8 @@ class SamPredictor:
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         x = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         self.features, self.decoder_inputs = self.model.embed_image(x)
+        if getattr(self.model, "point_refiner", None) is not None:
+            self._refiner_input = x
         if getattr(self.model, "text_head", None) is not None:
             self._text_input = x  # the text head's pixel path runs on first text prompt only
         self.is_image_set = True
@@ -111,10 +119,13 @@ class SamPredictor:
         input_size: tuple[int, int] | None = None,
         text_features: tuple[torch.Tensor, ...] | None = None,
         decoder_inputs: dict[str, Any] | None = None,
+        refiner_image: RefinerImage | None = None,
     ) -> None:
         """Reuse a cached ``1 x C x h x w`` embedding (e.g. from :meth:`get_image_embedding`), for text
-        prompts the text head's pixel features (:meth:`get_text_features`) of the same image, and for
-        SAM 2 / SAM-HQ the decoder's other image inputs (:meth:`get_decoder_inputs`)."""
+        prompts the text head's pixel features (:meth:`get_text_features`) of the same image, for
+        SAM 2 / SAM-HQ the decoder's other image inputs (:meth:`get_decoder_inputs`), and for a model with a
+        point refiner what it reads of the image (:meth:`get_refiner_image`; without it the masks are the
+        model's upsampled ones, unrefined)."""
         self.reset_image()
         if self._max_side is not None:  # the embedding's width says which grid it is of
             side = embedding.shape[-1] * self._given.config.encoder.stride
@@ -129,12 +140,20 @@ class SamPredictor:
         self.decoder_inputs = {k: _to_device(v, self.device) for k, v in (decoder_inputs or {}).items()}
         if text_features is not None:
             self.text_features = tuple(t.to(self.device) for t in text_features)
+        if refiner_image is not None and getattr(self.model, "point_refiner", None) is not None:
+            self.refiner_image = refiner_image.to(self.device)
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:
         """The ``1 x C x h x w`` embedding of the current image."""
         self._require_image()
         return self.features
+
+    def get_refiner_image(self) -> RefinerImage | None:
+        """What the model's point refiner reads of the current image (None for a model without one, or an image
+        given by :meth:`set_torch_image` alone): give it to :meth:`set_embedding` with the embedding."""
+        self._require_image()
+        return self.refiner_image
 
     def reset_image(self) -> None:
         self.is_image_set = False
@@ -145,6 +164,8 @@ class SamPredictor:
         self.image_rgb = None
         self._text_input = None
         self.text_features = None
+        self._refiner_input: torch.Tensor | None = None
+        self.refiner_image: RefinerImage | None = None
 
     @property
     def device(self) -> torch.device:
@@ -234,12 +255,27 @@ class SamPredictor:
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings, hq_token_only
         )
-        threshold = None if return_logits else self.model.mask_threshold
+        refine = self.refiner_image is not None
+        threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
+        if refine:
+            masks = self.refine_masks(masks, low_res)
+            masks = masks if return_logits else postprocess.greater(masks, self.model.mask_threshold)
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
             low_res = low_res.clamp(-bound, bound)
         return masks, iou, low_res
+
+    @torch.inference_mode()
+    def refine_masks(self, logits: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+        """Upsampled logits ``... x H x W`` of the current image (low-res ``... x 4h x 4w``) with their uncertain
+        pixels corrected by the model's point refiner (``SamConfig.point_refiner``), where the predictor has what
+        it reads of the image (:meth:`get_refiner_image`); otherwise unchanged. Float32 logits are changed in
+        place."""
+        if self.refiner_image is None:
+            return logits
+        high_res = self.decoder_inputs["high_res_features"][0]
+        return self.model.point_refiner.refine_(logits.float(), low_res, self.refiner_image, high_res, self.input_size)
 
     @torch.inference_mode()
     def predict_low_res(

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from segany.errors import SegAnyError
+from segany.modeling.point_refiner import RefinerImage
 from segany.predictor import SamPredictor
 from segany.prompts import check_prompts
 from segany.transforms import get_preprocess_shape
@@ -35,8 +36,8 @@ from segany.utils.masks import box_iou
 OUTSIDE_LOGIT = -20.0
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
-#: a crop's embedding, original size, input size and the decoder's other image inputs
-CropEmbedding = tuple[torch.Tensor, tuple[int, int], tuple[int, int], dict[str, Any]]
+#: a crop's embedding, original and input sizes, decoder inputs and what a point refiner reads (None: no refiner)
+CropEmbedding = tuple[torch.Tensor, tuple[int, int], tuple[int, int], dict[str, Any], RefinerImage | None]
 
 
 class CropCache(Protocol):
@@ -114,17 +115,20 @@ class ZoomInPredictor:
         image: np.ndarray | Callable[[], np.ndarray],
         input_size: tuple[int, int] | None = None,
         decoder_inputs: dict[str, Any] | None = None,
+        refiner_image: RefinerImage | None = None,
     ) -> None:
         """Set the whole image from its cached embedding, as :meth:`SamPredictor.set_embedding`; ``image``:
         its pixels (``H x W x 3`` uint8 RGB) or a function returning them, called only when a crop must be
         embedded (a server keeps the encoded upload, and a click on a kept crop needs no decoding).
         Forgets the previous prediction."""
-        self.predictor.set_embedding(embedding, original_size, input_size, decoder_inputs=decoder_inputs)
+        self.predictor.set_embedding(
+            embedding, original_size, input_size, decoder_inputs=decoder_inputs, refiner_image=refiner_image
+        )
         self._keep_whole(image)
 
     def _keep_whole(self, image: np.ndarray | Callable[[], np.ndarray]) -> None:
         p = self.predictor  # its whole-image embedding is kept: each object's first click comes back to it
-        self._whole = (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
+        self._whole = _held(p)
         self._hw, self._pixels = p.original_size, image
         self._crop = self.full_box
         self._last = None
@@ -278,16 +282,21 @@ class ZoomInPredictor:
             if cached is None and self.crop_cache is not None:
                 cached = self.crop_cache.get(crop)
             if cached is not None:
-                embedding, original_size, input_size, decoder_inputs = cached
-                self.predictor.set_embedding(embedding, original_size, input_size, decoder_inputs=decoder_inputs)
+                embedding, original_size, input_size, decoder_inputs, refiner_image = cached
+                self.predictor.set_embedding(
+                    embedding, original_size, input_size, decoder_inputs=decoder_inputs, refiner_image=refiner_image
+                )
             else:
                 p = self.predictor
                 p.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
                 if self.crop_cache is not None:
-                    self.crop_cache.put(
-                        crop, (p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs())
-                    )
+                    self.crop_cache.put(crop, _held(p))
             self._crop = crop
+
+
+def _held(p: SamPredictor) -> CropEmbedding:
+    """What ``p`` holds of its image, to set it again with ``set_embedding``."""
+    return p.get_image_embedding(), p.original_size, p.input_size, p.get_decoder_inputs(), p.get_refiner_image()
 
 
 def _with_box_of(mask: np.ndarray, coords: np.ndarray) -> np.ndarray:

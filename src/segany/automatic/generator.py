@@ -440,7 +440,8 @@ class SamAutomaticMaskGenerator:
             removed["stability_score_thresh"] += int((~ok).sum())
             if not ok.any():
                 continue
-            masks = postprocess.greater(logits[ok], thr)
+            # the model's point refiner (if any) on the masks that passed, at the image's resolution
+            masks = postprocess.greater(p.refine_masks(logits[ok], chunk[ok]), thr)
             bxs = batched_mask_to_box(masks)
             ok2 = ~is_box_near_crop_edge(bxs, crop_box, [0, 0, orig_w, orig_h])
             removed["crop_edge"] += int((~ok2).sum())

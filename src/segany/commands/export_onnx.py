@@ -43,4 +43,7 @@ def run(args: argparse.Namespace) -> int:
         export_encoder(model, args.encoder, opset=args.opset, quantize=args.quantize)
         print(f"encoder -> {args.encoder} ({os.path.getsize(args.encoder) / 1e6:.2f} MB)")
     print(f"exported {args.model} in {time.perf_counter() - t0:.1f} s")
+    if getattr(model, "point_refiner", None) is not None:
+        print("note: the model's point refiner is not in the graph: its masks are the decoder's, upsampled (as "
+              "the web page's hover preview; SamPredictor and the server refine them at the image's resolution)")
     return 0

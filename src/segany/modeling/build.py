@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
 from segany.modeling.dense_prompt_encoder import NUM_PROMPT_MAPS, DensePromptEncoder
 from segany.modeling.efficientnet import EfficientNetLiteEncoder
 from segany.modeling.fast import fast_class
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.point_refiner import PointRefiner
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam import Sam, model_weights
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
@@ -94,6 +97,8 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         raise ValueError("mask_skip_prompts needs mask_skip and dense_prompts")
     if cfg.high_res_features and not isinstance(image_encoder, EfficientNetLiteEncoder):
         raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
+    if cfg.point_refiner and not cfg.high_res_features:
+        raise ValueError("point_refiner needs high_res_features")
 
     def mask_decoder(correction: bool) -> MaskDecoder:
         """The first prompt's decoder (``correction`` False), or the one for prompts with a mask input."""
@@ -132,6 +137,10 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         pixel_std=tuple(cfg.pixel_std),
         config=cfg,
         correction_decoder=mask_decoder(True) if cfg.correction_decoder else None,
+        # reads the first decoder's projected stride-4 map (transformer_dim // 8 channels, as SAM 2's)
+        point_refiner=fast_class(PointRefiner, fast)(d // 8, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+        if cfg.point_refiner
+        else None,
     )
 
 
@@ -162,3 +171,18 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     if head is not None:  # tied to the encoders' weights, which are these
         resized.text_head = head
     return resized.to(model.device).train(model.training)
+
+
+def with_point_refiner(model: Sam, refiner: PointRefiner | str | None) -> Sam:
+    """``model`` with another point refiner (``SamConfig.point_refiner``): ``refiner``'s weights, "new" (a fresh
+    one, which changes nothing until trained) or None (none), sharing the rest of ``model``'s weights, in eval
+    mode and on its device. An attached text head comes along."""
+    cfg = dataclasses.replace(model.config, point_refiner=refiner is not None)
+    fast = fast_class(type(model)) is type(model)
+    out = build_sam(cfg, fast=fast)
+    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("point_refiner.")}
+    if isinstance(refiner, PointRefiner):
+        weights.update({f"point_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
+    out.load_state_dict(weights, strict=refiner != "new", assign=True)
+    out.text_head = getattr(model, "text_head", None)
+    return out.to(model.device).eval()

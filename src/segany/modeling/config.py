@@ -109,6 +109,10 @@ class SamConfig:
     #: a larger image is encoded at its own longest side rounded up to 32 pixels, up to this many, rather
     #: than shrunk to ``image_size`` (the same weights on a larger grid: EfficientNet encoder only; not in SAM)
     max_image_size: int | None = None
+    #: the upsampled masks' uncertain pixels corrected at the image's own resolution by a small MLP
+    #: (:class:`~segany.modeling.point_refiner.PointRefiner`, ``Sam.point_refiner``; needs
+    #: ``high_res_features``; not in SAM)
+    point_refiner: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

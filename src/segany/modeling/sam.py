@@ -52,11 +52,14 @@ class Sam(nn.Module):
         image_size: int | None = None,
         config: Any = None,
         correction_decoder: MaskDecoder | None = None,
+        point_refiner: nn.Module | None = None,
     ) -> None:
         """The official signature (``Sam(image_encoder, prompt_encoder, mask_decoder, pixel_mean,
         pixel_std)``), plus ``image_size`` (the square input side) for encoders that do not fix it
         themselves, ``config`` (the :class:`SamConfig` it was built from, saved with the weights) and
-        ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``).
+        ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``) and
+        ``point_refiner`` (corrects the upsampled masks at the image's resolution: ``SamConfig.point_refiner``;
+        applied by the predictor, which has the image's pixels).
 
         ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
         the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
@@ -75,6 +78,7 @@ class Sam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.correction_decoder = correction_decoder
+        self.point_refiner = point_refiner
         self.image_size = image_size
         self.config = config
         # Optional text prompt head (segany.modeling.text_prompt.TextHead), attached by load_model when

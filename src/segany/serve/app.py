@@ -136,9 +136,11 @@ def create_app(model: Sam, settings: ServerSettings | None = None, model_name: s
 
     def ingest(data: bytes, image_id: str, ext: str) -> ImageEntry:
         image = decode_image(data, name="upload", max_pixels=s.max_pixels)
-        embedding, input_size, text_features, decoder_inputs = served.embed(image)
+        embedding, input_size, text_features, decoder_inputs, refiner_image = served.embed(image)
         h, w = image.shape[:2]
-        entry = ImageEntry(image_id, data, ext, h, w, input_size, embedding, text_features, decoder_inputs)
+        entry = ImageEntry(
+            image_id, data, ext, h, w, input_size, embedding, text_features, decoder_inputs, refiner_image
+        )
         cache.put(image_id, entry, entry.nbytes)
         return entry
 

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from segany.modeling.point_refiner import RefinerImage
 from segany.zoom_in import Box, CropEmbedding
 
 V = TypeVar("V")
@@ -101,11 +102,16 @@ class ImageEntry:
     text_features: tuple[torch.Tensor, ...] | None = None  #: the text head's pixel features, if any
     #: The decoder's other image inputs (SAM 2's high-resolution features, SAM-HQ's early ViT features).
     decoder_inputs: dict[str, Any] | None = None
+    #: what the model's point refiner reads of the image (``SamPredictor.get_refiner_image``), if it has one
+    refiner_image: RefinerImage | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes to count in the cache."""
-        return len(self.data) + tensor_bytes(self.embedding, *(self.text_features or ()), self.decoder_inputs or {})
+        extra = self.refiner_image.nbytes if self.refiner_image is not None else 0
+        return len(self.data) + extra + tensor_bytes(
+            self.embedding, *(self.text_features or ()), self.decoder_inputs or {}
+        )
 
 
 class LogitsStore:
@@ -158,10 +164,12 @@ class CropEmbeddings:
         return self._lru.get(self._key(crop))
 
     def put(self, crop: Box, value: CropEmbedding) -> None:
-        embedding, original_size, input_size, inputs = value
+        embedding, original_size, input_size, inputs, refiner_image = value
         embedding, inputs = cpu_copy(embedding), {k: cpu_copy(v) for k, v in inputs.items()}
-        nbytes = tensor_bytes(embedding, inputs) + 256
-        self._lru.put(self._key(crop), (embedding, original_size, input_size, inputs), nbytes)
+        if refiner_image is not None:
+            refiner_image = refiner_image.to("cpu")
+        nbytes = tensor_bytes(embedding, inputs) + (refiner_image.nbytes if refiner_image is not None else 0) + 256
+        self._lru.put(self._key(crop), (embedding, original_size, input_size, inputs, refiner_image), nbytes)
 
 
 def cpu_copy(value: Any) -> Any:

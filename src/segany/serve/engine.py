@@ -25,12 +25,15 @@ from segany.automatic import SamAutomaticMaskGenerator
 from segany.io.png import encode_png
 from segany.io.rle import encode_rle, rle_area, rle_to_bbox
 from segany.modeling.build import at_image_size
+from segany.modeling.point_refiner import RefinerImage
 from segany.modeling.sam import Sam
 from segany.predictor import SamPredictor
 from segany.serve.cache import CropEmbeddings, ImageEntry, cpu_copy
 from segany.zoom_in import Box, ZoomInPredictor, whole_image_mask_prompt
 
 T = TypeVar("T")
+#: an upload's embedding, input size, text features, decoder inputs and point-refiner image (ServedModel.embed)
+Embedded = tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None, dict[str, Any], RefinerImage | None]
 
 
 class ServedModel:
@@ -114,18 +117,19 @@ class ServedModel:
             return self.run(fuse)
         return entry.decoder_inputs["high_res_features"][int(name[-1])]
 
-    def embed(
-        self, image: np.ndarray
-    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None, dict[str, Any]]:
+    def embed(self, image: np.ndarray) -> Embedded:
         """``H x W x 3`` uint8 -> (``1 x C x e x e`` float32 CPU embedding, resized ``(h, w)``, the text
-        head's pixel features or None, the decoder's other image inputs on the CPU: empty for SAM)."""
-        def work() -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, ...] | None, dict[str, Any]]:
+        head's pixel features or None, the decoder's other image inputs on the CPU: empty for SAM, what the
+        model's point refiner reads of the image or None)."""
+        def work() -> Embedded:
             predictor = SamPredictor(self.model)
             predictor.set_image(image)
             text = predictor.get_text_features() if self.model.text_head is not None else None
             cpu = None if text is None else tuple(t.detach().to("cpu", torch.float32).clone() for t in text)
             inputs = {k: cpu_copy(v) for k, v in predictor.get_decoder_inputs().items()}
-            return predictor.features.detach().to("cpu", torch.float32).clone(), predictor.input_size, cpu, inputs
+            refiner = predictor.get_refiner_image()
+            embedding = predictor.features.detach().to("cpu", torch.float32).clone()
+            return embedding, predictor.input_size, cpu, inputs, (refiner.to("cpu") if refiner is not None else None)
 
         return self.run(work)
 
@@ -137,6 +141,7 @@ class ServedModel:
             entry.input_size,
             text_features=entry.text_features,
             decoder_inputs=entry.decoder_inputs,
+            refiner_image=entry.refiner_image,
         )
         return predictor
 
@@ -179,7 +184,8 @@ class ServedModel:
         def work() -> tuple[np.ndarray, np.ndarray, np.ndarray, Box]:
             zoom = ZoomInPredictor(SamPredictor(self.model), refine_first=not multimask, crop_cache=crops)
             zoom.set_embedding(
-                entry.embedding, (entry.height, entry.width), decode, entry.input_size, entry.decoder_inputs
+                entry.embedding, (entry.height, entry.width), decode, entry.input_size, entry.decoder_inputs,
+                entry.refiner_image,
             )
             if mask_input is not None:
                 zoom.remember(previous_crop or zoom.full_box, mask_input)
@@ -209,6 +215,7 @@ class ServedModel:
         cached = {
             "embedding": entry.embedding, "original_size": (entry.height, entry.width),
             "input_size": entry.input_size, "decoder_inputs": entry.decoder_inputs,
+            "refiner_image": entry.refiner_image,
         }
         records = self.run(lambda: gen.generate(image, embedding=cached))
         return records, gen.filter_counts

@@ -16,6 +16,7 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
 * :class:`FastTwoWayTransformer` (``transformer.py``): the image side by bands of tokens, for prompts the
   re-associated decoder does not take (a mask input).
+* :class:`FastPointRefiner` (``point_refiner.py``): its MLP in bf16 where the hardware has it.
 * :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
 * SAM 2: :class:`FastHiera` (``hiera.py``): blocks in place, by bands of rows of windows;
   :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, matrix
@@ -40,6 +41,7 @@ from segany.modeling.fast.efficientnet import FastEfficientNetLite
 from segany.modeling.fast.hiera import FastHiera
 from segany.modeling.fast.image_encoder import FastImageEncoderViT
 from segany.modeling.fast.mask_decoder import FastMaskDecoder
+from segany.modeling.fast.point_refiner import FastPointRefiner
 from segany.modeling.fast.prompt_encoder import FastDensePromptEncoder, FastPromptEncoder
 from segany.modeling.fast.sam import FastSam
 from segany.modeling.fast.sam2 import FastSam2, FastSam2PromptEncoder
@@ -49,6 +51,7 @@ from segany.modeling.fast.transformer import FastTwoWayTransformer
 from segany.modeling.hiera import Hiera
 from segany.modeling.image_encoder import ImageEncoderViT
 from segany.modeling.mask_decoder import MaskDecoder
+from segany.modeling.point_refiner import PointRefiner
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.sam import Sam
 from segany.modeling.sam2 import Sam2, Sam2PromptEncoder
@@ -71,6 +74,7 @@ FAST_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     Sam2PromptEncoder: FastSam2PromptEncoder,
     Sam2MaskDecoder: FastSam2MaskDecoder,
     TwoWayTransformer: FastTwoWayTransformer,
+    PointRefiner: FastPointRefiner,
 }
 
 
@@ -85,6 +89,7 @@ __all__ = [
     "FastEfficientNetLite",
     "FastImageEncoderViT",
     "FastMaskDecoder",
+    "FastPointRefiner",
     "FastHiera",
     "FastDensePromptEncoder",
     "FastPromptEncoder",

@@ -19,6 +19,16 @@ def active(module: nn.Module | None = None) -> bool:
     )
 
 
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True where bf16 matmuls run natively on ``device`` (not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def activate_(x: torch.Tensor, act: nn.Module) -> torch.Tensor:
     """``act(x)``, in place in ``x`` for GELU and ReLU when autograd is off (``x`` must be the caller's own
     fresh tensor): saves an allocation and a pass over memory per activation."""

@@ -1,0 +1,202 @@
+"""Training a model's point refiner (:class:`~segany.modeling.point_refiner.PointRefiner`) on its own masks, the
+model frozen.
+
+    segany train-refiner --config configs/point_refiner.yaml
+
+Each image of the training folders (at its own resolution: the refiner's job is the detail the model's grid
+misses) gets up to ``masks_per_image`` objects, each prompted as a user would: its box (``box_fraction`` of
+them) or 1-5 clicks of the standard clicker (:func:`~segany.evaluation.protocols.click_object`), the kept mask
+being the one the clicker keeps. Of each mask, ``points_per_mask`` of its uncertain pixels and
+``random_points`` anywhere become training points (features, coarse logit, ground truth); every
+``buffer_points`` points the refiner takes ``epochs_per_buffer`` passes of binary cross-entropy over them in
+batches of ``batch_points``. The result is the model's file with the refiner in it (``SamConfig.point_refiner``),
+written after every buffer; ``out_dir/last.pt`` (refiner, optimizer, images seen) lets a rerun resume.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segany.checkpoint import load_model, save_model
+from segany.errors import SegAnyError
+from segany.evaluation.protocols import _select_objects, click_object, load_samples
+from segany.modeling.build import with_point_refiner
+from segany.modeling.point_refiner import PointRefiner, RefinerImage
+from segany.predictor import SamPredictor
+from segany.training.config import Options
+from segany.training.run_files import load_training_state, save_training_state
+
+
+@dataclass
+class RefinerTrainConfig(Options):
+    """The point refiner's training options (``configs/point_refiner.yaml``)."""
+
+    out_dir: str = "runs/refiner"  #: ``model.safetensors`` (the model with its refiner) and ``last.pt``
+    base_model: str = "default"  #: the frozen model whose masks are refined (a refiner it has is replaced)
+    #: label-map folders: ``{root, split, weight}`` (weight: how often its images are drawn, relative)
+    train_data: list[dict] = field(default_factory=list)
+    images: int = 7000  #: images to train on
+    masks_per_image: int = 3
+    box_fraction: float = 0.3  #: masks prompted by the object's box rather than clicks
+    max_clicks: int = 5  #: clicked masks get 1 to this many clicks
+    points_per_mask: int = 768  #: uncertain pixels drawn from each mask
+    random_points: int = 128  #: pixels drawn anywhere in the image for each mask
+    buffer_points: int = 16384
+    batch_points: int = 4096
+    epochs_per_buffer: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    min_object_area: int = 100
+    seed: int = 0
+    half: bool = True  #: the model file in fp16, as the shipped one (``last.pt`` keeps the refiner in fp32)
+    num_threads: int | None = None
+    log_every: int = 50  #: images between progress lines
+
+    def validate(self) -> None:
+        if not self.train_data:
+            raise SegAnyError("train_data: give at least one label-map folder ({root, split, weight})")
+        for d in self.train_data:
+            if not isinstance(d, dict) or "root" not in d or set(d) - {"root", "split", "weight"}:
+                raise SegAnyError(f"train_data entry {d!r}: expected {{root, split, weight}}")
+        for name in ("images", "masks_per_image", "max_clicks", "points_per_mask", "buffer_points", "batch_points"):
+            if getattr(self, name) < 1:
+                raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.box_fraction <= 1.0:
+            raise SegAnyError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
+
+
+class _Recorder:
+    """A predictor for :func:`click_object` that keeps the logits of every answer it gives."""
+
+    def __init__(self, predictor: SamPredictor) -> None:
+        self.predictor, self.answers = predictor, []
+
+    def predict(self, **kwargs: Any):
+        logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
+        self.answers.append((logits, scores, low_res))
+        return logits > 0, scores, low_res
+
+    def kept(self, click: int) -> tuple[np.ndarray, np.ndarray]:
+        """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the clicker
+        stopped earlier): click 1's highest-scored candidate, later clicks' only one."""
+        logits, scores, low_res = self.answers[min(click, len(self.answers)) - 1]
+        i = int(np.argmax(scores)) if click == 1 else 0
+        return logits[i], low_res[i]
+
+
+def prompted_mask(
+    predictor: SamPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training mask of the image set on ``predictor``: logits ``H x W`` and low-res logits, for the object
+    ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the standard clicker."""
+    if random.random() < box_fraction:
+        ys, xs = np.nonzero(gt)
+        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+        m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+        return torch.from_numpy(m[0]).float(), torch.from_numpy(low[0]).float()
+    recorder = _Recorder(predictor)
+    clicks = random.randint(1, max_clicks)
+    click_object(recorder, gt, ignore, clicks)
+    logits, low = recorder.kept(clicks)
+    return torch.from_numpy(logits).float(), torch.from_numpy(low).float()
+
+
+def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerImage, torch.Tensor]:
+    """What the refiner reads of the image set on ``predictor`` (a model without a refiner): the pixels and
+    the input on the mask grid, and the decoder's stride-4 features."""
+    x = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].float()
+    refiner_image = RefinerImage.of(torch.from_numpy(np.array(image)), predictor.model.preprocess(x))
+    return refiner_image, predictor.decoder_inputs["high_res_features"][0]
+
+
+def _sample_points(logits: torch.Tensor, refiner: PointRefiner, cfg: RefinerTrainConfig, rng: np.random.Generator):
+    """Training pixels of one mask: ``points_per_mask`` of its uncertain ones and ``random_points`` anywhere."""
+    ys, xs = torch.nonzero(logits.abs() < refiner.threshold, as_tuple=True)
+    if len(ys) > cfg.points_per_mask:
+        sel = torch.from_numpy(rng.choice(len(ys), cfg.points_per_mask, replace=False))
+        ys, xs = ys[sel], xs[sel]
+    h, w = logits.shape
+    ys = torch.cat([ys, torch.from_numpy(rng.integers(0, h, cfg.random_points))])
+    xs = torch.cat([xs, torch.from_numpy(rng.integers(0, w, cfg.random_points))])
+    return ys, xs
+
+
+def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
+    """Train the refiner of ``cfg.base_model``; returns the written model file (``out_dir/model.safetensors``)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = load_model(cfg.base_model, text_head=None)
+    if not getattr(base.config, "high_res_features", False):
+        raise SegAnyError(f"{cfg.base_model}: a point refiner needs a model with high_res_features (segany's default)")
+    base = with_point_refiner(base, None)  # the masks to refine are the model's own
+    predictor = SamPredictor(base)
+    torch.manual_seed(cfg.seed)
+    refiner = with_point_refiner(base, "new").point_refiner.train()
+    opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images, steps = 0, 0
+    last = out_dir / "last.pt"
+    if last.is_file():
+        state = load_training_state(last)
+        refiner.load_state_dict(state["refiner"])
+        opt.load_state_dict(state["optimizer"])
+        images, steps = state["images"], state["steps"]
+        if progress:
+            print(f"resumed from {last}: {images} images, {steps} steps", flush=True)
+    random.seed(cfg.seed + images)  # a resumed run goes on with other draws, not the first ones again
+    torch.manual_seed(cfg.seed + images)
+    rng = np.random.default_rng(cfg.seed + images)
+    folders = [load_samples(d["root"], d.get("split")) for d in cfg.train_data]
+    weights = [float(d.get("weight", 1.0)) for d in cfg.train_data]
+    out = out_dir / "model.safetensors"
+    buf: list[tuple[torch.Tensor, ...]] = []
+    start, hist = time.time(), []
+    while images < cfg.images:
+        folder = random.choices(folders, weights=weights)[0]
+        sample = folder.folder.load(random.choice(folder.stems))
+        objects, _ = _select_objects(sample, cfg.min_object_area, None)
+        if not objects:
+            continue
+        images += 1
+        with torch.no_grad():
+            predictor.set_image(sample.image)
+            image, high_res = _image_inputs(predictor, sample.image)
+            for _, gt, ignore, _ in random.sample(objects, min(cfg.masks_per_image, len(objects))):
+                logits, low = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
+                ys, xs = _sample_points(logits, refiner, cfg, rng)
+                keep = torch.ones(len(ys), dtype=torch.bool) if ignore is None else ~torch.from_numpy(ignore)[ys, xs]
+                f = refiner.point_features(logits, low, image, high_res, predictor.input_size, ys, xs)
+                buf.append((f[keep], logits[ys, xs][keep], torch.from_numpy(gt)[ys, xs].float()[keep]))
+        if sum(len(b[2]) for b in buf) < cfg.buffer_points and images < cfg.images:
+            continue
+        x, coarse, y = (torch.cat(t) for t in zip(*buf))
+        buf = []
+        for _ in range(cfg.epochs_per_buffer):
+            perm = torch.randperm(len(y))
+            for j in range(0, max(1, len(y) - cfg.batch_points + 1), cfg.batch_points):
+                i = perm[j : j + cfg.batch_points]
+                z = refiner.correct(x[i], coarse[i])
+                loss = F.binary_cross_entropy_with_logits(z, y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+                before = F.binary_cross_entropy_with_logits(coarse[i], y[i]).item()
+                hist.append((loss.item(), before, ((z > 0).float() == y[i]).float().mean().item()))
+        save_model(with_point_refiner(base, refiner), out, half=cfg.half)
+        state = {"refiner": refiner.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps}
+        save_training_state(last, state)
+        if progress and hist:
+            h = np.array(hist[-40:]).mean(0)
+            print(f"{time.time() - start:6.0f}s images {images}/{cfg.images} steps {steps} loss {h[0]:.4f} "
+                  f"(unrefined {h[1]:.4f}) pixel accuracy {h[2]:.4f}", flush=True)
+    return out

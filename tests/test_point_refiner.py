@@ -1,0 +1,191 @@
+"""The point refiner (SamConfig.point_refiner): it corrects only the uncertain pixels of the upsampled masks, at
+most its budget of them, from the image's own pixels; an untrained one changes nothing; it travels in the model
+file, through cached embeddings, the "everything" generator, and its own training command."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segany.automatic_mask_generator import SamAutomaticMaskGenerator
+from segany.checkpoint import infer_config, load_model, save_model
+from segany.cli import main
+from segany.modeling import build_sam
+from segany.modeling.build import with_point_refiner
+from segany.modeling.fast.point_refiner import FastPointRefiner
+from segany.modeling.point_refiner import PIXEL_PAD, PointRefiner, RefinerImage
+from segany.predictor import SamPredictor
+from segany.training.refiner_train import RefinerTrainConfig, train_point_refiner
+from tests.test_efficientnet import tiny_config
+
+POINT = (np.array([[70, 45]]), np.array([1]))
+
+
+def _image(h: int = 150, w: int = 200, seed: int = 0) -> np.ndarray:
+    """A noisy background with a bright disc: edges for the refiner to look at."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    img[(yy - h // 3) ** 2 + (xx - w // 3) ** 2 < (h // 4) ** 2] = (230, 200, 40)
+    return img
+
+
+def _model(trained: bool, seed: int = 0):
+    """A tiny model with high-res features and a point refiner: fresh (an identity) or with random weights."""
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(tiny_config(16), high_res_features=True, point_refiner=True)
+    model = build_sam(cfg).eval()
+    with torch.no_grad():
+        model.mask_decoder.conv_s0.weight.normal_(0, 0.5)
+        if trained:
+            model.point_refiner.mlp[-1].weight.normal_(0, 2.0)
+            model.point_refiner.mlp[-1].bias.fill_(0.5)
+    return model
+
+
+def _logits(model, image=None, **kwargs):
+    predictor = SamPredictor(model)
+    predictor.set_image(_image() if image is None else image)
+    return predictor.predict(*POINT, multimask_output=False, return_logits=True, **kwargs)
+
+
+def test_an_untrained_refiner_changes_nothing_and_a_trained_one_only_uncertain_pixels():
+    fresh, trained = _model(False), _model(True)
+    plain = with_point_refiner(fresh, None)
+    assert plain.point_refiner is None and not plain.config.point_refiner
+    base = _logits(plain)[0]
+    np.testing.assert_allclose(_logits(fresh)[0], base, atol=1e-5)  # its last layer starts at zero
+    refined = _logits(trained)[0]
+    changed = np.abs(refined - base) > 1e-4
+    assert changed.any()
+    assert np.all(np.abs(base[changed]) < trained.point_refiner.threshold)  # only uncertain pixels move
+    trained.point_refiner.budget = 100
+    few = np.abs(_logits(trained)[0] - base) > 1e-4
+    assert 0 < few.sum() <= 100
+    predictor = SamPredictor(trained)
+    predictor.set_image(_image())
+    binary = predictor.predict(*POINT, multimask_output=False)[0]
+    assert binary.dtype == bool and np.array_equal(binary[0], _logits(trained)[0][0] > 0)
+
+
+def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
+    refiner = PointRefiner(16, threshold=6.0, budget=500)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(32, 32, generator=g) * 8
+    logits = torch.nn.functional.interpolate(low[None, None], size=(120, 128), mode="bilinear")[0, 0]
+    a = logits.abs().flatten()
+    best = set(torch.topk(a, 500, largest=False).indices.tolist())
+    for args in ((), (low, (120, 128))):  # a full search, and the threshold taken from the low-res grid
+        ys, xs = refiner.uncertain_pixels(logits, *args)
+        assert set((ys * 128 + xs).tolist()) == best
+    refiner.budget = 0
+    ys, xs = refiner.uncertain_pixels(logits)
+    assert len(ys) == int((a < 6.0).sum())
+
+
+def test_patches_at_the_border_repeat_the_edge_pixel():
+    refiner = PointRefiner(4)
+    image = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3).to(torch.uint8)
+    ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32))
+    assert ref.pixels.shape == (3, 5 + 2 * PIXEL_PAD, 7 + 2 * PIXEL_PAD)
+    logits = torch.randn(5, 7)
+    ys, xs = torch.tensor([0, 4]), torch.tensor([0, 6])
+    f = refiner.point_features(logits, torch.zeros(8, 8), ref, torch.zeros(1, 4, 8, 8), (5, 7), ys, xs)
+    std, mean = refiner.pixel_std, refiner.pixel_mean
+    # the first RGB patch (step 1) of the corner pixel (0, 0): red channel, offsets (-2..2, -2..2) row-major
+    red = f[0, 1:26].view(5, 5) * std[0] + mean[0]
+    expect = image[:, :, 0].float()[[0, 0, 0, 1, 2]][:, [0, 0, 0, 1, 2]]
+    torch.testing.assert_close(red, expect, atol=1e-3, rtol=0)
+    assert f.shape == (2, refiner.mlp[0].in_features)
+    assert abs(f[1, 0].item() - logits[4, 6].item() / 8) < 1e-6
+
+
+def test_the_refiner_travels_in_the_model_file_and_through_a_cached_embedding(tmp_path):
+    model = _model(True)
+    path = tmp_path / "refined.safetensors"
+    save_model(model, path)
+    back = load_model(path, text_head=None)
+    assert back.config.point_refiner and infer_config(back.state_dict(), 128).point_refiner
+    np.testing.assert_allclose(_logits(back)[0], _logits(model)[0], atol=1e-4)
+    predictor = SamPredictor(back)
+    predictor.set_image(_image())
+    cached = SamPredictor(back)
+    emb, size = predictor.get_image_embedding(), predictor.original_size
+    cached.set_embedding(emb, size, predictor.input_size, decoder_inputs=predictor.get_decoder_inputs(),
+                         refiner_image=predictor.get_refiner_image())
+    want = predictor.predict(*POINT, multimask_output=False, return_logits=True)[0]
+    np.testing.assert_allclose(cached.predict(*POINT, multimask_output=False, return_logits=True)[0], want, atol=1e-5)
+    unrefined = SamPredictor(back)  # without what the refiner reads: the model's own upsampled masks
+    unrefined.set_embedding(emb, size, predictor.input_size, decoder_inputs=predictor.get_decoder_inputs())
+    plain = _logits(with_point_refiner(back, None))[0]
+    got = unrefined.predict(*POINT, multimask_output=False, return_logits=True)[0]
+    np.testing.assert_allclose(got, plain, atol=1e-4)
+
+
+def test_the_fast_refiner_matches_the_plain_one():
+    model = _model(True)
+    assert isinstance(model.point_refiner, FastPointRefiner)
+    plain = build_sam(model.config, fast=False).eval()
+    plain.load_state_dict(model.state_dict())
+    assert type(plain.point_refiner) is PointRefiner
+    a, b = _logits(model)[0], _logits(plain)[0]
+    correction = np.abs(b - _logits(with_point_refiner(model, None))[0]).max()
+    assert correction > 1.0 and np.abs(a - b).max() < 0.02 * correction  # bf16 products where the hardware has them
+    assert np.mean((a > 0) != (b > 0)) < 0.01
+
+
+def test_everything_masks_are_refined():
+    trained = _model(True)
+    opts = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    got = SamAutomaticMaskGenerator(trained, **opts).generate(_image())
+    plain = SamAutomaticMaskGenerator(with_point_refiner(trained, None), **opts).generate(_image())
+    assert len(got) == len(plain) > 0
+    assert any(not np.array_equal(a["segmentation"], b["segmentation"]) for a, b in zip(got, plain))
+
+
+def _folder(root: Path, n: int = 4) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img = _image(seed=i)
+        labels = np.zeros(img.shape[:2], np.uint8)
+        labels[(img[..., 0] == 230)] = 1
+        labels[100:140, 120:190] = 2
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        Image.fromarray(labels).save(root / "masks" / f"im{i}.png")
+
+
+def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
+    _folder(tmp_path / "data")
+    base = _model(False)
+    save_model(base, tmp_path / "base.safetensors")
+    cfg = RefinerTrainConfig(
+        out_dir=str(tmp_path / "run"), base_model=str(tmp_path / "base.safetensors"),
+        train_data=[{"root": str(tmp_path / "data")}], images=3, buffer_points=500, batch_points=256,
+        points_per_mask=200, random_points=50, half=False,
+    )
+    out = train_point_refiner(cfg, progress=False)
+    model = load_model(out, text_head=None)
+    assert model.config.point_refiner
+    assert model.point_refiner.mlp[-1].weight.abs().sum() > 0  # trained away from its zero start
+    for k, v in with_point_refiner(base, None).state_dict().items():  # the model itself is unchanged
+        torch.testing.assert_close(model.state_dict()[k], v)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["images"] == 3
+    train_point_refiner(dataclasses.replace(cfg, images=5), progress=False)  # resumes: 2 more images
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["images"] == 5
+
+
+def test_train_refiner_command_reports_bad_options_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_data: []\n")
+    assert main(["train-refiner", "--config", str(bad)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "train_data" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="high_res_features"):
+        build_sam(dataclasses.replace(tiny_config(16), point_refiner=True))
