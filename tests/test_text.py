@@ -383,6 +383,27 @@ def test_shipped_default_head_finds_named_shapes() -> None:
     assert hits == {"red_left", "red_right"}
 
 
+@needs_minilm
+def test_text_masks_are_not_refined_and_clicks_are() -> None:
+    """The shipped model's point refiner answers clicks and boxes (what it was trained on), not the text head."""
+    from segany import SamPredictor, load_model
+
+    p = SamPredictor(load_model("default"))
+    if p.model.text_head is None or p.model.point_refiner is None:
+        pytest.skip("the default model ships no text head or no point refiner in this checkout")
+    img, _ = _shapes_image()
+    p.set_image(img)
+    answers = []
+    for refiner_image in (p.refiner_image, None):
+        p.refiner_image = refiner_image
+        text = p.predict(text="the red circles", return_logits=True)[0]
+        click = p.predict(np.array([[60, 110]]), np.array([1]), multimask_output=False, return_logits=True)[0]
+        answers.append((text, click))
+    (text, click), (text_plain, click_plain) = answers
+    np.testing.assert_array_equal(text, text_plain)
+    assert np.abs(click - click_plain).max() > 1e-3
+
+
 def test_open_clip_encoder_errors_are_clear(tmp_path) -> None:
     from segany.modeling.text_encoder import load_sentence_encoder
 

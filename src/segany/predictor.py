@@ -255,7 +255,8 @@ class SamPredictor:
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings, hq_token_only
         )
-        refine = self.refiner_image is not None
+        # the point refiner was trained on clicks' and boxes' masks: on the text head's it lost (MODELS.md)
+        refine = self.refiner_image is not None and text_embeddings is None
         threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
