@@ -266,9 +266,14 @@ def test_models_with_caches_still_pickle(tiny_model):
 # -- opt-in modes ---------------------------------------------------------------------------------------
 
 
-def _logits(model, image, points):
+def _logits(model, image, points, refined=False):
+    """One click's logits at each point; unrefined by default: the point refiner (the default's) corrects the
+    most uncertain pixels, and which those are follows the smallest change of the logits, so its output is
+    compared as masks (``refined``), the networks' as logits."""
     pred = segany.SamPredictor(model)
     pred.set_image(image)
+    if not refined:
+        pred.refiner_image = None
     return [
         pred.predict(np.array([p]), np.array([1]), multimask_output=False, return_logits=True)[0][0] for p in points
     ]
@@ -302,6 +307,8 @@ def test_precision_modes_keep_the_shipped_models_masks(name, precision, logit_to
         assert np.abs(a - b).max() <= logit_tol
         flipped = (a > 0) != (b > 0)
         assert np.all(np.abs(a[flipped]) <= logit_tol), "a pixel far from the mask's edge changed"
+        assert (a > 0).sum() > 100 and _iou(a > 0, b > 0) >= min_iou
+    for a, b in zip(_logits(segany.load_model(name), image, points, True), _logits(model, image, points, True)):
         assert (a > 0).sum() > 100 and _iou(a > 0, b > 0) >= min_iou
 
 
