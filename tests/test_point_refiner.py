@@ -74,7 +74,7 @@ def test_an_untrained_refiner_changes_nothing_and_a_trained_one_only_uncertain_p
 
 
 def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
-    refiner = PointRefiner(16, threshold=6.0, budget=500)
+    refiner = PointRefiner((16,), threshold=6.0, budget=500)
     g = torch.Generator().manual_seed(0)
     low = torch.randn(32, 32, generator=g) * 8
     logits = torch.nn.functional.interpolate(low[None, None], size=(120, 128), mode="bilinear")[0, 0]
@@ -89,13 +89,13 @@ def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
 
 
 def test_patches_at_the_border_repeat_the_edge_pixel():
-    refiner = PointRefiner(4)
+    refiner = PointRefiner((4,))
     image = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3).to(torch.uint8)
     ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32))
     assert ref.pixels.shape == (3, 5 + 2 * PIXEL_PAD, 7 + 2 * PIXEL_PAD)
     logits = torch.randn(5, 7)
     ys, xs = torch.tensor([0, 4]), torch.tensor([0, 6])
-    f = refiner.point_features(logits, torch.zeros(8, 8), ref, torch.zeros(1, 4, 8, 8), (5, 7), ys, xs)
+    f = refiner.point_features(logits, torch.zeros(8, 8), ref, [torch.zeros(1, 4, 8, 8)], (5, 7), ys, xs)
     std, mean = refiner.pixel_std, refiner.pixel_mean
     # the first RGB patch (step 1) of the corner pixel (0, 0): red channel, offsets (-2..2, -2..2) row-major
     red = f[0, 1:26].view(5, 5) * std[0] + mean[0]

@@ -275,8 +275,8 @@ class SamPredictor:
         place."""
         if self.refiner_image is None:
             return logits
-        high_res = self.decoder_inputs["high_res_features"][0]
-        return self.model.point_refiner.refine_(logits.float(), low_res, self.refiner_image, high_res, self.input_size)
+        maps = [*self.decoder_inputs["high_res_features"], self.features]
+        return self.model.point_refiner.refine_(logits.float(), low_res, self.refiner_image, maps, self.input_size)
 
     @torch.inference_mode()
     def predict_low_res(

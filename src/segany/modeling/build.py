@@ -128,19 +128,22 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
             high_res_projections=not correction,
         )
 
+    decoder = mask_decoder(False)
+    correction = mask_decoder(True) if cfg.correction_decoder else None
+    refiner = None
+    if cfg.point_refiner:  # reads the decoder's projected stride-4 and stride-8 maps (SAM 2's widths) and the embedding
+        maps = (d // 8, d // 4, d)
+        refiner = fast_class(PointRefiner, fast)(maps, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
-        mask_decoder=mask_decoder(False),
+        mask_decoder=decoder,
         image_size=cfg.image_size,
         pixel_mean=tuple(cfg.pixel_mean),
         pixel_std=tuple(cfg.pixel_std),
         config=cfg,
-        correction_decoder=mask_decoder(True) if cfg.correction_decoder else None,
-        # reads the first decoder's projected stride-4 map (transformer_dim // 8 channels, as SAM 2's)
-        point_refiner=fast_class(PointRefiner, fast)(d // 8, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-        if cfg.point_refiner
-        else None,
+        correction_decoder=correction,
+        point_refiner=refiner,
     )
 
 

@@ -3,10 +3,11 @@
 SAM draws its masks on a grid of stride 4 of its input and upsamples them bilinearly, so on a photo larger than
 the input an edge can be off by several pixels. After the upsampling, a small MLP (PointRend-style) takes the
 most uncertain pixels of each mask (``|logit| < threshold``, at most ``budget`` of them) and corrects each one's
-logit from what lies there: the coarse logit and a 5 x 5 patch of its neighbours (2 pixels apart), two 5 x 5 RGB
-patches of the original image (1 and 3 pixels apart), the decoder's stride-4 high-resolution features, and the
-pixel's colour against the mean colours inside and outside the mask around it (3- and 7-cell windows of the mask
-grid, from the low-res logits and the model's input averaged onto that grid). Its last layer starts at zero,
+logit from what lies there: the coarse logit, a 5 x 5 RGB patch of the original image around it, two 5 x 5 patches
+of the logits (2 and 6 pixels apart), the model's maps at the pixel (the decoder's stride-4 and stride-8
+high-resolution features and the image embedding, bilinearly), and the pixel's colour against the mean colours
+inside and outside the mask around it (3- and 7-cell windows of the mask grid, from the low-res logits and the
+model's input averaged onto that grid). Its last layer starts at zero,
 so an untrained refiner changes nothing. It is trained on a frozen model's masks
 (:mod:`segany.training.refiner_train`); MODELS.md measures it.
 """
@@ -22,9 +23,9 @@ from torch import nn
 
 # 5 x 5 patch offsets, row-major
 _PATCH = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
-RGB_STEPS = (1, 3)  #: pixels between the samples of the two RGB patches
-LOGIT_STEP = 2  #: pixels between the samples of the logit patch
-PIXEL_PAD = 2 * max(RGB_STEPS)  #: the stored pixels' margin (edges replicated): no patch reaches past it
+RGB_STEPS = (1,)  #: pixels between the samples of each RGB patch
+LOGIT_STEPS = (2, 6)  #: pixels between the samples of each logit patch
+PIXEL_PAD = 2 * max(RGB_STEPS)  #: the stored pixels' margin (edges replicated): no RGB patch reaches past it
 WINDOWS = (3, 7)  #: mask-grid cells on a side of the windows of the inside / outside mean colours
 
 
@@ -72,13 +73,12 @@ def _box_means(t: torch.Tensor, windows: Sequence[int]) -> list[torch.Tensor]:
 
 
 def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: torch.Tensor, hw: tuple[int, int]):
-    """``flat[(y + dy) * W + (x + dx)]`` for every pixel ``N`` and offset ``K`` (clamped to the image, i.e. edges
-    replicated): ``N x K x ...`` of ``flat`` ``(H * W) x ...``."""
+    """``flat[(y + dy) * W + (x + dx)]`` for every offset ``K`` and pixel ``N`` (clamped to the image, i.e. edges
+    replicated): ``K x N`` of ``flat`` ``H * W``."""
     h, w = hw
-    yy = (ys[:, None] + offsets[:, 0]).clamp_(0, h - 1)
-    xx = (xs[:, None] + offsets[:, 1]).clamp_(0, w - 1)
-    idx = (yy * w + xx).view(-1)
-    return flat.index_select(0, idx).view(len(ys), offsets.shape[0], *flat.shape[1:])
+    yy = (ys + offsets[:, 0, None]).clamp_(0, h - 1)
+    xx = (xs + offsets[:, 1, None]).clamp_(0, w - 1)
+    return flat.index_select(0, (yy * w + xx).view(-1)).view(offsets.shape[0], len(ys))
 
 
 class PointRefiner(nn.Module):
@@ -87,7 +87,7 @@ class PointRefiner(nn.Module):
 
     def __init__(
         self,
-        high_res_channels: int,
+        map_channels: Sequence[int],
         hidden: int = 64,
         threshold: float = 6.0,
         budget: int = 2048,
@@ -98,7 +98,7 @@ class PointRefiner(nn.Module):
         self.threshold = threshold
         self.budget = budget
         n = len(_PATCH)
-        in_features = 1 + 3 * n * len(RGB_STEPS) + n + high_res_channels + 8 * len(WINDOWS)
+        in_features = 1 + 3 * n * len(RGB_STEPS) + n * len(LOGIT_STEPS) + sum(map_channels) + 8 * len(WINDOWS)
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
         )
@@ -108,7 +108,7 @@ class PointRefiner(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), False)
         patch = torch.tensor(_PATCH)
         self.register_buffer("rgb_offsets", torch.cat([patch * s for s in RGB_STEPS]), False)
-        self.register_buffer("logit_offsets", patch * LOGIT_STEP, False)
+        self.register_buffer("logit_offsets", torch.cat([patch * s for s in LOGIT_STEPS]), False)
 
     def uncertain_pixels(
         self, logits: torch.Tensor, low_res: torch.Tensor | None = None, input_size: tuple[int, int] | None = None
@@ -138,32 +138,36 @@ class PointRefiner(nn.Module):
         logits: torch.Tensor,
         low_res: torch.Tensor,
         image: RefinerImage,
-        high_res: torch.Tensor,
+        maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
         ys: torch.Tensor,
         xs: torch.Tensor,
     ) -> torch.Tensor:
         """Features ``N x in_features`` of pixels ``(ys, xs)`` of one mask: its logits ``H x W`` in the original
-        frame and low-res logits ``g x g`` (or a top-left part of them), ``high_res`` the decoder's stride-4
-        features ``1 x C x g x g`` over the model's padded input of side ``4 g``, ``input_size`` the resized
+        frame and low-res logits ``g x g`` (or a top-left part of them), ``maps`` the model's image maps
+        ``1 x C x h x w`` over its padded input of side ``4 g`` (the decoder's stride-4 and stride-8
+        high-resolution features and the embedding; the first on the g x g grid), ``input_size`` the resized
         image's ``(h, w)`` in it. Their order: the coarse logit, the RGB patches (channel-major, step by step),
-        the logit patch, the high-resolution features, and per window the differences from the mean colours
-        inside and outside and their squared norms."""
-        n, hw, c, k = len(ys), tuple(logits.shape), high_res.shape[1], len(_PATCH)
-        feats = torch.empty(n, self.mlp[0].in_features, device=logits.device)
+        the logit patches, the maps, and per window the differences from the mean colours inside and outside
+        and their squared norms."""
+        n, hw, k = len(ys), tuple(logits.shape), len(_PATCH)
+        # built feature by feature as rows (each part's natural layout: contiguous copies), returned transposed
+        ft = torch.empty(self.mlp[0].in_features, n, device=logits.device)
         # the RGB patches: one gather from the padded planes, normalised per channel
         wp = image.pixels.shape[-1]
         start = (ys + PIXEL_PAD) * wp + xs + PIXEL_PAD
-        idx = (start[:, None] + self.rgb_offsets[:, 0] * wp + self.rgb_offsets[:, 1]).view(-1)
+        idx = (start + self.rgb_offsets[:, 0, None] * wp + self.rgb_offsets[:, 1, None]).view(-1)
         rgb = image.pixels.view(3, -1).gather(1, idx[None].expand(3, -1)).float()  # (faster than index_select)
         rgb = torch.addcmul((-self.pixel_mean / self.pixel_std)[:, None], rgb, (1 / self.pixel_std)[:, None])
         steps = len(RGB_STEPS)
-        feats[:, 0] = logits[ys, xs] / 8.0
-        feats[:, 1 : 1 + 3 * steps * k].view(n, steps, 3, k).copy_(rgb.view(3, n, steps, k).permute(1, 2, 0, 3))
+        ft[0] = logits[ys, xs] / 8.0
+        ft[1 : 1 + 3 * steps * k].view(steps, 3, k, n).copy_(rgb.view(3, steps, k, n).transpose(0, 1))
         at = 1 + 3 * steps * k
-        feats[:, at : at + k] = _gather(logits.reshape(-1), ys, xs, self.logit_offsets, hw) / 8.0
-        # pixel centres in the padded input frame, as grid_sample coordinates of the g x g grid
-        g = high_res.shape[-1]
+        patches = _gather(logits.reshape(-1), ys, xs, self.logit_offsets, hw)
+        torch.div(patches, 8.0, out=ft[at : at + len(patches)])
+        at += len(patches)
+        # pixel centres in the padded input frame, as grid_sample coordinates (the same for every map's grid)
+        g = maps[0].shape[-1]
         if tuple(low_res.shape[-2:]) != (g, g):  # a fast decoder's top-left part of the grid: the rest as its edge
             pad = (0, g - low_res.shape[-1], 0, g - low_res.shape[-2])
             low_res = F.pad(low_res[None, None].float(), pad, mode="replicate")[0, 0]
@@ -172,27 +176,26 @@ class PointRefiner(nn.Module):
         where = (torch.stack([px, py], 1) / (2 * g) - 1)[None, None]
         prob = torch.sigmoid(low_res.float())[None]
 
-        def sample(maps: torch.Tensor) -> torch.Tensor:  # C x g x g -> N x C, bilinear at the pixel centres
-            return F.grid_sample(maps[None].float(), where, mode="bilinear", align_corners=False)[0, :, 0].T
+        def sample(m: torch.Tensor) -> torch.Tensor:  # C x h x w -> C x N, bilinear at the pixel centres
+            return F.grid_sample(m[None].float(), where, mode="bilinear", align_corners=False)[0, :, 0]
 
-        at += k
-        feats[:, at : at + c] = sample(high_res[0])
-        at += c
+        for m in maps:
+            ft[at : at + m.shape[1]] = sample(m[0])
+            at += m.shape[1]
         # per window, at each pixel: the means of colour x p and p, p the mask's probability on the grid, and
         # of colour; outside the mask the colour mean is (colour - colour x p) / (1 - p)
         weighted = sample(torch.cat(_box_means(torch.cat([image.grid * prob, prob]), WINDOWS)))
         colour = sample(image.grid_means)
-        pix = rgb.view(3, n, steps * k)[:, :, k // 2].T  # the pixel itself: the first patch's centre
+        pix = rgb.view(3, steps * k, n)[:, k // 2]  # the pixel itself: the first patch's centre
         for i in range(len(WINDOWS)):
-            cp, p = weighted[:, 4 * i : 4 * i + 3], weighted[:, 4 * i + 3 : 4 * i + 4]
-            col = colour[:, 3 * i : 3 * i + 3]
-            d_in, d_out = feats[:, at : at + 3], feats[:, at + 3 : at + 6]
+            cp, p = weighted[4 * i : 4 * i + 3], weighted[4 * i + 3 : 4 * i + 4]
+            d_in, d_out = ft[at : at + 3], ft[at + 3 : at + 6]
             torch.sub(pix, cp / p.clamp_min(1e-3), out=d_in)
-            torch.sub(pix, (col - cp) / (1 - p).clamp_min(1e-3), out=d_out)
-            feats[:, at + 6] = d_in.square().sum(1)
-            feats[:, at + 7] = d_out.square().sum(1)
+            torch.sub(pix, (colour[3 * i : 3 * i + 3] - cp) / (1 - p).clamp_min(1e-3), out=d_out)
+            torch.sum(d_in.square(), 0, out=ft[at + 6])
+            torch.sum(d_out.square(), 0, out=ft[at + 7])
             at += 8
-        return feats
+        return ft.T
 
     def correct(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Refined logits ``N`` of pixels with features ``N x in_features`` and coarse logits ``N``."""
@@ -203,7 +206,7 @@ class PointRefiner(nn.Module):
         logits: torch.Tensor,
         low_res: torch.Tensor,
         image: RefinerImage,
-        high_res: torch.Tensor,
+        maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
     ) -> torch.Tensor:
         """Float ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``) with each
@@ -212,7 +215,7 @@ class PointRefiner(nn.Module):
         for m in range(flat.shape[0]):
             ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
             if len(ys):
-                f = self.point_features(flat[m], low[m], image, high_res, input_size, ys, xs)
+                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs)
                 flat[m, ys, xs] = self.correct(f, f[:, 0] * 8.0)
         return logits
 
@@ -221,8 +224,8 @@ class PointRefiner(nn.Module):
         logits: torch.Tensor,
         low_res: torch.Tensor,
         image: RefinerImage,
-        high_res: torch.Tensor,
+        maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
     ) -> torch.Tensor:
         """:meth:`refine_` on a float copy of ``logits``."""
-        return self.refine_(logits.float().clone(), low_res, image, high_res, input_size)
+        return self.refine_(logits.float().clone(), low_res, image, maps, input_size)

@@ -109,12 +109,12 @@ def prompted_mask(
     return torch.from_numpy(logits).float(), torch.from_numpy(low).float()
 
 
-def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerImage, torch.Tensor]:
+def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerImage, list[torch.Tensor]]:
     """What the refiner reads of the image set on ``predictor`` (a model without a refiner): the pixels and
-    the input on the mask grid, and the decoder's stride-4 features."""
+    the input on the mask grid, and the model's maps (high-resolution features, embedding)."""
     x = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].float()
     refiner_image = RefinerImage.of(torch.from_numpy(np.array(image)), predictor.model.preprocess(x))
-    return refiner_image, predictor.decoder_inputs["high_res_features"][0]
+    return refiner_image, [*predictor.decoder_inputs["high_res_features"], predictor.features]
 
 
 def _sample_points(logits: torch.Tensor, refiner: PointRefiner, cfg: RefinerTrainConfig, rng: np.random.Generator):
@@ -169,12 +169,12 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         images += 1
         with torch.no_grad():
             predictor.set_image(sample.image)
-            image, high_res = _image_inputs(predictor, sample.image)
+            image, maps = _image_inputs(predictor, sample.image)
             for _, gt, ignore, _ in random.sample(objects, min(cfg.masks_per_image, len(objects))):
                 logits, low = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
                 ys, xs = _sample_points(logits, refiner, cfg, rng)
                 keep = torch.ones(len(ys), dtype=torch.bool) if ignore is None else ~torch.from_numpy(ignore)[ys, xs]
-                f = refiner.point_features(logits, low, image, high_res, predictor.input_size, ys, xs)
+                f = refiner.point_features(logits, low, image, maps, predictor.input_size, ys, xs)
                 buf.append((f[keep], logits[ys, xs][keep], torch.from_numpy(gt)[ys, xs].float()[keep]))
         if sum(len(b[2]) for b in buf) < cfg.buffer_points and images < cfg.images:
             continue
