@@ -15,6 +15,10 @@ starts as the identity; the model stays frozen. Results and commands: MODELS.md,
 ``--grid-stats`` (train, eval and speed alike) takes the window means on the mask grid instead: the fast variant.
 
 ``eval`` runs ``eval_default.py`` (arguments after ``--``) with every mask the predictor returns refined.
+
+The product has its own refiner since (``SamConfig.point_refiner``, ``segany train-refiner``), and the shipped
+model holds one: to rerun this probe as it ran, give ``--model`` the weights before it
+(``git show cb409c6:src/segany/weights/segany_default.safetensors``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from eval_default import DATA, held_out_objects  # noqa: E402
 from segany import SamPredictor, load_model  # noqa: E402
 from segany.evaluation.metrics import mask_iou  # noqa: E402
 from segany.evaluation.protocols import _select_objects, click_object, load_samples  # noqa: E402
+from segany.training.refiner_train import ClickRecorder, prompted_mask  # noqa: E402
 
 PATCH = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
 WINDOWS = (9, 25)
@@ -172,39 +177,6 @@ def patch_predictor(refiner: PointRefiner, threshold: float, budget: int, grid: 
     SamPredictor.set_image, SamPredictor.predict = set_image_refined, predict_refined
 
 
-class _Recorder:
-    """A predictor for :func:`click_object` that keeps the logits of every answer it gives."""
-
-    def __init__(self, predictor: SamPredictor) -> None:
-        self.predictor, self.answers = predictor, []
-
-    def predict(self, **kwargs):
-        logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
-        self.answers.append((logits, scores, low_res))
-        return logits > 0, scores, low_res
-
-    def kept(self, click: int) -> tuple[np.ndarray, np.ndarray]:
-        """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the
-        clicker stopped earlier): click 1's highest-scored candidate, later clicks' only one."""
-        logits, scores, low_res = self.answers[min(click, len(self.answers)) - 1]
-        i = int(np.argmax(scores)) if click == 1 else 0
-        return logits[i], low_res[i]
-
-
-def _prompted_logits(pred: SamPredictor, gt, ignore, box_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training mask's logits and low-res logits: the object's box, or 1-5 clicks of the standard clicker."""
-    if random.random() < box_fraction:
-        ys, xs = np.nonzero(gt)
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-        m, _, lr = pred.predict(box=box, multimask_output=False, return_logits=True)
-        return torch.from_numpy(m[0]).float(), torch.from_numpy(lr[0]).float()
-    recorder = _Recorder(pred)
-    clicks = random.randint(1, 5)
-    click_object(recorder, gt, ignore, clicks)
-    logits, low = recorder.kept(clicks)
-    return torch.from_numpy(logits).float(), torch.from_numpy(low).float()
-
-
 def train(args: argparse.Namespace) -> None:
     """Train the refiner on masks of the frozen model for the training splits' objects, for ``--minutes``."""
     random.seed(args.seed)
@@ -228,7 +200,7 @@ def train(args: argparse.Namespace) -> None:
             small = grid_image(pred, sample.image) if args.grid_stats else None
             high_res = pred.decoder_inputs["high_res_features"][0].float()
             for _, gt, ignore, _ in random.sample(objects, min(3, len(objects))):
-                logits, low = _prompted_logits(pred, gt, ignore, args.box_fraction)
+                logits, low = prompted_mask(pred, gt, ignore, args.box_fraction, 5)
                 ys, xs = uncertain(logits, args.threshold, 0)
                 if len(ys) > 768:
                     sel = torch.from_numpy(rng.choice(len(ys), 768, replace=False))
@@ -275,7 +247,7 @@ def oracle(args: argparse.Namespace) -> None:
         for sample, objects, _ in held_out_objects(folder, args.max_images):
             pred.set_image(sample.image)
             for _, gt, ignore, _ in objects:
-                recorder = _Recorder(pred)
+                recorder = ClickRecorder(pred)
                 click_object(recorder, gt, ignore, max(rows))
                 for k in rows:
                     p = recorder.kept(k)[0] > 0

@@ -19,34 +19,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 
-def add_text_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML of TextTrainConfig options (see configs/text_default.yaml)")
-    p.add_argument("--steps", type=int, help="override the number of steps")
+def _add_head_args(p: argparse.ArgumentParser, options: str, example: str, count: str) -> None:
+    """The options of a command that trains a part on a frozen model: a config file, and overrides."""
+    p.add_argument("--config", required=True, help=f"YAML of {options} options (see {example})")
+    p.add_argument(f"--{count}", type=int, help=f"override the number of {count}")
     p.add_argument("--out-dir", help="override out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _overrides(args: argparse.Namespace, count: str) -> dict:
+    return {k: v for k, v in ((count, getattr(args, count)), ("out_dir", args.out_dir)) if v is not None}
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    _add_head_args(p, "TextTrainConfig", "configs/text_default.yaml", "steps")
 
 
 def run_text(args: argparse.Namespace) -> int:
     from segany.training.text_train import TextTrainConfig, train_text_head
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("out_dir", args.out_dir)) if v is not None}
-    path = train_text_head(TextTrainConfig.from_yaml(args.config, overrides), progress=not args.quiet)
+    path = train_text_head(TextTrainConfig.from_yaml(args.config, _overrides(args, "steps")), progress=not args.quiet)
     print(f"text head: {path}")
     return 0
 
 
-
 def add_refiner_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML of RefinerTrainConfig options (configs/point_refiner.yaml)")
-    p.add_argument("--images", type=int, help="override the number of training images")
-    p.add_argument("--out-dir", help="override out_dir")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_head_args(p, "RefinerTrainConfig", "configs/point_refiner.yaml", "images")
 
 
 def run_refiner(args: argparse.Namespace) -> int:
     from segany.training.refiner_train import RefinerTrainConfig, train_point_refiner
 
-    overrides = {k: v for k, v in (("images", args.images), ("out_dir", args.out_dir)) if v is not None}
-    path = train_point_refiner(RefinerTrainConfig.from_yaml(args.config, overrides), progress=not args.quiet)
+    config = RefinerTrainConfig.from_yaml(args.config, _overrides(args, "images"))
+    path = train_point_refiner(config, progress=not args.quiet)
     print(f"model with its point refiner: {path}")
     return 0

@@ -73,7 +73,7 @@ class RefinerTrainConfig(Options):
             raise SegAnyError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
 
 
-class _Recorder:
+class ClickRecorder:
     """A predictor for :func:`click_object` that keeps the logits of every answer it gives."""
 
     def __init__(self, predictor: SamPredictor) -> None:
@@ -102,7 +102,7 @@ def prompted_mask(
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
         m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
         return torch.from_numpy(m[0]).float(), torch.from_numpy(low[0]).float()
-    recorder = _Recorder(predictor)
+    recorder = ClickRecorder(predictor)
     clicks = random.randint(1, max_clicks)
     click_object(recorder, gt, ignore, clicks)
     logits, low = recorder.kept(clicks)
