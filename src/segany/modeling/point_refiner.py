@@ -7,9 +7,8 @@ logit from what lies there: the coarse logit, a 5 x 5 RGB patch of the original 
 of the logits (2 and 6 pixels apart), the model's maps at the pixel (the decoder's stride-4 and stride-8
 high-resolution features and the image embedding, bilinearly), and the pixel's colour against the mean colours
 inside and outside the mask around it (3- and 7-cell windows of the mask grid, from the low-res logits and the
-model's input averaged onto that grid). Its last layer starts at zero,
-so an untrained refiner changes nothing. It is trained on a frozen model's masks
-(:mod:`segany.training.refiner_train`); MODELS.md measures it.
+model's input averaged onto that grid). Its last layer starts at zero, so an untrained refiner changes nothing.
+It is trained on a frozen model's masks (:mod:`segany.training.refiner_train`); MODELS.md measures it.
 """
 
 from __future__ import annotations
