@@ -189,3 +189,29 @@ def test_train_refiner_command_reports_bad_options_in_one_line(tmp_path, capsys)
     assert "train_data" in err and "Traceback" not in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="high_res_features"):
         build_sam(dataclasses.replace(tiny_config(16), point_refiner=True))
+
+
+def test_the_server_answers_refined_masks_from_its_cached_upload():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import io
+    import warnings
+
+    from segany.io.rle import decode_rle
+    from segany.serve.app import create_app
+
+    with warnings.catch_warnings():  # newer starlette asks for httpx2; httpx still works
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    trained = _model(True)
+    buf = io.BytesIO()
+    Image.fromarray(_image()).save(buf, format="PNG")
+    with TestClient(create_app(trained)) as c:
+        image_id = c.post("/api/images", content=buf.getvalue(), headers={"Content-Type": "image/png"}).json()
+        body = {"points": POINT[0].tolist(), "labels": POINT[1].tolist(), "multimask": False}
+        r = c.post(f"/api/images/{image_id['image_id']}/predict", json=body)
+    assert r.status_code == 200, r.text
+    served = decode_rle(r.json()["masks"][0]["segmentation"])
+    assert np.array_equal(served, _logits(trained)[0][0] > 0)  # the upload's cached refiner image: refined
+    assert not np.array_equal(served, _logits(with_point_refiner(trained, None))[0][0] > 0)
