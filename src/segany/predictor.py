@@ -276,7 +276,7 @@ class SamPredictor:
         if self.refiner_image is None:
             return logits
         maps = [*self.decoder_inputs["high_res_features"], self.features]
-        return self.model.point_refiner.refine_(logits.float(), low_res, self.refiner_image, maps, self.input_size)
+        return self.model.point_refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size)
 
     @torch.inference_mode()
     def predict_low_res(

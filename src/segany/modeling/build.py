@@ -158,6 +158,18 @@ def input_side(model: Sam, height: int, width: int) -> int:
     return min(cap, -(-side // 32) * 32)
 
 
+def _rebuilt(model: Sam, cfg: SamConfig, weights: dict, strict: bool = True) -> Sam:
+    """A model built from ``cfg`` (with the fast paths where ``model`` has them: a plain Sam maps to its fast
+    subclass) holding ``weights`` themselves (``model``'s, shared), with ``model``'s text head (tied to the
+    encoders' weights, which are these), in its mode and on its device."""
+    out = build_sam(cfg, fast=fast_class(type(model)) is type(model))
+    out.load_state_dict(weights, strict=strict, assign=True)
+    head = getattr(model, "text_head", None)
+    if head is not None:
+        out.text_head = head
+    return out.to(model.device).train(model.training)
+
+
 def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None) -> Sam:
     """``model`` on another input grid (longest side ``image_size``; the embedding, mask and prompt grids
     follow it; ``max_image_size`` as in :class:`SamConfig`), sharing its parameters and buffers, in its mode
@@ -167,25 +179,15 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     if not isinstance(cfg.encoder, EfficientNetConfig):
         raise ValueError("the input size can be changed for EfficientNet-Lite models only")
     changes = {"image_size": image_size, "max_image_size": max_image_size}
-    fast = fast_class(type(model)) is type(model)  # a plain Sam maps to its fast subclass
-    resized = build_sam(SamConfig.from_dict({**cfg.to_dict(), **changes}), fast=fast)
-    head = getattr(model, "text_head", None)
-    resized.load_state_dict(model_weights(model, keep_vars=True), assign=True)
-    if head is not None:  # tied to the encoders' weights, which are these
-        resized.text_head = head
-    return resized.to(model.device).train(model.training)
+    return _rebuilt(model, SamConfig.from_dict({**cfg.to_dict(), **changes}), model_weights(model, keep_vars=True))
 
 
 def with_point_refiner(model: Sam, refiner: PointRefiner | str | None) -> Sam:
     """``model`` with another point refiner (``SamConfig.point_refiner``): ``refiner``'s weights, "new" (a fresh
-    one, which changes nothing until trained) or None (none), sharing the rest of ``model``'s weights, in eval
+    one, which changes nothing until trained) or None (none), sharing the rest of ``model``'s weights, in its
     mode and on its device. An attached text head comes along."""
     cfg = dataclasses.replace(model.config, point_refiner=refiner is not None)
-    fast = fast_class(type(model)) is type(model)
-    out = build_sam(cfg, fast=fast)
     weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("point_refiner.")}
     if isinstance(refiner, PointRefiner):
         weights.update({f"point_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
-    out.load_state_dict(weights, strict=refiner != "new", assign=True)
-    out.text_head = getattr(model, "text_head", None)
-    return out.to(model.device).eval()
+    return _rebuilt(model, cfg, weights, strict=refiner != "new")

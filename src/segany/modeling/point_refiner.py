@@ -200,24 +200,6 @@ class PointRefiner(nn.Module):
         """Refined logits ``N`` of pixels with features ``N x in_features`` and coarse logits ``N``."""
         return coarse + self.mlp(features).squeeze(-1)
 
-    def refine_(
-        self,
-        logits: torch.Tensor,
-        low_res: torch.Tensor,
-        image: RefinerImage,
-        maps: Sequence[torch.Tensor],
-        input_size: tuple[int, int],
-    ) -> torch.Tensor:
-        """Float ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``) with each
-        mask's uncertain pixels refined, in place."""
-        flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
-        for m in range(flat.shape[0]):
-            ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
-            if len(ys):
-                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs)
-                flat[m, ys, xs] = self.correct(f, f[:, 0] * 8.0)
-        return logits
-
     def forward(
         self,
         logits: torch.Tensor,
@@ -226,5 +208,12 @@ class PointRefiner(nn.Module):
         maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
     ) -> torch.Tensor:
-        """:meth:`refine_` on a float copy of ``logits``."""
-        return self.refine_(logits.float().clone(), low_res, image, maps, input_size)
+        """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``) with each
+        mask's uncertain pixels refined, in place (the upsampled logits are the caller's own fresh tensor)."""
+        flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
+        for m in range(flat.shape[0]):
+            ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
+            if len(ys):
+                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs)
+                flat[m, ys, xs] = self.correct(f, f[:, 0] * 8.0)
+        return logits

@@ -108,9 +108,8 @@ class ImageEntry:
     @property
     def nbytes(self) -> int:
         """Bytes to count in the cache."""
-        extra = self.refiner_image.nbytes if self.refiner_image is not None else 0
-        return len(self.data) + extra + tensor_bytes(
-            self.embedding, *(self.text_features or ()), self.decoder_inputs or {}
+        return len(self.data) + tensor_bytes(
+            self.embedding, *(self.text_features or ()), self.decoder_inputs or {}, self.refiner_image
         )
 
 
@@ -168,7 +167,7 @@ class CropEmbeddings:
         embedding, inputs = cpu_copy(embedding), {k: cpu_copy(v) for k, v in inputs.items()}
         if refiner_image is not None:
             refiner_image = refiner_image.to("cpu")
-        nbytes = tensor_bytes(embedding, inputs) + (refiner_image.nbytes if refiner_image is not None else 0) + 256
+        nbytes = tensor_bytes(embedding, inputs, refiner_image) + 256
         self._lru.put(self._key(crop), (embedding, original_size, input_size, inputs, refiner_image), nbytes)
 
 
@@ -180,13 +179,14 @@ def cpu_copy(value: Any) -> Any:
 
 
 def tensor_bytes(*values: Any) -> int:
-    """Bytes held by tensors, lists of them and dicts of either."""
+    """Bytes held by tensors (or anything with ``nbytes``, as a ``RefinerImage``), lists of them and dicts of
+    either; None holds none."""
     total = 0
     for v in values:
         if isinstance(v, dict):
             total += tensor_bytes(*v.values())
         elif isinstance(v, list):
             total += tensor_bytes(*v)
-        else:
-            total += v.numel() * v.element_size()
+        elif v is not None:
+            total += v.nbytes
     return total
