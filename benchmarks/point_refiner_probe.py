@@ -200,7 +200,7 @@ def train(args: argparse.Namespace) -> None:
             small = grid_image(pred, sample.image) if args.grid_stats else None
             high_res = pred.decoder_inputs["high_res_features"][0].float()
             for _, gt, ignore, _ in random.sample(objects, min(3, len(objects))):
-                logits, low = prompted_mask(pred, gt, ignore, args.box_fraction, 5)
+                logits, low, _ = prompted_mask(pred, gt, ignore, args.box_fraction, 5)
                 ys, xs = uncertain(logits, args.threshold, 0)
                 if len(ys) > 768:
                     sel = torch.from_numpy(rng.choice(len(ys), 768, replace=False))

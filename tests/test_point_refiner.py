@@ -18,7 +18,14 @@ from segany.cli import main
 from segany.modeling import build_sam
 from segany.modeling.build import with_point_refiner
 from segany.modeling.fast.point_refiner import FastPointRefiner
-from segany.modeling.point_refiner import PIXEL_PAD, PointRefiner, RefinerImage
+from segany.modeling.point_refiner import (
+    PIXEL_PAD,
+    PointRefiner,
+    RefinerImage,
+    RefinerPrompts,
+    _colour_likelihoods,
+    _prompt_geometry,
+)
 from segany.predictor import SamPredictor
 from segany.training.refiner_train import RefinerTrainConfig, train_point_refiner
 from tests.test_efficientnet import tiny_config
@@ -91,7 +98,7 @@ def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
 def test_patches_at_the_border_repeat_the_edge_pixel():
     refiner = PointRefiner((4,))
     image = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3).to(torch.uint8)
-    ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32))
+    ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32), refiner.pixel_mean, refiner.pixel_std)
     assert ref.pixels.shape == (3, 5 + 2 * PIXEL_PAD, 7 + 2 * PIXEL_PAD)
     logits = torch.randn(5, 7)
     ys, xs = torch.tensor([0, 4]), torch.tensor([0, 6])
@@ -103,6 +110,85 @@ def test_patches_at_the_border_repeat_the_edge_pixel():
     torch.testing.assert_close(red, expect, atol=1e-3, rtol=0)
     assert f.shape == (2, refiner.mlp[0].in_features)
     assert abs(f[1, 0].item() - logits[4, 6].item() / 8) < 1e-6
+
+
+def test_colour_likelihoods_favour_the_masks_colours():
+    grid = torch.full((3, 8, 8), 40.0)
+    grid[:, 2:5, 2:5] = torch.tensor([230.0, 200.0, 40.0])[:, None, None]  # a yellow square on dark grey
+    low = torch.full((8, 8), -8.0)
+    low[2:5, 2:5] = 8.0  # the mask: the square
+    colours = torch.tensor([[230.0, 40.0, 0.0], [200.0, 40.0, 255.0], [40.0, 40.0, 0.0]])  # yellow, grey, blue
+    f = _colour_likelihoods(_bins(grid), low, (8, 8), colours)
+    assert f.shape == (4, 3)
+    assert (f[:, 0] > 0.5).all() and (f[:, 1] < -0.5).all()  # inside's colour / outside's colour
+    assert (f[:, 2].abs() < 0.5).all()  # a colour seen nowhere: no preference beyond the prior's
+    assert (f.abs() <= 3).all()
+    # a padded grid: cells past the image's own (h, w) do not count
+    padded = torch.cat([grid, torch.full((3, 8, 4), 230.0)], 2)
+    torch.testing.assert_close(_colour_likelihoods(_bins(padded), torch.cat([low, low[:, :4]], 1), (8, 8), colours), f)
+
+
+def _bins(grid: torch.Tensor) -> torch.Tensor:
+    """The colour bins of grid ``3 x h x w`` (0-255) as ``RefinerImage.of`` keeps them."""
+    mean, std = torch.zeros(3), torch.ones(3)
+    x = grid.repeat_interleave(4, 1).repeat_interleave(4, 2)[None]  # an input whose 4 x 4 means are the grid
+    return RefinerImage.of(torch.zeros(2, 2, 3, dtype=torch.uint8), x, mean, std).grid_bins
+
+
+def test_prompt_geometry_places_pixels_against_the_clicks_and_the_box():
+    ys, xs = torch.tensor([10, 10, 90]), torch.tensor([10, 60, 90])
+    clicks = _prompt_geometry(ys, xs, (100, 100), torch.tensor([[10.0, 10.0], [60.0, 10.0]]), torch.tensor([1, 0]))
+    torch.testing.assert_close(clicks[0], torch.tensor([0.0, 1.0, 1.0]))  # the positive click, 50 px on (x 8/100)
+    torch.testing.assert_close(clicks[1], torch.tensor([1.0, 0.0, 1.0]))  # the negative one
+    torch.testing.assert_close(clicks[4], clicks[1])  # the last click is the negative one
+    assert (clicks[5] == -1).all() and torch.allclose(clicks[6], torch.tensor(0.4)) and (clicks[[2, 3, 7]] == 0).all()
+    box = _prompt_geometry(ys, xs, (100, 100), box=torch.tensor([0.0, 0.0, 20.0, 20.0]))
+    assert (box[:2] == 1).all() and (box[4:7] == 0).all()  # no clicks
+    torch.testing.assert_close(box[2], torch.tensor([1.0, 0.0, 0.0]))  # inside the box
+    torch.testing.assert_close(box[3], torch.tensor([10 * 0.08, -1.0, -1.0]))  # its nearest edge, signed, clipped
+    assert box[7, 0] == 0 and box[7, 2] == 1  # at its centre / far away
+    none = _prompt_geometry(ys, xs, (100, 100))
+    assert (none[:2] == 1).all() and (none[2:] == 0).all()
+
+
+@torch.no_grad()
+def test_the_predictor_gives_the_refiner_its_prompts_in_the_original_frame():
+    model = _model(True)
+    model.point_refiner.mlp[0].weight[:, :-8] = 0  # a refiner that reads only the prompt's geometry
+    predictor = SamPredictor(model)
+    predictor.set_image(_image())
+    box = np.array([40, 20, 120, 90])
+    for prompt in (dict(point_coords=POINT[0], point_labels=POINT[1]), dict(box=box)):
+        logits, _, low = predictor.predict(**prompt, multimask_output=False, return_logits=True)
+        unrefined = SamPredictor(with_point_refiner(model, None))
+        unrefined.set_image(_image())
+        base = torch.from_numpy(unrefined.predict(**prompt, multimask_output=False, return_logits=True)[0])
+        h, w = base.shape[-2:]
+        points = torch.as_tensor(prompt.get("point_coords", np.zeros((0, 2))), dtype=torch.float)[None]
+        labels = torch.as_tensor(prompt.get("point_labels", np.zeros(0)))[None]
+        boxes = torch.as_tensor(box, dtype=torch.float)[None] if "box" in prompt else None
+        # the same prompts given in the original frame (an input of the image's own size): the same answer
+        own = RefinerPrompts(points, labels, boxes)
+        want = model.point_refiner(base.clone(), torch.from_numpy(low), predictor.get_refiner_image(),
+                                   [*predictor.decoder_inputs["high_res_features"], predictor.features],
+                                   predictor.input_size, _scaled(own, predictor.input_size, (h, w)))
+        np.testing.assert_allclose(logits, want.numpy(), atol=1e-2)  # the frames' round trip moves a box by ~1e-5 px
+        moved = dict(point_coords=POINT[0] + 30, point_labels=POINT[1]) if "point_coords" in prompt else None
+        if moved:  # elsewhere, the same mask is refined otherwise
+            other = model.point_refiner(base.clone(), torch.from_numpy(low), predictor.get_refiner_image(),
+                                        [*predictor.decoder_inputs["high_res_features"], predictor.features],
+                                        predictor.input_size,
+                                        _scaled(RefinerPrompts(points + 30, labels), predictor.input_size, (h, w)))
+            assert not torch.allclose(other, want)
+
+
+def _scaled(prompts: RefinerPrompts, input_size, original_size) -> RefinerPrompts:
+    """``prompts`` in the original frame taken into the model's input frame."""
+    sx, sy = input_size[1] / original_size[1], input_size[0] / original_size[0]
+    return RefinerPrompts(
+        prompts.points * torch.tensor([sx, sy]) if prompts.points is not None else None, prompts.labels,
+        prompts.boxes * torch.tensor([sx, sy, sx, sy]) if prompts.boxes is not None else None,
+    )
 
 
 def test_the_refiner_travels_in_the_model_file_and_through_a_cached_embedding(tmp_path):

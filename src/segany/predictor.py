@@ -14,7 +14,7 @@ import torch
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, input_side
 from segany.modeling.fast import postprocess
-from segany.modeling.point_refiner import RefinerImage
+from segany.modeling.point_refiner import RefinerImage, RefinerPrompts
 from segany.modeling.sam import Sam
 from segany.perf import optimize
 from segany.prompts import check_fits_float32, check_image, check_prompts
@@ -81,7 +81,8 @@ class SamPredictor:
         self.set_torch_image(input_torch, image.shape[:2])
         if self._refiner_input is not None:  # the point refiner reads the original pixels (a copy: they may change)
             pixels = torch.from_numpy(np.array(image)).to(self.device)  # in the model's channel order: RGB
-            self.refiner_image = RefinerImage.of(pixels, self._refiner_input)
+            mean, std = self.model.pixel_mean, self.model.pixel_std
+            self.refiner_image = RefinerImage.of(pixels, self._refiner_input, mean, std)
             self._refiner_input = None
         if self.text_detector is not None:  # the detector looks at the pixels, not the embedding
             rgb = image if self.model.image_format == "RGB" else image[..., ::-1]
@@ -260,7 +261,7 @@ class SamPredictor:
         threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
-            masks = self.refine_masks(masks, low_res)
+            masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes)
             masks = masks if return_logits else postprocess.greater(masks, self.model.mask_threshold)
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
@@ -268,15 +269,30 @@ class SamPredictor:
         return masks, iou, low_res
 
     @torch.inference_mode()
-    def refine_masks(self, logits: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
-        """Upsampled logits ``... x H x W`` of the current image (low-res ``... x 4h x 4w``) with their uncertain
-        pixels corrected by the model's point refiner (``SamConfig.point_refiner``), where the predictor has what
-        it reads of the image (:meth:`get_refiner_image`); otherwise unchanged. Float32 logits are changed in
-        place."""
+    def refine_masks(
+        self,
+        logits: torch.Tensor,
+        low_res: torch.Tensor,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Upsampled logits ``B x C x H x W`` (or ``B x H x W``) of the current image (low-res ``... x 4h x 4w``)
+        with their uncertain pixels corrected by the model's point refiner (``SamConfig.point_refiner``), where
+        the predictor has what it reads of the image (:meth:`get_refiner_image`); otherwise unchanged. The
+        prompts that made them are :meth:`predict_torch`'s (``B`` rows, in the model's input frame). Float32
+        logits are changed in place."""
         if self.refiner_image is None:
             return logits
+        per_row = logits.shape[1] if logits.dim() == 4 else 1  # a prompt's C masks share it
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(per_row, 0)
+
+        boxes = boxes.reshape(-1, 4) if boxes is not None else None
+        prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
-        return self.model.point_refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size)
+        return self.model.point_refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
 
     @torch.inference_mode()
     def predict_low_res(

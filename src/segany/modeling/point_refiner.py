@@ -7,7 +7,10 @@ logit from what lies there: the coarse logit, a 5 x 5 RGB patch of the original 
 of the logits (2 and 6 pixels apart), the model's maps at the pixel (the decoder's stride-4 and stride-8
 high-resolution features and the image embedding, bilinearly), and the pixel's colour against the mean colours
 inside and outside the mask around it (3- and 7-cell windows of the mask grid, from the low-res logits and the
-model's input averaged onto that grid). Its last layer starts at zero, so an untrained refiner changes nothing.
+model's input averaged onto that grid), how much likelier the pixel's colour is inside the mask than outside it
+(colour histograms of the whole image and of the mask's surroundings, GrabCut's colour model without its graph),
+and where the pixel lies against the prompt (the nearest positive and negative click, the last click, the box).
+Its last layer starts at zero, so an untrained refiner changes nothing.
 It is trained on a frozen model's masks (:mod:`segany.training.refiner_train`); MODELS.md measures it.
 """
 
@@ -26,35 +29,75 @@ RGB_STEPS = (1,)  #: pixels between the samples of each RGB patch
 LOGIT_STEPS = (2, 6)  #: pixels between the samples of each logit patch
 PIXEL_PAD = 2 * max(RGB_STEPS)  #: the stored pixels' margin (edges replicated): no RGB patch reaches past it
 WINDOWS = (3, 7)  #: mask-grid cells on a side of the windows of the inside / outside mean colours
+COLOUR_LEVELS = (8, 16)  #: levels per channel of the colour histograms (8^3 and 16^3 bins)
+_COLOUR_PRIOR = {8: 0.5, 16: 0.1}  #: the count added to every bin (a finer histogram's bins hold fewer cells)
+N_COLOUR = 2 * len(COLOUR_LEVELS)  #: colour features: each level over the whole image and around the mask
+N_GEOMETRY = 8  #: prompt features (:func:`_prompt_geometry`)
+_NEAR = 8.0  #: the image's longest side over this is the distance at which the click features saturate
 
 
 @dataclass
 class RefinerImage:
     """What the refiner reads of one image besides the masks (:meth:`of`): its pixels in the original frame,
     uint8 RGB planes with a margin of ``PIXEL_PAD`` (edges replicated) ``3 x (H + 2 pad) x (W + 2 pad)``, the
-    model's normalised input averaged onto the mask grid ``3 x g x g``, and that grid's means over each of
-    ``WINDOWS`` (``3 len(WINDOWS) x g x g``)."""
+    model's normalised input averaged onto the mask grid ``3 x g x g``, that grid's means over each of
+    ``WINDOWS`` (``3 len(WINDOWS) x g x g``), and the colour histograms' bin of each of its cells per level of
+    ``COLOUR_LEVELS`` (``len(COLOUR_LEVELS) x g x g``)."""
 
     pixels: torch.Tensor
     grid: torch.Tensor
     grid_means: torch.Tensor
+    grid_bins: torch.Tensor
 
     @classmethod
-    def of(cls, image: torch.Tensor, x: torch.Tensor) -> RefinerImage:
-        """From the image ``H x W x 3`` uint8 RGB and the model's preprocessed input ``1 x 3 x S x S``."""
+    def of(
+        cls, image: torch.Tensor, x: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    ) -> RefinerImage:
+        """From the image ``H x W x 3`` uint8 RGB and the model's preprocessed input ``1 x 3 x S x S`` (normalised
+        by its ``pixel_mean`` and ``pixel_std``, ``3`` or ``3 x 1 x 1`` each)."""
         h, w = image.shape[:2]  # edges replicated by index (F.pad's replicate mode takes floats only)
         rows = torch.arange(-PIXEL_PAD, h + PIXEL_PAD, device=image.device).clamp_(0, h - 1)
         cols = torch.arange(-PIXEL_PAD, w + PIXEL_PAD, device=image.device).clamp_(0, w - 1)
         planes = image.permute(2, 0, 1).index_select(1, rows).index_select(2, cols)
         grid = F.avg_pool2d(x[:1].float(), 4)[0]
-        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)))
+        colour = grid * pixel_std.view(3, 1, 1) + pixel_mean.view(3, 1, 1)
+        bins = torch.stack([_colour_bin(colour, levels) for levels in COLOUR_LEVELS])
+        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)), bins)
 
     def to(self, device: torch.device) -> RefinerImage:
-        return RefinerImage(self.pixels.to(device), self.grid.to(device), self.grid_means.to(device))
+        return RefinerImage(*(t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.pixels, self.grid, self.grid_means, self.grid_bins
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pixels, self.grid, self.grid_means))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+
+@dataclass
+class RefinerPrompts:
+    """The prompts of ``M`` masks in the model's input frame (as ``SamPredictor.predict_torch`` takes them):
+    points ``M x N x 2`` with labels ``M x N`` (1 positive, 0 negative, others ignored) and boxes ``M x 4``
+    (XYXY), each None when absent."""
+
+    points: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+
+    def of_mask(
+        self, m: int, original_size: Sequence[int], input_size: Sequence[int]
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Mask ``m``'s points ``K x 2`` (its positive and negative ones), labels ``K`` and box ``4`` in the
+        original frame (``(H, W)``; the resized image's ``(h, w)`` in the model's input is ``input_size``)."""
+        scale = (original_size[1] / input_size[1], original_size[0] / input_size[0])
+        points = labels = box = None
+        if self.points is not None and self.labels is not None:
+            keep = (self.labels[m] == 0) | (self.labels[m] == 1)
+            points, labels = self.points[m][keep].float() * self.points.new_tensor(scale), self.labels[m][keep]
+        if self.boxes is not None:
+            box = self.boxes[m].float() * self.boxes.new_tensor(scale * 2)
+        return points, labels, box
 
 
 def _box_means(t: torch.Tensor, windows: Sequence[int]) -> list[torch.Tensor]:
@@ -80,6 +123,83 @@ def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: tor
     return flat.index_select(0, (yy * w + xx).view(-1)).view(offsets.shape[0], len(ys))
 
 
+def _colour_likelihoods(
+    grid_bins: torch.Tensor, low_res: torch.Tensor, hw: tuple[int, int], colours: torch.Tensor
+) -> torch.Tensor:
+    """How much likelier colours ``3 x N`` (0-255) are inside a mask than outside it: ``N_COLOUR x N`` log ratios
+    (/4, clipped to +-3) of colour histograms of the grid's cells (their bins ``len(COLOUR_LEVELS) x g x g``, the
+    image's cells the top-left ``hw``) weighted by the mask's probability ``sigmoid(low_res)`` and by its
+    complement; per level of ``COLOUR_LEVELS``, over the whole image, then over the mask's surroundings (its box
+    on the grid grown by its own size on each side; the whole image for an empty mask)."""
+    h, w = hw
+    p = torch.sigmoid(low_res[:h, :w].float())
+    rows, cols = torch.nonzero(p > 0.5, as_tuple=True)
+    near = torch.zeros(h, w, device=p.device)
+    if len(rows):
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+        dh, dw = r1 - r0 + 1, c1 - c0 + 1
+        near[max(r0 - dh, 0) : r1 + dh + 1, max(c0 - dw, 0) : c1 + dw + 1] = 1
+    else:
+        near += 1
+    p, near = p.view(-1), near.view(-1)
+    cells = grid_bins[:, :h, :w].reshape(len(COLOUR_LEVELS), -1)
+    pixels = [_colour_bin(colours, levels) for levels in COLOUR_LEVELS]
+    out = []
+    for region in (None, near):
+        inside, outside = (p, 1 - p) if region is None else (p * region, (1 - p) * region)
+        for i, levels in enumerate(COLOUR_LEVELS):
+            fg = torch.bincount(cells[i], inside, levels**3) + _COLOUR_PRIOR[levels]
+            bg = torch.bincount(cells[i], outside, levels**3) + _COLOUR_PRIOR[levels]
+            ratio = (fg / fg.sum()).log_() - (bg / bg.sum()).log_()
+            out.append((ratio[pixels[i]] / 4).clamp_(-3, 3))
+    return torch.stack(out)
+
+
+def _colour_bin(colours: torch.Tensor, levels: int) -> torch.Tensor:
+    """The histogram bin of each of colours ``3 x N`` (0-255) with ``levels`` levels per channel."""
+    q = (colours * (levels / 256)).long().clamp_(0, levels - 1)
+    return (q[0] * levels + q[1]) * levels + q[2]
+
+
+def _prompt_geometry(
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    hw: tuple[int, int],
+    points: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    box: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Where pixels ``(ys, xs)`` of an ``H x W`` image lie against a mask's prompt (points ``K x 2`` with labels
+    ``K``, box ``4``, original frame): ``N_GEOMETRY x N`` rows, the distances in units of the image's longest
+    side / ``_NEAR``, clipped at 1: the nearest positive click, the nearest negative one (1 where there is none),
+    the box's inside (0 / 1), the distance to its nearest edge (signed, + inside, clipped to +-1), the last
+    click's distance, its sign (+1 / -1; 0 without clicks), the number of clicks / 5 (at most 1), and the distance
+    from the box's centre in units of its half-sides / 4 (at most 1; 0 without a box)."""
+    f = torch.zeros(N_GEOMETRY, len(ys), device=ys.device)
+    f[:2] = 1
+    scale = _NEAR / max(hw)
+    at = torch.stack([xs, ys], 1).float()
+    if points is not None and len(points):
+        d = torch.cdist(at, points.to(at)) * scale
+        for row, label in ((0, 1), (1, 0)):
+            if (labels == label).any():
+                f[row] = d[:, labels == label].amin(1).clamp_(max=1)
+        f[4] = d[:, -1].clamp(max=1)
+        f[5] = 1.0 if int(labels[-1]) == 1 else -1.0
+        f[6] = min(len(points) / 5, 1.0)
+    if box is not None:
+        x0, y0, x1, y1 = box.tolist()
+        x, y = at[:, 0], at[:, 1]
+        eps = 1e-3  # a box edge on a pixel stays inside after the round trip through the model's input frame
+        f[2] = ((x >= x0 - eps) & (x <= x1 + eps) & (y >= y0 - eps) & (y <= y1 + eps)).float()
+        edge = torch.stack([x - x0, x1 - x, y - y0, y1 - y]).amin(0)
+        f[3] = (edge * scale).clamp_(-1, 1)
+        half_w, half_h = max(x1 - x0, 1) / 2, max(y1 - y0, 1) / 2
+        f[7] = (((x - (x0 + x1) / 2) / half_w).square() + ((y - (y0 + y1) / 2) / half_h).square()).sqrt() / 4
+        f[7].clamp_(max=1)
+    return f
+
+
 class PointRefiner(nn.Module):
     """A per-pixel MLP ``in_features -> hidden -> hidden -> 1`` that adds a correction to the logits of a mask's
     uncertain pixels. Built by :func:`~segany.modeling.build.build_sam` for ``SamConfig.point_refiner``."""
@@ -97,7 +217,10 @@ class PointRefiner(nn.Module):
         self.threshold = threshold
         self.budget = budget
         n = len(_PATCH)
-        in_features = 1 + 3 * n * len(RGB_STEPS) + n * len(LOGIT_STEPS) + sum(map_channels) + 8 * len(WINDOWS)
+        in_features = (
+            1 + 3 * n * len(RGB_STEPS) + n * len(LOGIT_STEPS) + sum(map_channels) + 8 * len(WINDOWS) + N_COLOUR
+            + N_GEOMETRY
+        )
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
         )
@@ -141,14 +264,16 @@ class PointRefiner(nn.Module):
         input_size: tuple[int, int],
         ys: torch.Tensor,
         xs: torch.Tensor,
+        prompt: tuple[torch.Tensor | None, ...] = (None, None, None),
     ) -> torch.Tensor:
         """Features ``N x in_features`` of pixels ``(ys, xs)`` of one mask: its logits ``H x W`` in the original
         frame and low-res logits ``g x g`` (or a top-left part of them), ``maps`` the model's image maps
         ``1 x C x h x w`` over its padded input of side ``4 g`` (the decoder's stride-4 and stride-8
         high-resolution features and the embedding; the first on the g x g grid), ``input_size`` the resized
-        image's ``(h, w)`` in it. Their order: the coarse logit, the RGB patches (channel-major, step by step),
-        the logit patches, the maps, and per window the differences from the mean colours inside and outside
-        and their squared norms."""
+        image's ``(h, w)`` in it, ``prompt`` its points, labels and box in the original frame
+        (:meth:`RefinerPrompts.of_mask`). Their order: the coarse logit, the RGB patches (channel-major, step by
+        step), the logit patches, the maps, per window the differences from the mean colours inside and outside
+        and their squared norms, the colour likelihood ratios, the prompt's geometry."""
         n, hw, k = len(ys), tuple(logits.shape), len(_PATCH)
         # built feature by feature as rows (each part's natural layout: contiguous copies), returned transposed
         ft = torch.empty(self.mlp[0].in_features, n, device=logits.device)
@@ -156,8 +281,8 @@ class PointRefiner(nn.Module):
         wp = image.pixels.shape[-1]
         start = (ys + PIXEL_PAD) * wp + xs + PIXEL_PAD
         idx = (start + self.rgb_offsets[:, 0, None] * wp + self.rgb_offsets[:, 1, None]).view(-1)
-        rgb = image.pixels.view(3, -1).gather(1, idx[None].expand(3, -1)).float()  # (faster than index_select)
-        rgb = torch.addcmul((-self.pixel_mean / self.pixel_std)[:, None], rgb, (1 / self.pixel_std)[:, None])
+        raw = image.pixels.view(3, -1).gather(1, idx[None].expand(3, -1)).float()  # (faster than index_select)
+        rgb = torch.addcmul((-self.pixel_mean / self.pixel_std)[:, None], raw, (1 / self.pixel_std)[:, None])
         steps = len(RGB_STEPS)
         ft[0] = logits[ys, xs] / 8.0
         ft[1 : 1 + 3 * steps * k].view(steps, 3, k, n).copy_(rgb.view(3, steps, k, n).transpose(0, 1))
@@ -194,6 +319,11 @@ class PointRefiner(nn.Module):
             torch.sum(d_in.square(), 0, out=ft[at + 6])
             torch.sum(d_out.square(), 0, out=ft[at + 7])
             at += 8
+        centre = raw.view(3, steps * k, n)[:, k // 2]
+        hw_grid = (-(-input_size[0] // 4), -(-input_size[1] // 4))  # the cells of the image, not of its padding
+        ft[at : at + N_COLOUR] = _colour_likelihoods(image.grid_bins, low_res, hw_grid, centre)
+        at += N_COLOUR
+        ft[at : at + N_GEOMETRY] = _prompt_geometry(ys, xs, hw, *prompt)
         return ft.T
 
     def correct(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
@@ -207,13 +337,16 @@ class PointRefiner(nn.Module):
         image: RefinerImage,
         maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
+        prompts: RefinerPrompts | None = None,
     ) -> torch.Tensor:
-        """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``) with each
-        mask's uncertain pixels refined, in place (the upsampled logits are the caller's own fresh tensor)."""
+        """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``, ``prompts``
+        one row per mask, in the order of the flattened leading dimensions) with each mask's uncertain pixels
+        refined, in place (the upsampled logits are the caller's own fresh tensor)."""
         flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
         for m in range(flat.shape[0]):
             ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
             if len(ys):
-                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs)
+                prompt = prompts.of_mask(m, flat.shape[-2:], input_size) if prompts is not None else (None, None, None)
+                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
                 flat[m, ys, xs] = self.correct(f, f[:, 0] * 8.0)
         return logits

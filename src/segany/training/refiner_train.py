@@ -29,7 +29,7 @@ from segany.checkpoint import load_model, save_model
 from segany.errors import SegAnyError
 from segany.evaluation.protocols import _select_objects, click_object, load_samples
 from segany.modeling.build import with_point_refiner
-from segany.modeling.point_refiner import PointRefiner, RefinerImage
+from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPrompts
 from segany.predictor import SamPredictor
 from segany.training.config import Options
 from segany.training.run_files import load_training_state, save_training_state
@@ -74,46 +74,54 @@ class RefinerTrainConfig(Options):
 
 
 class ClickRecorder:
-    """A predictor for :func:`click_object` that keeps the logits of every answer it gives."""
+    """A predictor for :func:`click_object` that keeps the logits and the clicks of every answer it gives."""
 
     def __init__(self, predictor: SamPredictor) -> None:
         self.predictor, self.answers = predictor, []
 
     def predict(self, **kwargs: Any):
         logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
-        self.answers.append((logits, scores, low_res))
+        self.answers.append((logits, scores, low_res, kwargs["point_coords"], kwargs["point_labels"]))
         return logits > 0, scores, low_res
 
-    def kept(self, click: int) -> tuple[np.ndarray, np.ndarray]:
+    def kept(self, click: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the clicker
-        stopped earlier): click 1's highest-scored candidate, later clicks' only one."""
-        logits, scores, low_res = self.answers[min(click, len(self.answers)) - 1]
+        stopped earlier: click 1's highest-scored candidate, later clicks' only one) and its clicks' coordinates
+        ``K x 2`` and labels ``K``."""
+        logits, scores, low_res, coords, labels = self.answers[min(click, len(self.answers)) - 1]
         i = int(np.argmax(scores)) if click == 1 else 0
-        return logits[i], low_res[i]
+        return logits[i], low_res[i], coords, labels
 
 
 def prompted_mask(
     predictor: SamPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training mask of the image set on ``predictor``: logits ``H x W`` and low-res logits, for the object
-    ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the standard clicker."""
+) -> tuple[torch.Tensor, torch.Tensor, RefinerPrompts]:
+    """One training mask of the image set on ``predictor``: logits ``H x W``, low-res logits and its prompt (in
+    the model's input frame), for the object ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the
+    standard clicker."""
+    size = predictor.original_size
     if random.random() < box_fraction:
         ys, xs = np.nonzero(gt)
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
         m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
-        return torch.from_numpy(m[0]).float(), torch.from_numpy(low[0]).float()
+        prompts = RefinerPrompts(boxes=torch.as_tensor(predictor.transform.apply_boxes(box[None], size)).float())
+        return torch.from_numpy(m[0]).float(), torch.from_numpy(low[0]).float(), prompts
     recorder = ClickRecorder(predictor)
     clicks = random.randint(1, max_clicks)
     click_object(recorder, gt, ignore, clicks)
-    logits, low = recorder.kept(clicks)
-    return torch.from_numpy(logits).float(), torch.from_numpy(low).float()
+    logits, low, coords, labels = recorder.kept(clicks)
+    points = torch.as_tensor(predictor.transform.apply_coords(coords, size)).float()[None]
+    prompts = RefinerPrompts(points, torch.as_tensor(labels)[None])
+    return torch.from_numpy(logits).float(), torch.from_numpy(low).float(), prompts
 
 
 def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerImage, list[torch.Tensor]]:
     """What the refiner reads of the image set on ``predictor`` (a model without a refiner): the pixels and
     the input on the mask grid, and the model's maps (high-resolution features, embedding)."""
     x = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].float()
-    refiner_image = RefinerImage.of(torch.from_numpy(np.array(image)), predictor.model.preprocess(x))
+    model = predictor.model
+    pixels = torch.from_numpy(np.array(image))
+    refiner_image = RefinerImage.of(pixels, model.preprocess(x), model.pixel_mean, model.pixel_std)
     return refiner_image, [*predictor.decoder_inputs["high_res_features"], predictor.features]
 
 
@@ -171,10 +179,11 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
             predictor.set_image(sample.image)
             image, maps = _image_inputs(predictor, sample.image)
             for _, gt, ignore, _ in random.sample(objects, min(cfg.masks_per_image, len(objects))):
-                logits, low = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
+                logits, low, prompts = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
                 ys, xs = _sample_points(logits, refiner, cfg, rng)
                 keep = torch.ones(len(ys), dtype=torch.bool) if ignore is None else ~torch.from_numpy(ignore)[ys, xs]
-                f = refiner.point_features(logits, low, image, maps, predictor.input_size, ys, xs)
+                prompt = prompts.of_mask(0, logits.shape, predictor.input_size)
+                f = refiner.point_features(logits, low, image, maps, predictor.input_size, ys, xs, prompt)
                 buf.append((f[keep], logits[ys, xs][keep], torch.from_numpy(gt)[ys, xs].float()[keep]))
         if sum(len(b[2]) for b in buf) < cfg.buffer_points and images < cfg.images:
             continue

@@ -10,7 +10,7 @@ from segany.modeling.point_refiner import PointRefiner
 
 class FastPointRefiner(PointRefiner):
     """:class:`PointRefiner` whose MLP runs under bf16 autocast at inference on a device with native bf16
-    matmuls (up to 2,048 pixels x 318 features a mask; the refined logits move by about 1e-2 at most, against edges
+    matmuls (up to 2,048 pixels x 330 features a mask; the refined logits move by about 1e-2 at most, against edges
     at 0)."""
 
     def correct(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
