@@ -16,9 +16,11 @@ It is trained on a frozen model's masks (:mod:`segany.training.refiner_train`); 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,7 @@ RGB_STEPS = (1,)  #: pixels between the samples of each RGB patch
 LOGIT_STEPS = (2, 6)  #: pixels between the samples of each logit patch
 PIXEL_PAD = 2 * max(RGB_STEPS)  #: the stored pixels' margin (edges replicated): no RGB patch reaches past it
 WINDOWS = (3, 7)  #: mask-grid cells on a side of the windows of the inside / outside mean colours
-COLOUR_LEVELS = (8, 16)  #: levels per channel of the colour histograms (8^3 and 16^3 bins)
+COLOUR_LEVELS = (8, 16)  #: levels per channel of the colour histograms (8^3 and 16^3 bins; each divides the last)
 _COLOUR_PRIOR = {8: 0.5, 16: 0.1}  #: the count added to every bin (a finer histogram's bins hold fewer cells)
 N_COLOUR = 2 * len(COLOUR_LEVELS)  #: colour features: each level over the whole image and around the mask
 N_GEOMETRY = 8  #: prompt features (:func:`_prompt_geometry`)
@@ -41,8 +43,8 @@ class RefinerImage:
     """What the refiner reads of one image besides the masks (:meth:`of`): its pixels in the original frame,
     uint8 RGB planes with a margin of ``PIXEL_PAD`` (edges replicated) ``3 x (H + 2 pad) x (W + 2 pad)``, the
     model's normalised input averaged onto the mask grid ``3 x g x g``, that grid's means over each of
-    ``WINDOWS`` (``3 len(WINDOWS) x g x g``), and the colour histograms' bin of each of its cells per level of
-    ``COLOUR_LEVELS`` (``len(COLOUR_LEVELS) x g x g``)."""
+    ``WINDOWS`` (``3 len(WINDOWS) x g x g``), and the bin of each of its cells in the finest colour histogram
+    (``COLOUR_LEVELS[-1]`` levels a channel; ``g x g``)."""
 
     pixels: torch.Tensor
     grid: torch.Tensor
@@ -61,8 +63,7 @@ class RefinerImage:
         planes = image.permute(2, 0, 1).index_select(1, rows).index_select(2, cols)
         grid = F.avg_pool2d(x[:1].float(), 4)[0]
         colour = grid * pixel_std.view(3, 1, 1) + pixel_mean.view(3, 1, 1)
-        bins = torch.stack([_colour_bin(colour, levels) for levels in COLOUR_LEVELS])
-        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)), bins)
+        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)), _colour_bin(colour, COLOUR_LEVELS[-1]))
 
     def to(self, device: torch.device) -> RefinerImage:
         return RefinerImage(*(t.to(device) for t in self._tensors()))
@@ -114,6 +115,26 @@ def _box_means(t: torch.Tensor, windows: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def _where_below(a: torch.Tensor, t: float) -> torch.Tensor:
+    """The indices of the elements of flat ``a`` below ``t``, ascending (on the CPU by numpy, which finds them in
+    half torch.nonzero's time there)."""
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(a.detach().numpy() < t))
+    return torch.nonzero(a < t).flatten()
+
+
+def _window_crop(u: torch.Tensor, v: torch.Tensor, g: int) -> tuple[slice, slice, torch.Tensor]:
+    """The part of a ``g x g`` grid whose ``WINDOWS`` means bilinear samples at positions ``(u, v)`` (in cells, centres
+    at integers) read: its rows and columns, and the positions as ``grid_sample`` coordinates in it ``1 x 1 x N x 2``.
+    Its means are the whole grid's there (each sampled cell's windows stay inside it; its edges that are the grid's
+    replicate as before), and positions past the grid's edge still sample zeros."""
+    reach = max(WINDOWS) // 2
+    r0, c0 = max(math.floor(v.min()) - reach, 0), max(math.floor(u.min()) - reach, 0)
+    r1, c1 = min(math.floor(v.max()) + 2 + reach, g), min(math.floor(u.max()) + 2 + reach, g)
+    where = torch.stack([(2 * (u - c0) + 1) / (c1 - c0) - 1, (2 * (v - r0) + 1) / (r1 - r0) - 1], 1)
+    return slice(r0, r1), slice(c0, c1), where[None, None]
+
+
 def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: torch.Tensor, hw: tuple[int, int]):
     """``flat[(y + dy) * W + (x + dx)]`` for every offset ``K`` and pixel ``N`` (clamped to the image, i.e. edges
     replicated): ``K x N`` of ``flat`` ``H * W``."""
@@ -127,31 +148,33 @@ def _colour_likelihoods(
     grid_bins: torch.Tensor, low_res: torch.Tensor, hw: tuple[int, int], colours: torch.Tensor
 ) -> torch.Tensor:
     """How much likelier colours ``3 x N`` (0-255) are inside a mask than outside it: ``N_COLOUR x N`` log ratios
-    (/4, clipped to +-3) of colour histograms of the grid's cells (their bins ``len(COLOUR_LEVELS) x g x g``, the
+    (/4, clipped to +-3) of colour histograms of the grid's cells (their bins in the finest histogram ``g x g``, the
     image's cells the top-left ``hw``) weighted by the mask's probability ``sigmoid(low_res)`` and by its
     complement; per level of ``COLOUR_LEVELS``, over the whole image, then over the mask's surroundings (its box
     on the grid grown by its own size on each side; the whole image for an empty mask)."""
     h, w = hw
     p = torch.sigmoid(low_res[:h, :w].float())
+    cells = grid_bins[:h, :w]
     rows, cols = torch.nonzero(p > 0.5, as_tuple=True)
-    near = torch.zeros(h, w, device=p.device)
+    near = (slice(None), slice(None))
     if len(rows):
         r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
         dh, dw = r1 - r0 + 1, c1 - c0 + 1
-        near[max(r0 - dh, 0) : r1 + dh + 1, max(c0 - dw, 0) : c1 + dw + 1] = 1
-    else:
-        near += 1
-    p, near = p.view(-1), near.view(-1)
-    cells = grid_bins[:, :h, :w].reshape(len(COLOUR_LEVELS), -1)
-    pixels = [_colour_bin(colours, levels) for levels in COLOUR_LEVELS]
+        near = (slice(max(r0 - dh, 0), r1 + dh + 1), slice(max(c0 - dw, 0), c1 + dw + 1))
+    finest = COLOUR_LEVELS[-1]
+    pixels = {levels: _colour_bin(colours, levels) for levels in COLOUR_LEVELS}
     out = []
-    for region in (None, near):
-        inside, outside = (p, 1 - p) if region is None else (p * region, (1 - p) * region)
-        for i, levels in enumerate(COLOUR_LEVELS):
-            fg = torch.bincount(cells[i], inside, levels**3) + _COLOUR_PRIOR[levels]
-            bg = torch.bincount(cells[i], outside, levels**3) + _COLOUR_PRIOR[levels]
-            ratio = (fg / fg.sum()).log_() - (bg / bg.sum()).log_()
-            out.append((ratio[pixels[i]] / 4).clamp_(-3, 3))
+    for region in ((slice(None), slice(None)), near):
+        b, weight = cells[region].reshape(-1), p[region].reshape(-1)
+        # one pass at the finest level (inside; all cells: outside = all - inside), the coarser ones summed from it
+        fg = torch.bincount(b, weight, finest**3)
+        both = torch.stack([fg, torch.bincount(b, minlength=finest**3).to(fg) - fg])
+        for levels in COLOUR_LEVELS:
+            f = finest // levels
+            pooled = both if f == 1 else both.view(2, levels, f, levels, f, levels, f).sum((2, 4, 6)).view(2, -1)
+            pooled = pooled + _COLOUR_PRIOR[levels]
+            ratio = (pooled / pooled.sum(1, keepdim=True)).log_()
+            out.append(((ratio[0] - ratio[1])[pixels[levels]] / 4).clamp_(-3, 3))
     return torch.stack(out)
 
 
@@ -247,9 +270,9 @@ class PointRefiner(nn.Module):
             k = int(2 * self.budget * cells.numel() / a.numel())
             if k < cells.numel():
                 t = min(t, float(torch.kthvalue(cells.float(), k + 1).values))
-        idx = torch.nonzero(a < t).flatten()
+        idx = _where_below(a, t)
         if t < self.threshold and len(idx) < self.budget:  # too low for this mask (a flat one): all of them
-            idx = torch.nonzero(a < self.threshold).flatten()
+            idx = _where_below(a, self.threshold)
         if self.budget and len(idx) > self.budget:
             idx = idx[torch.topk(a[idx], self.budget, largest=False, sorted=False).indices]
         w = logits.shape[-1]
@@ -308,7 +331,11 @@ class PointRefiner(nn.Module):
             at += m.shape[1]
         # per window, at each pixel: the means of colour x p and p, p the mask's probability on the grid, and
         # of colour; outside the mask the colour mean is (colour - colour x p) / (1 - p)
-        weighted = sample(torch.cat(_box_means(torch.cat([image.grid * prob, prob]), WINDOWS)))
+        # (computed on the part of the grid the pixels' windows reach: most masks' uncertain pixels are near them)
+        rows, cols, where_part = _window_crop(px / 4 - 0.5, py / 4 - 0.5, g)
+        part = prob[:, rows, cols]
+        means = torch.cat(_box_means(torch.cat([image.grid[:, rows, cols] * part, part]), WINDOWS))
+        weighted = F.grid_sample(means[None], where_part, mode="bilinear", align_corners=False)[0, :, 0]
         colour = sample(image.grid_means)
         pix = rgb.view(3, steps * k, n)[:, k // 2]  # the pixel itself: the first patch's centre
         for i in range(len(WINDOWS)):
