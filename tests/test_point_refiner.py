@@ -253,11 +253,13 @@ def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
     cfg = RefinerTrainConfig(
         out_dir=str(tmp_path / "run"), base_model=str(tmp_path / "base.safetensors"),
         train_data=[{"root": str(tmp_path / "data")}], images=3, buffer_points=500, batch_points=256,
-        points_per_mask=200, random_points=50, half=False,
+        points_per_mask=200, random_points=50, half=False, hidden=16,
     )
     out = train_point_refiner(cfg, progress=False)
     model = load_model(out, text_head=None)
-    assert model.config.point_refiner
+    assert model.config.point_refiner and model.config.point_refiner_hidden == 16
+    assert model.point_refiner.mlp[0].out_features == 16  # its own width, kept by the file
+    assert infer_config(model.state_dict(), 128).point_refiner_hidden == 16
     assert model.point_refiner.mlp[-1].weight.abs().sum() > 0  # trained away from its zero start
     for k, v in with_point_refiner(base, None).state_dict().items():  # the model itself is unchanged
         torch.testing.assert_close(model.state_dict()[k], v)

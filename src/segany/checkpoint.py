@@ -251,6 +251,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         mask_skip_prompts=skip is not None and skip.shape[1] > 1,
         correction_decoder="correction_decoder.iou_token.weight" in sd,
         point_refiner="point_refiner.mlp.0.weight" in sd,
+        point_refiner_hidden=sd["point_refiner.mlp.0.weight"].shape[0] if "point_refiner.mlp.0.weight" in sd else 64,
     )
 
 

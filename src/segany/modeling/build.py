@@ -133,7 +133,9 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
     refiner = None
     if cfg.point_refiner:  # reads the decoder's projected stride-4 and stride-8 maps (SAM 2's widths) and the embedding
         maps = (d // 8, d // 4, d)
-        refiner = fast_class(PointRefiner, fast)(maps, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+        refiner = fast_class(PointRefiner, fast)(
+            maps, hidden=cfg.point_refiner_hidden, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std
+        )
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
@@ -182,11 +184,14 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     return _rebuilt(model, SamConfig.from_dict({**cfg.to_dict(), **changes}), model_weights(model, keep_vars=True))
 
 
-def with_point_refiner(model: Sam, refiner: PointRefiner | str | None) -> Sam:
+def with_point_refiner(model: Sam, refiner: PointRefiner | str | None, hidden: int | None = None) -> Sam:
     """``model`` with another point refiner (``SamConfig.point_refiner``): ``refiner``'s weights, "new" (a fresh
-    one, which changes nothing until trained) or None (none), sharing the rest of ``model``'s weights, in its
-    mode and on its device. An attached text head comes along."""
-    cfg = dataclasses.replace(model.config, point_refiner=refiner is not None)
+    one, which changes nothing until trained; ``hidden`` wide, or as ``model``'s config says) or None (none),
+    sharing the rest of ``model``'s weights, in its mode and on its device. An attached text head comes along."""
+    if isinstance(refiner, PointRefiner):
+        hidden = refiner.mlp[0].out_features
+    changes = {"point_refiner_hidden": hidden} if hidden else {}
+    cfg = dataclasses.replace(model.config, point_refiner=refiner is not None, **changes)
     weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("point_refiner.")}
     if isinstance(refiner, PointRefiner):
         weights.update({f"point_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})

@@ -113,6 +113,7 @@ class SamConfig:
     #: (:class:`~segany.modeling.point_refiner.PointRefiner`, ``Sam.point_refiner``; needs
     #: ``high_res_features``; not in SAM)
     point_refiner: bool = False
+    point_refiner_hidden: int = 64  #: the point refiner's MLP width
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

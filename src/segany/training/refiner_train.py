@@ -41,6 +41,7 @@ class RefinerTrainConfig(Options):
 
     out_dir: str = "runs/refiner"  #: ``model.safetensors`` (the model with its refiner) and ``last.pt``
     base_model: str = "default"  #: the frozen model whose masks are refined (a refiner it has is replaced)
+    hidden: int | None = None  #: the refiner MLP's width (None: as the base model's config says, 64 by default)
     #: label-map folders: ``{root, split, weight}`` (weight: how often its images are drawn, relative)
     train_data: list[dict] = field(default_factory=list)
     images: int = 7000  #: images to train on
@@ -69,6 +70,8 @@ class RefinerTrainConfig(Options):
         for name in ("images", "masks_per_image", "max_clicks", "points_per_mask", "buffer_points", "batch_points"):
             if getattr(self, name) < 1:
                 raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden is not None and self.hidden < 1:
+            raise SegAnyError(f"hidden must be at least 1, got {self.hidden}")
         if not 0.0 <= self.box_fraction <= 1.0:
             raise SegAnyError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
 
@@ -149,7 +152,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
     base = with_point_refiner(base, None)  # the masks to refine are the model's own
     predictor = SamPredictor(base)
     torch.manual_seed(cfg.seed)
-    refiner = with_point_refiner(base, "new").point_refiner.train()
+    refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, steps = 0, 0
     last = out_dir / "last.pt"
