@@ -116,8 +116,8 @@ def _box_means(t: torch.Tensor, windows: Sequence[int]) -> list[torch.Tensor]:
 
 
 def _where_below(a: torch.Tensor, t: float) -> torch.Tensor:
-    """The indices of the elements of flat ``a`` below ``t``, ascending (on the CPU by numpy, which finds them in
-    half torch.nonzero's time there)."""
+    """The indices of the elements of flat ``a`` below ``t``, ascending (on the CPU by numpy's ``flatnonzero``, the
+    faster there: benchmarks/README.md)."""
     if a.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(a.detach().numpy() < t))
     return torch.nonzero(a < t).flatten()
