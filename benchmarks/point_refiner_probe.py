@@ -42,7 +42,7 @@ from eval_default import DATA, held_out_objects  # noqa: E402
 from segany import SamPredictor, load_model  # noqa: E402
 from segany.evaluation.metrics import mask_iou  # noqa: E402
 from segany.evaluation.protocols import _select_objects, click_object, load_samples  # noqa: E402
-from segany.training.refiner_train import ClickRecorder, prompted_mask  # noqa: E402
+from segany.training.refiner_train import ClickRecorder, fit_points, prompted_mask  # noqa: E402
 
 PATCH = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
 WINDOWS = (9, 25)
@@ -218,19 +218,9 @@ def train(args: argparse.Namespace) -> None:
             continue
         x, lg, y = (torch.cat(t) for t in zip(*buf))
         buf = []
-        for _ in range(2):
-            perm = torch.randperm(len(y))
-            for j in range(0, len(y) - 4095, 4096):
-                i = perm[j : j + 4096]
-                z = refiner(x[i], lg[i])
-                loss = F.binary_cross_entropy_with_logits(z, y[i])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                steps += 1
-                coarse = F.binary_cross_entropy_with_logits(lg[i], y[i]).item()
-                acc = ((z > 0).float() == y[i]).float().mean().item()
-                hist.append((loss.item(), coarse, acc, ((lg[i] > 0).float() == y[i]).float().mean().item()))
+        stats = fit_points(refiner, opt, x, lg, y, epochs=2, batch=4096)
+        steps += len(stats)
+        hist += stats
         h = np.array(hist[-40:]).mean(0)
         print(f"{time.time() - start:6.0f}s images {images} steps {steps} loss {h[0]:.4f} (coarse {h[1]:.4f}) "
               f"accuracy {h[2]:.4f} (coarse {h[3]:.4f})", flush=True)

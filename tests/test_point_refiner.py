@@ -98,7 +98,7 @@ def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
 def test_patches_at_the_border_repeat_the_edge_pixel():
     refiner = PointRefiner((4,))
     image = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3).to(torch.uint8)
-    ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32), refiner.pixel_mean, refiner.pixel_std)
+    ref = RefinerImage.of(image, torch.zeros(1, 3, 32, 32), (5, 7), refiner.pixel_mean, refiner.pixel_std)
     assert ref.pixels.shape == (3, 5 + 2 * PIXEL_PAD, 7 + 2 * PIXEL_PAD)
     logits = torch.randn(5, 7)
     ys, xs = torch.tensor([0, 4]), torch.tensor([0, 6])
@@ -118,21 +118,22 @@ def test_colour_likelihoods_favour_the_masks_colours():
     low = torch.full((8, 8), -8.0)
     low[2:5, 2:5] = 8.0  # the mask: the square
     colours = torch.tensor([[230.0, 40.0, 0.0], [200.0, 40.0, 255.0], [40.0, 40.0, 0.0]])  # yellow, grey, blue
-    f = _colour_likelihoods(_bins(grid), low, (8, 8), colours)
+    f = _colour_likelihoods(_grid_image(grid, (32, 32)), low, colours)
     assert f.shape == (4, 3)
     assert (f[:, 0] > 0.5).all() and (f[:, 1] < -0.5).all()  # inside's colour / outside's colour
     assert (f[:, 2].abs() < 0.5).all()  # a colour seen nowhere: no preference beyond the prior's
     assert (f.abs() <= 3).all()
     # a padded grid: cells past the image's own (h, w) do not count
     padded = torch.cat([grid, torch.full((3, 8, 4), 230.0)], 2)
-    torch.testing.assert_close(_colour_likelihoods(_bins(padded), torch.cat([low, low[:, :4]], 1), (8, 8), colours), f)
+    padded_low = torch.cat([low, low[:, :4]], 1)
+    torch.testing.assert_close(_colour_likelihoods(_grid_image(padded, (32, 32)), padded_low, colours), f)
 
 
-def _bins(grid: torch.Tensor) -> torch.Tensor:
-    """The colour bins of grid ``3 x h x w`` (0-255) as ``RefinerImage.of`` keeps them."""
+def _grid_image(grid: torch.Tensor, input_size: tuple[int, int]) -> RefinerImage:
+    """A ``RefinerImage`` whose mask grid is ``grid`` ``3 x h x w`` (0-255; the resized image ``input_size``)."""
     mean, std = torch.zeros(3), torch.ones(3)
     x = grid.repeat_interleave(4, 1).repeat_interleave(4, 2)[None]  # an input whose 4 x 4 means are the grid
-    return RefinerImage.of(torch.zeros(2, 2, 3, dtype=torch.uint8), x, mean, std).grid_bins
+    return RefinerImage.of(torch.zeros(2, 2, 3, dtype=torch.uint8), x, input_size, mean, std)
 
 
 def test_prompt_geometry_places_pixels_against_the_clicks_and_the_box():

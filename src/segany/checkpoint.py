@@ -234,6 +234,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         raise SegAnyError(f"not a SAM checkpoint: missing tensor {e.args[0]!r}") from None
     # the mask skip is on the decoder that sees mask inputs: the correction decoder where there is one
     skip = sd.get("correction_decoder.conv_m0.weight", sd.get("mask_decoder.conv_m0.weight"))
+    refiner = sd.get("point_refiner.mlp.0.weight")
     return SamConfig(
         encoder=enc,
         image_size=size,
@@ -250,8 +251,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         mask_skip=skip is not None,
         mask_skip_prompts=skip is not None and skip.shape[1] > 1,
         correction_decoder="correction_decoder.iou_token.weight" in sd,
-        point_refiner="point_refiner.mlp.0.weight" in sd,
-        point_refiner_hidden=sd["point_refiner.mlp.0.weight"].shape[0] if "point_refiner.mlp.0.weight" in sd else 64,
+        point_refiner=refiner is not None,
+        **({"point_refiner_hidden": refiner.shape[0]} if refiner is not None else {}),
     )
 
 

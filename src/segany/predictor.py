@@ -82,7 +82,7 @@ class SamPredictor:
         if self._refiner_input is not None:  # the point refiner reads the original pixels (a copy: they may change)
             pixels = torch.from_numpy(np.array(image)).to(self.device)  # in the model's channel order: RGB
             mean, std = self.model.pixel_mean, self.model.pixel_std
-            self.refiner_image = RefinerImage.of(pixels, self._refiner_input, mean, std)
+            self.refiner_image = RefinerImage.of(pixels, self._refiner_input, self.input_size, mean, std)
             self._refiner_input = None
         if self.text_detector is not None:  # the detector looks at the pixels, not the embedding
             rgb = image if self.model.image_format == "RGB" else image[..., ::-1]

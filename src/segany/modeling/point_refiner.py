@@ -43,33 +43,43 @@ class RefinerImage:
     """What the refiner reads of one image besides the masks (:meth:`of`): its pixels in the original frame,
     uint8 RGB planes with a margin of ``PIXEL_PAD`` (edges replicated) ``3 x (H + 2 pad) x (W + 2 pad)``, the
     model's normalised input averaged onto the mask grid ``3 x g x g``, that grid's means over each of
-    ``WINDOWS`` (``3 len(WINDOWS) x g x g``), and the bin of each of its cells in the finest colour histogram
-    (``COLOUR_LEVELS[-1]`` levels a channel; ``g x g``)."""
+    ``WINDOWS`` (``3 len(WINDOWS) x g x g``), the bin of each of the image's cells (not its padding's) in the
+    finest colour histogram (``COLOUR_LEVELS[-1]`` levels a channel; ``h x w``, the top-left part of the grid),
+    and that histogram of all of them (the same for every mask of the image)."""
 
     pixels: torch.Tensor
     grid: torch.Tensor
     grid_means: torch.Tensor
     grid_bins: torch.Tensor
+    bin_counts: torch.Tensor
 
     @classmethod
     def of(
-        cls, image: torch.Tensor, x: torch.Tensor, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+        cls,
+        image: torch.Tensor,
+        x: torch.Tensor,
+        input_size: tuple[int, int],
+        pixel_mean: torch.Tensor,
+        pixel_std: torch.Tensor,
     ) -> RefinerImage:
-        """From the image ``H x W x 3`` uint8 RGB and the model's preprocessed input ``1 x 3 x S x S`` (normalised
-        by its ``pixel_mean`` and ``pixel_std``, ``3`` or ``3 x 1 x 1`` each)."""
+        """From the image ``H x W x 3`` uint8 RGB and the model's preprocessed input ``1 x 3 x S x S`` (the resized
+        image ``input_size`` at its top left, normalised by ``pixel_mean`` and ``pixel_std``, ``3`` or
+        ``3 x 1 x 1`` each)."""
         h, w = image.shape[:2]  # edges replicated by index (F.pad's replicate mode takes floats only)
         rows = torch.arange(-PIXEL_PAD, h + PIXEL_PAD, device=image.device).clamp_(0, h - 1)
         cols = torch.arange(-PIXEL_PAD, w + PIXEL_PAD, device=image.device).clamp_(0, w - 1)
         planes = image.permute(2, 0, 1).index_select(1, rows).index_select(2, cols)
         grid = F.avg_pool2d(x[:1].float(), 4)[0]
-        colour = grid * pixel_std.view(3, 1, 1) + pixel_mean.view(3, 1, 1)
-        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)), _colour_bin(colour, COLOUR_LEVELS[-1]))
+        cells = grid[:, : -(-input_size[0] // 4), : -(-input_size[1] // 4)]
+        bins = _colour_bin(cells * pixel_std.view(3, 1, 1) + pixel_mean.view(3, 1, 1), COLOUR_LEVELS[-1])
+        counts = torch.bincount(bins.flatten(), minlength=COLOUR_LEVELS[-1] ** 3).float()
+        return cls(planes, grid, torch.cat(_box_means(grid, WINDOWS)), bins, counts)
 
     def to(self, device: torch.device) -> RefinerImage:
         return RefinerImage(*(t.to(device) for t in self._tensors()))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.pixels, self.grid, self.grid_means, self.grid_bins
+        return self.pixels, self.grid, self.grid_means, self.grid_bins, self.bin_counts
 
     @property
     def nbytes(self) -> int:
@@ -144,17 +154,15 @@ def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: tor
     return flat.index_select(0, (yy * w + xx).view(-1)).view(offsets.shape[0], len(ys))
 
 
-def _colour_likelihoods(
-    grid_bins: torch.Tensor, low_res: torch.Tensor, hw: tuple[int, int], colours: torch.Tensor
-) -> torch.Tensor:
+def _colour_likelihoods(image: RefinerImage, low_res: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """How much likelier colours ``3 x N`` (0-255) are inside a mask than outside it: ``N_COLOUR x N`` log ratios
-    (/4, clipped to +-3) of colour histograms of the grid's cells (their bins in the finest histogram ``g x g``, the
-    image's cells the top-left ``hw``) weighted by the mask's probability ``sigmoid(low_res)`` and by its
-    complement; per level of ``COLOUR_LEVELS``, over the whole image, then over the mask's surroundings (its box
-    on the grid grown by its own size on each side; the whole image for an empty mask)."""
-    h, w = hw
+    (/4, clipped to +-3) of colour histograms of the image's cells on the mask grid (``image.grid_bins``, the
+    top-left part of the grid) weighted by the mask's probability ``sigmoid(low_res)`` and by its complement; per
+    level of ``COLOUR_LEVELS``, over the whole image, then over the mask's surroundings (its box on the grid grown
+    by its own size on each side; the whole image for an empty mask)."""
+    cells = image.grid_bins
+    h, w = cells.shape
     p = torch.sigmoid(low_res[:h, :w].float())
-    cells = grid_bins[:h, :w]
     rows, cols = torch.nonzero(p > 0.5, as_tuple=True)
     near = (slice(None), slice(None))
     if len(rows):
@@ -164,11 +172,13 @@ def _colour_likelihoods(
     finest = COLOUR_LEVELS[-1]
     pixels = {levels: _colour_bin(colours, levels) for levels in COLOUR_LEVELS}
     out = []
-    for region in ((slice(None), slice(None)), near):
-        b, weight = cells[region].reshape(-1), p[region].reshape(-1)
+    for region in (None, near):
+        b, weight = (cells, p) if region is None else (cells[region], p[region])
+        b, weight = b.reshape(-1), weight.reshape(-1)
         # one pass at the finest level (inside; all cells: outside = all - inside), the coarser ones summed from it
         fg = torch.bincount(b, weight, finest**3)
-        both = torch.stack([fg, torch.bincount(b, minlength=finest**3).to(fg) - fg])
+        every = image.bin_counts if region is None else torch.bincount(b, minlength=finest**3).to(fg)
+        both = torch.stack([fg, every - fg])
         for levels in COLOUR_LEVELS:
             f = finest // levels
             pooled = both if f == 1 else both.view(2, levels, f, levels, f, levels, f).sum((2, 4, 6)).view(2, -1)
@@ -347,8 +357,7 @@ class PointRefiner(nn.Module):
             torch.sum(d_out.square(), 0, out=ft[at + 7])
             at += 8
         centre = raw.view(3, steps * k, n)[:, k // 2]
-        hw_grid = (-(-input_size[0] // 4), -(-input_size[1] // 4))  # the cells of the image, not of its padding
-        ft[at : at + N_COLOUR] = _colour_likelihoods(image.grid_bins, low_res, hw_grid, centre)
+        ft[at : at + N_COLOUR] = _colour_likelihoods(image, low_res, centre)
         at += N_COLOUR
         ft[at : at + N_GEOMETRY] = _prompt_geometry(ys, xs, hw, *prompt)
         return ft.T

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerIm
     x = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].float()
     model = predictor.model
     pixels = torch.from_numpy(np.array(image))
-    refiner_image = RefinerImage.of(pixels, model.preprocess(x), model.pixel_mean, model.pixel_std)
+    mean, std = model.pixel_mean, model.pixel_std
+    refiner_image = RefinerImage.of(pixels, model.preprocess(x), predictor.input_size, mean, std)
     return refiner_image, [*predictor.decoder_inputs["high_res_features"], predictor.features]
 
 
@@ -138,6 +140,34 @@ def _sample_points(logits: torch.Tensor, refiner: PointRefiner, cfg: RefinerTrai
     ys = torch.cat([ys, torch.from_numpy(rng.integers(0, h, cfg.random_points))])
     xs = torch.cat([xs, torch.from_numpy(rng.integers(0, w, cfg.random_points))])
     return ys, xs
+
+
+def fit_points(
+    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    coarse: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    batch: int,
+) -> list[tuple[float, float, float, float]]:
+    """``epochs`` passes of binary cross-entropy over points (features ``N x F``, coarse logits ``N``, targets
+    ``N`` in {0, 1}) in shuffled batches, ``correct(features, coarse)`` giving the refined logits; per step the
+    loss, the unrefined loss, and the refined and unrefined pixel accuracy."""
+    stats = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for j in range(0, max(1, len(y) - batch + 1), batch):
+            i = perm[j : j + batch]
+            z = correct(x[i], coarse[i])
+            loss = F.binary_cross_entropy_with_logits(z, y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            before = F.binary_cross_entropy_with_logits(coarse[i], y[i]).item()
+            accuracy = [((logits > 0).float() == y[i]).float().mean().item() for logits in (z, coarse[i])]
+            stats.append((loss.item(), before, *accuracy))
+    return stats
 
 
 def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
@@ -192,18 +222,9 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
             continue
         x, coarse, y = (torch.cat(t) for t in zip(*buf))
         buf = []
-        for _ in range(cfg.epochs_per_buffer):
-            perm = torch.randperm(len(y))
-            for j in range(0, max(1, len(y) - cfg.batch_points + 1), cfg.batch_points):
-                i = perm[j : j + cfg.batch_points]
-                z = refiner.correct(x[i], coarse[i])
-                loss = F.binary_cross_entropy_with_logits(z, y[i])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                steps += 1
-                before = F.binary_cross_entropy_with_logits(coarse[i], y[i]).item()
-                hist.append((loss.item(), before, ((z > 0).float() == y[i]).float().mean().item()))
+        stats = fit_points(refiner.correct, opt, x, coarse, y, cfg.epochs_per_buffer, cfg.batch_points)
+        steps += len(stats)
+        hist += stats
         save_model(with_point_refiner(base, refiner), out, half=cfg.half)
         state = {"refiner": refiner.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps}
         save_training_state(last, state)
