@@ -27,7 +27,13 @@ from segany.modeling.point_refiner import (
     _prompt_geometry,
 )
 from segany.predictor import SamPredictor
-from segany.training.refiner_train import RefinerTrainConfig, train_point_refiner
+from segany.training.refiner_train import (
+    RefinerTrainConfig,
+    _buffer_schedule,
+    _learning_rate,
+    fit_points,
+    train_point_refiner,
+)
 from tests.test_efficientnet import tiny_config
 
 POINT = (np.array([[70, 45]]), np.array([1]))
@@ -278,6 +284,28 @@ def test_train_refiner_command_reports_bad_options_in_one_line(tmp_path, capsys)
     assert "train_data" in err and "Traceback" not in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="high_res_features"):
         build_sam(dataclasses.replace(tiny_config(16), point_refiner=True))
+
+
+def test_the_learning_rate_falls_to_zero_over_the_run_unless_constant(tmp_path, capsys):
+    cfg = RefinerTrainConfig(train_data=[{"root": str(tmp_path)}], images=100, lr=1e-3)
+    assert [_learning_rate(cfg, i) for i in (0, 50, 100, 120)] == pytest.approx([1e-3, 5e-4, 0.0, 0.0], abs=1e-12)
+    assert _learning_rate(dataclasses.replace(cfg, lr_schedule="constant"), 100) == 1e-3
+    # one buffer holding the whole run's points: its passes go down the whole schedule
+    assert [_buffer_schedule(cfg, 0, 100)(d) for d in (0, 0.5)] == pytest.approx([1e-3, 5e-4])
+    seen = []
+    layer = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 3), (torch.rand(64) > 0.5).float()
+    before = layer.weight.detach().clone()
+    correct = lambda f, c: c + layer(f)[:, 0]  # noqa: E731
+    stats = fit_points(correct, opt, x, torch.zeros(64), y, 2, 16, lambda d: seen.append(d) or 0.0)
+    assert len(stats) == 8 and seen == [k / 8 for k in range(8)]
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)  # every step at the rate given: 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"train_data: [{{root: {tmp_path}}}]\nlr_schedule: linear\n")
+    assert main(["train-refiner", "--config", str(bad)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "lr_schedule" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_the_server_answers_refined_masks_from_its_cached_upload():

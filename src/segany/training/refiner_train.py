@@ -9,12 +9,14 @@ them) or 1-5 clicks of the standard clicker (:func:`~segany.evaluation.protocols
 being the one the clicker keeps. Of each mask, ``points_per_mask`` of its uncertain pixels and
 ``random_points`` anywhere become training points (features, coarse logit, ground truth); every
 ``buffer_points`` points the refiner takes ``epochs_per_buffer`` passes of binary cross-entropy over them in
-batches of ``batch_points``. The result is the model's file with the refiner in it (``SamConfig.point_refiner``),
-written after every buffer; ``out_dir/last.pt`` (refiner, optimizer, images seen) lets a rerun resume.
+batches of ``batch_points``, its learning rate falling over the run (``lr_schedule``). The result is the
+model's file with the refiner in it (``SamConfig.point_refiner``), written after every buffer; ``out_dir/last.pt``
+(refiner, optimizer, images seen) lets a rerun resume.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -51,10 +53,14 @@ class RefinerTrainConfig(Options):
     max_clicks: int = 5  #: clicked masks get 1 to this many clicks
     points_per_mask: int = 768  #: uncertain pixels drawn from each mask
     random_points: int = 128  #: pixels drawn anywhere in the image for each mask
-    buffer_points: int = 16384
+    buffer_points: int = 131072
     batch_points: int = 4096
     epochs_per_buffer: int = 2
     lr: float = 1e-3
+    #: ``cosine``: the learning rate falls from ``lr`` to 0 over the run's images (half a cosine), so the last
+    #: buffers do not leave their own noise in the weights; ``constant``: ``lr`` throughout (the refiners shipped
+    #: before the eighteenth session of 2026-12-06, with 16,384-point buffers)
+    lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
     min_object_area: int = 100
     seed: int = 0
@@ -73,6 +79,8 @@ class RefinerTrainConfig(Options):
                 raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden is not None and self.hidden < 1:
             raise SegAnyError(f"hidden must be at least 1, got {self.hidden}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise SegAnyError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if not 0.0 <= self.box_fraction <= 1.0:
             raise SegAnyError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
 
@@ -150,14 +158,20 @@ def fit_points(
     y: torch.Tensor,
     epochs: int,
     batch: int,
+    lr_at: Callable[[float], float] | None = None,
 ) -> list[tuple[float, float, float, float]]:
     """``epochs`` passes of binary cross-entropy over points (features ``N x F``, coarse logits ``N``, targets
     ``N`` in {0, 1}) in shuffled batches, ``correct(features, coarse)`` giving the refined logits; per step the
-    loss, the unrefined loss, and the refined and unrefined pixel accuracy."""
+    loss, the unrefined loss, and the refined and unrefined pixel accuracy. ``lr_at``: the learning rate of each
+    step from the fraction of these passes done before it (None: the optimizer's own)."""
     stats = []
-    for _ in range(epochs):
+    starts = range(0, max(1, len(y) - batch + 1), batch)
+    for epoch in range(epochs):
         perm = torch.randperm(len(y))
-        for j in range(0, max(1, len(y) - batch + 1), batch):
+        for k, j in enumerate(starts):
+            if lr_at is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at((epoch * len(starts) + k) / (epochs * len(starts)))
             i = perm[j : j + batch]
             z = correct(x[i], coarse[i])
             loss = F.binary_cross_entropy_with_logits(z, y[i])
@@ -168,6 +182,19 @@ def fit_points(
             accuracy = [((logits > 0).float() == y[i]).float().mean().item() for logits in (z, coarse[i])]
             stats.append((loss.item(), before, *accuracy))
     return stats
+
+
+def _learning_rate(cfg: RefinerTrainConfig, images: float) -> float:
+    """The learning rate after ``images`` of the run's images (a fraction: part of a buffer's passes)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(images, cfg.images) / cfg.images))
+
+
+def _buffer_schedule(cfg: RefinerTrainConfig, before: int, after: int) -> Callable[[float], float]:
+    """The learning rate through the passes over a buffer of the points of images ``before`` to ``after``:
+    the run's schedule between them."""
+    return lambda done: _learning_rate(cfg, before + (after - before) * done)
 
 
 def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
@@ -193,6 +220,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         images, steps = state["images"], state["steps"]
         if progress:
             print(f"resumed from {last}: {images} images, {steps} steps", flush=True)
+    fitted = images  # the images whose points the refiner has taken passes over
     random.seed(cfg.seed + images)  # a resumed run goes on with other draws, not the first ones again
     torch.manual_seed(cfg.seed + images)
     rng = np.random.default_rng(cfg.seed + images)
@@ -222,7 +250,9 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
             continue
         x, coarse, y = (torch.cat(t) for t in zip(*buf))
         buf = []
-        stats = fit_points(refiner.correct, opt, x, coarse, y, cfg.epochs_per_buffer, cfg.batch_points)
+        lr_at = _buffer_schedule(cfg, fitted, images)
+        fitted = images
+        stats = fit_points(refiner.correct, opt, x, coarse, y, cfg.epochs_per_buffer, cfg.batch_points, lr_at)
         steps += len(stats)
         hist += stats
         save_model(with_point_refiner(base, refiner), out, half=cfg.half)
