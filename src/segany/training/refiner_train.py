@@ -53,7 +53,7 @@ class RefinerTrainConfig(Options):
     max_clicks: int = 5  #: clicked masks get 1 to this many clicks
     points_per_mask: int = 768  #: uncertain pixels drawn from each mask
     random_points: int = 128  #: pixels drawn anywhere in the image for each mask
-    buffer_points: int = 131072
+    buffer_points: int = 262144
     batch_points: int = 4096
     epochs_per_buffer: int = 2
     lr: float = 1e-3
