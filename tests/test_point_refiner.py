@@ -5,6 +5,7 @@ file, through cached embeddings, the "everything" generator, and its own trainin
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from PIL import Image
 from segany.automatic_mask_generator import SamAutomaticMaskGenerator
 from segany.checkpoint import infer_config, load_model, save_model
 from segany.cli import main
+from segany.errors import SegAnyError
 from segany.modeling import build_sam
-from segany.modeling.build import with_point_refiner
+from segany.modeling.build import with_crop_refiner, with_point_refiner
 from segany.modeling.fast.point_refiner import FastPointRefiner
 from segany.modeling.point_refiner import (
     PIXEL_PAD,
@@ -33,7 +35,9 @@ from segany.training.refiner_train import (
     _learning_rate,
     fit_points,
     train_point_refiner,
+    zoomed_mask,
 )
+from segany.zoom_in import ZoomInPredictor
 from tests.test_efficientnet import tiny_config
 
 POINT = (np.array([[70, 45]]), np.array([1]))
@@ -84,6 +88,60 @@ def test_an_untrained_refiner_changes_nothing_and_a_trained_one_only_uncertain_p
     predictor.set_image(_image())
     binary = predictor.predict(*POINT, multimask_output=False)[0]
     assert binary.dtype == bool and np.array_equal(binary[0], _logits(trained)[0][0] > 0)
+
+
+def test_an_image_the_input_enlarges_much_is_left_unrefined():
+    trained = _model(True)
+    small = _image(48, 60)  # the tiny model's 128-px input enlarges it 2.13 times
+
+    def logits(model):
+        predictor = SamPredictor(model)
+        predictor.set_image(small)
+        return predictor.predict(np.array([[20, 16]]), np.array([1]), multimask_output=False, return_logits=True)[0]
+
+    base = logits(with_point_refiner(trained, None))
+    np.testing.assert_allclose(logits(trained), base, atol=1e-5)
+    trained.point_refiner.max_upscale = 2.5
+    assert (np.abs(logits(trained) - base) > 1e-4).any()
+
+
+def test_a_crop_refiner_refines_the_images_the_point_refiner_leaves(tmp_path, capsys):
+    point, other = _model(True, seed=0), _model(True, seed=1)
+    model = with_crop_refiner(point, other.point_refiner)
+    assert model.config.crop_refiner and model.crop_refiner.max_upscale == float("inf")
+    alone = with_point_refiner(point, other.point_refiner, max_upscale=float("inf"))  # its refiner, no limit
+    small, click = _image(48, 60), (np.array([[20, 16]]), np.array([1]))  # enlarged 2.13 times
+
+    def logits(m, image=None, prompt=POINT):
+        predictor = SamPredictor(m)
+        predictor.set_image(_image() if image is None else image)
+        return predictor.predict(*prompt, multimask_output=False, return_logits=True)[0]
+
+    np.testing.assert_allclose(logits(model), logits(point), atol=1e-5)  # shrunk: the point refiner's answer
+    np.testing.assert_allclose(logits(model, small, click), logits(alone, small, click), atol=1e-5)
+    assert (np.abs(logits(model, small, click) - logits(point, small, click)) > 1e-4).any()
+    save_model(model, tmp_path / "m.safetensors")
+    back = load_model(tmp_path / "m.safetensors", text_head=None)
+    assert back.config.crop_refiner and infer_config(back.state_dict(), 128).crop_refiner
+    np.testing.assert_allclose(logits(back, small, click), logits(model, small, click), atol=1e-5)
+    plain = with_point_refiner(model, None)  # no refiner: neither
+    assert plain.crop_refiner is None and not plain.config.crop_refiner
+    with pytest.raises(SegAnyError, match="point refiner"):
+        with_crop_refiner(plain, other.point_refiner)
+    # segany convert puts one in from another run's file; a file without a refiner is refused in one line
+    save_model(point, tmp_path / "point.safetensors")
+    save_model(other, tmp_path / "other.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "point.safetensors"), str(out), "--crop-refiner",
+                 str(tmp_path / "other.safetensors")]) == 0
+    converted = load_model(out, text_head=None)
+    torch.testing.assert_close(converted.crop_refiner.state_dict(), other.point_refiner.state_dict())
+    capsys.readouterr()
+    save_model(plain, tmp_path / "plain.safetensors")
+    assert main(["convert", str(tmp_path / "point.safetensors"), str(out), "--crop-refiner",
+                 str(tmp_path / "plain.safetensors")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "no point refiner" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_uncertain_pixels_are_the_most_uncertain_within_the_threshold():
@@ -260,11 +318,12 @@ def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
     cfg = RefinerTrainConfig(
         out_dir=str(tmp_path / "run"), base_model=str(tmp_path / "base.safetensors"),
         train_data=[{"root": str(tmp_path / "data")}], images=3, buffer_points=500, batch_points=256,
-        points_per_mask=200, random_points=50, half=False, hidden=16,
+        points_per_mask=200, random_points=50, half=False, hidden=16, max_upscale=float("inf"),
     )
     out = train_point_refiner(cfg, progress=False)
     model = load_model(out, text_head=None)
     assert model.config.point_refiner and model.config.point_refiner_hidden == 16
+    assert model.config.point_refiner_max_upscale == model.point_refiner.max_upscale == float("inf")  # kept by the file
     assert model.point_refiner.mlp[0].out_features == 16  # its own width, kept by the file
     assert infer_config(model.state_dict(), 128).point_refiner_hidden == 16
     assert model.point_refiner.mlp[-1].weight.abs().sum() > 0  # trained away from its zero start
@@ -272,8 +331,37 @@ def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
         torch.testing.assert_close(model.state_dict()[k], v)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["images"] == 3
-    train_point_refiner(dataclasses.replace(cfg, images=5), progress=False)  # resumes: 2 more images
+    # resumes: 2 more images, their masks through zoom-in's crops
+    train_point_refiner(dataclasses.replace(cfg, images=5, zoom_fraction=1.0), progress=False)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["images"] == 5
+
+
+def test_zoom_in_training_masks_are_taken_on_their_crop():
+    model = with_point_refiner(_model(False), None)
+    image = _image()
+    gt = np.zeros(image.shape[:2], bool)
+    gt[100:140, 120:190] = True
+    whole = SamPredictor(model)
+    whole.set_image(image)
+    zoom = ZoomInPredictor(SamPredictor(model))
+    random.seed(3)
+    for box_fraction in (0.0, 1.0):
+        zoom.set_embedding(whole.get_image_embedding(), whole.original_size, image, whole.input_size,
+                           whole.get_decoder_inputs())
+        logits, low, prompts, (rows, cols) = zoomed_mask(zoom, gt, None, box_fraction, 3)
+        x0, y0, x1, y1 = zoom.last_crop
+        assert logits.shape == (y1 - y0, x1 - x0)
+        assert (rows.start, rows.stop, cols.start, cols.stop) == (y0, y1, x0, x1)
+        np.testing.assert_allclose(logits.numpy(), zoom._last[2][0][y0:y1, x0:x1])  # the kept answer, cropped
+        assert zoom.predictor.original_size == logits.shape and low.shape[-1] == 4 * 128 // 16
+        # the prompt in the crop's input frame: the box is the object's, shifted into the crop and resized
+        if box_fraction:  # the box's crop: twice its size (at least 100 pixels), inside the image
+            assert (x0, y0, x1, y1) == (60, 50, 200, 150)
+            (h, w), (sh, sw) = zoom.predictor.input_size, (y1 - y0, x1 - x0)
+            want = (np.array([120, 100, 189, 139]) - [x0, y0, x0, y0]) * np.tile([w / sw, h / sh], 2)
+            np.testing.assert_allclose(prompts.boxes[0].numpy(), want, atol=1e-3)
+        else:
+            assert prompts.points is not None and prompts.boxes is None
 
 
 def test_train_refiner_command_reports_bad_options_in_one_line(tmp_path, capsys):
@@ -282,6 +370,11 @@ def test_train_refiner_command_reports_bad_options_in_one_line(tmp_path, capsys)
     assert main(["train-refiner", "--config", str(bad)]) != 0
     err = capsys.readouterr().err.strip()
     assert "train_data" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    for option in ("max_upscale: 0.5", "zoom_fraction: 2"):
+        bad.write_text(f"train_data: [{{root: {tmp_path}}}]\n{option}\n")
+        assert main(["train-refiner", "--config", str(bad)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert option.split(":")[0] in err and "Traceback" not in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="high_res_features"):
         build_sam(dataclasses.replace(tiny_config(16), point_refiner=True))
 

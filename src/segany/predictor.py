@@ -292,7 +292,11 @@ class SamPredictor:
         boxes = boxes.reshape(-1, 4) if boxes is not None else None
         prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
-        return self.model.point_refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
+        refiner = self.model.point_refiner
+        crop = getattr(self.model, "crop_refiner", None)
+        if crop is not None and max(self.input_size) > refiner.max_upscale * max(self.original_size):
+            refiner = crop  # an image the point refiner leaves (zoom-in's crop around a small object)
+        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
 
     @torch.inference_mode()
     def predict_low_res(

@@ -114,6 +114,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="with --correction-decoder: what its skip at the mask grid reads, all four maps or the clicks and "
         "the box only (the previous mask's weights zeroed; the default model's)",
     )
+    p.add_argument(
+        "--crop-refiner", metavar="CKPT",
+        help="refine the images and zoom-in crops the input enlarges more than the point refiner's limit with "
+        "CKPT's point refiner (one trained on zoom-in's crops: configs/point_refiner_zoom.yaml)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -126,9 +131,18 @@ def run_convert(args: argparse.Namespace) -> int:
     cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap,
                              correction_decoder=args.correction_decoder,
                              correction_skip_mask=args.correction_skip == "all")
+    if args.crop_refiner:
+        from segany.checkpoint import load_model, save_model
+        from segany.modeling.build import with_crop_refiner
+
+        refiner = load_model(args.crop_refiner, text_head=None).point_refiner
+        if refiner is None:
+            raise SegAnyError(f"{args.crop_refiner}: no point refiner in it")
+        save_model(with_crop_refiner(load_model(args.dst, text_head=None), refiner), args.dst, half=args.half)
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
     correction = f", correction decoder from {args.correction_decoder}" if args.correction_decoder else ""
+    correction += f", crop refiner from {args.crop_refiner}" if args.crop_refiner else ""
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0

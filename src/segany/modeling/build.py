@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
+from segany.errors import SegAnyError
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
 from segany.modeling.dense_prompt_encoder import NUM_PROMPT_MAPS, DensePromptEncoder
 from segany.modeling.efficientnet import EfficientNetLiteEncoder
@@ -130,12 +132,20 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
 
     decoder = mask_decoder(False)
     correction = mask_decoder(True) if cfg.correction_decoder else None
-    refiner = None
+    refiner = crop_refiner = None
+    if cfg.crop_refiner and not cfg.point_refiner:
+        raise ValueError("crop_refiner needs point_refiner")
     if cfg.point_refiner:  # reads the decoder's projected stride-4 and stride-8 maps (SAM 2's widths) and the embedding
         maps = (d // 8, d // 4, d)
-        refiner = fast_class(PointRefiner, fast)(
-            maps, hidden=cfg.point_refiner_hidden, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std
-        )
+
+        def point_refiner(max_upscale: float) -> PointRefiner:
+            return fast_class(PointRefiner, fast)(
+                maps, hidden=cfg.point_refiner_hidden, max_upscale=max_upscale,
+                pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+            )
+
+        refiner = point_refiner(cfg.point_refiner_max_upscale)
+        crop_refiner = point_refiner(math.inf) if cfg.crop_refiner else None
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
@@ -146,6 +156,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         config=cfg,
         correction_decoder=correction,
         point_refiner=refiner,
+        crop_refiner=crop_refiner,
     )
 
 
@@ -184,15 +195,41 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
     return _rebuilt(model, SamConfig.from_dict({**cfg.to_dict(), **changes}), model_weights(model, keep_vars=True))
 
 
-def with_point_refiner(model: Sam, refiner: PointRefiner | str | None, hidden: int | None = None) -> Sam:
+def with_point_refiner(
+    model: Sam, refiner: PointRefiner | str | None, hidden: int | None = None, max_upscale: float | None = None
+) -> Sam:
     """``model`` with another point refiner (``SamConfig.point_refiner``): ``refiner``'s weights, "new" (a fresh
     one, which changes nothing until trained; ``hidden`` wide, or as ``model``'s config says) or None (none),
-    sharing the rest of ``model``'s weights, in its mode and on its device. An attached text head comes along."""
+    sharing the rest of ``model``'s weights, in its mode and on its device; ``max_upscale``: its
+    ``point_refiner_max_upscale`` (None: as ``model``'s config says). An attached text head comes along."""
     if isinstance(refiner, PointRefiner):
         hidden = refiner.mlp[0].out_features
-    changes = {"point_refiner_hidden": hidden} if hidden else {}
+    changes: dict = {"point_refiner_hidden": hidden} if hidden else {}
+    if max_upscale is not None:
+        changes["point_refiner_max_upscale"] = float(max_upscale)
+    if refiner is None:  # no refiner at all: the model's own masks
+        changes["crop_refiner"] = False
     cfg = dataclasses.replace(model.config, point_refiner=refiner is not None, **changes)
-    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("point_refiner.")}
+    dropped = ("point_refiner.",) if refiner is not None else ("point_refiner.", "crop_refiner.")
+    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith(dropped)}
     if isinstance(refiner, PointRefiner):
         weights.update({f"point_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
     return _rebuilt(model, cfg, weights, strict=refiner != "new")
+
+
+def with_crop_refiner(model: Sam, refiner: PointRefiner | None) -> Sam:
+    """``model`` (with a point refiner) with ``refiner``'s weights as its crop refiner (``SamConfig.crop_refiner``:
+    the images and crops its point refiner leaves, those the input enlarges more than ``point_refiner_max_upscale``)
+    or with none, sharing the rest of its weights."""
+    cfg = model.config
+    if not getattr(cfg, "point_refiner", False):
+        raise SegAnyError("a crop refiner goes into a model with a point refiner")
+    if refiner is not None and refiner.mlp[0].out_features != cfg.point_refiner_hidden:
+        raise SegAnyError(
+            f"the crop refiner is {refiner.mlp[0].out_features} wide, the model's point refiner "
+            f"{cfg.point_refiner_hidden}"
+        )
+    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("crop_refiner.")}
+    if refiner is not None:
+        weights.update({f"crop_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
+    return _rebuilt(model, dataclasses.replace(cfg, crop_refiner=refiner is not None), weights, strict=True)

@@ -243,12 +243,14 @@ class PointRefiner(nn.Module):
         hidden: int = 64,
         threshold: float = 6.0,
         budget: int = 2048,
+        max_upscale: float = 2.0,
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
     ) -> None:
         super().__init__()
         self.threshold = threshold
         self.budget = budget
+        self.max_upscale = max_upscale
         n = len(_PATCH)
         in_features = (
             1 + 3 * n * len(RGB_STEPS) + n * len(LOGIT_STEPS) + sum(map_channels) + 8 * len(WINDOWS) + N_COLOUR
@@ -377,7 +379,13 @@ class PointRefiner(nn.Module):
     ) -> torch.Tensor:
         """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``, ``prompts``
         one row per mask, in the order of the flattened leading dimensions) with each mask's uncertain pixels
-        refined, in place (the upsampled logits are the caller's own fresh tensor)."""
+        refined, in place (the upsampled logits are the caller's own fresh tensor). An image the model's input
+        enlarges by more than ``max_upscale`` (``SamConfig.point_refiner_max_upscale``: zoom-in's crop around a
+        small object, or a thumbnail) is left as it is: there the mask grid is already finer than the pixels, and
+        a refiner trained on whole pictures only ruined such crops' masks (MODELS.md, "Zoom-in and the point
+        refiner")."""
+        if max(input_size) > self.max_upscale * max(logits.shape[-2:]):
+            return logits
         flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
         for m in range(flat.shape[0]):
             ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)

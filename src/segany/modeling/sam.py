@@ -53,13 +53,15 @@ class Sam(nn.Module):
         config: Any = None,
         correction_decoder: MaskDecoder | None = None,
         point_refiner: nn.Module | None = None,
+        crop_refiner: nn.Module | None = None,
     ) -> None:
         """The official signature (``Sam(image_encoder, prompt_encoder, mask_decoder, pixel_mean,
         pixel_std)``), plus ``image_size`` (the square input side) for encoders that do not fix it
         themselves, ``config`` (the :class:`SamConfig` it was built from, saved with the weights) and
         ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``) and
         ``point_refiner`` (corrects the upsampled masks at the image's resolution: ``SamConfig.point_refiner``;
-        applied by the predictor, which has the image's pixels).
+        applied by the predictor, which has the image's pixels) and ``crop_refiner`` (the images it leaves, as
+        zoom-in's crops: ``SamConfig.crop_refiner``).
 
         ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
         the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
@@ -79,6 +81,7 @@ class Sam(nn.Module):
         self.mask_decoder = mask_decoder
         self.correction_decoder = correction_decoder
         self.point_refiner = point_refiner
+        self.crop_refiner = crop_refiner
         self.image_size = image_size
         self.config = config
         # Optional text prompt head (segany.modeling.text_prompt.TextHead), attached by load_model when

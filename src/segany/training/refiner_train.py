@@ -36,6 +36,7 @@ from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPro
 from segany.predictor import SamPredictor
 from segany.training.config import Options
 from segany.training.run_files import load_training_state, save_training_state
+from segany.zoom_in import ZoomInPredictor
 
 
 @dataclass
@@ -45,11 +46,17 @@ class RefinerTrainConfig(Options):
     out_dir: str = "runs/refiner"  #: ``model.safetensors`` (the model with its refiner) and ``last.pt``
     base_model: str = "default"  #: the frozen model whose masks are refined (a refiner it has is replaced)
     hidden: int | None = None  #: the refiner MLP's width (None: as the base model's config says, 64 by default)
+    #: the written model's ``point_refiner_max_upscale`` (None: as the base model's config says, 2 by default;
+    #: ``.inf`` for a refiner trained on zoom-in's crops, which refines them however enlarged)
+    max_upscale: float | None = None
     #: label-map folders: ``{root, split, weight}`` (weight: how often its images are drawn, relative)
     train_data: list[dict] = field(default_factory=list)
     images: int = 7000  #: images to train on
     masks_per_image: int = 3
     box_fraction: float = 0.3  #: masks prompted by the object's box rather than clicks
+    #: masks prompted through zoom-in (the web tool's default), their points taken on the crop they were answered
+    #: on, at its own resolution
+    zoom_fraction: float = 0.0
     max_clicks: int = 5  #: clicked masks get 1 to this many clicks
     points_per_mask: int = 768  #: uncertain pixels drawn from each mask
     random_points: int = 128  #: pixels drawn anywhere in the image for each mask
@@ -79,10 +86,13 @@ class RefinerTrainConfig(Options):
                 raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden is not None and self.hidden < 1:
             raise SegAnyError(f"hidden must be at least 1, got {self.hidden}")
+        if self.max_upscale is not None and not self.max_upscale >= 1:
+            raise SegAnyError(f"max_upscale must be at least 1 (.inf: no limit), got {self.max_upscale}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise SegAnyError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
-        if not 0.0 <= self.box_fraction <= 1.0:
-            raise SegAnyError(f"box_fraction must be in [0, 1], got {self.box_fraction}")
+        for name in ("box_fraction", "zoom_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SegAnyError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 class ClickRecorder:
@@ -105,26 +115,59 @@ class ClickRecorder:
         return logits[i], low_res[i], coords, labels
 
 
+def _prompt_object(
+    predictor: SamPredictor | ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float,
+    max_clicks: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The object ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the standard clicker: the kept
+    mask's logits ``H x W`` and low-res logits, and its clicks ``K x 2``, labels ``K`` or box ``4`` (pixels)."""
+    if random.random() < box_fraction:
+        ys, xs = np.nonzero(gt)
+        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+        m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+        return m[0], low[0], None, None, box
+    recorder = ClickRecorder(predictor)
+    clicks = random.randint(1, max_clicks)
+    click_object(recorder, gt, ignore, clicks)
+    logits, low, coords, labels = recorder.kept(clicks)
+    return logits, low, coords, labels, None
+
+
+def _input_prompts(
+    predictor: SamPredictor, coords: np.ndarray | None, labels: np.ndarray | None, box: np.ndarray | None
+) -> RefinerPrompts:
+    """Clicks or a box (pixels of the image set on ``predictor``) in the model's input frame."""
+    size = predictor.original_size
+    if box is not None:
+        return RefinerPrompts(boxes=torch.as_tensor(predictor.transform.apply_boxes(box[None], size)).float())
+    points = torch.as_tensor(predictor.transform.apply_coords(coords, size)).float()[None]
+    return RefinerPrompts(points, torch.as_tensor(labels)[None])
+
+
 def prompted_mask(
     predictor: SamPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
 ) -> tuple[torch.Tensor, torch.Tensor, RefinerPrompts]:
     """One training mask of the image set on ``predictor``: logits ``H x W``, low-res logits and its prompt (in
     the model's input frame), for the object ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the
     standard clicker."""
-    size = predictor.original_size
-    if random.random() < box_fraction:
-        ys, xs = np.nonzero(gt)
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-        m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
-        prompts = RefinerPrompts(boxes=torch.as_tensor(predictor.transform.apply_boxes(box[None], size)).float())
-        return torch.from_numpy(m[0]).float(), torch.from_numpy(low[0]).float(), prompts
-    recorder = ClickRecorder(predictor)
-    clicks = random.randint(1, max_clicks)
-    click_object(recorder, gt, ignore, clicks)
-    logits, low, coords, labels = recorder.kept(clicks)
-    points = torch.as_tensor(predictor.transform.apply_coords(coords, size)).float()[None]
-    prompts = RefinerPrompts(points, torch.as_tensor(labels)[None])
+    logits, low, coords, labels, box = _prompt_object(predictor, gt, ignore, box_fraction, max_clicks)
+    prompts = _input_prompts(predictor, coords, labels, box)
     return torch.from_numpy(logits).float(), torch.from_numpy(low).float(), prompts
+
+
+def zoomed_mask(
+    zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
+) -> tuple[torch.Tensor, torch.Tensor, RefinerPrompts, tuple[slice, slice]]:
+    """As :func:`prompted_mask`, through zoom-in (the web tool's default): the kept mask on the crop it was
+    predicted on (which ``zoom``'s predictor then holds), and that crop's rows and columns of the image."""
+    logits, low, coords, labels, box = _prompt_object(zoom, gt, ignore, box_fraction, max_clicks)
+    x0, y0, x1, y1 = zoom.last_crop
+    shift = np.array([x0, y0], np.float32)
+    coords = None if coords is None else coords - shift
+    box = None if box is None else box - np.tile(shift, 2)
+    prompts = _input_prompts(zoom.predictor, coords, labels, box)
+    crop_logits = torch.from_numpy(np.ascontiguousarray(logits[y0:y1, x0:x1])).float()
+    return crop_logits, torch.from_numpy(low).float(), prompts, (slice(y0, y1), slice(x0, x1))
 
 
 def _image_inputs(predictor: SamPredictor, image: np.ndarray) -> tuple[RefinerImage, list[torch.Tensor]]:
@@ -206,8 +249,9 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
     base = load_model(cfg.base_model, text_head=None)
     if not getattr(base.config, "high_res_features", False):
         raise SegAnyError(f"{cfg.base_model}: a point refiner needs a model with high_res_features (segany's default)")
-    base = with_point_refiner(base, None)  # the masks to refine are the model's own
+    base = with_point_refiner(base, None, max_upscale=cfg.max_upscale)  # the masks to refine are the model's own
     predictor = SamPredictor(base)
+    zoom = ZoomInPredictor(SamPredictor(base))  # its own predictor: the whole image's stays set for the others
     torch.manual_seed(cfg.seed)
     refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -238,13 +282,26 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         images += 1
         with torch.no_grad():
             predictor.set_image(sample.image)
-            image, maps = _image_inputs(predictor, sample.image)
+            whole = _image_inputs(predictor, sample.image)
             for _, gt, ignore, _ in random.sample(objects, min(cfg.masks_per_image, len(objects))):
-                logits, low, prompts = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
+                if cfg.zoom_fraction and random.random() < cfg.zoom_fraction:  # from the whole image, as a user
+                    zoom.set_embedding(
+                        predictor.get_image_embedding(), predictor.original_size, sample.image,
+                        predictor.input_size, predictor.get_decoder_inputs(),
+                    )
+                    logits, low, prompts, (rows, cols) = zoomed_mask(
+                        zoom, gt, ignore, cfg.box_fraction, cfg.max_clicks
+                    )
+                    held, gt = zoom.predictor, np.ascontiguousarray(gt[rows, cols])
+                    ignore = None if ignore is None else np.ascontiguousarray(ignore[rows, cols])
+                    image, maps = _image_inputs(held, np.ascontiguousarray(sample.image[rows, cols]))
+                else:
+                    logits, low, prompts = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
+                    (image, maps), held = whole, predictor
                 ys, xs = _sample_points(logits, refiner, cfg, rng)
                 keep = torch.ones(len(ys), dtype=torch.bool) if ignore is None else ~torch.from_numpy(ignore)[ys, xs]
-                prompt = prompts.of_mask(0, logits.shape, predictor.input_size)
-                f = refiner.point_features(logits, low, image, maps, predictor.input_size, ys, xs, prompt)
+                prompt = prompts.of_mask(0, logits.shape, held.input_size)
+                f = refiner.point_features(logits, low, image, maps, held.input_size, ys, xs, prompt)
                 buf.append((f[keep], logits[ys, xs][keep], torch.from_numpy(gt)[ys, xs].float()[keep]))
         if sum(len(b[2]) for b in buf) < cfg.buffer_points and images < cfg.images:
             continue
