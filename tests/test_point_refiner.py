@@ -120,6 +120,17 @@ def test_a_crop_refiner_refines_the_images_the_point_refiner_leaves(tmp_path, ca
     np.testing.assert_allclose(logits(model), logits(point), atol=1e-5)  # shrunk: the point refiner's answer
     np.testing.assert_allclose(logits(model, small, click), logits(alone, small, click), atol=1e-5)
     assert (np.abs(logits(model, small, click) - logits(point, small, click)) > 1e-4).any()
+    box = np.array([120, 100, 189, 139])  # zoom-in answers it on a crop around it: the crop refiner's answer
+
+    def zoomed(m):
+        zoom = ZoomInPredictor(SamPredictor(m))
+        zoom.set_image(_image())
+        return zoom.predict(box=box, multimask_output=False, return_logits=True)[0], zoom.last_crop
+
+    (ours, crop), (theirs, _), (points, _) = zoomed(model), zoomed(alone), zoomed(point)
+    assert crop != (0, 0, 200, 150)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert (np.abs(ours - points) > 1e-4).any()
     save_model(model, tmp_path / "m.safetensors")
     back = load_model(tmp_path / "m.safetensors", text_head=None)
     assert back.config.crop_refiner and infer_config(back.state_dict(), 128).crop_refiner

@@ -167,6 +167,8 @@ class SamPredictor:
         self.text_features = None
         self._refiner_input: torch.Tensor | None = None
         self.refiner_image: RefinerImage | None = None
+        #: the image is a crop of a larger one (zoom-in's, set by ZoomInPredictor): refined by the crop refiner
+        self.is_crop = False
 
     @property
     def device(self) -> torch.device:
@@ -294,8 +296,8 @@ class SamPredictor:
         maps = [*self.decoder_inputs["high_res_features"], self.features]
         refiner = self.model.point_refiner
         crop = getattr(self.model, "crop_refiner", None)
-        if crop is not None and max(self.input_size) > refiner.max_upscale * max(self.original_size):
-            refiner = crop  # an image the point refiner leaves (zoom-in's crop around a small object)
+        if crop is not None and (self.is_crop or max(self.input_size) > refiner.max_upscale * max(self.original_size)):
+            refiner = crop  # zoom-in's crop, or an image the point refiner leaves
         return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
 
     @torch.inference_mode()

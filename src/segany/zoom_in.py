@@ -291,6 +291,7 @@ class ZoomInPredictor:
                 p.set_image(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
                 if self.crop_cache is not None:
                     self.crop_cache.put(crop, _held(p))
+            self.predictor.is_crop = crop != self.full_box  # a model's crop refiner refines crops' masks
             self._crop = crop
 
 

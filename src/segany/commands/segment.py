@@ -116,7 +116,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--crop-refiner", metavar="CKPT",
-        help="refine the images and zoom-in crops the input enlarges more than the point refiner's limit with "
+        help="refine zoom-in's crops, and the images the input enlarges more than the point refiner's limit, with "
         "CKPT's point refiner (one trained on zoom-in's crops: configs/point_refiner_zoom.yaml)",
     )
 

@@ -219,8 +219,8 @@ def with_point_refiner(
 
 def with_crop_refiner(model: Sam, refiner: PointRefiner | None) -> Sam:
     """``model`` (with a point refiner) with ``refiner``'s weights as its crop refiner (``SamConfig.crop_refiner``:
-    the images and crops its point refiner leaves, those the input enlarges more than ``point_refiner_max_upscale``)
-    or with none, sharing the rest of its weights."""
+    zoom-in's crops, and the images the input enlarges more than ``point_refiner_max_upscale``) or with none,
+    sharing the rest of its weights."""
     cfg = model.config
     if not getattr(cfg, "point_refiner", False):
         raise SegAnyError("a crop refiner goes into a model with a point refiner")

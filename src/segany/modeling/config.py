@@ -117,8 +117,8 @@ class SamConfig:
     #: images (or zoom-in's crops) the model's input enlarges by more than this are not given to the point refiner
     #: (but to the crop refiner, if any; ``inf``: no limit)
     point_refiner_max_upscale: float = 2.0
-    #: a second point refiner (``Sam.crop_refiner``, ``point_refiner_hidden`` wide) for those images and crops:
-    #: one trained on zoom-in's crops (``segany convert --crop-refiner``; needs ``point_refiner``)
+    #: a second point refiner (``Sam.crop_refiner``, ``point_refiner_hidden`` wide) for zoom-in's crops and those
+    #: images: one trained on zoom-in's crops (``segany convert --crop-refiner``; needs ``point_refiner``)
     crop_refiner: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)

@@ -60,8 +60,8 @@ class Sam(nn.Module):
         themselves, ``config`` (the :class:`SamConfig` it was built from, saved with the weights) and
         ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``) and
         ``point_refiner`` (corrects the upsampled masks at the image's resolution: ``SamConfig.point_refiner``;
-        applied by the predictor, which has the image's pixels) and ``crop_refiner`` (the images it leaves, as
-        zoom-in's crops: ``SamConfig.crop_refiner``).
+        applied by the predictor, which has the image's pixels) and ``crop_refiner`` (the same for zoom-in's crops
+        and the images the point refiner leaves: ``SamConfig.crop_refiner``).
 
         ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
         the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
