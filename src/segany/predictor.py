@@ -296,7 +296,7 @@ class SamPredictor:
         maps = [*self.decoder_inputs["high_res_features"], self.features]
         refiner = self.model.point_refiner
         crop = getattr(self.model, "crop_refiner", None)
-        if crop is not None and (self.is_crop or max(self.input_size) > refiner.max_upscale * max(self.original_size)):
+        if crop is not None and (self.is_crop or not refiner.refines(self.input_size, self.original_size)):
             refiner = crop  # zoom-in's crop, or an image the point refiner leaves
         return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
 

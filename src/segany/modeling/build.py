@@ -211,10 +211,8 @@ def with_point_refiner(
         changes["crop_refiner"] = False
     cfg = dataclasses.replace(model.config, point_refiner=refiner is not None, **changes)
     dropped = ("point_refiner.",) if refiner is not None else ("point_refiner.", "crop_refiner.")
-    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith(dropped)}
-    if isinstance(refiner, PointRefiner):
-        weights.update({f"point_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
-    return _rebuilt(model, cfg, weights, strict=refiner != "new")
+    kept = refiner if isinstance(refiner, PointRefiner) else None
+    return _rebuilt(model, cfg, _weights_with(model, dropped, "point_refiner.", kept), strict=refiner != "new")
 
 
 def with_crop_refiner(model: Sam, refiner: PointRefiner | None) -> Sam:
@@ -229,7 +227,13 @@ def with_crop_refiner(model: Sam, refiner: PointRefiner | None) -> Sam:
             f"the crop refiner is {refiner.mlp[0].out_features} wide, the model's point refiner "
             f"{cfg.point_refiner_hidden}"
         )
-    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith("crop_refiner.")}
-    if refiner is not None:
-        weights.update({f"crop_refiner.{k}": v for k, v in refiner.state_dict(keep_vars=True).items()})
+    weights = _weights_with(model, ("crop_refiner.",), "crop_refiner.", refiner)
     return _rebuilt(model, dataclasses.replace(cfg, crop_refiner=refiner is not None), weights, strict=True)
+
+
+def _weights_with(model: Sam, dropped: tuple[str, ...], prefix: str, module: PointRefiner | None) -> dict:
+    """``model``'s weights but those under ``dropped``, with ``module``'s (if any) under ``prefix``."""
+    weights = {k: v for k, v in model_weights(model, keep_vars=True).items() if not k.startswith(dropped)}
+    if module is not None:
+        weights.update({f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    return weights

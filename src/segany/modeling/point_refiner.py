@@ -364,6 +364,10 @@ class PointRefiner(nn.Module):
         ft[at : at + N_GEOMETRY] = _prompt_geometry(ys, xs, hw, *prompt)
         return ft.T
 
+    def refines(self, input_size: Sequence[int], original_size: Sequence[int]) -> bool:
+        """Whether an image of ``original_size`` resized to ``input_size`` is within ``max_upscale``."""
+        return max(input_size) <= self.max_upscale * max(original_size)
+
     def correct(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Refined logits ``N`` of pixels with features ``N x in_features`` and coarse logits ``N``."""
         return coarse + self.mlp(features).squeeze(-1)
@@ -384,7 +388,7 @@ class PointRefiner(nn.Module):
         small object, or a thumbnail) is left as it is: there the mask grid is already finer than the pixels, and
         a refiner trained on whole pictures only ruined such crops' masks (MODELS.md, "Zoom-in and the point
         refiner")."""
-        if max(input_size) > self.max_upscale * max(logits.shape[-2:]):
+        if not self.refines(input_size, logits.shape[-2:]):
             return logits
         flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
         for m in range(flat.shape[0]):
