@@ -296,7 +296,10 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
                     )
                     held, gt = zoom.predictor, np.ascontiguousarray(gt[rows, cols])
                     ignore = None if ignore is None else np.ascontiguousarray(ignore[rows, cols])
-                    image, maps = _image_inputs(held, np.ascontiguousarray(sample.image[rows, cols]))
+                    if zoom.last_crop == zoom.full_box:  # answered on the whole image: its inputs are read already
+                        image, maps = whole
+                    else:
+                        image, maps = _image_inputs(held, np.ascontiguousarray(sample.image[rows, cols]))
                 else:
                     logits, low, prompts = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
                     (image, maps), held = whole, predictor
