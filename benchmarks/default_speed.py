@@ -59,6 +59,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import cv2
 
+    cv2.setNumThreads(args.threads)  # the post-processing's resizes (segany.modeling.fast.postprocess)
+
     from segany import SamAutomaticMaskGenerator, SamPredictor, load_model
     from segany.io.images import load_image
 

@@ -295,14 +295,15 @@ def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_siz
     rows, cols = (low_res_rows(n, 64, ours.image_size) for n in input_size)
     assert rows <= 64 and cols <= 64
     part = low[:, None, :rows, :cols]
-    # the interpolation path (autograd on) is exact; the matrix path (inference) is the same function
+    # the interpolation path (autograd on) is exact; OpenCV's (inference) is the same function
     assert torch.equal(ours.postprocess_masks(part, input_size, original_size)[:, 0], want)
     assert torch.equal(ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0], want)
     with torch.inference_mode():
-        assert postprocess.use_matrix_path(part, ours.image_size, original_size)
-        for x in (part, low[:, None]):
-            torch.testing.assert_close(ours.postprocess_masks(x, input_size, original_size)[:, 0], want,
-                                       rtol=0, atol=1e-5)
+        assert postprocess.use_fast_path(part)
+        got = ours.postprocess_masks(part, input_size, original_size)[:, 0]
+        assert torch.equal(ours.postprocess_masks(low[:, None], input_size, original_size)[:, 0], got)
+        # OpenCV places the source pixels in double precision, torch in float (tests/test_perf.py)
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-4)
 
 
 def test_generate_reuses_a_given_embedding(models):

@@ -1,6 +1,6 @@
 """The re-associated decoder's factored image tokens (``modeling/fast/factored.py``) are the plain transformer's
 tokens, block by block, also with clicks drawn into the dense embedding (``modeling/fast/dense_cells.py``);
-the thresholded matrix post-processing and the NumPy stability score are the plain computations."""
+the thresholded fast post-processing and the NumPy stability score are the plain computations."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from segany.modeling.dense_prompt_encoder import DensePromptEncoder
 from segany.modeling.fast.decoder import ReassociatedDecoder
 from segany.modeling.fast.dense_cells import cell_size, constant_dense
 from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens
-from segany.modeling.fast.postprocess import is_one_resize, postprocess_masks
+from segany.modeling.fast.postprocess import postprocess_masks
 from segany.utils.masks import calculate_stability_score
 
 
@@ -137,22 +137,21 @@ def test_positional_encoding_products_are_shared_by_images_and_renewed_with_the_
 
 
 @pytest.mark.parametrize(
-    ("low", "image_size", "input_size", "original_size", "one_resize_width"),
+    ("low", "image_size", "input_size", "original_size"),
     [
-        (256, 1024, (683, 1024), (681, 1024), True),
-        (256, 1024, (683, 1024), (341, 512), True),  # 4x up then 2x down: each pair within one cell
-        (256, 1024, (1024, 683), (1024, 681), False),
-        (32, 128, (96, 128), (96, 128), True),
-        (64, 256, (171, 256), (100, 150), False),
+        (256, 1024, (683, 1024), (681, 1024)),
+        (256, 1024, (683, 1024), (341, 512)),  # 4x up then 2x down
+        (256, 1024, (1024, 683), (1024, 681)),
+        (32, 128, (96, 128), (96, 128)),  # no second resize
+        (64, 256, (171, 256), (100, 150)),
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_thresholded_matrix_postprocessing(low, image_size, input_size, original_size, one_resize_width, threads):
+def test_thresholded_fast_postprocessing(low, image_size, input_size, original_size, threads):
     masks = torch.randn(1, 3, low, low, generator=torch.Generator().manual_seed(4)) * 5
     x = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     want = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
-    assert is_one_resize(low, image_size, input_size[1], original_size[1]) == one_resize_width
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # two: bands of rows on two workers
     try:
@@ -161,9 +160,9 @@ def test_thresholded_matrix_postprocessing(low, image_size, input_size, original
             binary = postprocess_masks(masks, image_size, input_size, original_size, threshold=0.0)
     finally:
         torch.set_num_threads(before)
-    assert float((logits - want).abs().max()) < 1e-4
+    assert float((logits - want).abs().max()) < 5e-4  # OpenCV's source positions (tests/test_perf.py)
     assert binary.dtype == torch.bool and binary.shape == want.shape
-    sure = want.abs() > 1e-4
+    sure = want.abs() > 1e-3
     assert torch.equal(binary[sure], (want > 0)[sure])
     assert torch.equal(binary, logits > 0)
 

@@ -1,6 +1,6 @@
 """The speed work keeps the outputs: the inference fast paths of ``segany.modeling.fast`` (in-place encoder
 blocks, chunked relative-position attention, folded batch norms, the cached re-associated decoder, the
-matrix post-processing) against the plain modules, and the opt-in modes of ``segany.perf`` against fp32."""
+post-processing by OpenCV) against the plain modules, and the opt-in modes of ``segany.perf`` against fp32."""
 
 from __future__ import annotations
 
@@ -150,49 +150,46 @@ def test_rel_pos_attention_chunks_give_the_same_result(monkeypatch, size):
         (64, 256, (171, 256), (400, 600)),
     ],
 )
-def test_matrix_postprocessing_matches_the_interpolations(low, image_size, input_size, original_size):
+def test_fast_postprocessing_matches_the_interpolations(low, image_size, input_size, original_size):
     masks = torch.randn(2, 3, low, low) * 5
     x = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     want = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
     got = postprocess_masks(masks, image_size, input_size, original_size)
     assert got.shape == want.shape
-    assert float((got - want).abs().max()) < 1e-5
+    # OpenCV places the source pixels in double precision, torch in float: logits ~10 differ by ~1e-4
+    assert float((got - want).abs().max()) < 5e-4
 
 
-def test_matrix_path_takes_photos_larger_than_the_input():
-    """A 640-px model answering a 1024 x 681 photo post-processes as matrix products; much larger photos
-    go to the interpolations (float logits sooner than boolean masks)."""
+def test_fast_postprocessing_is_for_cpu_inference_at_any_size():
+    """The fast model post-processes by OpenCV's resizes at inference on a CPU, whatever the photo's size;
+    with autograd on it keeps the interpolations."""
     from segany.modeling.fast import postprocess
 
     low = torch.zeros(1, 3, 160, 160)
     with torch.inference_mode():
-        for size, as_masks, as_logits in (
-            ((681, 1024), True, True),
-            ((1080, 1920), True, True),  # 5.1x the input's area
-            ((1536, 2048), True, False),  # 7.7x
-            ((2448, 3264), False, False),  # 19.5x
-        ):
-            assert postprocess.use_matrix_path(low, 640, size, thresholded=True) == as_masks, size
-            assert postprocess.use_matrix_path(low, 640, size) == as_logits, size
-    assert not postprocess.use_matrix_path(low, 640, (681, 1024), thresholded=True)  # autograd on: plain path
+        assert postprocess.use_fast_path(low)
+        assert not postprocess.use_fast_path(low[0])  # not B x M x h x w
+    assert not postprocess.use_fast_path(low)  # autograd on: plain path
+    with torch.inference_mode(), pytest.raises(ValueError, match="whole multiple"):
+        postprocess_masks(low, 600, (600, 400), (60, 40))
 
 
 @pytest.mark.parametrize("masks_per_call", [3, 24])
-def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(monkeypatch, masks_per_call):
+def test_fast_postprocessing_on_the_calling_thread_and_on_workers(monkeypatch, masks_per_call):
     """A few masks are post-processed on the calling thread, many on one-core workers: same results."""
     import threading
 
     from segany.modeling.fast import postprocess
 
     threads = set()
-    sparse_mm = torch.sparse.mm
+    resize = postprocess.cv2.resize
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         threads.add(threading.current_thread().name)
-        return sparse_mm(*args)
+        return resize(*args, **kwargs)
 
-    monkeypatch.setattr(torch.sparse, "mm", recording)
+    monkeypatch.setattr(postprocess.cv2, "resize", recording)
     masks = torch.randn(masks_per_call // 3, 3, 64, 64) * 5
     x = F.interpolate(masks, (256, 256), mode="bilinear", align_corners=False)[..., :171, :]
     want = F.interpolate(x, (100, 150), mode="bilinear", align_corners=False)
@@ -203,7 +200,7 @@ def test_matrix_postprocessing_on_the_calling_thread_and_on_workers(monkeypatch,
             binary = postprocess_masks(masks, 256, (171, 256), (100, 150), threshold=0.0)
     finally:
         torch.set_num_threads(1)
-    assert float((got - want).abs().max()) < 1e-5
+    assert float((got - want).abs().max()) < 5e-4  # see test_fast_postprocessing_matches_the_interpolations
     assert torch.equal(binary, got > 0.0)
     on_workers = masks_per_call >= postprocess.MIN_MASKS_FOR_WORKERS
     assert on_workers == (masks_per_call == 24)

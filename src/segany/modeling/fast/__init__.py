@@ -17,9 +17,9 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
 * :class:`FastTwoWayTransformer` (``transformer.py``): the image side by bands of tokens, for prompts the
   re-associated decoder does not take (a mask input).
 * :class:`FastPointRefiner` (``point_refiner.py``): its MLP in bf16 where the hardware has it.
-* :class:`FastSam` (``sam.py``): mask post-processing as matrix products (``postprocess.py``).
+* :class:`FastSam` (``sam.py``): mask post-processing by OpenCV's resizes (``postprocess.py``).
 * SAM 2: :class:`FastHiera` (``hiera.py``): blocks in place, by bands of rows of windows;
-  :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, matrix
+  :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, OpenCV's
   post-processing; :class:`FastSam2PromptEncoder`; :class:`FastSam2MaskDecoder` (``sam2_decoder.py``):
   prompts without a mask input through the re-associated decoder with SAM 2's tokens and upscaling.
 

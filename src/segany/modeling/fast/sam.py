@@ -1,4 +1,4 @@
-"""The Segment Anything model with its mask post-processing as matrix products at inference."""
+"""The Segment Anything model with its mask post-processing by OpenCV's resizes at inference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from segany.modeling.sam import Sam, interpolate_masks
 
 
 class FastSam(Sam):
-    """:class:`Sam` whose :meth:`postprocess_masks` runs as two matrix products on a CPU at inference (same
+    """:class:`Sam` whose :meth:`postprocess_masks` runs as OpenCV's resizes on a CPU at inference (same
     function; see :mod:`segany.modeling.fast.postprocess`), each mask thresholded as it is made (no
     full-size logits kept for the batch). The logits may be only the top-left part of the low-res map (the
     rows and columns the input reads, as the re-associated decoder makes them:
@@ -32,7 +32,7 @@ class FastSam(Sam):
         threshold: float | None = None,
     ) -> torch.Tensor:
         full = tuple(self.prompt_encoder.mask_input_size)
-        if postprocess.use_matrix_path(masks, self.image_size, original_size, threshold is not None):
+        if postprocess.use_fast_path(masks):
             return postprocess.postprocess_masks(
                 masks, self.image_size, input_size, original_size, full, threshold=threshold
             )

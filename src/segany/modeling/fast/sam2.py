@@ -1,6 +1,6 @@
 """SAM 2 for images at inference: the image embedding with the FPN neck and the decoder's high-resolution
-projections folded together, the prompt encoder's positional encoding kept, the post-processing as matrix
-products.
+projections folded together, the prompt encoder's positional encoding kept, the post-processing by OpenCV's
+resize.
 
 Same function as :class:`~segany.modeling.sam2.Sam2` up to float rounding:
 
@@ -47,7 +47,7 @@ def _folded(conv: torch.nn.Conv2d, lateral: torch.nn.Conv2d, tokens: torch.Tenso
 
 
 class FastSam2(Sam2):
-    """:class:`Sam2` with the folded neck in :meth:`embed_image` and matrix post-processing at inference (see
+    """:class:`Sam2` with the folded neck in :meth:`embed_image` and OpenCV's post-processing at inference (see
     the module's notes); the plain methods everywhere else."""
 
     def _folds_neck(self) -> bool:
@@ -89,9 +89,7 @@ class FastSam2(Sam2):
         threshold: float | None = None,
     ) -> torch.Tensor:
         low = int(masks.shape[-1])
-        if masks.shape[-2] == low and postprocess.use_matrix_path(
-            masks, self.image_size, original_size, threshold is not None
-        ):
+        if masks.shape[-2] == low and postprocess.use_fast_path(masks):
             # Model size = low-res size: the first resize of SAM's post-processing is the identity.
             return postprocess.postprocess_masks(masks, low, (low, low), original_size, threshold=threshold)
         out = super().postprocess_masks(masks, input_size, original_size)
