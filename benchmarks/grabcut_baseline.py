@@ -7,8 +7,10 @@ that does not beat it is not yet worth its weights. Both go through the same pro
 GrabCut's use of a prompt:
 * clicks: a disk of radius ``CLICK_RADIUS`` around each click is definitely object (positive) or
   background (negative); after the first click the previous mask is "probably object" and the rest
-  "probably background"; on the first click a disk of ``FIRST_CLICK_REACH`` of the shorter image side
-  around it is "probably object" (GrabCut needs both classes to start);
+  "probably background", except that a disk of ``CLICK_REACH`` of the shorter image side around each click
+  is "probably" the click's side (so a correction moves more than its own few pixels; without it GrabCut's
+  later clicks gained nothing: MODELS.md); on the first click a disk of ``FIRST_CLICK_REACH`` of the shorter
+  image side around it is "probably object" (GrabCut needs both classes to start);
 * box: the box is the rectangle initialisation.
 
     python benchmarks/grabcut_baseline.py --model default --clicks 5 \
@@ -32,6 +34,7 @@ from segany.predictor import SamPredictor
 
 CLICK_RADIUS = 5
 FIRST_CLICK_REACH = 0.2
+CLICK_REACH = 0.15  # of 0.05 / 0.1 / 0.15 / 0.2, the best GrabCut on the first 12 DAVIS val frames (MODELS.md)
 ITERATIONS = 5
 
 
@@ -56,12 +59,16 @@ class GrabCutPredictor:
             _grabcut(self.image, mask, rect, bgd, fgd, cv2.GC_INIT_WITH_RECT)
         else:
             mask = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
+            clicks = list(zip(np.asarray(point_coords, dtype=int), point_labels))
             if mask_input is not None:
                 mask[np.asarray(mask_input)[0] > 0] = cv2.GC_PR_FGD
+                for (x, y), label in clicks:  # in order: a later click's neighbourhood over an earlier one's
+                    side = cv2.GC_PR_FGD if label == 1 else cv2.GC_PR_BGD
+                    cv2.circle(mask, (int(x), int(y)), int(CLICK_REACH * min(h, w)), side, -1)
             else:
                 x, y = (int(v) for v in point_coords[0])
                 cv2.circle(mask, (x, y), int(FIRST_CLICK_REACH * min(h, w)), cv2.GC_PR_FGD, -1)
-            for (x, y), label in zip(np.asarray(point_coords, dtype=int), point_labels):
+            for (x, y), label in clicks:
                 cv2.circle(mask, (int(x), int(y)), CLICK_RADIUS, cv2.GC_FGD if label == 1 else cv2.GC_BGD, -1)
             _grabcut(self.image, mask, None, bgd, fgd, cv2.GC_INIT_WITH_MASK)
         out = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
