@@ -14,6 +14,7 @@ as a few extra per-prompt rows (:class:`DenseCells`).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +64,29 @@ def _downscaled(prompt_encoder: nn.Module, patches: torch.Tensor) -> torch.Tenso
     return prompt_encoder.mask_downscaling(torch.cat([mask, patches], dim=1)).flatten(1)
 
 
+# Per prompt encoder: its downscaled zero patch and the constant cell (see _zero_cells), with the weights they
+# were computed from.
+_ZERO_CELLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _zero_cells(prompt_encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C`` each: the downscaler's output for an all-zero patch (no click, no mask input), and that plus the
+    no-mask embedding (:func:`constant_dense`). The same for every prompt: kept while the weights are the same
+    tensors, unchanged (their version counters; inference tensors have none and are never written)."""
+    weights = [*prompt_encoder.mask_downscaling.parameters(), prompt_encoder.no_mask_embed.weight]
+    key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device) for w in weights)
+    key += (torch.is_inference_mode_enabled(),)
+    hit = _ZERO_CELLS.get(prompt_encoder)
+    if hit is None or hit[0] != key:
+        s = cell_size(prompt_encoder)
+        zero = _downscaled(prompt_encoder, weights[-1].new_zeros((1, 3, s, s)))[0]
+        hit = _ZERO_CELLS[prompt_encoder] = (key, zero, zero + weights[-1][0])
+    return hit[1], hit[2]
+
+
 def constant_dense(prompt_encoder: nn.Module) -> torch.Tensor:
     """``C``: the dense embedding of every cell that no click touches (no mask input)."""
-    s = cell_size(prompt_encoder)
-    zero = prompt_encoder.no_mask_embed.weight.new_zeros((1, 3, s, s))
-    return _downscaled(prompt_encoder, zero)[0] + prompt_encoder.no_mask_embed.weight[0]
+    return _zero_cells(prompt_encoder)[1]
 
 
 def click_cells(prompt_encoder: nn.Module, points: tuple[torch.Tensor, torch.Tensor]) -> DenseCells:
@@ -106,7 +125,7 @@ def click_cells(prompt_encoder: nn.Module, points: tuple[torch.Tensor, torch.Ten
     order = torch.sort(touched.to(torch.uint8), dim=1, descending=True, stable=True)[1][:, :k]
     valid = torch.arange(k, device=ids.device)[None] < counts[:, None]
     index = ids.gather(1, order) * valid  # padding at token 0
-    zero = _downscaled(prompt_encoder, coords.new_zeros((1, 3, s, s)))[0]
+    zero = _zero_cells(prompt_encoder)[0]
     delta = coords.new_zeros((b, k, zero.shape[0]))
     picked = disks.gather(1, order[:, :, None, None, None].expand(-1, -1, *disks.shape[2:]))[valid]  # k' x 2 x s x s
     box = picked.new_zeros((picked.shape[0], 1, s, s))  # no box
