@@ -250,6 +250,24 @@ def test_the_fast_dense_encoder_draws_clicks_cell_by_cell():
         assert pe.cells_of(pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]) is None
 
 
+def test_the_kept_empty_cell_follows_the_weights():
+    """The downscaled empty patch is computed once per prompt encoder and again after its weights change in
+    place (as a fine-tune or load_state_dict writes them), so the clicks' embedding stays the maps' result."""
+    pe = _dense_model(2).prompt_encoder
+    with torch.inference_mode():
+        first = constant_dense(pe)
+        assert constant_dense(pe) is first  # kept
+    with torch.no_grad():
+        pe.mask_downscaling[0].weight.mul_(1.5)
+        pe.no_mask_embed.weight.add_(0.25)
+    with torch.inference_mode():
+        renewed = constant_dense(pe)
+        assert renewed is not first and not torch.equal(renewed, first)
+        want = DensePromptEncoder.dense_embedding(pe, DENSE_CLICKS, None, None, 5)
+        got = pe(points=DENSE_CLICKS, boxes=None, masks=None)[1]
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_factored_tokens_with_dense_cells_are_the_plain_transformers(depth):
     model = _dense_model(depth)
