@@ -153,7 +153,7 @@ def test_thresholded_fast_postprocessing(low, image_size, input_size, original_s
     x = x[..., : input_size[0], : input_size[1]]
     want = F.interpolate(x, original_size, mode="bilinear", align_corners=False)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # two: bands of rows on two workers
+    torch.set_num_threads(threads)  # one or two: the same answers
     try:
         with torch.inference_mode():
             logits = postprocess_masks(masks, image_size, input_size, original_size)

@@ -2,10 +2,12 @@
 size) by OpenCV's resizes, for the CPU.
 
 The same two bilinear resizes as ``Sam.postprocess_masks`` (half-pixel centres, edges replicated: OpenCV's
-``INTER_LINEAR`` maps pixels as ``F.interpolate(..., align_corners=False)`` does; differences are float
-rounding, about 1e-6 of the logits' scale), with less work: the first resize reads only the low-res rows
-and columns that the crop keeps, so the padded ``4h x 4w`` map is never built, and OpenCV's resize is a few
-times faster than torch's interpolation on this kind of CPU (``python benchmarks/postprocess_speed.py``).
+``INTER_LINEAR`` maps pixels as ``F.interpolate(..., align_corners=False)`` does; the differences are float
+rounding: OpenCV places the source pixels in double precision, torch in float, so the logits differ by up to
+about 5e-5 of their scale where a resize's factor is not a power of two), with less work: the first resize
+reads only the low-res rows and columns that the crop keeps, so the padded ``4h x 4w`` map is never built, and
+OpenCV's resize is a few times faster than torch's interpolation on this kind of CPU
+(``python benchmarks/postprocess_speed.py``).
 Binary masks are thresholded as each one is made.
 """
 
