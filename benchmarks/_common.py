@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -38,9 +39,11 @@ from tests.reference import (  # noqa: E402
 
 
 def set_threads(n: int) -> int:
-    """Torch's intra-op threads (0: leave torch's default); returns the count in use."""
+    """Torch's intra-op threads and OpenCV's (the fast post-processing's resizes) (0: leave the defaults);
+    returns torch's count in use."""
     if n:
         torch.set_num_threads(n)
+        cv2.setNumThreads(n)
     return torch.get_num_threads()
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-import cv2
 import torch
-from _common import interleaved, median
+from _common import interleaved, median, set_threads
 
 from segany.modeling.fast import postprocess
 from segany.modeling.sam import interpolate_masks
@@ -28,8 +27,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
+    set_threads(args.threads)
     print("| model input | photo | masks | output | interpolations (ms) | OpenCV (ms) | ratio | max diff |")
     print("|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)

@@ -19,6 +19,16 @@ def active(module: nn.Module | None = None) -> bool:
     )
 
 
+def weights_key(*tensors: torch.Tensor) -> tuple:
+    """A cache key for values computed from ``tensors`` (weights): it changes when one is replaced (another
+    storage, device or dtype) or written in place (its version counter; inference tensors have none and are
+    never written), and between inference mode and outside it (tensors made in it cannot be used outside)."""
+    key: tuple = (torch.is_inference_mode_enabled(),)
+    for t in tensors:
+        key += (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version)
+    return key
+
+
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """True where bf16 matmuls run natively on ``device`` (not emulated)."""
     device = torch.device(device)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from segany.modeling.common import LayerNorm2d
+from segany.modeling.fast.common import weights_key
 
 # Layers of a downscaler that work pixel by pixel.
 _POINTWISE = (LayerNorm2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity)
@@ -72,10 +73,9 @@ _ZERO_CELLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _zero_cells(prompt_encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``C`` each: the downscaler's output for an all-zero patch (no click, no mask input), and that plus the
     no-mask embedding (:func:`constant_dense`). The same for every prompt: kept while the weights are the same
-    tensors, unchanged (their version counters; inference tensors have none and are never written)."""
+    tensors, unchanged (:func:`~segany.modeling.fast.common.weights_key`)."""
     weights = [*prompt_encoder.mask_downscaling.parameters(), prompt_encoder.no_mask_embed.weight]
-    key = tuple((w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device) for w in weights)
-    key += (torch.is_inference_mode_enabled(),)
+    key = weights_key(*weights)
     hit = _ZERO_CELLS.get(prompt_encoder)
     if hit is None or hit[0] != key:
         s = cell_size(prompt_encoder)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segany.modeling.fast.common import active, linear_act
+from segany.modeling.fast.common import active, linear_act, weights_key
 from segany.modeling.fast.image_encoder import window_row, window_row_inverse
 from segany.modeling.fast.workers import map_on_workers
 from segany.modeling.hiera import Hiera, MultiScaleBlock
@@ -108,9 +108,7 @@ class FastHiera(Hiera):
     def _cached_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         """:meth:`Hiera._pos_embed` (``1 x H x W x C``, contiguous), made again only when a weight or the
         grid changes (a bicubic resize per image otherwise)."""
-        key: tuple = (hw, torch.is_inference_mode_enabled())
-        for p in (self.pos_embed, self.pos_embed_window):
-            key += (p.data_ptr(), p.device, p.dtype, None if p.is_inference() else p._version)
+        key = (hw, *weights_key(self.pos_embed, self.pos_embed_window))
         if self._pos_cache is None or self._pos_cache[0] != key:
             self._pos_cache = (key, self._pos_embed(hw).contiguous())
         return self._pos_cache[1]

@@ -7,7 +7,7 @@ import weakref
 import torch
 
 from segany.modeling.dense_prompt_encoder import DensePromptEncoder
-from segany.modeling.fast.common import active
+from segany.modeling.fast.common import active, weights_key
 from segany.modeling.fast.dense_cells import DenseCells, cell_size, click_cells, constant_dense
 from segany.modeling.prompt_encoder import PromptEncoder
 
@@ -30,9 +30,7 @@ class KeptDensePE:
         if not active():
             return super().get_dense_pe()
         m = self.pe_layer.positional_encoding_gaussian_matrix
-        version = None if m.is_inference() else m._version
-        key = (m.data_ptr(), version, m.device, m.dtype, tuple(self.image_embedding_size))
-        key += (torch.is_inference_mode_enabled(),)
+        key = (*weights_key(m), tuple(self.image_embedding_size))
         cached = self._dense_pe
         if cached is None or cached[0] != key:
             # Contiguous: the encoding is made channels-last and permuted; every image's decoder reads it.
