@@ -301,6 +301,27 @@ def test_the_fast_refiner_matches_the_plain_one():
     assert np.mean((a > 0) != (b > 0)) < 0.01
 
 
+def test_the_fast_refiners_kept_projection_follows_the_image_and_the_weights():
+    model = _model(True)
+    with torch.no_grad():
+        model.point_refiner.mlp[0].weight.normal_(0, 0.2)
+    plain = build_sam(model.config, fast=False).eval()
+    plain.load_state_dict(model.state_dict())
+    predictor, other = SamPredictor(model), _image(seed=1)[::-1].copy()
+    predictor.set_image(_image())
+    predictor.predict(*POINT, multimask_output=False, return_logits=True)  # keeps the first image's projection
+    for change in (False, True):
+        if change:  # written in place: the same tensor, a new version
+            with torch.no_grad():
+                model.point_refiner.mlp[0].weight.mul_(-1.5)
+                plain.point_refiner.mlp[0].weight.mul_(-1.5)
+        predictor.set_image(other)
+        a = predictor.predict(*POINT, multimask_output=False, return_logits=True)[0]
+        b = _logits(plain, other)[0]
+        scale = np.abs(b - _logits(with_point_refiner(plain, None), other)[0]).max()
+        assert scale > 1.0 and np.abs(a - b).max() < 0.02 * scale
+
+
 def test_everything_masks_are_refined():
     trained = _model(True)
     opts = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)

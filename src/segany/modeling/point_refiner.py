@@ -16,6 +16,7 @@ It is trained on a frozen model's masks (:mod:`segany.training.refiner_train`); 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,6 +146,17 @@ def _window_crop(u: torch.Tensor, v: torch.Tensor, g: int) -> tuple[slice, slice
     return slice(r0, r1), slice(c0, c1), where[None, None]
 
 
+def map_positions(
+    ys: torch.Tensor, xs: torch.Tensor, input_size: Sequence[int], hw: Sequence[int], g: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixels ``(ys, xs)`` of an ``H x W`` image (``hw``) resized to ``input_size`` in a padded input of side
+    ``4 g``: their centres' columns and rows in the input frame, and those as ``grid_sample`` coordinates
+    ``1 x 1 x N x 2`` (the same for every map over the padded input)."""
+    px = (xs.float() + 0.5) * (input_size[1] / hw[1])
+    py = (ys.float() + 0.5) * (input_size[0] / hw[0])
+    return px, py, (torch.stack([px, py], 1) / (2 * g) - 1)[None, None]
+
+
 def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: torch.Tensor, hw: tuple[int, int]):
     """``flat[(y + dy) * W + (x + dx)]`` for every offset ``K`` and pixel ``N`` (clamped to the image, i.e. edges
     replicated): ``K x N`` of ``flat`` ``H * W``."""
@@ -170,7 +182,9 @@ def _colour_likelihoods(image: RefinerImage, low_res: torch.Tensor, colours: tor
         dh, dw = r1 - r0 + 1, c1 - c0 + 1
         near = (slice(max(r0 - dh, 0), r1 + dh + 1), slice(max(c0 - dw, 0), c1 + dw + 1))
     finest = COLOUR_LEVELS[-1]
-    pixels = {levels: _colour_bin(colours, levels) for levels in COLOUR_LEVELS}
+    coarser = {levels: _coarser_bin(levels, finest, colours.device) for levels in COLOUR_LEVELS}
+    fine = _colour_bin(colours, finest)
+    pixels = {levels: fine if levels == finest else coarser[levels][fine] for levels in COLOUR_LEVELS}
     out = []
     for region in (None, near):
         b, weight = (cells, p) if region is None else (cells[region], p[region])
@@ -180,8 +194,7 @@ def _colour_likelihoods(image: RefinerImage, low_res: torch.Tensor, colours: tor
         every = image.bin_counts if region is None else torch.bincount(b, minlength=finest**3).to(fg)
         both = torch.stack([fg, every - fg])
         for levels in COLOUR_LEVELS:
-            f = finest // levels
-            pooled = both if f == 1 else both.view(2, levels, f, levels, f, levels, f).sum((2, 4, 6)).view(2, -1)
+            pooled = both if levels == finest else both.new_zeros(2, levels**3).index_add_(1, coarser[levels], both)
             pooled = pooled + _COLOUR_PRIOR[levels]
             ratio = (pooled / pooled.sum(1, keepdim=True)).log_()
             out.append(((ratio[0] - ratio[1])[pixels[levels]] / 4).clamp_(-3, 3))
@@ -192,6 +205,15 @@ def _colour_bin(colours: torch.Tensor, levels: int) -> torch.Tensor:
     """The histogram bin of each of colours ``3 x N`` (0-255) with ``levels`` levels per channel."""
     q = (colours * (levels / 256)).long().clamp_(0, levels - 1)
     return (q[0] * levels + q[1]) * levels + q[2]
+
+
+@functools.lru_cache(maxsize=8)
+def _coarser_bin(levels: int, finest: int, device: torch.device) -> torch.Tensor:
+    """The bin with ``levels`` levels a channel of each bin with ``finest`` levels (:func:`_colour_bin`'s
+    layout): ``finest ** 3`` indices."""
+    q = torch.arange(finest**3, device=device)
+    f = finest // levels
+    return ((q // finest**2 // f) * levels + (q // finest % finest) // f) * levels + (q % finest) // f
 
 
 def _prompt_geometry(
@@ -251,6 +273,7 @@ class PointRefiner(nn.Module):
         self.threshold = threshold
         self.budget = budget
         self.max_upscale = max_upscale
+        self.map_channels = tuple(map_channels)
         n = len(_PATCH)
         in_features = (
             1 + 3 * n * len(RGB_STEPS) + n * len(LOGIT_STEPS) + sum(map_channels) + 8 * len(WINDOWS) + N_COLOUR
@@ -304,14 +327,16 @@ class PointRefiner(nn.Module):
         """Features ``N x in_features`` of pixels ``(ys, xs)`` of one mask: its logits ``H x W`` in the original
         frame and low-res logits ``g x g`` (or a top-left part of them), ``maps`` the model's image maps
         ``1 x C x h x w`` over its padded input of side ``4 g`` (the decoder's stride-4 and stride-8
-        high-resolution features and the embedding; the first on the g x g grid), ``input_size`` the resized
+        high-resolution features and the embedding; the first on the g x g grid; with the last ones left out,
+        their features are left out: :meth:`map_columns`), ``input_size`` the resized
         image's ``(h, w)`` in it, ``prompt`` its points, labels and box in the original frame
         (:meth:`RefinerPrompts.of_mask`). Their order: the coarse logit, the RGB patches (channel-major, step by
         step), the logit patches, the maps, per window the differences from the mean colours inside and outside
         and their squared norms, the colour likelihood ratios, the prompt's geometry."""
         n, hw, k = len(ys), tuple(logits.shape), len(_PATCH)
         # built feature by feature as rows (each part's natural layout: contiguous copies), returned transposed
-        ft = torch.empty(self.mlp[0].in_features, n, device=logits.device)
+        left_out = sum(self.map_channels) - sum(m.shape[1] for m in maps)
+        ft = torch.empty(self.mlp[0].in_features - left_out, n, device=logits.device)
         # the RGB patches: one gather from the padded planes, normalised per channel
         wp = image.pixels.shape[-1]
         start = (ys + PIXEL_PAD) * wp + xs + PIXEL_PAD
@@ -330,9 +355,7 @@ class PointRefiner(nn.Module):
         if tuple(low_res.shape[-2:]) != (g, g):  # a fast decoder's top-left part of the grid: the rest as its edge
             pad = (0, g - low_res.shape[-1], 0, g - low_res.shape[-2])
             low_res = F.pad(low_res[None, None].float(), pad, mode="replicate")[0, 0]
-        px = (xs.float() + 0.5) * (input_size[1] / hw[1])
-        py = (ys.float() + 0.5) * (input_size[0] / hw[0])
-        where = (torch.stack([px, py], 1) / (2 * g) - 1)[None, None]
+        px, py, where = map_positions(ys, xs, input_size, hw, g)
         prob = torch.sigmoid(low_res.float())[None]
 
         def sample(m: torch.Tensor) -> torch.Tensor:  # C x h x w -> C x N, bilinear at the pixel centres
@@ -364,6 +387,11 @@ class PointRefiner(nn.Module):
         ft[at : at + N_GEOMETRY] = _prompt_geometry(ys, xs, hw, *prompt)
         return ft.T
 
+    def map_columns(self, i: int) -> slice:
+        """The features (columns of the MLP's first layer) of map ``i`` of :meth:`point_features`' ``maps``."""
+        start = 1 + 3 * len(_PATCH) * len(RGB_STEPS) + len(_PATCH) * len(LOGIT_STEPS) + sum(self.map_channels[:i])
+        return slice(start, start + self.map_channels[i])
+
     def refines(self, input_size: Sequence[int], original_size: Sequence[int]) -> bool:
         """Whether an image of ``original_size`` resized to ``input_size`` is within ``max_upscale``."""
         return max(input_size) <= self.max_upscale * max(original_size)
@@ -371,6 +399,21 @@ class PointRefiner(nn.Module):
     def correct(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Refined logits ``N`` of pixels with features ``N x in_features`` and coarse logits ``N``."""
         return coarse + self.mlp(features).squeeze(-1)
+
+    def refined(
+        self,
+        logits: torch.Tensor,
+        low_res: torch.Tensor,
+        image: RefinerImage,
+        maps: Sequence[torch.Tensor],
+        input_size: tuple[int, int],
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        prompt: tuple[torch.Tensor | None, ...] = (None, None, None),
+    ) -> torch.Tensor:
+        """The refined logits ``N`` of pixels ``(ys, xs)`` of one mask (:meth:`point_features`' arguments)."""
+        f = self.point_features(logits, low_res, image, maps, input_size, ys, xs, prompt)
+        return self.correct(f, f[:, 0] * 8.0)
 
     def forward(
         self,
@@ -395,6 +438,5 @@ class PointRefiner(nn.Module):
             ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
             if len(ys):
                 prompt = prompts.of_mask(m, flat.shape[-2:], input_size) if prompts is not None else (None, None, None)
-                f = self.point_features(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
-                flat[m, ys, xs] = self.correct(f, f[:, 0] * 8.0)
+                flat[m, ys, xs] = self.refined(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
         return logits

@@ -16,7 +16,8 @@ autograd, eval mode, not traced, compiled or exported) and the plain forward eve
   decoder (``decoder.py``, its image tokens in factored form: ``factored.py``).
 * :class:`FastTwoWayTransformer` (``transformer.py``): the image side by bands of tokens, for prompts the
   re-associated decoder does not take (a mask input).
-* :class:`FastPointRefiner` (``point_refiner.py``): its MLP in bf16 where the hardware has it.
+* :class:`FastPointRefiner` (``point_refiner.py``): the embedding's share of its first layer made once per image,
+  its MLP in bf16 where the hardware has it.
 * :class:`FastSam` (``sam.py``): mask post-processing by OpenCV's resizes (``postprocess.py``).
 * SAM 2: :class:`FastHiera` (``hiera.py``): blocks in place, by bands of rows of windows;
   :class:`FastSam2` (``sam2.py``): the neck folded into the decoder's high-resolution projections, OpenCV's

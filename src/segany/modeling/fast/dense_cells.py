@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.common import LayerNorm2d
@@ -60,9 +61,22 @@ def cell_size(prompt_encoder: nn.Module) -> int | None:
 
 
 def _downscaled(prompt_encoder: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-    """``K x 3 x s x s`` patches of the prompt maps, with no mask input -> ``K x C`` (the downscaler's cells)."""
+    """``K x 3 x s x s`` patches of the prompt maps, with no mask input -> ``K x C`` (the downscaler's cells).
+
+    Run channels-last, each convolution (kernel = stride, see :func:`cell_size`) as one matrix product over
+    its blocks of pixels: on a few 4 x 4 patches the convolutions' own kernels cost several times more."""
     mask = patches.new_zeros((patches.shape[0], 1, *patches.shape[2:]))
-    return prompt_encoder.mask_downscaling(torch.cat([mask, patches], dim=1)).flatten(1)
+    x = torch.cat([mask, patches], dim=1).permute(0, 2, 3, 1)  # K x s x s x C
+    for layer in prompt_encoder.mask_downscaling:
+        if isinstance(layer, nn.Conv2d):
+            k, (n, h, w, c) = layer.kernel_size[0], x.shape
+            x = x.reshape(n, h // k, k, w // k, k, c).transpose(2, 3).reshape(n, h // k, w // k, k * k * c)
+            x = F.linear(x, layer.weight.permute(0, 2, 3, 1).reshape(layer.out_channels, -1), layer.bias)
+        elif isinstance(layer, LayerNorm2d):
+            x = F.layer_norm(x, x.shape[-1:], layer.weight, layer.bias, layer.eps)
+        else:  # pointwise (_POINTWISE)
+            x = layer(x)
+    return x.reshape(x.shape[0], -1)
 
 
 # Per prompt encoder: its downscaled zero patch and the constant cell (see _zero_cells), with the weights they
@@ -74,7 +88,10 @@ def _zero_cells(prompt_encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``C`` each: the downscaler's output for an all-zero patch (no click, no mask input), and that plus the
     no-mask embedding (:func:`constant_dense`). The same for every prompt: kept while the weights are the same
     tensors, unchanged (:func:`~segany.modeling.fast.common.weights_key`)."""
-    weights = [*prompt_encoder.mask_downscaling.parameters(), prompt_encoder.no_mask_embed.weight]
+    # (the layers' own tensors, read directly: walking Module.parameters() cost more than the rest of a hit)
+    down = prompt_encoder.mask_downscaling
+    weights = [getattr(layer, name, None) for layer in down for name in ("weight", "bias")]
+    weights = [t for t in weights if t is not None] + [prompt_encoder.no_mask_embed.weight]
     key = weights_key(*weights)
     hit = _ZERO_CELLS.get(prompt_encoder)
     if hit is None or hit[0] != key:
