@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import segany.modeling.fast.efficientnet as fast_efficientnet
-    from segany.checkpoint import load_model, with_image_size
+    from segany.checkpoint import load_model
+    from segany.checkpoint_convert import with_image_size
     from segany.modeling import build_sam
 
     symmetric = fast_efficientnet.conv_act

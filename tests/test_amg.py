@@ -285,7 +285,7 @@ def test_upsampling_only_the_rows_read_is_exact(models, input_size, original_siz
     """The fast model's post-processing of the re-associated decoder's partial maps (the top-left rows and
     columns the input reads) equals the plain post-processing of the whole map, on both of its paths."""
     from segany.modeling.fast import FastSam, postprocess
-    from segany.modeling.fast.decoder import low_res_rows
+    from segany.modeling.low_res import low_res_rows
     from segany.modeling.sam import Sam
 
     _ref, ours, _image, _sa = models

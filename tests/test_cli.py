@@ -225,7 +225,7 @@ def test_convert_changes_the_input_size_of_an_efficientnet_model(capsys, tmp_pat
     for k, v in small.state_dict().items():
         torch.testing.assert_close(large.state_dict()[k], v)
     # in Python, an attached text head comes along (the encoders it is tied to are the same weights)
-    from segany.checkpoint import with_image_size
+    from segany.checkpoint_convert import with_image_size
     from segany.checkpoint_text import base_fingerprint
 
     with_head = load_model(src)

@@ -70,7 +70,7 @@ def test_convert_takes_a_runs_decoder_as_the_correction_decoder(tmp_path):
     """``segany convert BASE OUT --correction-decoder RUN``: first clicks and boxes stay BASE's exactly,
     corrections are RUN's (its own high-resolution projections aside: the correction decoder reads BASE's);
     a source of another architecture, or a model that has one already, is refused."""
-    from segany.checkpoint import convert_checkpoint
+    from segany.checkpoint_convert import convert_checkpoint
     from segany.errors import SegAnyError
 
     base = _dense_high_res_model()

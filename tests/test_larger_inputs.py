@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from segany.automatic import SamAutomaticMaskGenerator
-from segany.checkpoint import load_model, save_model, with_image_size
+from segany.checkpoint import load_model, save_model
+from segany.checkpoint_convert import with_image_size
 from segany.errors import SegAnyError
 from segany.modeling import build_sam, get_config
 from segany.modeling.build import at_image_size, input_side

@@ -342,6 +342,9 @@ class SamPredictor:
             if "interm_embeddings" not in extra:
                 raise SegAnyError("hq_token_only needs a SAM-HQ model")
             extra["hq_token_only"] = True
+        region = self.model.decoder_region(self.input_size)
+        if region is not None:  # the model decodes only what the post-processing reads
+            extra["region"] = region
         decoder = self.model.decoder_for(correction)
         return decoder(
             image_embeddings=self.features,

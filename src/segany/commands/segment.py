@@ -119,10 +119,15 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="refine zoom-in's crops, and the images the input enlarges more than the point refiner's limit, with "
         "CKPT's point refiner (one trained on zoom-in's crops: configs/point_refiner_zoom.yaml)",
     )
+    p.add_argument(
+        "--decode-padding", action=argparse.BooleanOptionalAction, default=None,
+        help="whether the mask decoder also decodes the input's padding, as SAM does (--no-decode-padding: only "
+        "what the post-processing reads, faster; segany models with high-resolution features; default: keep)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from segany.checkpoint import convert_checkpoint
+    from segany.checkpoint_convert import convert_checkpoint
 
     if not str(args.dst).endswith(".safetensors"):
         raise SegAnyError(f"{args.dst}: the output must end in .safetensors")
@@ -130,19 +135,13 @@ def run_convert(args: argparse.Namespace) -> int:
     cap = "keep" if args.max_image_size is None else (args.max_image_size or None)
     cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap,
                              correction_decoder=args.correction_decoder,
-                             correction_skip_mask=args.correction_skip == "all")
-    if args.crop_refiner:
-        from segany.checkpoint import load_model, save_model
-        from segany.modeling.build import with_crop_refiner
-
-        refiner = load_model(args.crop_refiner, text_head=None).point_refiner
-        if refiner is None:
-            raise SegAnyError(f"{args.crop_refiner}: no point refiner in it")
-        save_model(with_crop_refiner(load_model(args.dst, text_head=None), refiner), args.dst, half=args.half)
+                             correction_skip_mask=args.correction_skip == "all", crop_refiner=args.crop_refiner,
+                             decode_padding=args.decode_padding)
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
     correction = f", correction decoder from {args.correction_decoder}" if args.correction_decoder else ""
     correction += f", crop refiner from {args.crop_refiner}" if args.crop_refiner else ""
+    correction += ", the input's padding not decoded" if not getattr(cfg, "decode_padding", True) else ""
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0

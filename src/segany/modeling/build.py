@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from segany.errors import SegAnyError
 from segany.modeling.config import EfficientNetConfig, SamConfig, TinyViTConfig, ViTConfig
@@ -101,6 +102,8 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         raise ValueError("high_res_features needs the EfficientNet encoder (SAM 2's Hiera has its own config)")
     if cfg.point_refiner and not cfg.high_res_features:
         raise ValueError("point_refiner needs high_res_features")
+    if not cfg.decode_padding and not cfg.high_res_features:
+        raise ValueError("decode_padding False needs high_res_features (the decoder that takes a region)")
 
     def mask_decoder(correction: bool) -> MaskDecoder:
         """The first prompt's decoder (``correction`` False), or the one for prompts with a mask input."""
@@ -193,6 +196,13 @@ def at_image_size(model: Sam, image_size: int, max_image_size: int | None = None
         raise ValueError("the input size can be changed for EfficientNet-Lite models only")
     changes = {"image_size": image_size, "max_image_size": max_image_size}
     return _rebuilt(model, SamConfig.from_dict({**cfg.to_dict(), **changes}), model_weights(model, keep_vars=True))
+
+
+def with_settings(model: Sam, **changes: Any) -> Sam:
+    """``model`` with its config changed by ``changes`` (settings that keep every weight, e.g. ``decode_padding``;
+    a clear error where the weights no longer fit), sharing its parameters and buffers, in its mode and on its
+    device. An attached text head comes along."""
+    return _rebuilt(model, dataclasses.replace(model.config, **changes), model_weights(model, keep_vars=True))
 
 
 def with_point_refiner(

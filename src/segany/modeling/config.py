@@ -120,6 +120,11 @@ class SamConfig:
     #: a second point refiner (``Sam.crop_refiner``, ``point_refiner_hidden`` wide) for zoom-in's crops and those
     #: images: one trained on zoom-in's crops (``segany convert --crop-refiner``; needs ``point_refiner``)
     crop_refiner: bool = False
+    #: False: the mask decoder decodes only the part of the mask grid that the post-processing reads (over the
+    #: resized image, not the input's padding) where the predictor tells it that part (``SamPredictor``, so
+    #: the CLI, the server, zoom-in and evaluation), and gives the low-res logits beyond it as its edge
+    #: (:mod:`segany.modeling.low_res`; needs ``high_res_features``; not in SAM, which decodes the padding too)
+    decode_padding: bool = True
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.modeling.low_res import decoded_region
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 
@@ -106,6 +107,15 @@ class Sam(nn.Module):
             return self.correction_decoder
         return self.mask_decoder
 
+    def decoder_region(self, input_size: tuple[int, int]) -> tuple[int, int] | None:
+        """For a model that does not decode the input's padding (``SamConfig.decode_padding`` False): the image
+        tokens, ``(rows, cols)`` from the top left, that an ``input_size`` input's masks need (the decoders'
+        ``region``; :func:`~segany.modeling.low_res.decoded_region`). None: the whole grid, as SAM."""
+        if getattr(self.config, "decode_padding", True):
+            return None
+        grid = tuple(self.prompt_encoder.image_embedding_size)
+        return decoded_region(input_size, grid, self.image_size)
+
     def prompt_inputs(
         self,
         masks: torch.Tensor | None,
@@ -171,6 +181,7 @@ class Sam(nn.Module):
         for i, record in enumerate(batched_input):
             points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
             sparse, dense = self.prompt_encoder(points, record.get("boxes"), record.get("mask_inputs"))
+            region = self.decoder_region(tuple(record["image"].shape[-2:]))
             low_res, iou = self.decoder_for(record.get("mask_inputs") is not None)(
                 embeddings[i : i + 1],
                 self.prompt_encoder.get_dense_pe(),
@@ -179,6 +190,7 @@ class Sam(nn.Module):
                 multimask_output,
                 **{name: _one_image(value, i) for name, value in inputs.items()},
                 **self.prompt_inputs(record.get("mask_inputs"), points, record.get("boxes")),
+                **({} if region is None else {"region": region}),
             )
             masks = self.postprocess_masks(
                 low_res, record["image"].shape[-2:], record["original_size"], threshold=self.mask_threshold

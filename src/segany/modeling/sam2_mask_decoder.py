@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segany.modeling.low_res import edge_beyond
 from segany.modeling.mask_decoder import MLP, MaskDecoder
 from segany.modeling.transformer import TwoWayTransformer
 
@@ -91,6 +92,7 @@ class Sam2MaskDecoder(MaskDecoder):
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
+        region: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -99,6 +101,9 @@ class Sam2MaskDecoder(MaskDecoder):
             high_res_features: from :meth:`project_high_res` (required when ``use_high_res_features``).
             mask_input: the mask prompt's logits ``B x 1 x 4h x 4w`` (or ``B x 4 x 4h x 4w``, the four prompt
                 maps: ``mask_skip_channels``), for ``mask_skip`` (none: no mask prompt).
+            region: ``(rows, cols)`` of image tokens from the top left: the masks there, and beyond them their
+                edge (:func:`~segany.modeling.low_res.edge_beyond`; not in SAM 2). The fast decoder decodes
+                only the region.
         Returns:
             masks ``B x M x 4h x 4w`` (logits) and IoU predictions ``B x M``, M = 3 or 1.
         """
@@ -109,6 +114,7 @@ class Sam2MaskDecoder(MaskDecoder):
             dense_prompt_embeddings,
             high_res_features,
             mask_input,
+            region,
         )
         if multimask_output:
             return masks[:, 1:], iou[:, 1:]
@@ -124,9 +130,10 @@ class Sam2MaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
+        region: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All masks ``B x M x 4h x 4w``, IoUs ``B x M``, mask tokens ``B x M x C`` (SAM 2's object
-        pointers are made from them) and object-score logits ``B x 1``."""
+        """All masks ``B x M x 4h x 4w`` (``region``: as :meth:`forward`), IoUs ``B x M``, mask tokens ``B x M x C``
+        (SAM 2's object pointers are made from them) and object-score logits ``B x 1``."""
         bs = sparse_prompt_embeddings.shape[0]
         heads = [self.iou_token.weight, self.mask_tokens.weight]
         if self.pred_obj_scores:
@@ -146,7 +153,7 @@ class Sam2MaskDecoder(MaskDecoder):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        masks = self.upscale_masks(src, (h, w), hyper_in, high_res_features, mask_input)
+        masks = self.upscale_masks(src, (h, w), hyper_in, high_res_features, mask_input, region)
         iou_pred = self.iou_prediction_head(iou_token_out)
         if self.iou_prediction_use_sigmoid:
             iou_pred = torch.sigmoid(iou_pred)
@@ -163,10 +170,12 @@ class Sam2MaskDecoder(MaskDecoder):
         hyper_in: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
+        region: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The transformer's image tokens ``B x hw x C`` (an ``h x w`` grid, ``size``, row by row) and the
         hypernetworks' outputs ``B x M x C/8`` -> mask logits ``B x M x 4h x 4w``: the upscaling, with the
-        high-resolution features (and ``mask_skip``'s mask input) added inside it, then their product."""
+        high-resolution features (and ``mask_skip``'s mask input) added inside it, then their product
+        (``region``: as :meth:`forward`)."""
         b, _n, c = src.shape
         src = src.transpose(1, 2).reshape(b, c, *size)
         if self.use_high_res_features:
@@ -179,7 +188,8 @@ class Sam2MaskDecoder(MaskDecoder):
         else:
             upscaled = self.output_upscaling(src)
         b, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        return masks if region is None else edge_beyond(masks, region)
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """``B x 1 x H x W`` logits -> ``B x 1``: area(> delta) / area(> -delta), 1 where both are empty."""

@@ -10,7 +10,7 @@ The automatic mask generator uses it for its point grid, and
 
 from __future__ import annotations
 
-import math
+import functools
 import weakref
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,6 +24,7 @@ from segany.modeling.fast.common import activate_, linear_act, mlp_inplace
 from segany.modeling.fast.dense_cells import DenseCells, cell_size, click_cells, constant_dense
 from segany.modeling.fast.factored import FactoredDecoderSide, FactoredTokens, TokenProduct
 from segany.modeling.fast.workers import available_workers, map_on_workers
+from segany.modeling.low_res import decoded_region
 from segany.modeling.mask_decoder import MaskDecoder
 from segany.modeling.prompt_encoder import PromptEncoder
 from segany.modeling.transformer import TwoWayTransformer
@@ -36,9 +37,12 @@ R = TypeVar("R")
 DECODE_CHUNK = 4
 # Most threads that decode prompts side by side (each on one core; see ReassociatedDecoder.decode).
 DECODE_WORKERS = 8
-# Image-token rows upscaled together: a band's intermediate maps (about 1 MB per row of 64 tokens) then
-# stay in the CPU caches between the layer norm, the second convolution and the masks' product.
-UPSCALE_ROWS = 16
+# The upscaling runs by bands of image-token rows holding about this many bytes of its second transposed
+# convolution's output (:func:`upscale_rows`): 16 rows of SAM's 64-token-wide grid at 256 channels, whose
+# maps then stay in the CPU caches between the layer norm, the second convolution and the masks' product;
+# the whole grid of segany's default model, whose smaller maps gain more from fewer, larger operations
+# (benchmarks/README.md).
+UPSCALE_BAND_BYTES = 2 << 20
 
 
 def _projected(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -190,9 +194,7 @@ class ReassociatedDecoder:
     def region(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """Image tokens whose upscaled logits the post-processing of an ``input_size`` input reads (the
         rest lies in the padding): ``(rows, cols)`` from the top left."""
-        rows = low_res_rows(input_size[0], 4 * self.hw[0], self.image_size)
-        cols = low_res_rows(input_size[1], 4 * self.hw[1], self.image_size)
-        return -(-rows // 4), -(-cols // 4)  # 4 low-res pixels per image token
+        return decoded_region(input_size, self.hw, self.image_size)
 
     # -- attention ------------------------------------------------------------------------------------
 
@@ -322,8 +324,9 @@ class ReassociatedDecoder:
             # Bands of image-token rows (the upscaling works pixel by pixel). Not on one-core workers: this
             # runs on the calling thread right after the prompt's transformer (torch's threads), whose
             # OpenMP threads then spin-wait for a while on the cores the workers would need.
-            for r0 in range(0, h, UPSCALE_ROWS):
-                r1 = min(r0 + UPSCALE_ROWS, h)
+            step = upscale_rows(w, self.md.output_upscaling[3].out_channels)
+            for r0 in range(0, h, step):
+                r1 = min(r0 + step, h)
                 out[i, :, 4 * r0 : 4 * r1] = self._upscale(first, hyper[i], (r0, r1), w)
         return out
 
@@ -343,14 +346,12 @@ class ReassociatedDecoder:
         _up1, norm, act1, up2, act2 = self.md.output_upscaling
         _w1, _b1, w2, b2 = self._upscaling_weights()
         h = rows[1] - rows[0]
-        n, k = h * w, hyper.shape[0]
+        n = h * w
         c1, c2 = up2.in_channels, up2.out_channels
         x1 = first.block(rows[0], rows[1], w).view(n, 4, c1)
         x1 = activate_(F.layer_norm(x1, (c1,), norm.weight, norm.bias, norm.eps), act1)
         x2 = linear_act(x1.view(n * 4, c1), w2, b2, act2)
-        m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
-        m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
-        return m.reshape(k, 4 * h, 4 * w)
+        return in_pixel_order(torch.mm(hyper, x2.view(n * 16, c2).t()), h, w)
 
     def decode(
         self,
@@ -460,9 +461,22 @@ def upscaling_matrices(mask_decoder: nn.Module) -> tuple[torch.Tensor, torch.Ten
     )
 
 
-def low_res_rows(input_len: int, low_len: int, image_size: int) -> int:
-    """Rows (or columns) of low-res logits that the official post-processing reads for an input of
-    ``input_len`` pixels: upsampling by ``f = image_size / low_len`` (bilinear, half-pixel centres) and
-    cropping to ``input_len`` uses source rows up to ``floor((input_len - 0.5) / f - 0.5) + 1``."""
-    f = image_size / low_len
-    return min(low_len, math.floor((input_len - 0.5) / f - 0.5) + 2)
+def upscale_rows(width: int, channels: int) -> int:
+    """Image-token rows per band of the upscaling (:data:`UPSCALE_BAND_BYTES`) for a grid ``width`` tokens wide
+    whose second transposed convolution has ``channels`` output channels (16 pixels a token, fp32)."""
+    return max(1, UPSCALE_BAND_BYTES // (width * 16 * channels * 4))
+
+
+def in_pixel_order(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The masks' products ``K x (h*w*16)`` laid out as the upscaling makes them, (y, x, dy, dx, ey, ex) for an
+    ``h x w`` band of image tokens, as logits ``K x 4h x 4w`` (row ``4y + 2dy + ey``, column ``4x + 2dx + ex``)."""
+    k = m.shape[0]
+    return m.view(-1).index_select(0, _pixel_order(k, h, w, m.device)).view(k, 4 * h, 4 * w)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_order(k: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """:func:`in_pixel_order`'s source index of each pixel: one gather, several times faster than the copy of
+    the 7-dimensional permutation it replaces (its innermost axes have 2 elements)."""
+    order = torch.arange(k * h * w * 16, device=device).view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return order.reshape(-1)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from segany.modeling.fast.common import active
-from segany.modeling.fast.decoder import low_res_rows
 from segany.modeling.fast.workers import map_on_workers
+from segany.modeling.low_res import low_res_rows
 
 # Fewest masks (prompts x outputs) post-processed on one-core workers (see postprocess_masks); below it
 # the calling thread was faster.

@@ -14,7 +14,7 @@ class FastSam(Sam):
     function; see :mod:`segany.modeling.fast.postprocess`), each mask thresholded as it is made (no
     full-size logits kept for the batch). The logits may be only the top-left part of the low-res map (the
     rows and columns the input reads, as the re-associated decoder makes them:
-    :func:`~segany.modeling.fast.decoder.low_res_rows`). A prompt encoder that draws clicks into the dense
+    :func:`~segany.modeling.low_res.low_res_rows`). A prompt encoder that draws clicks into the dense
     embedding is introduced to its fast mask decoder
     (:class:`~segany.modeling.fast.mask_decoder.DenseCellsDecoder`), which then decodes clicks through the
     re-associated decoder too."""

@@ -17,10 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.fast.common import activate_, active, linear_act
-from segany.modeling.fast.decoder import UPSCALE_ROWS, ReassociatedDecoder, per_image_decoder, upscaling_matrices
+from segany.modeling.fast.decoder import (
+    ReassociatedDecoder,
+    in_pixel_order,
+    per_image_decoder,
+    upscale_rows,
+    upscaling_matrices,
+)
 from segany.modeling.fast.dense_cells import DenseCells
 from segany.modeling.fast.factored import FactoredTokens, TokenProduct
 from segany.modeling.fast.mask_decoder import DenseCellsDecoder, FastMaskDecoder
+from segany.modeling.low_res import pad_by_edge
 from segany.modeling.sam2 import Sam2
 from segany.modeling.sam2_mask_decoder import Sam2MaskDecoder
 
@@ -103,7 +110,7 @@ def upscale_band(
     r0, r1 = rows
     h = r1 - r0
     w = x1.shape[0] // h
-    n, k = h * w, hyper.shape[0]
+    n = h * w
     c1, c2 = up2.in_channels, up2.out_channels
     x1 = x1.view(h, w, 4, c1)
     x1 += s1.view(-1, full_w, 4, c1)[r0:r1, :w]
@@ -113,9 +120,7 @@ def upscale_band(
     if extra_s0 is not None:
         x2 += extra_s0.view(-1, full_w, 16, c2)[r0:r1, :w]
     x2 = activate_(x2, act2)
-    m = torch.mm(hyper, x2.view(n * 16, c2).t())  # K x (y x dy dx ey ex)
-    m = m.view(k, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
-    return m.reshape(k, 4 * h, 4 * w)
+    return in_pixel_order(torch.mm(hyper, x2.view(n * 16, c2).t()), h, w)
 
 
 class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
@@ -155,11 +160,13 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         hyper_in: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
+        region: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """:meth:`Sam2MaskDecoder.upscale_masks` for the prompts the re-associated decoder does not take (a
         mask input: every cell of the dense embedding differs) of one image at inference: channels-last as
         there (each transposed convolution one matmul, bands of token rows, the image's high-resolution
-        maps rearranged once per image); the plain upscaling elsewhere. Same logits up to float rounding."""
+        maps rearranged once per image; only the ``region``'s tokens); the plain upscaling elsewhere. Same
+        logits up to float rounding."""
         if not (
             active(self)
             and self.use_high_res_features
@@ -168,22 +175,25 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
             and high_res_features[0].shape[0] == 1
             and src.dtype == hyper_in.dtype == high_res_features[0].dtype
         ):
-            return super().upscale_masks(src, size, hyper_in, high_res_features, mask_input)
+            return super().upscale_masks(src, size, hyper_in, high_res_features, mask_input, region)
         blocks = self.high_res_blocks(high_res_features)
         w1, b1, w2, b2 = upscaling_matrices(self)
         h, w = size
         extra = None
         if self.mask_skip and mask_input is not None:
             extra = self.conv_m0(mask_input.to(src.dtype))
-        out = hyper_in.new_empty(src.shape[0], hyper_in.shape[1], 4 * h, 4 * w)
+        rows, cols = region or (h, w)
+        out = hyper_in.new_empty(src.shape[0], hyper_in.shape[1], 4 * rows, 4 * cols)
+        step = upscale_rows(cols, self.output_upscaling[3].out_channels)
         for i in range(src.shape[0]):
             extra_i = None if extra is None else _pixel_blocks(extra[i : i + 1], 4)
-            for r0 in range(0, h, UPSCALE_ROWS):
-                r1 = min(r0 + UPSCALE_ROWS, h)
-                x1 = linear_act(src[i, r0 * w : r1 * w], w1, b1, None)
+            tokens = src[i].reshape(h, w, -1)
+            for r0 in range(0, rows, step):
+                r1 = min(r0 + step, rows)
+                x1 = linear_act(tokens[r0:r1, :cols].reshape((r1 - r0) * cols, -1), w1, b1, None)
                 band = upscale_band(self, (w2, b2), blocks[2:], x1, hyper_in[i], (r0, r1), w, extra_i)
                 out[i, :, 4 * r0 : 4 * r1] = band
-        return out
+        return pad_by_edge(out, (4 * h, 4 * w))
 
     def forward(  # type: ignore[override]
         self,
@@ -194,6 +204,7 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         multimask_output: bool,
         high_res_features: list[torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
+        region: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         found = None
         if high_res_features is not None and mask_input is None and supports(self):
@@ -207,6 +218,7 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
                 multimask_output,
                 high_res_features,
                 mask_input,
+                region,
             )
         dec, cells = found
         dec.set_high_res(high_res_features)
@@ -217,8 +229,8 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
             which = list(range(n))  # the fallback reads all of them
         else:
             which = [0]
-        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0, cells=cells)
-        masks = low.view(iou.shape[0], len(which), *low.shape[-2:])
+        iou, _kept, low = dec.decode(sparse_prompt_embeddings, which, 0.0, region, cells=cells)
+        masks = pad_by_edge(low.view(iou.shape[0], len(which), *low.shape[-2:]), (4 * dec.hw[0], 4 * dec.hw[1]))
         if not multimask_output and self.dynamic_multimask_via_stability:
             return self._dynamic_multimask_via_stability(masks, iou)
         return masks, iou
