@@ -131,7 +131,8 @@ class CoefficientRows:
     """Rows ``start : start + size`` of a :class:`FactoredTokens`' coefficients: an attention update of
     block ``layer`` (``values`` ``B x H x T x d``: its tokens' values per head), the constant of
     ``epoch`` (``values`` None), or per-prompt rows added at level 0 (``cells`` ``B x size x C``: the
-    dense embedding's differences from the per-image vector, on one image token each)."""
+    dense embedding's differences from the per-image vector, on one image token each, ``cell_index``
+    ``B x size``: their coefficients are zero elsewhere)."""
 
     start: int
     size: int
@@ -140,6 +141,7 @@ class CoefficientRows:
     values: torch.Tensor | None = None
     biased: bool = False
     cells: torch.Tensor | None = None
+    cell_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -181,6 +183,7 @@ class FactoredTokens:
                 None if b.values is None else b.values[i : i + 1],
                 b.biased,
                 None if b.cells is None else b.cells[i : i + 1],
+                None if b.cell_index is None else b.cell_index[i : i + 1],
             )
             for b in self.blocks
         ]
@@ -292,7 +295,7 @@ class FactoredDecoderSide:
             x = FactoredTokens(0, None, scores.new_empty(b, k + depth * (h * t + 1), n), k, [])
             if k:
                 x.buf[:, :k].zero_().scatter_(2, cells[0][:, :, None], 1.0)
-                x.blocks.append(CoefficientRows(0, k, cells=cells[1].to(scores.dtype)))
+                x.blocks.append(CoefficientRows(0, k, cells=cells[1].to(scores.dtype), cell_index=cells[0]))
         # Softmax over the tokens with N innermost (vectorised over the image tokens); copied into the
         # buffer (softmax's out= variant was slower).
         x.buf[:, x.r : x.r + h * t] = scores.softmax(2).view(b, h * t, n)
@@ -316,8 +319,12 @@ class FactoredDecoderSide:
         kc = lambda: self.image.tokens(level, centered=True).t()  # noqa: E731  ((K M P)^T, on a cache miss)
         for blk in x.blocks:
             dst = y[:, blk.start : blk.start + blk.size]
-            if blk.cells is not None:  # per-prompt rows: (R M P) (K M P)^T = (R M) (K M P)^T
-                dst.copy_(torch.matmul(plan.carried(blk.cells, level), kc()))
+            if blk.cells is not None:  # per-prompt rows: (R M P) (K M P)^T = (R M) (K M P)^T, read (below) only
+                # at each row's own token, where its coefficient is not zero: those products alone
+                idx = blk.cell_index
+                tokens = self.image.tokens(level, centered=True)[idx]  # B x k x C
+                own = (plan.carried(blk.cells, level) * tokens).sum(-1)  # B x k
+                dst.zero_().scatter_(2, idx[:, :, None], own[:, :, None])
             elif blk.values is None:
                 key = ("cross_row", level, blk.epoch, blk.biased)
                 proj = self.image.get(key, lambda k=blk: plan.row(k.epoch, level, k.biased)[None] @ kc())
