@@ -161,9 +161,12 @@ def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: tor
     """``flat[(y + dy) * W + (x + dx)]`` for every offset ``K`` and pixel ``N`` (clamped to the image, i.e. edges
     replicated): ``K x N`` of ``flat`` ``H * W``."""
     h, w = hw
-    yy = (ys + offsets[:, 0, None]).clamp_(0, h - 1)
-    xx = (xs + offsets[:, 1, None]).clamp_(0, w - 1)
-    return flat.index_select(0, (yy * w + xx).view(-1)).view(offsets.shape[0], len(ys))
+    r = int(offsets.abs().max()) if len(offsets) else 0
+    if len(ys) and r <= min(int(ys.min()), int(xs.min())) and int(ys.max()) < h - r and int(xs.max()) < w - r:
+        index = (ys * w + xs)[None] + (offsets[:, 0] * w + offsets[:, 1])[:, None]  # no patch leaves the image
+    else:
+        index = (ys + offsets[:, 0, None]).clamp_(0, h - 1) * w + (xs + offsets[:, 1, None]).clamp_(0, w - 1)
+    return flat.index_select(0, index.view(-1)).view(offsets.shape[0], len(ys))
 
 
 def _colour_likelihoods(image: RefinerImage, low_res: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
