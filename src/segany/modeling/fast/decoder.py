@@ -474,7 +474,7 @@ def in_pixel_order(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return m.view(-1).index_select(0, _pixel_order(k, h, w, m.device)).view(k, 4 * h, 4 * w)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # a few shapes recur (an image's region, the generator's crops); each <= ~1.4 MB
 def _pixel_order(k: int, h: int, w: int, device: torch.device) -> torch.Tensor:
     """:func:`in_pixel_order`'s source index of each pixel: one gather, several times faster than the copy of
     the 7-dimensional permutation it replaces (its innermost axes have 2 elements)."""
