@@ -17,13 +17,18 @@ POINT = (np.array([[60, 30]]), np.array([1]))
 
 
 def _model(decode_padding: bool, fast: bool = True, correction: bool = False):
+    """A tiny model with high-res features; ``correction``: with a correction decoder whose skip at the mask grid
+    reads the four prompt maps (the default's layout)."""
     torch.manual_seed(0)
+    skip = dict(dense_prompts=True, mask_skip=True, mask_skip_prompts=True) if correction else {}
     cfg = dataclasses.replace(
-        tiny_config(16), high_res_features=True, decode_padding=decode_padding, correction_decoder=correction
+        tiny_config(16), high_res_features=True, decode_padding=decode_padding, correction_decoder=correction, **skip
     )
     model = build_sam(cfg, fast=fast).eval()
     with torch.no_grad():
         model.mask_decoder.conv_s0.weight.normal_(0, 0.5)
+        if correction:
+            model.correction_decoder.conv_m0.weight.normal_(0, 0.5)
     return model
 
 

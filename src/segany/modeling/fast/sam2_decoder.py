@@ -102,7 +102,7 @@ def upscale_band(
     (added to in place); ``second``: the second one's matrix and bias (:func:`upscaling_matrices`);
     ``blocks``: the image's high-resolution maps as :meth:`FastSam2MaskDecoder.high_res_blocks` rearranges
     them (stride 8, then 4); ``extra_s0``: more stride-4 blocks to add (``mask_skip``'s mask input), laid out
-    as the stride-4 ones.
+    as the stride-4 ones, ``h' x w' x 16 x C/8`` for the grid's top-left tokens (the band's among them).
     """
     _up1, norm, act1, up2, act2 = md.output_upscaling
     w2, b2 = second
@@ -118,7 +118,7 @@ def upscale_band(
     x2 = linear_act(x1.view(n * 4, c1), w2, b2, None).view(h, w, 16, c2)
     x2 += s0.view(-1, full_w, 16, c2)[r0:r1, :w]
     if extra_s0 is not None:
-        x2 += extra_s0.view(-1, full_w, 16, c2)[r0:r1, :w]
+        x2 += extra_s0[r0:r1, :w]
     x2 = activate_(x2, act2)
     return in_pixel_order(torch.mm(hyper, x2.view(n * 16, c2).t()), h, w)
 
@@ -179,14 +179,15 @@ class FastSam2MaskDecoder(DenseCellsDecoder, Sam2MaskDecoder):
         blocks = self.high_res_blocks(high_res_features)
         w1, b1, w2, b2 = upscaling_matrices(self)
         h, w = size
-        extra = None
-        if self.mask_skip and mask_input is not None:
-            extra = self.conv_m0(mask_input.to(src.dtype))
         rows, cols = region or (h, w)
+        extra = None
+        if self.mask_skip and mask_input is not None:  # the region's pixels, from the ones the 3 x 3 kernel reads
+            part = mask_input[..., : 4 * rows + 1, : 4 * cols + 1].to(src.dtype)
+            extra = self.conv_m0(part)[..., : 4 * rows, : 4 * cols]
         out = hyper_in.new_empty(src.shape[0], hyper_in.shape[1], 4 * rows, 4 * cols)
         step = upscale_rows(cols, self.output_upscaling[3].out_channels)
         for i in range(src.shape[0]):
-            extra_i = None if extra is None else _pixel_blocks(extra[i : i + 1], 4)
+            extra_i = None if extra is None else _pixel_blocks(extra[i : i + 1], 4).view(rows, cols, 16, -1)
             tokens = src[i].reshape(h, w, -1)
             for r0 in range(0, rows, step):
                 r1 = min(r0 + step, rows)
