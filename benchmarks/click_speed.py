@@ -21,7 +21,7 @@ from _common import interleaved, median, set_threads
 
 from segany import SamPredictor, load_model
 from segany.io.images import load_image
-from segany.modeling.build import with_settings
+from segany.modeling.build import build_sam, with_settings
 from segany.modeling.point_refiner import PointRefiner, RefinerPrompts
 from segany.perf import reuse_freed_memory, use_huge_pages
 
@@ -72,11 +72,7 @@ def main() -> None:
         maps = [*pred.decoder_inputs["high_res_features"], pred.features]
         prompts = RefinerPrompts(coords, labels)
 
-        plain = PointRefiner(
-            refiner.map_channels, hidden=refiner.mlp[0].out_features, threshold=refiner.threshold,
-            budget=refiner.budget, max_upscale=refiner.max_upscale, pixel_mean=tuple(refiner.pixel_mean.tolist()),
-            pixel_std=tuple(refiner.pixel_std.tolist()),
-        ).eval()
+        plain = build_sam(pred.model.config, fast=False).point_refiner.eval()  # the plain modules' refiner
         plain.load_state_dict(refiner.state_dict())
 
         def run(module: PointRefiner) -> torch.Tensor:

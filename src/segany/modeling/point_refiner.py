@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany.modeling.low_res import pad_by_edge
+
 # 5 x 5 patch offsets, row-major
 _PATCH = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
 RGB_STEPS = (1,)  #: pixels between the samples of each RGB patch
@@ -353,11 +355,9 @@ class PointRefiner(nn.Module):
         patches = _gather(logits.reshape(-1), ys, xs, self.logit_offsets, hw)
         torch.div(patches, 8.0, out=ft[at : at + len(patches)])
         at += len(patches)
-        # pixel centres in the padded input frame, as grid_sample coordinates (the same for every map's grid)
         g = maps[0].shape[-1]
-        if tuple(low_res.shape[-2:]) != (g, g):  # a fast decoder's top-left part of the grid: the rest as its edge
-            pad = (0, g - low_res.shape[-1], 0, g - low_res.shape[-2])
-            low_res = F.pad(low_res[None, None].float(), pad, mode="replicate")[0, 0]
+        low_res = pad_by_edge(low_res.float(), (g, g))  # the top-left part of the grid (the generator's): the rest
+        # pixel centres in the padded input frame, as grid_sample coordinates (the same for every map's grid)
         px, py, where = map_positions(ys, xs, input_size, hw, g)
         prob = torch.sigmoid(low_res.float())[None]
 

@@ -29,6 +29,13 @@ def weights_key(*tensors: torch.Tensor) -> tuple:
     return key
 
 
+def layer_tensors(*layers: nn.Module) -> list[torch.Tensor]:
+    """The ``weight`` and ``bias`` of each of ``layers`` that has them, read directly (for :func:`weights_key` on a
+    hot path: walking ``Module.parameters()`` cost more than the rest of a cache hit)."""
+    found = (getattr(layer, name, None) for layer in layers for name in ("weight", "bias"))
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """True where bf16 matmuls run natively on ``device`` (not emulated)."""
     device = torch.device(device)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany.modeling.common import LayerNorm2d
-from segany.modeling.fast.common import weights_key
+from segany.modeling.fast.common import layer_tensors, weights_key
 
 # Layers of a downscaler that work pixel by pixel.
 _POINTWISE = (LayerNorm2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Identity)
@@ -88,10 +88,7 @@ def _zero_cells(prompt_encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``C`` each: the downscaler's output for an all-zero patch (no click, no mask input), and that plus the
     no-mask embedding (:func:`constant_dense`). The same for every prompt: kept while the weights are the same
     tensors, unchanged (:func:`~segany.modeling.fast.common.weights_key`)."""
-    # (the layers' own tensors, read directly: walking Module.parameters() cost more than the rest of a hit)
-    down = prompt_encoder.mask_downscaling
-    weights = [getattr(layer, name, None) for layer in down for name in ("weight", "bias")]
-    weights = [t for t in weights if t is not None] + [prompt_encoder.no_mask_embed.weight]
+    weights = layer_tensors(*prompt_encoder.mask_downscaling) + [prompt_encoder.no_mask_embed.weight]
     key = weights_key(*weights)
     hit = _ZERO_CELLS.get(prompt_encoder)
     if hit is None or hit[0] != key:
