@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ def convert_checkpoint(
     correction_decoder: str | os.PathLike | None = None,
     correction_skip_mask: bool = True,
     crop_refiner: str | os.PathLike | None = None,
-    decode_padding: bool | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> SamConfig:
     """Convert any loadable checkpoint to our ``.safetensors`` format; returns its config.
 
@@ -94,8 +95,8 @@ def convert_checkpoint(
     ``max_image_size``: the model's input sizes changed (:func:`with_image_size`). ``correction_decoder``:
     a checkpoint whose mask decoder becomes the model's correction decoder (:func:`with_correction_decoder`,
     ``correction_skip_mask`` its ``skip_mask``). ``crop_refiner``: a checkpoint whose point refiner becomes
-    the model's crop refiner (:func:`~segany.modeling.build.with_crop_refiner`). ``decode_padding``: the
-    setting of :class:`SamConfig` (None: the model's)."""
+    the model's crop refiner (:func:`~segany.modeling.build.with_crop_refiner`). ``settings``: :class:`SamConfig`
+    fields that keep every weight, changed (e.g. ``decode_padding``, ``first_prompt_threshold``)."""
     if isinstance(src, (str, os.PathLike)):
         model = load_model(src, text_head=None)  # the text head keeps its own file (save_model skips it)
     else:
@@ -109,8 +110,8 @@ def convert_checkpoint(
         if refiner is None:
             raise SegAnyError(f"{crop_refiner}: no point refiner in it")
         model = with_crop_refiner(model, refiner)
-    if decode_padding is not None:
-        model = with_settings(model, decode_padding=decode_padding)
+    if settings:
+        model = with_settings(model, **settings)
     save_model(model, dst, half=half)
     return model.config
 

@@ -227,7 +227,7 @@ class ZoomInPredictor:
         full = np.full((logits.shape[0], *self._hw), OUTSIDE_LOGIT, dtype=np.float32)
         full[:, y0:y1, x0:x1] = logits
         self._last = (crop, low, full)
-        return (full if return_logits else full > self.model.mask_threshold), scores, low
+        return (full if return_logits else full > self.predictor.answer_threshold(mask_input is not None)), scores, low
 
     # -- the previous mask and the crop ------------------------------------------------------------
 

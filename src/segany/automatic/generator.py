@@ -442,7 +442,8 @@ class SamAutomaticMaskGenerator:
                 continue
             # the model's point refiner (if any) on the masks that passed, at the image's resolution
             in_points, in_labels = self._input_points(pts[sel[ok].cpu()].numpy(), p.original_size)
-            masks = postprocess.greater(p.refine_masks(logits[ok], chunk[ok], in_points, in_labels), thr)
+            refined = p.refine_masks(logits[ok], chunk[ok], in_points, in_labels)
+            masks = postprocess.greater(refined, p.answer_threshold(False))  # single points: first prompts
             bxs = batched_mask_to_box(masks)
             ok2 = ~is_box_near_crop_edge(bxs, crop_box, [0, 0, orig_w, orig_h])
             removed["crop_edge"] += int((~ok2).sum())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -124,6 +125,20 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="whether the mask decoder also decodes the input's padding, as SAM does (--no-decode-padding: only "
         "what the post-processing reads, faster; segany models with high-resolution features; default: keep)",
     )
+    p.add_argument(
+        "--first-prompt-threshold", type=float, metavar="F",
+        help="cut the answers to prompts without a mask input (first clicks, boxes, \"everything\") at logit F "
+        "rather than SAM's 0 (the default model's: -0.5, MODELS.md); default: keep",
+    )
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The config settings that keep every weight, as ``segany convert``'s options change them."""
+    settings = {"decode_padding": args.decode_padding, "first_prompt_threshold": args.first_prompt_threshold}
+    threshold = args.first_prompt_threshold
+    if threshold is not None and not math.isfinite(threshold):
+        raise SegAnyError(f"--first-prompt-threshold must be a finite number, got {threshold}")
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -136,12 +151,14 @@ def run_convert(args: argparse.Namespace) -> int:
     cfg = convert_checkpoint(src, args.dst, half=args.half, image_size=args.image_size, max_image_size=cap,
                              correction_decoder=args.correction_decoder,
                              correction_skip_mask=args.correction_skip == "all", crop_refiner=args.crop_refiner,
-                             decode_padding=args.decode_padding)
+                             settings=_settings(args))
     size = os.path.getsize(args.dst) / 1e6
     what = args.src[0] if len(args.src) == 1 else "mean of " + ", ".join(args.src)
     larger = f", larger images up to {cfg.max_image_size}" if getattr(cfg, "max_image_size", None) else ""
     correction = f", correction decoder from {args.correction_decoder}" if args.correction_decoder else ""
     correction += f", crop refiner from {args.crop_refiner}" if args.crop_refiner else ""
     correction += ", the input's padding not decoded" if not getattr(cfg, "decode_padding", True) else ""
+    first = getattr(cfg, "first_prompt_threshold", 0.0)
+    correction += f", first prompts cut at logit {first:g}" if first else ""
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0
