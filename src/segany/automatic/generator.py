@@ -427,7 +427,7 @@ class SamAutomaticMaskGenerator:
         rles: list[dict[str, Any]] = []
         boxes, ious, stabs, kept_pts = [], [], [], []
         removed = Counter(candidates=iou_preds.numel(), pred_iou_thresh=iou_preds.numel() - len(idx))
-        thr = p.model.mask_threshold
+        thr, cut = p.model.mask_threshold, p.answer_threshold(False)  # stability: unrefined; cut: refined first answers
         for start in range(0, len(idx), UPSAMPLE_CHUNK):
             sel = idx[start : start + UPSAMPLE_CHUNK]
             chunk = low_res[start : start + UPSAMPLE_CHUNK]
@@ -442,8 +442,7 @@ class SamAutomaticMaskGenerator:
                 continue
             # the model's point refiner (if any) on the masks that passed, at the image's resolution
             in_points, in_labels = self._input_points(pts[sel[ok].cpu()].numpy(), p.original_size)
-            refined = p.refine_masks(logits[ok], chunk[ok], in_points, in_labels)
-            masks = postprocess.greater(refined, p.answer_threshold(False))  # single points: first prompts
+            masks = postprocess.greater(p.refine_masks(logits[ok], chunk[ok], in_points, in_labels), cut)
             bxs = batched_mask_to_box(masks)
             ok2 = ~is_box_near_crop_edge(bxs, crop_box, [0, 0, orig_w, orig_h])
             removed["crop_edge"] += int((~ok2).sum())
