@@ -41,11 +41,18 @@ def test_refined_first_answers_are_cut_at_the_first_prompt_threshold_and_correct
     binary, logits = _answer(predictor, point_coords=POINT[0], point_labels=POINT[1], mask_input=low_res)
     assert ((logits > CUT) != (logits > 0)).any()
     assert np.array_equal(binary, logits > 0)  # a correction: SAM's threshold
-    # zoom-in answers a first click on the whole image exactly as the predictor does
+    # zoom-in answers a first click on the whole image exactly as the predictor does, and cuts it at the same
+    # logit when it answers it again on a crop around that mask (with the mask as its mask input; this random
+    # model's masks cover the image, so the crop is the whole image)
     zoom = ZoomInPredictor(_predictor(model), refine_first=False)
     zoom.set_image(_image())
     first = _answer(predictor, point_coords=POINT[0], point_labels=POINT[1])[0]
     assert np.array_equal(zoom.predict(*POINT, multimask_output=False)[0][0], first)
+    zoom = ZoomInPredictor(_predictor(model))
+    zoom.set_image(_image())
+    binary, logits = _answer(zoom, point_coords=POINT[0], point_labels=POINT[1])
+    assert ((logits > CUT) != (logits > 0)).any()
+    assert np.array_equal(binary, logits > CUT)
 
 
 def test_unrefined_answers_keep_sams_threshold():

@@ -264,19 +264,20 @@ class SamPredictor:
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
             masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes)
-            cut = self.answer_threshold(mask_input is not None)
+            cut = self.answer_threshold(first_prompt=mask_input is None)
             masks = masks if return_logits else postprocess.greater(masks, cut)
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
             low_res = low_res.clamp(-bound, bound)
         return masks, iou, low_res
 
-    def answer_threshold(self, with_mask_input: bool) -> float:
-        """The logit above which a pixel is in this predictor's refined answer (:meth:`refine_masks`) to a click
-        or box prompt with or without a mask input: ``SamConfig.first_prompt_threshold`` for one without (the
-        point refiner's first answers come out a little small: MODELS.md); SAM's ``mask_threshold`` for every
-        other answer, and wherever the predictor does not refine."""
-        if with_mask_input or self.refiner_image is None:
+    def answer_threshold(self, first_prompt: bool) -> float:
+        """The logit above which a pixel is in this predictor's refined answer (:meth:`refine_masks`) to a first
+        prompt (a click or box without a mask input; zoom-in's first click answered again on its crop) or to a
+        later one: ``SamConfig.first_prompt_threshold`` for a first prompt (the point refiner's first answers come
+        out a little small: MODELS.md); SAM's ``mask_threshold`` for every other answer, and wherever the
+        predictor does not refine."""
+        if not first_prompt or self.refiner_image is None:
             return self.model.mask_threshold
         return float(getattr(self.model.config, "first_prompt_threshold", self.model.mask_threshold))
 

@@ -200,7 +200,7 @@ class ZoomInPredictor:
         if not (best > 0).any():
             return whole
         crop = self._next_crop(_with_box_of(best > 0, coords), coords)
-        return self._predict_on(crop, coords, point_labels, None, best, False, return_logits)
+        return self._predict_on(crop, coords, point_labels, None, best, False, return_logits, first_prompt=True)
 
     def _predict_on(
         self,
@@ -211,11 +211,14 @@ class ZoomInPredictor:
         mask_input: np.ndarray | None,
         multimask_output: bool,
         return_logits: bool,
+        first_prompt: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The wrapped predictor's answer on ``crop`` (prompts in the whole image's frame; ``mask_input`` the
         caller's low-res logits in the crop's frame, or full-resolution logits ``H x W`` of the whole image,
         brought to the crop's grid once the predictor holds it: a crop's grid may differ from the whole
-        image's with ``max_image_size``), pasted into the whole image; remembered as the previous prediction."""
+        image's with ``max_image_size``), pasted into the whole image; remembered as the previous prediction.
+        ``first_prompt``: whether it answers the user's first prompt (None: where there is no mask input), which
+        decides where its masks are cut (:meth:`SamPredictor.answer_threshold`)."""
         self._use(crop)
         if mask_input is not None and mask_input.shape == self._hw:
             mask_input = self._low_res(mask_input, crop)
@@ -227,7 +230,8 @@ class ZoomInPredictor:
         full = np.full((logits.shape[0], *self._hw), OUTSIDE_LOGIT, dtype=np.float32)
         full[:, y0:y1, x0:x1] = logits
         self._last = (crop, low, full)
-        return (full if return_logits else full > self.predictor.answer_threshold(mask_input is not None)), scores, low
+        first = mask_input is None if first_prompt is None else first_prompt
+        return (full if return_logits else full > self.predictor.answer_threshold(first)), scores, low
 
     # -- the previous mask and the crop ------------------------------------------------------------
 

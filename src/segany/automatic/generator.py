@@ -427,7 +427,7 @@ class SamAutomaticMaskGenerator:
         rles: list[dict[str, Any]] = []
         boxes, ious, stabs, kept_pts = [], [], [], []
         removed = Counter(candidates=iou_preds.numel(), pred_iou_thresh=iou_preds.numel() - len(idx))
-        thr, cut = p.model.mask_threshold, p.answer_threshold(False)  # stability: unrefined; cut: refined first answers
+        thr, cut = p.model.mask_threshold, p.answer_threshold(True)  # stability: unrefined; cut: refined first answers
         for start in range(0, len(idx), UPSAMPLE_CHUNK):
             sel = idx[start : start + UPSAMPLE_CHUNK]
             chunk = low_res[start : start + UPSAMPLE_CHUNK]

@@ -125,10 +125,11 @@ class SamConfig:
     #: the CLI, the server, zoom-in and evaluation), and gives the low-res logits beyond it as its edge
     #: (:mod:`segany.modeling.low_res`; needs ``high_res_features``; not in SAM, which decodes the padding too)
     decode_padding: bool = True
-    #: the logit above which a pixel is in the point refiner's answer to a prompt without a mask input (a first
-    #: click, a box, "everything"'s grid points: ``SamPredictor.answer_threshold``); every other answer (with a
-    #: mask input, unrefined, text) is cut at ``Sam.mask_threshold`` (0, SAM's). The default model's refined first
-    #: answers come out a little small: its file sets -0.5, chosen on the training images (MODELS.md; not in SAM)
+    #: the logit above which a pixel is in the point refiner's answer to a first prompt (a click or box without a
+    #: mask input, zoom-in's first click answered again on its crop, "everything"'s grid points:
+    #: ``SamPredictor.answer_threshold``); every other answer (corrections, unrefined, text) is cut at
+    #: ``Sam.mask_threshold`` (0, SAM's). The default model's refined first answers come out a little small: its file
+    #: sets -0.5, chosen on the training images (MODELS.md; not in SAM)
     first_prompt_threshold: float = 0.0
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
