@@ -127,8 +127,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--first-prompt-threshold", type=float, metavar="F",
-        help="cut the refined answers to prompts without a mask input (first clicks, boxes, \"everything\") at "
-        "logit F rather than SAM's 0 (the default model's: -0.5, MODELS.md); default: keep",
+        help="cut the refined answers to first prompts (clicks and boxes without a mask input, zoom-in's first "
+        "click, \"everything\") at logit F rather than SAM's 0 (the default model's: -0.5, MODELS.md); default: keep",
     )
 
 
