@@ -60,6 +60,12 @@ def test_unrefined_answers_keep_sams_threshold():
     for predictor in (_predictor(with_point_refiner(model, None)), _unrefined(model)):
         binary, logits = _answer(predictor, point_coords=POINT[0], point_labels=POINT[1])
         assert np.array_equal(binary, logits > 0)
+    # an image the input enlarges past the point refiner's limit, with no crop refiner: left unrefined
+    predictor = SamPredictor(model)
+    predictor.set_image(_image(48, 60))
+    binary, logits = _answer(predictor, point_coords=np.array([[20, 16]]), point_labels=np.array([1]))
+    assert ((logits > CUT) != (logits > 0)).any()
+    assert np.array_equal(binary, logits > 0)
 
 
 def _unrefined(model) -> SamPredictor:

@@ -14,7 +14,7 @@ import torch
 from segany.errors import SegAnyError
 from segany.modeling.build import at_image_size, input_side
 from segany.modeling.fast import postprocess
-from segany.modeling.point_refiner import RefinerImage, RefinerPrompts
+from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPrompts
 from segany.modeling.sam import Sam
 from segany.perf import optimize
 from segany.prompts import check_fits_float32, check_image, check_prompts
@@ -259,7 +259,7 @@ class SamPredictor:
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings, hq_token_only
         )
         # the point refiner was trained on clicks' and boxes' masks: on the text head's it lost (MODELS.md)
-        refine = self.refiner_image is not None and text_embeddings is None
+        refine = text_embeddings is None and self._refiner() is not None
         threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
@@ -277,7 +277,7 @@ class SamPredictor:
         later one: ``SamConfig.first_prompt_threshold`` for a first prompt (the point refiner's first answers come
         out a little small: MODELS.md); SAM's ``mask_threshold`` for every other answer, and wherever the
         predictor does not refine."""
-        if not first_prompt or self.refiner_image is None:
+        if not first_prompt or self._refiner() is None:
             return self.model.mask_threshold
         return float(getattr(self.model.config, "first_prompt_threshold", self.model.mask_threshold))
 
@@ -295,7 +295,8 @@ class SamPredictor:
         the predictor has what it reads of the image (:meth:`get_refiner_image`); otherwise unchanged. The
         prompts that made them are :meth:`predict_torch`'s (``B`` rows, in the model's input frame). Float32
         logits are changed in place."""
-        if self.refiner_image is None:
+        refiner = self._refiner()
+        if refiner is None:
             return logits
         per_row = logits.shape[1] if logits.dim() == 4 else 1  # a prompt's C masks share it
 
@@ -305,11 +306,19 @@ class SamPredictor:
         boxes = boxes.reshape(-1, 4) if boxes is not None else None
         prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
+        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
+
+    def _refiner(self) -> PointRefiner | None:
+        """The refiner of the current image's masks: the crop refiner on zoom-in's crops and on the images the
+        point refiner leaves, else the point refiner; None without the pixels they read or where neither takes
+        the image (one the input enlarges past its ``max_upscale``)."""
+        if self.refiner_image is None:
+            return None
         refiner = self.model.point_refiner
         crop = getattr(self.model, "crop_refiner", None)
         if crop is not None and (self.is_crop or not refiner.refines(self.input_size, self.original_size)):
             refiner = crop  # zoom-in's crop, or an image the point refiner leaves
-        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
+        return refiner if refiner.refines(self.input_size, self.original_size) else None
 
     @torch.inference_mode()
     def predict_low_res(
