@@ -263,7 +263,7 @@ class SamPredictor:
         threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
-            masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes)
+            masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes, mask_input is not None)
             cut = self.answer_threshold(first_prompt=mask_input is None)
             masks = masks if return_logits else postprocess.greater(masks, cut)
         bound = getattr(self.model, "low_res_logit_bound", None)
@@ -289,12 +289,15 @@ class SamPredictor:
         point_coords: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        with_mask_input: bool = False,
     ) -> torch.Tensor:
         """Upsampled logits ``B x C x H x W`` (or ``B x H x W``) of the current image (low-res ``... x 4h x 4w``)
         with their uncertain pixels corrected by the model's point refiner (``SamConfig.point_refiner``), where
         the predictor has what it reads of the image (:meth:`get_refiner_image`); otherwise unchanged. The
-        prompts that made them are :meth:`predict_torch`'s (``B`` rows, in the model's input frame). Float32
-        logits are changed in place."""
+        prompts that made them are :meth:`predict_torch`'s (``B`` rows, in the model's input frame);
+        ``with_mask_input``: those prompts had a mask input (the correction decoder's answers), so
+        ``SamConfig.correction_refiner_budget`` of each mask's pixels are refined rather than the refiner's own
+        budget. Float32 logits are changed in place."""
         refiner = self._refiner()
         if refiner is None:
             return logits
@@ -306,7 +309,8 @@ class SamPredictor:
         boxes = boxes.reshape(-1, 4) if boxes is not None else None
         prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
-        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts)
+        budget = getattr(self.model.config, "correction_refiner_budget", None) if with_mask_input else None
+        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts, budget)
 
     def _refiner(self) -> PointRefiner | None:
         """The refiner of the current image's masks: the crop refiner on zoom-in's crops and on the images the

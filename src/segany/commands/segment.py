@@ -130,14 +130,26 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         help="cut the refined answers to first prompts (clicks and boxes without a mask input, zoom-in's first "
         "click, \"everything\") at logit F rather than SAM's 0 (the default model's: -0.5, MODELS.md); default: keep",
     )
+    p.add_argument(
+        "--correction-refiner-budget", type=int, metavar="N",
+        help="the point refiner corrects N uncertain pixels of each answer to a prompt with a mask input (the "
+        "clicks after the first; 0: all of them; first prompts keep 2,048; the default model's: 8,192, "
+        "MODELS.md); default: keep",
+    )
 
 
 def _settings(args: argparse.Namespace) -> dict:
     """The config settings that keep every weight, as ``segany convert``'s options change them."""
-    settings = {"decode_padding": args.decode_padding, "first_prompt_threshold": args.first_prompt_threshold}
+    settings = {
+        "decode_padding": args.decode_padding,
+        "first_prompt_threshold": args.first_prompt_threshold,
+        "correction_refiner_budget": args.correction_refiner_budget,
+    }
     threshold = args.first_prompt_threshold
     if threshold is not None and not math.isfinite(threshold):
         raise SegAnyError(f"--first-prompt-threshold must be a finite number, got {threshold}")
+    if args.correction_refiner_budget is not None and args.correction_refiner_budget < 0:
+        raise SegAnyError(f"--correction-refiner-budget must be 0 (all) or more, got {args.correction_refiner_budget}")
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -160,5 +172,7 @@ def run_convert(args: argparse.Namespace) -> int:
     correction += ", the input's padding not decoded" if not getattr(cfg, "decode_padding", True) else ""
     first = getattr(cfg, "first_prompt_threshold", 0.0)
     correction += f", first prompts cut at logit {first:g}" if first else ""
+    if getattr(cfg, "point_refiner", False):
+        correction += f", corrections refined on {cfg.correction_refiner_budget or 'all uncertain'} pixels"
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0

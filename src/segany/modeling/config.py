@@ -131,6 +131,11 @@ class SamConfig:
     #: ``Sam.mask_threshold`` (0, SAM's). The default model's refined first answers come out a little small: its file
     #: sets -0.5, chosen on the training images (MODELS.md; not in SAM)
     first_prompt_threshold: float = 0.0
+    #: how many of its uncertain pixels the point refiner (or crop refiner) corrects in each answer to a prompt with
+    #: a mask input (the clicks after the first, answered by the correction decoder where there is one; 0: all of
+    #: them); first prompts keep the refiner's own 2,048 (a first click's time). The default model's file sets
+    #: 8,192, chosen on the training images (MODELS.md; not in SAM)
+    correction_refiner_budget: int = 2048
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -296,25 +296,30 @@ class PointRefiner(nn.Module):
         self.register_buffer("logit_offsets", torch.cat([patch * s for s in LOGIT_STEPS]), False)
 
     def uncertain_pixels(
-        self, logits: torch.Tensor, low_res: torch.Tensor | None = None, input_size: tuple[int, int] | None = None
+        self,
+        logits: torch.Tensor,
+        low_res: torch.Tensor | None = None,
+        input_size: tuple[int, int] | None = None,
+        budget: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows and columns of the pixels of ``H x W`` logits to refine: ``|logit| < threshold``, the most
-        uncertain ``budget`` of them (0: all). With the low-res logits ``g x g`` and the resized image's size in
-        the model's input, a lower threshold taken from them (about twice the budget: the upsampling is bilinear,
-        so the image's pixels follow the grid's cells) spares a top-k over all the uncertain pixels; where it
-        keeps fewer than the budget, all are searched."""
+        uncertain ``budget`` of them (None: the refiner's own ``budget``; 0: all). With the low-res logits
+        ``g x g`` and the resized image's size in the model's input, a lower threshold taken from them (about
+        twice the budget: the upsampling is bilinear, so the image's pixels follow the grid's cells) spares a
+        top-k over all the uncertain pixels; where it keeps fewer than the budget, all are searched."""
+        budget = self.budget if budget is None else budget
         a = logits.abs().view(-1)
         t = self.threshold
-        if self.budget and low_res is not None and input_size is not None:
+        if budget and low_res is not None and input_size is not None:
             cells = low_res[: -(-input_size[0] // 4), : -(-input_size[1] // 4)].abs().flatten()
-            k = int(2 * self.budget * cells.numel() / a.numel())
+            k = int(2 * budget * cells.numel() / a.numel())
             if k < cells.numel():
                 t = min(t, float(torch.kthvalue(cells.float(), k + 1).values))
         idx = _where_below(a, t)
-        if t < self.threshold and len(idx) < self.budget:  # too low for this mask (a flat one): all of them
+        if t < self.threshold and len(idx) < budget:  # too low for this mask (a flat one): all of them
             idx = _where_below(a, self.threshold)
-        if self.budget and len(idx) > self.budget:
-            idx = idx[torch.topk(a[idx], self.budget, largest=False, sorted=False).indices]
+        if budget and len(idx) > budget:
+            idx = idx[torch.topk(a[idx], budget, largest=False, sorted=False).indices]
         w = logits.shape[-1]
         return idx // w, idx % w
 
@@ -426,19 +431,20 @@ class PointRefiner(nn.Module):
         maps: Sequence[torch.Tensor],
         input_size: tuple[int, int],
         prompts: RefinerPrompts | None = None,
+        budget: int | None = None,
     ) -> torch.Tensor:
         """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``, ``prompts``
         one row per mask, in the order of the flattened leading dimensions) with each mask's uncertain pixels
-        refined, in place (the upsampled logits are the caller's own fresh tensor). An image the model's input
-        enlarges by more than ``max_upscale`` (``SamConfig.point_refiner_max_upscale``: zoom-in's crop around a
-        small object, or a thumbnail) is left as it is: there the mask grid is already finer than the pixels, and
-        a refiner trained on whole pictures only ruined such crops' masks (MODELS.md, "Zoom-in and the point
-        refiner")."""
+        refined, in place (the upsampled logits are the caller's own fresh tensor); at most ``budget`` of them a
+        mask (:meth:`uncertain_pixels`). An image the model's input enlarges by more than ``max_upscale``
+        (``SamConfig.point_refiner_max_upscale``: zoom-in's crop around a small object, or a thumbnail) is left as
+        it is: there the mask grid is already finer than the pixels, and a refiner trained on whole pictures only
+        ruined such crops' masks (MODELS.md, "Zoom-in and the point refiner")."""
         if not self.refines(input_size, logits.shape[-2:]):
             return logits
         flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
         for m in range(flat.shape[0]):
-            ys, xs = self.uncertain_pixels(flat[m], low[m], input_size)
+            ys, xs = self.uncertain_pixels(flat[m], low[m], input_size, budget)
             if len(ys):
                 prompt = prompts.of_mask(m, flat.shape[-2:], input_size) if prompts is not None else (None, None, None)
                 flat[m, ys, xs] = self.refined(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
