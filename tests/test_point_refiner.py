@@ -123,7 +123,7 @@ def test_a_crop_refiner_refines_the_images_the_point_refiner_leaves(tmp_path, ca
     box = np.array([120, 100, 189, 139])  # zoom-in answers it on a crop around it: the crop refiner's answer
 
     def zoomed(m):
-        zoom = ZoomInPredictor(SamPredictor(m))
+        zoom = ZoomInPredictor(SamPredictor(m), box_min_zoom=0)  # its crop, though it barely enlarges this image
         zoom.set_image(_image())
         return zoom.predict(box=box, multimask_output=False, return_logits=True)[0], zoom.last_crop
 
@@ -375,7 +375,7 @@ def test_zoom_in_training_masks_are_taken_on_their_crop():
     gt[100:140, 120:190] = True
     whole = SamPredictor(model)
     whole.set_image(image)
-    zoom = ZoomInPredictor(SamPredictor(model))
+    zoom = ZoomInPredictor(SamPredictor(model), box_min_zoom=0)  # the box's crop, however little it enlarges
     random.seed(3)
     for box_fraction in (0.0, 1.0):
         zoom.set_embedding(whole.get_image_embedding(), whole.original_size, image, whole.input_size,

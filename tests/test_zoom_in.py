@@ -22,7 +22,8 @@ class CountingPredictor(SamPredictor):
 
 @pytest.fixture()
 def zoom(tiny_model):
-    z = ZoomInPredictor(CountingPredictor(tiny_model), skip_clicks=1, expand=1.4, min_side=20)
+    # every crop is used, however little it enlarges the picture
+    z = ZoomInPredictor(CountingPredictor(tiny_model), expand=1.4, min_side=20, first_min_side=20, box_min_zoom=0)
     z.set_image(synthetic_image(96, 128))
     return z
 
@@ -102,6 +103,53 @@ def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom
     assert len(zoom.predictor.embedded) == 2
 
 
+class SmallMaskPredictor(CountingPredictor):
+    """Answers on the whole 96 x 128 image with a 10 x 15 mask (the tiny model's span the image)."""
+
+    def predict(self, *args, **kwargs):
+        logits, scores, low = super().predict(*args, **kwargs)
+        if self.original_size == (96, 128):
+            logits = np.full_like(logits, -5.0)
+            logits[:, 30:40, 40:55] = 5.0
+        return logits, scores, low
+
+
+def test_the_first_clicks_crop_is_at_least_first_min_side(tiny_model):
+    zoom = ZoomInPredictor(SmallMaskPredictor(tiny_model), expand=1.4, min_side=20, first_min_side=80)
+    zoom.set_image(synthetic_image(96, 128))
+    zoom.predict(np.array([[45.0, 35.0]]), np.array([1]), multimask_output=True, return_logits=True)
+    x0, y0, x1, y1 = zoom._crop  # the mask's box 1.4 times wider (21 x 14), at least 80 a side
+    assert (x1 - x0, y1 - y0) == (80, 80) and x0 <= 40 and x1 >= 55 and y0 <= 30 and y1 >= 40
+    assert zoom.predictor.embedded[-1] == (80, 80)
+    # a later click around the same small mask: a crop sized by min_side (IoU with the first one under 0.5)
+    previous = np.full((96, 128), -5.0, np.float32)
+    previous[30:40, 40:55] = 5.0
+    zoom._last = (zoom._crop, zoom._last[1], previous[None])
+    clicks, labels = np.array([[45.0, 35.0], [50.0, 36.0]]), np.array([1, 1])
+    zoom.predict(clicks, labels, mask_input=zoom._last[1], multimask_output=False)
+    x0, y0, x1, y1 = zoom._crop
+    assert (x1 - x0, y1 - y0) == (21, 20) and zoom.predictor.embedded[-1] == (20, 21)
+
+
+def test_a_boxs_crop_that_enlarges_less_than_box_min_zoom_is_not_used(tiny_model, zoom):
+    zoom.box_min_zoom = 3.0
+    plain = SamPredictor(tiny_model)
+    plain.set_image(synthetic_image(96, 128))
+    b = np.array([10.0, 10.0, 60.0, 50.0])  # its crop (71 x 57) enlarges the picture 128 / 71 = 1.8 times more
+    for x, y in zip(plain.predict(box=b, multimask_output=False), zoom.predict(box=b, multimask_output=False)):
+        np.testing.assert_array_equal(x, y)  # the whole image's answer, from the kept embedding
+    assert zoom._crop == zoom.full_box and zoom.predictor.embedded == [(96, 128)]
+    small = np.array([40.0, 30.0, 50.0, 38.0])  # its crop is min_side's 20 x 20: 6.4 times
+    zoom.predict(box=small, multimask_output=False)
+    assert zoom._crop != zoom.full_box and zoom.predictor.embedded[-1] == (20, 20)
+    # a later click around a 60 x 40 mask (its crop 84 x 56: 1.5 times): its crop all the same
+    previous = np.full((96, 128), -5.0, np.float32)
+    previous[20:60, 30:90] = 5.0
+    zoom._last = (zoom.full_box, np.zeros((1, *zoom.model.prompt_encoder.mask_input_size), np.float32), previous[None])
+    zoom.predict(np.array([[50.0, 40.0], [60.0, 45.0]]), np.array([1, 1]), mask_input=zoom._last[1])
+    assert zoom._crop != zoom.full_box and len(zoom.predictor.embedded) == 3
+
+
 def test_the_previous_mask_becomes_the_crops_mask_prompt(zoom):
     h, w = 96, 128
     logits = np.full((h, w), -8.0, np.float32)
@@ -137,6 +185,10 @@ def test_bad_settings_and_no_image(tiny_model):
         ZoomInPredictor(SamPredictor(tiny_model), skip_clicks=0)
     with pytest.raises(ValueError, match="expand"):
         ZoomInPredictor(SamPredictor(tiny_model), expand=0.5)
+    with pytest.raises(ValueError, match="first_min_side"):
+        ZoomInPredictor(SamPredictor(tiny_model), first_min_side=0)
+    with pytest.raises(ValueError, match="box_min_zoom"):
+        ZoomInPredictor(SamPredictor(tiny_model), box_min_zoom=float("nan"))
     with pytest.raises(SegAnyError, match="set_image"):
         ZoomInPredictor(SamPredictor(tiny_model)).predict(np.array([[1.0, 1.0]]), np.array([1]))
     zoom = ZoomInPredictor(SamPredictor(tiny_model))

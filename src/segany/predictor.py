@@ -66,6 +66,10 @@ class SamPredictor:
         image (one rule, :func:`~segany.modeling.build.input_side`)."""
         return input_side(self._given, size, size) == size
 
+    def input_scale(self, height: int, width: int) -> float:
+        """How many times a ``height x width`` image is enlarged on its way into the model (below 1: shrunk)."""
+        return input_side(self._given, height, width) / max(height, width)
+
     # -- image -------------------------------------------------------------------------------------
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:

@@ -56,8 +56,15 @@ class ZoomInPredictor:
         skip_clicks: clicks answered on the whole image before zooming (1: the first click sees it all).
         expand: the crop is the box around the previous mask and every click, this many times wider and taller.
         min_side: the crop's smallest width and height, in image pixels.
+        first_min_side: the same for the crop the first clicks are answered again on (``refine_first``): a
+            first answer on a small object gains from more of its surroundings than a correction does
+            (MODELS.md, "Zoom-in's first crop").
         recompute_iou: the crop is kept while the new box overlaps it by at least this IoU and holds every
             click (RITM's rule: fewer embeddings, steadier crops).
+        box_min_zoom: a box is answered on its crop only where the crop enlarges the picture at least this many
+            times more than the whole image's input does, else on the whole image: a crop that barely enlarges
+            the object only takes its surroundings away (0: always on the crop; MODELS.md, "Zoom-in's first
+            crop and its boxes").
         refine_first: the first clicks' answer (at most ``skip_clicks`` points, no box, no ``mask_input``) is
             predicted again on a crop around the best whole-image mask, with that mask as the prompt: one
             mask, whatever ``multimask_output``, for one more embedding.
@@ -79,17 +86,24 @@ class ZoomInPredictor:
         skip_clicks: int = 1,
         expand: float = 2.0,
         min_side: int = 100,
+        first_min_side: int = 160,
         recompute_iou: float = 0.5,
+        box_min_zoom: float = 3.0,
         refine_first: bool = True,
         zoom_box: bool = True,
         crop_cache: CropCache | None = None,
     ) -> None:
-        if skip_clicks < 1 or expand < 1 or min_side < 1 or not 0 <= recompute_iou <= 1:
+        if (
+            skip_clicks < 1 or expand < 1 or min(min_side, first_min_side) < 1 or not 0 <= recompute_iou <= 1
+            or not box_min_zoom >= 0
+        ):
             raise ValueError(
-                "ZoomInPredictor needs skip_clicks >= 1, expand >= 1, min_side >= 1, recompute_iou in [0, 1]"
+                "ZoomInPredictor needs skip_clicks >= 1, expand >= 1, min_side and first_min_side >= 1, "
+                "recompute_iou in [0, 1], box_min_zoom >= 0"
             )
         self.predictor = predictor
-        self.skip_clicks, self.expand, self.min_side, self.recompute_iou = skip_clicks, expand, min_side, recompute_iou
+        self.skip_clicks, self.expand, self.recompute_iou = skip_clicks, expand, recompute_iou
+        self.min_side, self.first_min_side, self.box_min_zoom = min_side, first_min_side, box_min_zoom
         self.refine_first, self.zoom_box, self.crop_cache = refine_first, zoom_box, crop_cache
         self._hw: tuple[int, int] | None = None  # the whole image's height and width
         # the whole image as RGB pixels, or the function that decodes them when a crop first needs them
@@ -187,7 +201,7 @@ class ZoomInPredictor:
             # a box: its crop, widened as a mask's box is (its corners and any clicks in it)
             b = np.asarray(box, dtype=np.float32).reshape(4)
             held = b.reshape(2, 2) if coords is None else np.concatenate([b.reshape(2, 2), coords])
-            crop = self._next_crop(held)  # a box is a new prompt: a new crop
+            crop = self._box_crop(self._next_crop(held))  # a box is a new prompt: a new crop
             shift = np.array(crop[:2] * 2, dtype=np.float32)
             return self._predict_on(crop, coords, point_labels, b - shift, previous, multimask_output, return_logits)
         if previous is not None and self._last is not None and self._last[0] != self.full_box:
@@ -199,7 +213,7 @@ class ZoomInPredictor:
         best = self._last[2][int(np.argmax(whole[1]))]
         if not (best > 0).any():
             return whole
-        crop = self._next_crop(_with_box_of(best > 0, coords), coords)
+        crop = self._next_crop(_with_box_of(best > 0, coords), coords, self.first_min_side)
         return self._predict_on(crop, coords, point_labels, None, best, False, return_logits, first_prompt=True)
 
     def _predict_on(
@@ -249,14 +263,16 @@ class ZoomInPredictor:
                 return full[k]
         return None
 
-    def _next_crop(self, points: np.ndarray, clicks: np.ndarray | None = None) -> Box:
-        """The box around ``points`` (``N x 2`` pixel positions, x y), widened, at least ``min_side``, inside the
-        image; given the ``clicks``, the current crop instead while it still fits them (``recompute_iou``)."""
+    def _next_crop(self, points: np.ndarray, clicks: np.ndarray | None = None, min_side: int | None = None) -> Box:
+        """The box around ``points`` (``N x 2`` pixel positions, x y), widened, at least ``min_side`` (None: the
+        predictor's), inside the image; given the ``clicks``, the current crop instead while it still fits them
+        (``recompute_iou``)."""
         h, w = self._hw
+        min_side = self.min_side if min_side is None else min_side
         xs, ys = points[:, 0], points[:, 1]
         cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-        bw = min(max((xs.max() + 1 - xs.min()) * self.expand, self.min_side), w)
-        bh = min(max((ys.max() + 1 - ys.min()) * self.expand, self.min_side), h)
+        bw = min(max((xs.max() + 1 - xs.min()) * self.expand, min_side), w)
+        bh = min(max((ys.max() + 1 - ys.min()) * self.expand, min_side), h)
         x0 = int(np.clip(round(cx - bw / 2), 0, w - round(bw)))
         y0 = int(np.clip(round(cy - bh / 2), 0, h - round(bh)))
         new = (x0, y0, x0 + int(round(bw)), y0 + int(round(bh)))
@@ -273,6 +289,14 @@ class ZoomInPredictor:
             if inside.all():
                 return old
         return new
+
+    def _box_crop(self, crop: Box) -> Box:
+        """A box's ``crop``, or the whole image where the crop enlarges the picture less than ``box_min_zoom`` times
+        more than the whole image's input does."""
+        h, w = self._hw
+        x0, y0, x1, y1 = crop
+        p = self.predictor
+        return crop if p.input_scale(y1 - y0, x1 - x0) >= self.box_min_zoom * p.input_scale(h, w) else self.full_box
 
     def _low_res(self, logits: np.ndarray, crop: Box) -> np.ndarray:
         """:func:`mask_prompt` with this predictor's model."""
