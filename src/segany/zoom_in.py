@@ -58,7 +58,7 @@ class ZoomInPredictor:
         min_side: the crop's smallest width and height, in image pixels.
         first_min_side: the same for the crop the first clicks are answered again on (``refine_first``): a
             first answer on a small object gains from more of its surroundings than a correction does
-            (MODELS.md, "Zoom-in's first crop").
+            (MODELS.md, "Zoom-in's first crop and its boxes").
         recompute_iou: the crop is kept while the new box overlaps it by at least this IoU and holds every
             click (RITM's rule: fewer embeddings, steadier crops).
         box_min_zoom: a box is answered on its crop only where the crop enlarges the picture at least this many

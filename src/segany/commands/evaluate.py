@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zoom-in", action="store_true",
         help="clicks and box protocols: answer on a crop around the object (the first click refined there, later "
-        "ones and boxes predicted there), as RITM's evaluation does (an image embedding whenever the crop moves)",
+        "ones predicted there, boxes where the crop enlarges them three times or more), as RITM's evaluation does "
+        "(an image embedding whenever the crop moves)",
     )
     add_model_arg(p)
 

@@ -27,7 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--zoom-in", action="store_true",
         help="answer points and a box on a crop around the object (RITM's zoom-in: finer masks, one more "
-        "image embedding; a click's best mask refined on a crop, unless --multimask)",
+        "image embedding; a click's best mask refined on a crop, unless --multimask; a box where its crop "
+        "enlarges it three times or more)",
     )
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
     add_model_arg(p)
