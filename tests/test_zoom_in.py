@@ -104,7 +104,7 @@ def test_a_later_click_is_answered_on_a_crop_around_the_mask_and_the_clicks(zoom
 
 
 class SmallMaskPredictor(CountingPredictor):
-    """Answers on the whole 96 x 128 image with a 10 x 15 mask (the tiny model's span the image)."""
+    """Answers on the whole 96 x 128 image with a 10 x 15 mask (the tiny model's masks span the image)."""
 
     def predict(self, *args, **kwargs):
         logits, scores, low = super().predict(*args, **kwargs)
