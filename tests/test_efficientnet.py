@@ -314,11 +314,12 @@ def test_shipped_default_segments_a_clear_object_from_its_box():
     # run at 640 px, a larger image at its own size up to 832; clicks after the first answered by a correction
     # decoder with the clicks and the box at the mask grid; the masks' edges refined at the image's resolution, on
     # zoom-in's crops by a refiner trained on them; the input's padding not decoded; the refined answers to first
-    # prompts cut at logit -0.5; 8,192 pixels of the later clicks' masks refined
+    # prompts cut at logit -0.5; 8,192 pixels of the later clicks' masks refined, then refined again by a second refiner
     assert sam.config == dataclasses.replace(get_config("segany_default_v3"), image_size=640, max_image_size=832,
                                              correction_decoder=True, mask_skip=True, mask_skip_prompts=True,
                                              point_refiner=True, crop_refiner=True, decode_padding=False,
-                                             first_prompt_threshold=-0.5, correction_refiner_budget=8192)
+                                             first_prompt_threshold=-0.5, correction_refiner_budget=8192,
+                                             second_refiner=True)
     assert not sam.correction_decoder.conv_m0.weight[:, 0].any()  # its skip does not read the previous mask
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.normal(120, 25, (240, 320, 3)).clip(0, 255).astype(np.uint8), (5, 5), 0)

@@ -252,6 +252,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], image_size: int | None = None) 
         correction_decoder="correction_decoder.iou_token.weight" in sd,
         point_refiner=refiner is not None,
         crop_refiner="crop_refiner.mlp.0.weight" in sd,
+        second_refiner="second_refiner.mlp.0.weight" in sd,
         **({"point_refiner_hidden": refiner.shape[0]} if refiner is not None else {}),
     )
 

@@ -301,7 +301,8 @@ class SamPredictor:
         prompts that made them are :meth:`predict_torch`'s (``B`` rows, in the model's input frame);
         ``with_mask_input``: those prompts had a mask input (the correction decoder's answers), so
         ``SamConfig.correction_refiner_budget`` of each mask's pixels are refined rather than the refiner's own
-        budget. Float32 logits are changed in place."""
+        budget, and the point refiner's answers are refined again by the model's second refiner, if it has one
+        (``SamConfig.second_refiner``). Float32 logits are changed in place."""
         refiner = self._refiner()
         if refiner is None:
             return logits
@@ -314,7 +315,11 @@ class SamPredictor:
         prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
         budget = getattr(self.model.config, "correction_refiner_budget", None) if with_mask_input else None
-        return refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts, budget)
+        out = refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts, budget)
+        second = getattr(self.model, "second_refiner", None)
+        if with_mask_input and second is not None and refiner is self.model.point_refiner:
+            out = second(out, low_res, self.refiner_image, maps, self.input_size, prompts, budget)
+        return out
 
     def _refiner(self) -> PointRefiner | None:
         """The refiner of the current image's masks: the crop refiner on zoom-in's crops and on the images the

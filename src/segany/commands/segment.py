@@ -174,6 +174,7 @@ def run_convert(args: argparse.Namespace) -> int:
     first = getattr(cfg, "first_prompt_threshold", 0.0)
     correction += f", first prompts cut at logit {first:g}" if first else ""
     if getattr(cfg, "point_refiner", False):
-        correction += f", corrections refined on {cfg.correction_refiner_budget or 'all uncertain'} pixels"
+        again = ", then by the second refiner" if getattr(cfg, "second_refiner", False) else ""
+        correction += f", corrections refined on {cfg.correction_refiner_budget or 'all uncertain'} pixels{again}"
     print(f"{what} -> {args.dst} ({cfg.encoder.kind}, image size {cfg.image_size}{larger}{correction}, {size:.1f} MB)")
     return 0

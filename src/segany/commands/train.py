@@ -52,5 +52,5 @@ def run_refiner(args: argparse.Namespace) -> int:
 
     config = RefinerTrainConfig.from_yaml(args.config, _overrides(args, "images"))
     path = train_point_refiner(config, progress=not args.quiet)
-    print(f"model with its point refiner: {path}")
+    print(f"model with its {'second' if config.second else 'point'} refiner: {path}")
     return 0

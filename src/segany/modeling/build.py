@@ -135,9 +135,10 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
 
     decoder = mask_decoder(False)
     correction = mask_decoder(True) if cfg.correction_decoder else None
-    refiner = crop_refiner = None
-    if cfg.crop_refiner and not cfg.point_refiner:
-        raise ValueError("crop_refiner needs point_refiner")
+    refiner = crop_refiner = second_refiner = None
+    for name in ("crop_refiner", "second_refiner"):
+        if getattr(cfg, name) and not cfg.point_refiner:
+            raise ValueError(f"{name} needs point_refiner")
     if cfg.point_refiner:  # reads the decoder's projected stride-4 and stride-8 maps (SAM 2's widths) and the embedding
         maps = (d // 8, d // 4, d)
 
@@ -149,6 +150,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
 
         refiner = point_refiner(cfg.point_refiner_max_upscale)
         crop_refiner = point_refiner(math.inf) if cfg.crop_refiner else None
+        second_refiner = point_refiner(cfg.point_refiner_max_upscale) if cfg.second_refiner else None
     return fast_class(Sam, fast)(
         image_encoder=image_encoder,
         prompt_encoder=prompt_encoder,
@@ -160,6 +162,7 @@ def build_sam(cfg: SamConfig, fast: bool = True) -> Sam:
         correction_decoder=correction,
         point_refiner=refiner,
         crop_refiner=crop_refiner,
+        second_refiner=second_refiner,
     )
 
 
@@ -219,8 +222,9 @@ def with_point_refiner(
         changes["point_refiner_max_upscale"] = float(max_upscale)
     if refiner is None:  # no refiner at all: the model's own masks
         changes["crop_refiner"] = False
-    cfg = dataclasses.replace(model.config, point_refiner=refiner is not None, **changes)
-    dropped = ("point_refiner.",) if refiner is not None else ("point_refiner.", "crop_refiner.")
+    # a second refiner reads the point refiner's answers: it goes with the refiner it was trained after
+    cfg = dataclasses.replace(model.config, point_refiner=refiner is not None, second_refiner=False, **changes)
+    dropped = ("point_refiner.", "second_refiner.") + (("crop_refiner.",) if refiner is None else ())
     kept = refiner if isinstance(refiner, PointRefiner) else None
     return _rebuilt(model, cfg, _weights_with(model, dropped, "point_refiner.", kept), strict=refiner != "new")
 
@@ -229,16 +233,29 @@ def with_crop_refiner(model: Sam, refiner: PointRefiner | None) -> Sam:
     """``model`` (with a point refiner) with ``refiner``'s weights as its crop refiner (``SamConfig.crop_refiner``:
     zoom-in's crops, and the images the input enlarges more than ``point_refiner_max_upscale``) or with none,
     sharing the rest of its weights."""
-    cfg = model.config
+    return _with_refiner(model, "crop_refiner", refiner)
+
+
+def with_second_refiner(model: Sam, refiner: PointRefiner | str | None) -> Sam:
+    """``model`` (with a point refiner) with ``refiner``'s weights as its second refiner
+    (``SamConfig.second_refiner``: the point refiner's answers to prompts with a mask input refined again), "new"
+    (a fresh one, which changes nothing until trained) or none, sharing the rest of its weights."""
+    return _with_refiner(model, "second_refiner", refiner)
+
+
+def _with_refiner(model: Sam, name: str, refiner: PointRefiner | str | None) -> Sam:
+    """``model`` with its refiner ``name`` (``crop_refiner`` or ``second_refiner``) replaced."""
+    cfg, what = model.config, name.replace("_", " ")
     if not getattr(cfg, "point_refiner", False):
-        raise SegAnyError("a crop refiner goes into a model with a point refiner")
-    if refiner is not None and refiner.mlp[0].out_features != cfg.point_refiner_hidden:
+        raise SegAnyError(f"a {what} goes into a model with a point refiner")
+    if isinstance(refiner, PointRefiner) and refiner.mlp[0].out_features != cfg.point_refiner_hidden:
         raise SegAnyError(
-            f"the crop refiner is {refiner.mlp[0].out_features} wide, the model's point refiner "
-            f"{cfg.point_refiner_hidden}"
+            f"the {what} is {refiner.mlp[0].out_features} wide, the model's point refiner {cfg.point_refiner_hidden}"
         )
-    weights = _weights_with(model, ("crop_refiner.",), "crop_refiner.", refiner)
-    return _rebuilt(model, dataclasses.replace(cfg, crop_refiner=refiner is not None), weights, strict=True)
+    kept = refiner if isinstance(refiner, PointRefiner) else None
+    weights = _weights_with(model, (f"{name}.",), f"{name}.", kept)
+    changed = dataclasses.replace(cfg, **{name: refiner is not None})
+    return _rebuilt(model, changed, weights, strict=refiner != "new")
 
 
 def _weights_with(model: Sam, dropped: tuple[str, ...], prefix: str, module: PointRefiner | None) -> dict:

@@ -120,6 +120,11 @@ class SamConfig:
     #: a second point refiner (``Sam.crop_refiner``, ``point_refiner_hidden`` wide) for zoom-in's crops and those
     #: images: one trained on zoom-in's crops (``segany convert --crop-refiner``; needs ``point_refiner``)
     crop_refiner: bool = False
+    #: a refiner of the point refiner's own answers to prompts with a mask input (``Sam.second_refiner``, the same
+    #: MLP): it corrects ``correction_refiner_budget`` of the refined logits' uncertain pixels again, reading the
+    #: refined logits around them; trained on those answers (``segany train-refiner`` with ``second: true``;
+    #: needs ``point_refiner``; not in SAM)
+    second_refiner: bool = False
     #: False: the mask decoder decodes only the part of the mask grid that the post-processing reads (over the
     #: resized image, not the input's padding) where the predictor tells it that part (``SamPredictor``, so
     #: the CLI, the server, zoom-in and evaluation), and gives the low-res logits beyond it as its edge

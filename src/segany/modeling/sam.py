@@ -55,6 +55,7 @@ class Sam(nn.Module):
         correction_decoder: MaskDecoder | None = None,
         point_refiner: nn.Module | None = None,
         crop_refiner: nn.Module | None = None,
+        second_refiner: nn.Module | None = None,
     ) -> None:
         """The official signature (``Sam(image_encoder, prompt_encoder, mask_decoder, pixel_mean,
         pixel_std)``), plus ``image_size`` (the square input side) for encoders that do not fix it
@@ -62,7 +63,8 @@ class Sam(nn.Module):
         ``correction_decoder`` (the decoder of prompts with a mask input: ``SamConfig.correction_decoder``) and
         ``point_refiner`` (corrects the upsampled masks at the image's resolution: ``SamConfig.point_refiner``;
         applied by the predictor, which has the image's pixels) and ``crop_refiner`` (the same for zoom-in's crops
-        and the images the point refiner leaves: ``SamConfig.crop_refiner``).
+        and the images the point refiner leaves: ``SamConfig.crop_refiner``) and ``second_refiner`` (the point
+        refiner's answers to prompts with a mask input refined again: ``SamConfig.second_refiner``).
 
         ``image_encoder.img_size`` is the input size on every model, as official code (the predictor,
         the ONNX export) reads it: taken from the encoder when it has one, recorded on it otherwise.
@@ -83,6 +85,7 @@ class Sam(nn.Module):
         self.correction_decoder = correction_decoder
         self.point_refiner = point_refiner
         self.crop_refiner = crop_refiner
+        self.second_refiner = second_refiner
         self.image_size = image_size
         self.config = config
         # Optional text prompt head (segany.modeling.text_prompt.TextHead), attached by load_model when

@@ -13,7 +13,8 @@ training: ``configs/point_refiner_zoom.yaml``). Of each mask, ``points_per_mask`
 ``buffer_points`` points the refiner takes ``epochs_per_buffer`` passes of binary cross-entropy over them in
 batches of ``batch_points``, its learning rate falling over the run (``lr_schedule``). The result is the
 model's file with the refiner in it (``SamConfig.point_refiner``), written after every buffer; ``out_dir/last.pt``
-(refiner, optimizer, images seen) lets a rerun resume.
+(refiner, optimizer, images seen) lets a rerun resume. With ``second`` the refiner trained is the model's second
+refiner (``SamConfig.second_refiner``), on its point refiner's answers (``configs/second_refiner.yaml``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from segany.checkpoint import load_model, save_model
 from segany.errors import SegAnyError
 from segany.evaluation.protocols import _select_objects, click_object, load_samples
-from segany.modeling.build import with_point_refiner
+from segany.modeling.build import with_point_refiner, with_second_refiner
 from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPrompts
 from segany.predictor import SamPredictor
 from segany.training.config import Options
@@ -59,7 +60,12 @@ class RefinerTrainConfig(Options):
     #: masks prompted through zoom-in (the web tool's default), their points taken on the crop they were answered
     #: on, at its own resolution
     zoom_fraction: float = 0.0
-    max_clicks: int = 5  #: clicked masks get 1 to this many clicks
+    min_clicks: int = 1  #: clicked masks get this many clicks at least
+    max_clicks: int = 5  #: and at most this many
+    #: train the base model's second refiner (``SamConfig.second_refiner``) rather than its point refiner: the masks
+    #: to refine are the base model's refined answers (its point refiner kept), the written file is the base model
+    #: with the new second refiner (``configs/second_refiner.yaml``: answers to clicks 2-5, as it is applied)
+    second: bool = False
     points_per_mask: int = 768  #: uncertain pixels drawn from each mask
     random_points: int = 128  #: pixels drawn anywhere in the image for each mask
     buffer_points: int = 262144
@@ -83,9 +89,14 @@ class RefinerTrainConfig(Options):
         for d in self.train_data:
             if not isinstance(d, dict) or "root" not in d or set(d) - {"root", "split", "weight"}:
                 raise SegAnyError(f"train_data entry {d!r}: expected {{root, split, weight}}")
-        for name in ("images", "masks_per_image", "max_clicks", "points_per_mask", "buffer_points", "batch_points"):
+        for name in ("images", "masks_per_image", "min_clicks", "points_per_mask", "buffer_points", "batch_points"):
             if getattr(self, name) < 1:
                 raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_clicks < self.min_clicks:
+            raise SegAnyError(f"max_clicks must be at least min_clicks ({self.min_clicks}), got {self.max_clicks}")
+        if self.second and (self.hidden is not None or self.max_upscale is not None or self.zoom_fraction):
+            raise SegAnyError("second: a second refiner is the point refiner's width and limit, on whole images: "
+                              "leave out hidden, max_upscale and zoom_fraction")
         if self.hidden is not None and self.hidden < 1:
             raise SegAnyError(f"hidden must be at least 1, got {self.hidden}")
         if self.max_upscale is not None and not self.max_upscale >= 1:
@@ -98,15 +109,19 @@ class RefinerTrainConfig(Options):
 
 
 class ClickRecorder:
-    """A predictor for :func:`click_object` that keeps the logits and the clicks of every answer it gives."""
+    """A predictor for :func:`click_object` that keeps the logits and the clicks of every answer it gives; the masks
+    it gives the clicker are cut where the predictor cuts them (a refined first answer at
+    ``SamConfig.first_prompt_threshold``), so the next click lands where it would for a user."""
 
-    def __init__(self, predictor: SamPredictor) -> None:
+    def __init__(self, predictor: SamPredictor | ZoomInPredictor) -> None:
         self.predictor, self.answers = predictor, []
 
     def predict(self, **kwargs: Any):
         logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
         self.answers.append((logits, scores, low_res, kwargs["point_coords"], kwargs["point_labels"]))
-        return logits > 0, scores, low_res
+        # zoom-in's wrapped predictor holds the picture the answer was refined on
+        held = self.predictor.predictor if isinstance(self.predictor, ZoomInPredictor) else self.predictor
+        return logits > held.answer_threshold(first_prompt=kwargs.get("mask_input") is None), scores, low_res
 
     def kept(self, click: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the clicker
@@ -119,17 +134,18 @@ class ClickRecorder:
 
 def _prompt_object(
     predictor: SamPredictor | ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float,
-    max_clicks: int,
+    max_clicks: int, min_clicks: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """The object ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the standard clicker: the kept
-    mask's logits ``H x W`` and low-res logits, and its clicks ``K x 2``, labels ``K`` or box ``4`` (pixels)."""
+    """The object ``gt`` prompted by its box or by ``min_clicks`` to ``max_clicks`` clicks of the standard clicker:
+    the kept mask's logits ``H x W`` and low-res logits, and its clicks ``K x 2``, labels ``K`` or box ``4``
+    (pixels)."""
     if random.random() < box_fraction:
         ys, xs = np.nonzero(gt)
         box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
         m, _, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
         return m[0], low[0], None, None, box
     recorder = ClickRecorder(predictor)
-    clicks = random.randint(1, max_clicks)
+    clicks = random.randint(min_clicks, max_clicks)
     click_object(recorder, gt, ignore, clicks)
     logits, low, coords, labels = recorder.kept(clicks)
     return logits, low, coords, labels, None
@@ -147,22 +163,24 @@ def _input_prompts(
 
 
 def prompted_mask(
-    predictor: SamPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
+    predictor: SamPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int,
+    min_clicks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, RefinerPrompts]:
     """One training mask of the image set on ``predictor``: logits ``H x W``, low-res logits and its prompt (in
-    the model's input frame), for the object ``gt`` prompted by its box or by 1 to ``max_clicks`` clicks of the
-    standard clicker."""
-    logits, low, coords, labels, box = _prompt_object(predictor, gt, ignore, box_fraction, max_clicks)
+    the model's input frame), for the object ``gt`` prompted by its box or by ``min_clicks`` to ``max_clicks``
+    clicks of the standard clicker."""
+    logits, low, coords, labels, box = _prompt_object(predictor, gt, ignore, box_fraction, max_clicks, min_clicks)
     prompts = _input_prompts(predictor, coords, labels, box)
     return torch.from_numpy(logits).float(), torch.from_numpy(low).float(), prompts
 
 
 def zoomed_mask(
-    zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int
+    zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray | None, box_fraction: float, max_clicks: int,
+    min_clicks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, RefinerPrompts, tuple[slice, slice]]:
     """As :func:`prompted_mask`, through zoom-in (the web tool's default): the kept mask on the crop it was
     predicted on (which ``zoom``'s predictor then holds), and that crop's rows and columns of the image."""
-    logits, low, coords, labels, box = _prompt_object(zoom, gt, ignore, box_fraction, max_clicks)
+    logits, low, coords, labels, box = _prompt_object(zoom, gt, ignore, box_fraction, max_clicks, min_clicks)
     x0, y0, x1, y1 = zoom.last_crop
     shift = np.array([x0, y0], np.float32)
     coords = None if coords is None else coords - shift
@@ -251,11 +269,19 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
     base = load_model(cfg.base_model, text_head=None)
     if not getattr(base.config, "high_res_features", False):
         raise SegAnyError(f"{cfg.base_model}: a point refiner needs a model with high_res_features (segany's default)")
-    base = with_point_refiner(base, None, max_upscale=cfg.max_upscale)  # the masks to refine are the model's own
+    if cfg.second and not getattr(base.config, "point_refiner", False):
+        raise SegAnyError(f"{cfg.base_model}: a second refiner refines a point refiner's answers: it has none")
+    if cfg.second:  # the masks to refine are the point refiner's answers
+        base = with_second_refiner(base, None)
+    else:  # the masks to refine are the model's own
+        base = with_point_refiner(base, None, max_upscale=cfg.max_upscale)
     predictor = SamPredictor(base)
     zoom = ZoomInPredictor(SamPredictor(base))  # its own predictor: the whole image's stays set for the others
     torch.manual_seed(cfg.seed)
-    refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
+    if cfg.second:
+        refiner = with_second_refiner(base, "new").second_refiner.train()
+    else:
+        refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, steps = 0, 0
     last = out_dir / "last.pt"
@@ -292,7 +318,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
                         predictor.input_size, predictor.get_decoder_inputs(),
                     )
                     logits, low, prompts, (rows, cols) = zoomed_mask(
-                        zoom, gt, ignore, cfg.box_fraction, cfg.max_clicks
+                        zoom, gt, ignore, cfg.box_fraction, cfg.max_clicks, cfg.min_clicks
                     )
                     held, gt = zoom.predictor, np.ascontiguousarray(gt[rows, cols])
                     ignore = None if ignore is None else np.ascontiguousarray(ignore[rows, cols])
@@ -301,7 +327,9 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
                     else:
                         image, maps = _image_inputs(held, np.ascontiguousarray(sample.image[rows, cols]))
                 else:
-                    logits, low, prompts = prompted_mask(predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks)
+                    logits, low, prompts = prompted_mask(
+                        predictor, gt, ignore, cfg.box_fraction, cfg.max_clicks, cfg.min_clicks
+                    )
                     (image, maps), held = whole, predictor
                 ys, xs = _sample_points(logits, refiner, cfg, rng)
                 keep = torch.ones(len(ys), dtype=torch.bool) if ignore is None else ~torch.from_numpy(ignore)[ys, xs]
@@ -317,7 +345,8 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         stats = fit_points(refiner.correct, opt, x, coarse, y, cfg.epochs_per_buffer, cfg.batch_points, lr_at)
         steps += len(stats)
         hist += stats
-        save_model(with_point_refiner(base, refiner), out, half=cfg.half)
+        trained = with_second_refiner(base, refiner) if cfg.second else with_point_refiner(base, refiner)
+        save_model(trained, out, half=cfg.half)
         state = {"refiner": refiner.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps}
         save_training_state(last, state)
         if progress and hist:
