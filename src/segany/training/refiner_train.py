@@ -3,18 +3,19 @@ model frozen.
 
     segany train-refiner --config configs/point_refiner.yaml
 
-Each image of the training folders (at its own resolution: the refiner's job is the detail the model's grid
-misses) gets up to ``masks_per_image`` objects, each prompted as a user would: its box (``box_fraction`` of
-them) or 1-5 clicks of the standard clicker (:func:`~segany.evaluation.protocols.click_object`), the kept mask
-being the one the clicker keeps; ``zoom_fraction`` of them are prompted through zoom-in
-(:class:`~segany.zoom_in.ZoomInPredictor`) and taken on the crop they were answered on (a crop refiner's
-training: ``configs/point_refiner_zoom.yaml``). Of each mask, ``points_per_mask`` of its uncertain pixels and
-``random_points`` anywhere become training points (features, coarse logit, ground truth); every
-``buffer_points`` points the refiner takes ``epochs_per_buffer`` passes of binary cross-entropy over them in
-batches of ``batch_points``, its learning rate falling over the run (``lr_schedule``). The result is the
-model's file with the refiner in it (``SamConfig.point_refiner``), written after every buffer; ``out_dir/last.pt``
-(refiner, optimizer, images seen) lets a rerun resume. With ``second`` the refiner trained is the model's second
-refiner (``SamConfig.second_refiner``), on its point refiner's answers (``configs/second_refiner.yaml``).
+Each image of the training folders (at its own resolution: the refiner's job is the detail the model's grid misses)
+gets up to ``masks_per_image`` objects, each prompted as a user would: its box (``box_fraction`` of them) or
+``min_clicks`` to ``max_clicks`` clicks (1-5 by default) of the standard clicker
+(:func:`~segany.evaluation.protocols.click_object`), the kept mask being the one the clicker keeps;
+``zoom_fraction`` of them are prompted through zoom-in (:class:`~segany.zoom_in.ZoomInPredictor`) and taken on the
+crop they were answered on (a crop refiner's training: ``configs/point_refiner_zoom.yaml``). Of each mask,
+``points_per_mask`` of its uncertain pixels and ``random_points`` anywhere become training points (features, coarse
+logit, ground truth); every ``buffer_points`` points the refiner takes ``epochs_per_buffer`` passes of binary
+cross-entropy over them in batches of ``batch_points``, its learning rate falling over the run (``lr_schedule``).
+The result is the model's file with the refiner in it (``SamConfig.point_refiner``), written after every buffer;
+``out_dir/last.pt`` (refiner, optimizer, images seen) lets a rerun resume. With ``second`` the refiner trained is
+the model's second refiner (``SamConfig.second_refiner``), on its point refiner's answers
+(``configs/second_refiner.yaml``).
 """
 
 from __future__ import annotations
