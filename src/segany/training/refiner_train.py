@@ -270,9 +270,9 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
     base = load_model(cfg.base_model, text_head=None)
     if not getattr(base.config, "high_res_features", False):
         raise SegAnyError(f"{cfg.base_model}: a point refiner needs a model with high_res_features (segany's default)")
-    if cfg.second and not getattr(base.config, "point_refiner", False):
-        raise SegAnyError(f"{cfg.base_model}: a second refiner refines a point refiner's answers: it has none")
     if cfg.second:  # the masks to refine are the point refiner's answers
+        if not getattr(base.config, "point_refiner", False):
+            raise SegAnyError(f"{cfg.base_model}: a second refiner refines a point refiner's answers: it has none")
         base = with_second_refiner(base, None)
     else:  # the masks to refine are the model's own
         base = with_point_refiner(base, None, max_upscale=cfg.max_upscale)
