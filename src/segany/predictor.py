@@ -257,7 +257,9 @@ class SamPredictor:
             text_embeddings: ``B x D`` sentence vectors (:meth:`embed_text`): decoded by the text head,
                 one mask each (C = 1).
         Returns:
-            masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x s x s``.
+            masks ``B x C x H x W``, iou_predictions ``B x C``, low_res_logits ``B x C x s x s`` (where the model's
+            point refiner refines the masks: the refined answer's, its refined pixels' changes added as area
+            means, shifted so that the answer's cut is at 0).
         """
         low_res, iou = self.predict_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output, text_embeddings, hq_token_only
@@ -267,9 +269,14 @@ class SamPredictor:
         threshold = None if return_logits or refine else self.model.mask_threshold
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold=threshold)
         if refine:
-            masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes, mask_input is not None)
+            # the low-res logits returned are the refined answer's, cut where it is cut: a next prompt's mask
+            # input then holds what the user saw, not the decoder's coarser mask (MODELS.md, "The refined answer
+            # as the next mask input")
+            answer = low_res.float().clone(memory_format=torch.contiguous_format)  # the refiners read low_res
+            masks = self.refine_masks(masks, low_res, point_coords, point_labels, boxes, mask_input is not None, answer)
             cut = self.answer_threshold(first_prompt=mask_input is None)
             masks = masks if return_logits else postprocess.greater(masks, cut)
+            low_res = answer - cut
         bound = getattr(self.model, "low_res_logit_bound", None)
         if bound is not None:  # SAM 2 returns its low-res logits clamped (the masks are made before)
             low_res = low_res.clamp(-bound, bound)
@@ -294,6 +301,7 @@ class SamPredictor:
         point_labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
         with_mask_input: bool = False,
+        answer_low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Upsampled logits ``B x C x H x W`` (or ``B x H x W``) of the current image (low-res ``... x 4h x 4w``)
         with their uncertain pixels corrected by the model's point refiner (``SamConfig.point_refiner``), where
@@ -302,7 +310,8 @@ class SamPredictor:
         ``with_mask_input``: those prompts had a mask input (the correction decoder's answers), so
         ``SamConfig.correction_refiner_budget`` of each mask's pixels are refined rather than the refiner's own
         budget, and the point refiner's answers are refined again by the model's second refiner, if it has one
-        (``SamConfig.second_refiner``). Float32 logits are changed in place."""
+        (``SamConfig.second_refiner``). Float32 logits are changed in place, and ``answer_low_res`` (float32
+        low-res logits shaped as ``low_res``, if given) with them (:meth:`PointRefiner.forward`)."""
         refiner = self._refiner()
         if refiner is None:
             return logits
@@ -315,10 +324,11 @@ class SamPredictor:
         prompts = RefinerPrompts(rows(point_coords), rows(point_labels), rows(boxes))
         maps = [*self.decoder_inputs["high_res_features"], self.features]
         budget = getattr(self.model.config, "correction_refiner_budget", None) if with_mask_input else None
-        out = refiner(logits.float(), low_res, self.refiner_image, maps, self.input_size, prompts, budget)
+        args = (low_res, self.refiner_image, maps, self.input_size, prompts, budget, answer_low_res)
+        out = refiner(logits.float(), *args)
         second = getattr(self.model, "second_refiner", None)
         if with_mask_input and second is not None and refiner is self.model.point_refiner:
-            out = second(out, low_res, self.refiner_image, maps, self.input_size, prompts, budget)
+            out = second(out, *args)
         return out
 
     def _refiner(self) -> PointRefiner | None:

@@ -171,6 +171,24 @@ def _gather(flat: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, offsets: tor
     return flat.index_select(0, index.view(-1)).view(offsets.shape[0], len(ys))
 
 
+def add_to_cells(
+    cells: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    change: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> None:
+    """Add the changes of logit ``N`` of pixels ``(ys, xs)`` of the ``H x W`` original frame into the low-res logits
+    ``cells`` (``g x g``, contiguous; in place), each into the mask-grid cell (stride 4 of the model's input,
+    ``input_size``) its centre falls in, at its share of that cell's area: a cell then holds its logit plus the
+    mean change of the upsampled logits over it, the area mean of the changed answer."""
+    (big_h, big_w), (h, w), g = original_size, input_size, cells.shape[-1]
+    cy = ((ys.float() + 0.5) * (h / (4 * big_h))).long().clamp_(max=g - 1)
+    cx = ((xs.float() + 0.5) * (w / (4 * big_w))).long().clamp_(max=g - 1)
+    cells.view(-1).index_add_(0, cy * g + cx, change * (h * w / (16 * big_h * big_w)))
+
+
 def _colour_likelihoods(image: RefinerImage, low_res: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """How much likelier colours ``3 x N`` (0-255) are inside a mask than outside it: ``N_COLOUR x N`` log ratios
     (/4, clipped to +-3) of colour histograms of the image's cells on the mask grid (``image.grid_bins``, the
@@ -432,20 +450,27 @@ class PointRefiner(nn.Module):
         input_size: tuple[int, int],
         prompts: RefinerPrompts | None = None,
         budget: int | None = None,
+        answer_low_res: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Float32 ``... x H x W`` logits in the original frame (their low-res logits ``... x g x g``, ``prompts``
         one row per mask, in the order of the flattened leading dimensions) with each mask's uncertain pixels
         refined, in place (the upsampled logits are the caller's own fresh tensor); at most ``budget`` of them a
-        mask (:meth:`uncertain_pixels`). An image the model's input enlarges by more than ``max_upscale``
-        (``SamConfig.point_refiner_max_upscale``: zoom-in's crop around a small object, or a thumbnail) is left as
-        it is: there the mask grid is already finer than the pixels, and a refiner trained on whole pictures only
-        ruined such crops' masks (MODELS.md, "Zoom-in and the point refiner")."""
+        mask (:meth:`uncertain_pixels`). ``answer_low_res``: float32 low-res logits shaped as ``low_res`` (the
+        caller's contiguous copy) into which each refined pixel's change is added (:func:`add_to_cells`), so that
+        they stay the low-res logits of the refined answer. An image the model's input enlarges by more than
+        ``max_upscale`` (``SamConfig.point_refiner_max_upscale``: zoom-in's crop around a small object, or a
+        thumbnail) is left as it is: there the mask grid is already finer than the pixels, and a refiner trained on
+        whole pictures only ruined such crops' masks (MODELS.md, "Zoom-in and the point refiner")."""
         if not self.refines(input_size, logits.shape[-2:]):
             return logits
         flat, low = logits.view(-1, *logits.shape[-2:]), low_res.reshape(-1, *low_res.shape[-2:])
+        cells = None if answer_low_res is None else answer_low_res.view(-1, *low_res.shape[-2:])
         for m in range(flat.shape[0]):
             ys, xs = self.uncertain_pixels(flat[m], low[m], input_size, budget)
             if len(ys):
                 prompt = prompts.of_mask(m, flat.shape[-2:], input_size) if prompts is not None else (None, None, None)
-                flat[m, ys, xs] = self.refined(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
+                new = self.refined(flat[m], low[m], image, maps, input_size, ys, xs, prompt)
+                if cells is not None:
+                    add_to_cells(cells[m], ys, xs, new - flat[m, ys, xs], input_size, tuple(flat.shape[-2:]))
+                flat[m, ys, xs] = new
         return logits
