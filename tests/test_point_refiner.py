@@ -343,15 +343,21 @@ def _folder(root: Path, n: int = 4) -> None:
         Image.fromarray(labels).save(root / "masks" / f"im{i}.png")
 
 
-def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
+def _refiner_run(tmp_path: Path, base, **options) -> RefinerTrainConfig:
+    """A three-image refiner training of ``base`` (saved as tmp_path/base.safetensors) on a labelled folder
+    (tmp_path/data), into tmp_path/run; ``options``: the config's other fields."""
     _folder(tmp_path / "data")
-    base = _model(False)
     save_model(base, tmp_path / "base.safetensors")
-    cfg = RefinerTrainConfig(
+    return RefinerTrainConfig(
         out_dir=str(tmp_path / "run"), base_model=str(tmp_path / "base.safetensors"),
         train_data=[{"root": str(tmp_path / "data")}], images=3, buffer_points=500, batch_points=256,
-        points_per_mask=200, random_points=50, half=False, hidden=16, max_upscale=float("inf"),
+        points_per_mask=200, random_points=50, half=False, **options,
     )
+
+
+def test_training_writes_a_model_with_a_trained_refiner_and_resumes(tmp_path):
+    base = _model(False)
+    cfg = _refiner_run(tmp_path, base, hidden=16, max_upscale=float("inf"))
     out = train_point_refiner(cfg, progress=False)
     model = load_model(out, text_head=None)
     assert model.config.point_refiner and model.config.point_refiner_hidden == 16

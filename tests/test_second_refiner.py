@@ -16,9 +16,9 @@ from segany.errors import SegAnyError
 from segany.modeling import build_sam
 from segany.modeling.build import with_crop_refiner, with_point_refiner, with_second_refiner, with_settings
 from segany.predictor import SamPredictor
-from segany.training.refiner_train import ClickRecorder, RefinerTrainConfig, train_point_refiner
+from segany.training.refiner_train import ClickRecorder, train_point_refiner
 from segany.zoom_in import ZoomInPredictor
-from tests.test_point_refiner import POINT, _folder, _image, _model
+from tests.test_point_refiner import POINT, _image, _model, _refiner_run
 
 LATER = (np.array([[70, 45], [150, 120]]), np.array([1, 0]))
 
@@ -80,15 +80,8 @@ def test_the_second_refiner_travels_in_the_file_and_goes_with_its_point_refiner(
 
 
 def test_training_writes_the_base_model_with_a_trained_second_refiner(tmp_path, capsys):
-    _folder(tmp_path / "data")
     base = _model(True)
-    save_model(base, tmp_path / "base.safetensors")
-    cfg = RefinerTrainConfig(
-        out_dir=str(tmp_path / "run"), base_model=str(tmp_path / "base.safetensors"),
-        train_data=[{"root": str(tmp_path / "data")}], images=3, buffer_points=500, batch_points=256,
-        points_per_mask=200, random_points=50, half=False, second=True, box_fraction=0.0, min_clicks=2,
-        max_clicks=3,
-    )
+    cfg = _refiner_run(tmp_path, base, second=True, box_fraction=0.0, min_clicks=2, max_clicks=3)
     model = load_model(train_point_refiner(cfg, progress=False), text_head=None)
     assert model.config.second_refiner and model.second_refiner.mlp[-1].weight.abs().sum() > 0  # trained
     for k, v in base.state_dict().items():  # the base model, its point refiner included, is unchanged

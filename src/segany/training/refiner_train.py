@@ -283,6 +283,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         refiner = with_second_refiner(base, "new").second_refiner.train()
     else:
         refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
+    attach = with_second_refiner if cfg.second else with_point_refiner  # where the trained refiner goes in the file
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, steps = 0, 0
     last = out_dir / "last.pt"
@@ -346,8 +347,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         stats = fit_points(refiner.correct, opt, x, coarse, y, cfg.epochs_per_buffer, cfg.batch_points, lr_at)
         steps += len(stats)
         hist += stats
-        trained = with_second_refiner(base, refiner) if cfg.second else with_point_refiner(base, refiner)
-        save_model(trained, out, half=cfg.half)
+        save_model(attach(base, refiner), out, half=cfg.half)
         state = {"refiner": refiner.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps}
         save_training_state(last, state)
         if progress and hist:
