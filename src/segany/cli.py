@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {
                           train.run_text),
     "train-refiner": Command("train a model's point refiner (its masks' edges at full resolution), the model frozen",
                              train.add_refiner_args, train.run_refiner),
+    "train-correction": Command("train a model's correction decoder (the clicks after the first) on its own clicks",
+                                train.add_correction_args, train.run_correction),
 }
 
 

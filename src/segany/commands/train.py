@@ -1,5 +1,5 @@
 """``segany train`` (the options are TrainConfig's: ``--config FILE.yaml`` and/or ``--field-name VALUE``) and
-``segany train-text`` and ``segany train-refiner``."""
+``segany train-text``, ``segany train-refiner`` and ``segany train-correction``."""
 
 from __future__ import annotations
 
@@ -53,4 +53,16 @@ def run_refiner(args: argparse.Namespace) -> int:
     config = RefinerTrainConfig.from_yaml(args.config, _overrides(args, "images"))
     path = train_point_refiner(config, progress=not args.quiet)
     print(f"model with its {'second' if config.second else 'point'} refiner: {path}")
+    return 0
+
+
+def add_correction_args(p: argparse.ArgumentParser) -> None:
+    _add_head_args(p, "CorrectionTrainConfig", "configs/correction_decoder.yaml", "images")
+
+
+def run_correction(args: argparse.Namespace) -> int:
+    from segany.training.correction_train import CorrectionTrainConfig, train_correction_decoder
+
+    config = CorrectionTrainConfig.from_yaml(args.config, _overrides(args, "images"))
+    print(f"model with its new correction decoder: {train_correction_decoder(config, progress=not args.quiet)}")
     return 0

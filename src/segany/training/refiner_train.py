@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from segany.checkpoint import load_model, save_model
 from segany.errors import SegAnyError
-from segany.evaluation.protocols import _select_objects, click_object, load_samples
+from segany.evaluation.protocols import click_object
 from segany.modeling.build import with_point_refiner, with_second_refiner
 from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPrompts
 from segany.predictor import SamPredictor
 from segany.training.config import Options
+from segany.training.label_folders import ImageDraws, check_train_data
 from segany.training.run_files import load_training_state, save_training_state
 from segany.zoom_in import ZoomInPredictor
 
@@ -85,11 +86,7 @@ class RefinerTrainConfig(Options):
     log_every: int = 50  #: images between progress lines
 
     def validate(self) -> None:
-        if not self.train_data:
-            raise SegAnyError("train_data: give at least one label-map folder ({root, split, weight})")
-        for d in self.train_data:
-            if not isinstance(d, dict) or "root" not in d or set(d) - {"root", "split", "weight"}:
-                raise SegAnyError(f"train_data entry {d!r}: expected {{root, split, weight}}")
+        check_train_data(self.train_data)
         for name in ("images", "masks_per_image", "min_clicks", "points_per_mask", "buffer_points", "batch_points"):
             if getattr(self, name) < 1:
                 raise SegAnyError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -298,17 +295,12 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
     random.seed(cfg.seed + images)  # a resumed run goes on with other draws, not the first ones again
     torch.manual_seed(cfg.seed + images)
     rng = np.random.default_rng(cfg.seed + images)
-    folders = [load_samples(d["root"], d.get("split")) for d in cfg.train_data]
-    weights = [float(d.get("weight", 1.0)) for d in cfg.train_data]
+    draws = ImageDraws(cfg.train_data, cfg.min_object_area)
     out = out_dir / "model.safetensors"
     buf: list[tuple[torch.Tensor, ...]] = []
     start, hist = time.time(), []
     while images < cfg.images:
-        folder = random.choices(folders, weights=weights)[0]
-        sample = folder.folder.load(random.choice(folder.stems))
-        objects, _ = _select_objects(sample, cfg.min_object_area, None)
-        if not objects:
-            continue
+        sample, objects = draws.draw()
         images += 1
         with torch.no_grad():
             predictor.set_image(sample.image)

@@ -182,12 +182,12 @@ def apply_freezing(model: nn.Module, cfg: TrainConfig) -> None:
         for name, p in trainable:
             p.requires_grad_(any(name.startswith(k) for k in cfg.train_only))
     if cfg.skip_without_mask:
-        _hold_skip_mask_at_zero(model)
+        hold_skip_mask_at_zero(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise SegAnyError("every part of the model is frozen: nothing to train")
 
 
-def _hold_skip_mask_at_zero(model: nn.Module) -> None:
+def hold_skip_mask_at_zero(model: nn.Module) -> None:
     """Zero the mask-grid skips' weights on the mask's logits (``MASK_MAP`` of the four prompt maps) and their
     gradients, so AdamW (zero gradient, zero weight: no step, no decay) keeps them at zero."""
     skips = [m.conv_m0 for m in model.modules() if getattr(m, "mask_skip", False)]
