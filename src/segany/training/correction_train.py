@@ -36,7 +36,7 @@ from segany.predictor import SamPredictor
 from segany.training.config import Options
 from segany.training.label_folders import ImageDraws, check_train_data
 from segany.training.losses import LossConfig, sam_mask_loss
-from segany.training.run_files import load_training_state, save_training_state
+from segany.training.run_files import resume_part_state, save_part_state
 from segany.training.trainer import hold_skip_mask_at_zero
 
 
@@ -53,7 +53,7 @@ class CorrectionTrainConfig(Options):
     min_clicks: int = 2  #: each object gets this many clicks at least (the first is not trained: no mask input)
     max_clicks: int = 10  #: and at most this many
     images_per_step: int = 2  #: images whose prompts make one optimizer step
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup_steps: int = 20
     weight_decay: float = 0.05
     grad_clip: float = 1.0
@@ -184,15 +184,8 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
     if cfg.skip_without_mask:
         hold_skip_mask_at_zero(decoder)
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    images, steps = 0, 0
     last, out = out_dir / "last.pt", out_dir / "model.safetensors"
-    if last.is_file():
-        state = load_training_state(last)
-        decoder.load_state_dict(state["decoder"])
-        opt.load_state_dict(state["optimizer"])
-        images, steps = state["images"], state["steps"]
-        if progress:
-            print(f"resumed from {last}: {images} images, {steps} steps", flush=True)
+    images, steps = resume_part_state(last, "decoder", decoder, opt, progress)
     random.seed(cfg.seed + images)  # a resumed run goes on with other draws, not the first ones again
     torch.manual_seed(cfg.seed + images)
     draws = ImageDraws(cfg.train_data, cfg.min_object_area)
@@ -225,8 +218,7 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
             steps += 1
             if images % cfg.save_every == 0 or images >= cfg.images:
                 save_model(model, out, half=cfg.half)
-                state = {"decoder": decoder.state_dict(), "optimizer": opt.state_dict()}
-                save_training_state(last, {**state, "images": images, "steps": steps})
+                save_part_state(last, "decoder", decoder, opt, images, steps)
         if progress and hist and images % cfg.log_every == 0:
             h = np.array(hist[-cfg.log_every :]).mean(0)
             print(f"{time.time() - start:6.0f}s images {images}/{cfg.images} steps {steps} loss {h[0]:.4f} "

@@ -40,7 +40,7 @@ from segany.modeling.point_refiner import PointRefiner, RefinerImage, RefinerPro
 from segany.predictor import SamPredictor
 from segany.training.config import Options
 from segany.training.label_folders import ImageDraws, check_train_data
-from segany.training.run_files import load_training_state, save_training_state
+from segany.training.run_files import resume_part_state, save_part_state
 from segany.zoom_in import ZoomInPredictor
 
 
@@ -282,15 +282,8 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         refiner = with_point_refiner(base, "new", cfg.hidden).point_refiner.train()
     attach = with_second_refiner if cfg.second else with_point_refiner  # where the trained refiner goes in the file
     opt = torch.optim.AdamW(refiner.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    images, steps = 0, 0
     last = out_dir / "last.pt"
-    if last.is_file():
-        state = load_training_state(last)
-        refiner.load_state_dict(state["refiner"])
-        opt.load_state_dict(state["optimizer"])
-        images, steps = state["images"], state["steps"]
-        if progress:
-            print(f"resumed from {last}: {images} images, {steps} steps", flush=True)
+    images, steps = resume_part_state(last, "refiner", refiner, opt, progress)
     fitted = images  # the images whose points the refiner has taken passes over
     random.seed(cfg.seed + images)  # a resumed run goes on with other draws, not the first ones again
     torch.manual_seed(cfg.seed + images)
@@ -340,8 +333,7 @@ def train_point_refiner(cfg: RefinerTrainConfig, progress: bool = True) -> Path:
         steps += len(stats)
         hist += stats
         save_model(attach(base, refiner), out, half=cfg.half)
-        state = {"refiner": refiner.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps}
-        save_training_state(last, state)
+        save_part_state(last, "refiner", refiner, opt, images, steps)
         if progress and hist:
             h = np.array(hist[-40:]).mean(0)
             print(f"{time.time() - start:6.0f}s images {images}/{cfg.images} steps {steps} loss {h[0]:.4f} "

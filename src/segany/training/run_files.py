@@ -63,6 +63,27 @@ def load_training_state(path: Path) -> dict[str, Any]:
         raise SegAnyError(f"{path}: cannot resume from this file ({str(e).splitlines()[0] if str(e) else e})") from None
 
 
+def save_part_state(path: Path, key: str, part: torch.nn.Module, opt: torch.optim.Optimizer, images: int,
+                    steps: int) -> None:
+    """The resumable state of a run that trains one part of a frozen model (a refiner, a correction decoder):
+    ``{key: the part's weights, "optimizer", "images", "steps"}``."""
+    save_training_state(path, {key: part.state_dict(), "optimizer": opt.state_dict(), "images": images, "steps": steps})
+
+
+def resume_part_state(path: Path, key: str, part: torch.nn.Module, opt: torch.optim.Optimizer,
+                      progress: bool = True) -> tuple[int, int]:
+    """:func:`save_part_state`'s file, where there is one, loaded into ``part`` and ``opt``: the images and steps
+    done (``(0, 0)`` without it)."""
+    if not path.is_file():
+        return 0, 0
+    state = load_training_state(path)
+    part.load_state_dict(state[key])
+    opt.load_state_dict(state["optimizer"])
+    if progress:
+        print(f"resumed from {path}: {state['images']} images, {state['steps']} steps", flush=True)
+    return state["images"], state["steps"]
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line (kind "train" or "val").
 
