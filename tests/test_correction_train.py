@@ -16,13 +16,13 @@ from segany.modeling.build import with_point_refiner
 from segany.modeling.dense_prompt_encoder import MASK_MAP
 from segany.predictor import SamPredictor
 from segany.training.correction_train import (
-    CorrectionRecorder,
     CorrectionTrainConfig,
     correction_loss,
     low_res_targets,
     train_correction_decoder,
 )
 from segany.training.losses import LossConfig, mask_iou
+from segany.training.refiner_train import ClickRecorder
 from segany.training.trainer import changed_model
 from tests.test_correction_decoder import CHANGES
 from tests.test_high_res_features import _dense_high_res_model
@@ -56,27 +56,28 @@ def test_recorded_prompts_are_what_the_product_sent_and_the_loss_reads_its_answe
     image = _image()
     predictor.set_image(image)
     gt = _gt(image)
-    recorder = CorrectionRecorder(predictor)
+    recorder = ClickRecorder(predictor)
     random.seed(0)
     click_object(recorder, gt, None, 4)
-    assert 1 <= len(recorder.prompts) <= 3
-    coords, labels, mask = recorder.prompts[0]
+    corrections = recorder.corrections()
+    assert 1 <= len(corrections) <= 3
+    coords, labels, mask = corrections[0]
     _, _, low = predictor.predict(coords[:1], labels[:1])  # the first click's answer, as the clicker sent it
     kept = low[np.argmax(predictor.predict(coords[:1], labels[:1])[1])]
     np.testing.assert_allclose(mask[0], kept, atol=1e-5)
     pts = torch.as_tensor(predictor.transform.apply_coords(coords[:1], image.shape[:2])).float()[None]
     decoder_low = predictor.predict_low_res(pts, torch.as_tensor(labels[:1])[None])[0][0]
     assert np.abs(kept - decoder_low[np.argmax(predictor.predict(coords[:1], labels[:1])[1])].numpy()).max() > 0.1
-    assert [len(p[1]) for p in recorder.prompts] == list(range(2, 2 + len(recorder.prompts)))
+    assert [len(p[1]) for p in corrections] == list(range(2, 2 + len(corrections)))
 
     gts, valid = low_res_targets(predictor, gt[None], np.zeros_like(gt)[None])
     side = model.prompt_encoder.mask_input_size[0]
     assert gts.shape == valid.shape == (1, side, side)
     h, w = predictor.input_size
     assert valid[0, : h // 4 - 1, : w // 4 - 1].all() and not valid[0, h // 4 + 1 :].any()  # the padding never counts
-    loss, ious = correction_loss(predictor, [(*p, 0) for p in recorder.prompts], gts, valid, LossConfig(), bf16=False)
+    loss, ious = correction_loss(predictor, [(*p, 0) for p in corrections], gts, valid, LossConfig(), bf16=False)
     assert loss.requires_grad and loss.item() > 0
-    for (c, lab, m), iou in zip(recorder.prompts, ious):
+    for (c, lab, m), iou in zip(corrections, ious):
         pts = torch.as_tensor(predictor.transform.apply_coords(c, predictor.original_size)).float()[None]
         low_res, _ = predictor.predict_low_res(pts, torch.as_tensor(lab)[None], None, torch.as_tensor(m)[None], False)
         assert iou == pytest.approx(mask_iou(low_res[:, 0].float(), gts, valid).item(), abs=0.02)

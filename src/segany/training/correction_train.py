@@ -18,12 +18,10 @@ rerun resume.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +34,8 @@ from segany.predictor import SamPredictor
 from segany.training.config import Options
 from segany.training.label_folders import ImageDraws, check_train_data
 from segany.training.losses import LossConfig, sam_mask_loss
+from segany.training.optim import warmup_cosine_factor
+from segany.training.refiner_train import ClickRecorder
 from segany.training.run_files import resume_part_state, save_part_state
 from segany.training.trainer import hold_skip_mask_at_zero
 
@@ -85,21 +85,6 @@ class CorrectionTrainConfig(Options):
             raise SegAnyError(f"save_every must be a multiple of images_per_step ({self.images_per_step})")
         if not self.lr > 0:
             raise SegAnyError(f"lr must be positive, got {self.lr}")
-
-
-class CorrectionRecorder:
-    """A predictor for :func:`click_object` that keeps the prompt of every answer it gives with a mask input:
-    the clicks ``K x 2`` (pixels), their labels ``K`` and the mask input ``1 x s x s``, as the product sent them."""
-
-    def __init__(self, predictor: SamPredictor) -> None:
-        self.predictor, self.prompts = predictor, []
-
-    def predict(self, **kwargs: Any):
-        if kwargs.get("mask_input") is not None:
-            self.prompts.append(
-                (kwargs["point_coords"].copy(), kwargs["point_labels"].copy(), kwargs["mask_input"].copy())
-            )
-        return self.predictor.predict(**kwargs)
 
 
 def low_res_targets(
@@ -161,13 +146,6 @@ def correction_loss(
     return total, ious
 
 
-def _learning_rate(cfg: CorrectionTrainConfig, step: int) -> float:
-    steps = cfg.images // cfg.images_per_step
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)))
-
-
 def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) -> Path:
     """Train the correction decoder of ``cfg.base_model``; returns the written model file
     (``out_dir/model.safetensors``)."""
@@ -200,9 +178,9 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
         with torch.no_grad():
             predictor.set_image(sample.image)
             for row, (_, gt, ignore, _) in enumerate(chosen):
-                recorder = CorrectionRecorder(predictor)
+                recorder = ClickRecorder(predictor)
                 click_object(recorder, gt, ignore, random.randint(cfg.min_clicks, cfg.max_clicks))
-                prompts += [(*p, row) for p in recorder.prompts]
+                prompts += [(*p, row) for p in recorder.corrections()]
         images += 1
         if prompts:  # none where the first click left no error to click
             gt, valid = low_res_targets(predictor, np.stack([o[1] for o in chosen]), np.stack([o[2] for o in chosen]))
@@ -211,7 +189,7 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
             hist.append((loss.item() / len(prompts), float(np.mean(ious))))
         if images % cfg.images_per_step == 0 or images >= cfg.images:
             for group in opt.param_groups:
-                group["lr"] = _learning_rate(cfg, steps)
+                group["lr"] = cfg.lr * warmup_cosine_factor(steps, cfg.images // cfg.images_per_step, cfg.warmup_steps)
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad()

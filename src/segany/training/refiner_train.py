@@ -116,7 +116,8 @@ class ClickRecorder:
 
     def predict(self, **kwargs: Any):
         logits, scores, low_res = self.predictor.predict(return_logits=True, **kwargs)
-        self.answers.append((logits, scores, low_res, kwargs["point_coords"], kwargs["point_labels"]))
+        mask_input = kwargs.get("mask_input")
+        self.answers.append((logits, scores, low_res, kwargs["point_coords"], kwargs["point_labels"], mask_input))
         # zoom-in's wrapped predictor holds the picture the answer was refined on
         held = self.predictor.predictor if isinstance(self.predictor, ZoomInPredictor) else self.predictor
         return logits > held.answer_threshold(first_prompt=kwargs.get("mask_input") is None), scores, low_res
@@ -125,9 +126,14 @@ class ClickRecorder:
         """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the clicker
         stopped earlier: click 1's highest-scored candidate, later clicks' only one) and its clicks' coordinates
         ``K x 2`` and labels ``K``."""
-        logits, scores, low_res, coords, labels = self.answers[min(click, len(self.answers)) - 1]
+        logits, scores, low_res, coords, labels, _ = self.answers[min(click, len(self.answers)) - 1]
         i = int(np.argmax(scores)) if click == 1 else 0
         return logits[i], low_res[i], coords, labels
+
+    def corrections(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The prompt of every answer given with a mask input (the clicks after the first), as the clicker sent it:
+        the clicks ``K x 2`` (pixels), their labels ``K`` and the mask input ``1 x s x s``."""
+        return [(coords, labels, mask) for *_, coords, labels, mask in self.answers if mask is not None]
 
 
 def _prompt_object(
