@@ -20,7 +20,6 @@ from segany.training.correction_train import (
     correction_loss,
     low_res_targets,
     train_correction_decoder,
-    training_prompts,
 )
 from segany.training.losses import LossConfig, mask_iou
 from segany.training.refiner_train import ClickRecorder
@@ -70,11 +69,6 @@ def test_recorded_prompts_are_what_the_product_sent_and_the_loss_reads_its_answe
     decoder_low = predictor.predict_low_res(pts, torch.as_tensor(labels[:1])[None])[0][0]
     assert np.abs(kept - decoder_low[np.argmax(predictor.predict(coords[:1], labels[:1])[1])].numpy()).max() > 0.1
     assert [len(p[1]) for p in corrections] == list(range(2, 2 + len(corrections)))
-    assert len(training_prompts(recorder)) == len(corrections)
-    *same, again = training_prompts(recorder, first_click_again=True)  # the first click with its answer as mask
-    assert len(same) == len(corrections) and len(again[1]) == 1 and again[1][0] == labels[0]
-    np.testing.assert_array_equal(again[0], coords[:1])
-    np.testing.assert_allclose(again[2][0], kept, atol=1e-5)
 
     gts, valid = low_res_targets(predictor, gt[None], np.zeros_like(gt)[None])
     side = model.prompt_encoder.mask_input_size[0]

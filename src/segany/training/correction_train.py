@@ -64,9 +64,6 @@ class CorrectionTrainConfig(Options):
     #: the box only, MODELS.md "Correction decoders with the first prompt kept harder"); for a base model whose
     #: correction decoder has ``mask_skip_prompts``
     skip_without_mask: bool = True
-    #: also train each object's first click asked again with its own answer as the mask input, as zoom-in asks it
-    #: again on a crop (MODELS.md, "The correction decoder's second clicks and zoom-in's first")
-    first_click_again: bool = False
     bf16: bool = True  #: the decoder's forward under bf16 autocast (the loss in float32)
     min_object_area: int = 100
     seed: int = 0
@@ -104,19 +101,6 @@ def low_res_targets(
         return F.interpolate(F.pad(x, (0, size - w, 0, size - h)), (side, side), mode="area")[:, 0] > 0.5
 
     return grid(gts), grid(~ignores)
-
-
-def training_prompts(
-    recorder: ClickRecorder, first_click_again: bool = False
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The prompts one clicked object trains (clicks ``K x 2`` in pixels, labels ``K``, mask input ``1 x s x s``):
-    every answer given with a mask input (the clicks after the first) and, with ``first_click_again``, the first
-    click once more with its own answer as the mask input (zoom-in asks a first click so again, on a crop)."""
-    prompts = recorder.corrections()
-    if first_click_again and prompts:
-        coords, labels, mask = prompts[0]  # the second click's mask input is the first click's answer
-        prompts.append((coords[:1], labels[:1], mask))
-    return prompts
 
 
 def correction_loss(
@@ -196,7 +180,7 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
             for row, (_, gt, ignore, _) in enumerate(chosen):
                 recorder = ClickRecorder(predictor)
                 click_object(recorder, gt, ignore, random.randint(cfg.min_clicks, cfg.max_clicks))
-                prompts += [(*p, row) for p in training_prompts(recorder, cfg.first_click_again)]
+                prompts += [(*p, row) for p in recorder.corrections()]
         images += 1
         if prompts:  # none where the first click left no error to click
             gt, valid = low_res_targets(predictor, np.stack([o[1] for o in chosen]), np.stack([o[2] for o in chosen]))
