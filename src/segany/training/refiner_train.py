@@ -120,7 +120,7 @@ class ClickRecorder:
         self.answers.append((logits, scores, low_res, kwargs["point_coords"], kwargs["point_labels"], mask_input))
         # zoom-in's wrapped predictor holds the picture the answer was refined on
         held = self.predictor.predictor if isinstance(self.predictor, ZoomInPredictor) else self.predictor
-        return logits > held.answer_threshold(first_prompt=kwargs.get("mask_input") is None), scores, low_res
+        return logits > held.answer_threshold(first_prompt=mask_input is None), scores, low_res
 
     def kept(self, click: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The logits and low-res logits of the mask kept after ``click`` clicks (the last answer if the clicker
