@@ -17,6 +17,8 @@ from segany.modeling.dense_prompt_encoder import MASK_MAP
 from segany.predictor import SamPredictor
 from segany.training.correction_train import (
     CorrectionTrainConfig,
+    PromptTap,
+    ZoomCorrections,
     correction_loss,
     low_res_targets,
     train_correction_decoder,
@@ -24,6 +26,7 @@ from segany.training.correction_train import (
 from segany.training.losses import LossConfig, mask_iou
 from segany.training.refiner_train import ClickRecorder
 from segany.training.trainer import changed_model
+from segany.zoom_in import ZoomInPredictor, mask_prompt, paste_logits
 from tests.test_correction_decoder import CHANGES
 from tests.test_high_res_features import _dense_high_res_model
 from tests.test_point_refiner import _folder, _image
@@ -83,6 +86,38 @@ def test_recorded_prompts_are_what_the_product_sent_and_the_loss_reads_its_answe
         assert iou == pytest.approx(mask_iou(low_res[:, 0].float(), gts, valid).item(), abs=0.02)
 
 
+def test_zoom_in_clicks_train_on_the_crops_they_were_answered_on():
+    """A correction through zoom-in is answered on a crop around the previous mask, with that mask brought to the
+    crop as the mask input: that prompt is trained, in the crop's frame, against the object's part in the crop;
+    the loss reads the decoder's own answer to it (the IoU it reports is that answer's)."""
+    model = _base()
+    image = _image()
+    gt = _gt(image)
+    zoom = ZoomInPredictor(PromptTap(model))
+    zoom.set_image(image)
+    whole = zoom.full_box
+    previous = mask_prompt(model, np.where(gt, 10.0, -10.0).astype(np.float32), whole)
+    zoom.remember(whole, previous)  # the object's own mask as the previous answer
+    recorder = ZoomCorrections(zoom, gt, np.zeros_like(gt), LossConfig(), bf16=False)
+    clicks = np.array([[66.0, 50.0], [40.0, 40.0]], np.float32)
+    recorder.predict(point_coords=clicks, point_labels=np.array([1, 1]), mask_input=previous, multimask_output=False)
+    x0, y0, x1, y1 = zoom.last_crop
+    assert x1 - x0 < 200  # a crop, not the whole image
+    assert len(recorder.losses) == len(recorder.ious) == 1 and recorder.losses[0].requires_grad
+    tap = zoom.predictor
+    coords, labels, mask = tap.last_prompt
+    np.testing.assert_allclose(coords, clicks - [x0, y0])  # the clicks in the crop's frame
+    brought = mask_prompt(model, paste_logits(model, previous, whole, gt.shape)[0], zoom.last_crop)
+    np.testing.assert_allclose(mask, brought, atol=1e-4)  # the previous mask brought to the crop
+    gts, valid = low_res_targets(tap, gt[None, y0:y1, x0:x1], np.zeros((1, y1 - y0, x1 - x0), bool))
+    pts = torch.as_tensor(tap.transform.apply_coords(coords, tap.original_size)).float()[None]
+    low_res, _ = tap.predict_low_res(pts, torch.as_tensor(labels)[None], None, torch.as_tensor(mask)[None], False)
+    expected = mask_iou(low_res[:, 0].float(), gts, valid).item()
+    assert recorder.ious[0] == pytest.approx(expected, abs=0.02)
+    recorder.losses[0].backward()
+    assert model.correction_decoder.conv_m0.weight.grad.abs().sum() > 0
+
+
 def test_training_moves_only_the_correction_decoder_keeps_the_skip_off_the_mask_and_resumes(tmp_path):
     base = _base()
     _folder(tmp_path / "data")
@@ -100,14 +135,17 @@ def test_training_moves_only_the_correction_decoder_keeps_the_skip_off_the_mask_
     conv = model.correction_decoder.conv_m0.weight
     assert conv[:, MASK_MAP].abs().max() == 0 and "correction_decoder.conv_m0.weight" in moved
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["images"] == 4
-    train_correction_decoder(dataclasses.replace(cfg, images=6), progress=False)
+    train_correction_decoder(dataclasses.replace(cfg, images=6, zoom_fraction=1.0), progress=False)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["images"] == 6
+    resumed = load_model(out, text_head=None).state_dict()
+    moved = [k for k in after if not torch.equal(resumed[k], after[k])]
+    assert moved and all(k.startswith("correction_decoder.") for k in moved)  # zoom-in's crops train it too
 
 
 def test_bad_options_and_models_are_one_line_errors(tmp_path):
     data = [{"root": str(tmp_path)}]
     for bad in ({"min_clicks": 1}, {"max_clicks": 1}, {"images_per_step": 3, "save_every": 4}, {"train_data": []},
-                {"lr": 0}):
+                {"lr": 0}, {"zoom_fraction": 1.5}):
         with pytest.raises(SegAnyError):
             CorrectionTrainConfig(**{"train_data": data, **bad})
     _folder(tmp_path / "data")

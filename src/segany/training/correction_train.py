@@ -13,7 +13,9 @@ dice and IoU losses on the low-res grid). The decoder being trained makes the cl
 as it learns. Every ``images_per_step`` images the decoder takes one AdamW step (linear warm-up, then the rate
 falls along half a cosine to 0 at ``images``). The result is the model's file with the new correction decoder,
 written every ``save_every`` images and at the end; ``out_dir/last.pt`` (decoder, optimizer, images seen) lets a
-rerun resume.
+rerun resume. With ``zoom_fraction`` that share of the objects is clicked through zoom-in
+(:class:`~segany.zoom_in.ZoomInPredictor`, the web tool's default), each answer with a mask input (the first
+click's answer again on its crop, and every later click) trained on the crop it was answered on, as it was asked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from segany.training.optim import warmup_cosine_factor
 from segany.training.refiner_train import ClickRecorder
 from segany.training.run_files import resume_part_state, save_part_state
 from segany.training.trainer import hold_skip_mask_at_zero
+from segany.zoom_in import ZoomInPredictor
 
 
 @dataclass
@@ -64,6 +68,8 @@ class CorrectionTrainConfig(Options):
     #: the box only, MODELS.md "Correction decoders with the first prompt kept harder"); for a base model whose
     #: correction decoder has ``mask_skip_prompts``
     skip_without_mask: bool = True
+    #: objects clicked through zoom-in, their prompts with a mask input trained on the crops they were answered on
+    zoom_fraction: float = 0.0
     bf16: bool = True  #: the decoder's forward under bf16 autocast (the loss in float32)
     min_object_area: int = 100
     seed: int = 0
@@ -85,6 +91,8 @@ class CorrectionTrainConfig(Options):
             raise SegAnyError(f"save_every must be a multiple of images_per_step ({self.images_per_step})")
         if not self.lr > 0:
             raise SegAnyError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.zoom_fraction <= 1.0:
+            raise SegAnyError(f"zoom_fraction must be in [0, 1], got {self.zoom_fraction}")
 
 
 def low_res_targets(
@@ -146,6 +154,44 @@ def correction_loss(
     return total, ious
 
 
+class PromptTap(SamPredictor):
+    """A predictor that keeps the prompt of its last answer: zoom-in's wrapped predictor, whose prompts are in the
+    frame of the crop it holds."""
+
+    last_prompt: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None)
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, *args, **kwargs):
+        self.last_prompt = (point_coords, point_labels, mask_input)
+        return super().predict(point_coords, point_labels, box, mask_input, *args, **kwargs)
+
+
+class ZoomCorrections(ClickRecorder):
+    """A predictor for :func:`click_object` that clicks the object ``gt`` (``H x W`` bool, ``ignore`` its pixels
+    that do not count) through ``zoom`` (around a :class:`PromptTap`) and takes the correction decoder's loss on
+    each answer given with a mask input, on the crop it was answered on (with gradient to the decoder)."""
+
+    def __init__(
+        self, zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray, loss: LossConfig, bf16: bool = True
+    ) -> None:
+        super().__init__(zoom)
+        self.gt, self.ignore, self.loss, self.bf16 = gt, ignore, loss, bf16
+        self.losses: list[torch.Tensor] = []
+        self.ious: list[float] = []
+
+    def predict(self, **kwargs: Any):
+        out = super().predict(**kwargs)
+        tap = self.predictor.predictor
+        coords, labels, mask = tap.last_prompt
+        if mask is not None:
+            x0, y0, x1, y1 = self.predictor.last_crop
+            gt, valid = low_res_targets(tap, self.gt[None, y0:y1, x0:x1], self.ignore[None, y0:y1, x0:x1])
+            with torch.enable_grad():
+                loss, ious = correction_loss(tap, [(coords, labels, mask, 0)], gt, valid, self.loss, self.bf16)
+            self.losses.append(loss)
+            self.ious += ious
+        return out
+
+
 def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) -> Path:
     """Train the correction decoder of ``cfg.base_model``; returns the written model file
     (``out_dir/model.safetensors``)."""
@@ -168,25 +214,41 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
     torch.manual_seed(cfg.seed + images)
     draws = ImageDraws(cfg.train_data, cfg.min_object_area)
     predictor = SamPredictor(model)
+    zoom = ZoomInPredictor(PromptTap(model))  # its own predictor: the whole image's stays set for the others
     loss_cfg = LossConfig(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight)
     start, hist = time.time(), []
     opt.zero_grad()
     while images < cfg.images:
         sample, objects = draws.draw()
         chosen = random.sample(objects, min(cfg.masks_per_image, len(objects)))
-        prompts = []
+        prompts, zoomed = [], []
         with torch.no_grad():
             predictor.set_image(sample.image)
             for row, (_, gt, ignore, _) in enumerate(chosen):
+                clicks = random.randint(cfg.min_clicks, cfg.max_clicks)
+                if cfg.zoom_fraction and random.random() < cfg.zoom_fraction:  # from the whole image, as a user
+                    zoom.set_embedding(
+                        predictor.get_image_embedding(), predictor.original_size, sample.image, predictor.input_size,
+                        predictor.get_decoder_inputs(), predictor.get_refiner_image(),
+                    )
+                    zoomed.append(ZoomCorrections(zoom, gt, ignore, loss_cfg, cfg.bf16))
+                    click_object(zoomed[-1], gt, ignore, clicks)
+                    continue
                 recorder = ClickRecorder(predictor)
-                click_object(recorder, gt, ignore, random.randint(cfg.min_clicks, cfg.max_clicks))
+                click_object(recorder, gt, ignore, clicks)
                 prompts += [(*p, row) for p in recorder.corrections()]
         images += 1
-        if prompts:  # none where the first click left no error to click
+        losses = [loss for z in zoomed for loss in z.losses]
+        ious = [iou for z in zoomed for iou in z.ious]
+        if prompts:
             gt, valid = low_res_targets(predictor, np.stack([o[1] for o in chosen]), np.stack([o[2] for o in chosen]))
-            loss, ious = correction_loss(predictor, prompts, gt, valid, loss_cfg, cfg.bf16)
-            (loss / len(prompts)).backward()  # a step's gradient: the sum of its images' mean losses
-            hist.append((loss.item() / len(prompts), float(np.mean(ious))))
+            loss, plain = correction_loss(predictor, prompts, gt, valid, loss_cfg, cfg.bf16)
+            losses.append(loss)
+            ious += plain
+        if ious:  # none where the first clicks left no error to click
+            loss = torch.stack(losses).sum()
+            (loss / len(ious)).backward()  # a step's gradient: the sum of its images' mean losses
+            hist.append((loss.item() / len(ious), float(np.mean(ious))))
         if images % cfg.images_per_step == 0 or images >= cfg.images:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * warmup_cosine_factor(steps, cfg.images // cfg.images_per_step, cfg.warmup_steps)
