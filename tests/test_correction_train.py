@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 
@@ -116,6 +117,25 @@ def test_zoom_in_clicks_train_on_the_crops_they_were_answered_on():
     assert recorder.ious[0] == pytest.approx(expected, abs=0.02)
     recorder.losses[0].backward()
     assert model.correction_decoder.conv_m0.weight.grad.abs().sum() > 0
+
+
+def test_keep_first_answers_teaches_zoom_ins_first_crop_the_base_decoders_answer():
+    """With a teacher the first click's answer asked again on its crop is trained towards the teacher's answer (here
+    the decoder itself: its answer is its own target), not the object; a later click still against the object."""
+    model = _base()
+    image = _image()
+    gt = _gt(image)
+    zoom = ZoomInPredictor(PromptTap(model))
+    teacher = copy.deepcopy(model.correction_decoder).eval()
+    ious = []
+    for first_teacher in (teacher, None):
+        zoom.set_image(image)
+        recorder = ZoomCorrections(zoom, gt, np.zeros_like(gt), LossConfig(), bf16=False, first_teacher=first_teacher)
+        click_object(recorder, gt, None, 2)
+        assert len(recorder.ious) == 2
+        ious.append(recorder.ious)
+    assert ious[0][0] > 0.97 and ious[1][0] < 0.9  # the teacher's answer, not the object
+    assert ious[0][1] == pytest.approx(ious[1][1], abs=1e-6)  # the second click: the object either way
 
 
 def test_training_moves_only_the_correction_decoder_keeps_the_skip_off_the_mask_and_resumes(tmp_path):

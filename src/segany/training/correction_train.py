@@ -15,11 +15,13 @@ falls along half a cosine to 0 at ``images``). The result is the model's file wi
 written every ``save_every`` images and at the end; ``out_dir/last.pt`` (decoder, optimizer, images seen) lets a
 rerun resume. With ``zoom_fraction`` that share of the objects is clicked through zoom-in
 (:class:`~segany.zoom_in.ZoomInPredictor`, the web tool's default), each answer with a mask input (the first
-click's answer again on its crop, and every later click) trained on the crop it was answered on, as it was asked.
+click's answer again on its crop, and every later click) trained on the crop it was answered on, as it was asked;
+with ``keep_first_answers`` that first prompt's target is the base model's own answer to it, not the object.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -70,6 +72,9 @@ class CorrectionTrainConfig(Options):
     skip_without_mask: bool = True
     #: objects clicked through zoom-in, their prompts with a mask input trained on the crops they were answered on
     zoom_fraction: float = 0.0
+    #: zoom-in's first click answered again on its crop learns the base model's correction decoder's answer to it
+    #: rather than the object: the first answers stay as they were while the later clicks learn
+    keep_first_answers: bool = False
     bf16: bool = True  #: the decoder's forward under bf16 autocast (the loss in float32)
     min_object_area: int = 100
     seed: int = 0
@@ -118,10 +123,12 @@ def correction_loss(
     valid: torch.Tensor,
     loss: LossConfig,
     bf16: bool = True,
+    teacher: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """The summed loss of the correction decoder's answers to ``prompts`` (clicks, labels, mask input and the
     row of ``gt`` / ``valid``, the low-res targets, of the object) on the image set on ``predictor``, with
-    gradient to the decoder alone; and each answer's low-res IoU. Prompts with as many clicks go as one batch."""
+    gradient to the decoder alone; and each answer's low-res IoU. Prompts with as many clicks go as one batch.
+    ``teacher``: a decoder whose answers (above 0) are the targets instead of ``gt``."""
     model = predictor.model  # the model at this image's grid (the given model's weights)
     decoder = model.correction_decoder
     emb = predictor.features.clone()  # out of inference mode: autograd may save them
@@ -146,7 +153,11 @@ def correction_loss(
                 extra = model.prompt_inputs(masks, points, None)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 low, iou = decoder(emb, pe, sparse, dense, multimask_output=False, **inputs, **extra)
-            out = sam_mask_loss(low.float(), iou.float(), gt[rows], valid[rows], loss)
+            target = gt[rows]
+            if teacher is not None:
+                with torch.no_grad():  # in eval mode: the fast path inference answers with, in float32
+                    target = teacher(emb, pe, sparse, dense, multimask_output=False, **inputs, **extra)[0][:, 0] > 0
+            out = sam_mask_loss(low.float(), iou.float(), target, valid[rows], loss)
             total = total + out["loss"].sum()
             ious += out["iou"].tolist()
     finally:
@@ -168,13 +179,15 @@ class PromptTap(SamPredictor):
 class ZoomCorrections(ClickRecorder):
     """A predictor for :func:`click_object` that clicks the object ``gt`` (``H x W`` bool, ``ignore`` its pixels
     that do not count) through ``zoom`` (around a :class:`PromptTap`) and takes the correction decoder's loss on
-    each answer given with a mask input, on the crop it was answered on (with gradient to the decoder)."""
+    each answer given with a mask input, on the crop it was answered on (with gradient to the decoder); the first
+    clicks' (zoom-in's first answer asked again on its crop) against ``first_teacher``'s answer, if given."""
 
     def __init__(
-        self, zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray, loss: LossConfig, bf16: bool = True
+        self, zoom: ZoomInPredictor, gt: np.ndarray, ignore: np.ndarray, loss: LossConfig, bf16: bool = True,
+        first_teacher: torch.nn.Module | None = None,
     ) -> None:
         super().__init__(zoom)
-        self.gt, self.ignore, self.loss, self.bf16 = gt, ignore, loss, bf16
+        self.gt, self.ignore, self.loss, self.bf16, self.first_teacher = gt, ignore, loss, bf16, first_teacher
         self.losses: list[torch.Tensor] = []
         self.ious: list[float] = []
 
@@ -185,8 +198,9 @@ class ZoomCorrections(ClickRecorder):
         if mask is not None:
             x0, y0, x1, y1 = self.predictor.last_crop
             gt, valid = low_res_targets(tap, self.gt[None, y0:y1, x0:x1], self.ignore[None, y0:y1, x0:x1])
+            teacher = self.first_teacher if len(labels) <= self.predictor.skip_clicks else None
             with torch.enable_grad():
-                loss, ious = correction_loss(tap, [(coords, labels, mask, 0)], gt, valid, self.loss, self.bf16)
+                loss, ious = correction_loss(tap, [(coords, labels, mask, 0)], gt, valid, self.loss, self.bf16, teacher)
             self.losses.append(loss)
             self.ious += ious
         return out
@@ -204,6 +218,7 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
     if decoder is None:
         raise SegAnyError(f"{cfg.base_model}: no correction decoder to train (SamConfig.correction_decoder)")
     model.requires_grad_(False)
+    teacher = copy.deepcopy(decoder).eval() if cfg.keep_first_answers else None  # the base model's, frozen
     decoder.requires_grad_(True)
     if cfg.skip_without_mask:
         hold_skip_mask_at_zero(decoder)
@@ -231,7 +246,7 @@ def train_correction_decoder(cfg: CorrectionTrainConfig, progress: bool = True) 
                         predictor.get_image_embedding(), predictor.original_size, sample.image, predictor.input_size,
                         predictor.get_decoder_inputs(), predictor.get_refiner_image(),
                     )
-                    zoomed.append(ZoomCorrections(zoom, gt, ignore, loss_cfg, cfg.bf16))
+                    zoomed.append(ZoomCorrections(zoom, gt, ignore, loss_cfg, cfg.bf16, teacher))
                     click_object(zoomed[-1], gt, ignore, clicks)
                     continue
                 recorder = ClickRecorder(predictor)
