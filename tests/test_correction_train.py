@@ -165,7 +165,8 @@ def test_training_moves_only_the_correction_decoder_keeps_the_skip_off_the_mask_
 def test_bad_options_and_models_are_one_line_errors(tmp_path):
     data = [{"root": str(tmp_path)}]
     for bad in ({"min_clicks": 1}, {"max_clicks": 1}, {"images_per_step": 3, "save_every": 4}, {"train_data": []},
-                {"lr": 0}, {"zoom_fraction": 1.5}):
+                {"lr": 0}, {"zoom_fraction": 1.5},
+                {"keep_first_answers": True}):
         with pytest.raises(SegAnyError):
             CorrectionTrainConfig(**{"train_data": data, **bad})
     _folder(tmp_path / "data")

@@ -98,6 +98,8 @@ class CorrectionTrainConfig(Options):
             raise SegAnyError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.zoom_fraction <= 1.0:
             raise SegAnyError(f"zoom_fraction must be in [0, 1], got {self.zoom_fraction}")
+        if self.keep_first_answers and not self.zoom_fraction:
+            raise SegAnyError("keep_first_answers keeps zoom-in's first answers: it needs zoom_fraction above 0")
 
 
 def low_res_targets(
@@ -171,7 +173,15 @@ class PromptTap(SamPredictor):
 
     last_prompt: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None)
 
-    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, *args, **kwargs):
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.last_prompt = (point_coords, point_labels, mask_input)
         return super().predict(point_coords, point_labels, box, mask_input, *args, **kwargs)
 
